@@ -1,0 +1,56 @@
+"""What a running task sees of its job."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import structlog
+
+ProgressReporter = Callable[[float | None, str | None, str | None], None]
+
+
+class Context:
+    """Handed to every task call: job identity, progress reporting, a bound logger."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        task: str,
+        attempt: int,
+        max_attempts: int,
+        correlation_id: str,
+        report: ProgressReporter,
+    ) -> None:
+        self.job_id = job_id
+        self.task = task
+        self.attempt = attempt
+        self.max_attempts = max_attempts
+        self.correlation_id = correlation_id
+        self.log: Any = structlog.get_logger("conveyor.task").bind(
+            job_id=job_id, task=task, attempt=attempt, correlation_id=correlation_id
+        )
+        self._report = report
+        self._cancel = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the job was asked to stop; long sync loops should check it."""
+        return self._cancel.is_set()
+
+    def progress(
+        self, percent: float | None = None, *, step: str | None = None, message: str | None = None
+    ) -> None:
+        """Record progress (0-100); it is stored and streamed to listeners."""
+        if percent is not None and not 0 <= percent <= 100:
+            raise ValueError("percent must be between 0 and 100")
+        self._report(percent, step, message)
+
+    async def aprogress(
+        self, percent: float | None = None, *, step: str | None = None, message: str | None = None
+    ) -> None:
+        """:meth:`progress` for async tasks, without blocking the event loop."""
+        await asyncio.to_thread(self.progress, percent, step=step, message=message)

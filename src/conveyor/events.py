@@ -1,0 +1,251 @@
+"""Event fan-out: workers publish, each API process runs one hub, streams read both.
+
+    worker ── commit(job row + event) ──> store        (source of truth)
+           └─ publish(event) ──> Redis channel          (low-latency path)
+
+    API hub ── Redis pub/sub, or polling the store ──> subscribers (SSE streams)
+
+Streams read the store first, then follow the hub; any gap, overflow or quiet
+spell sends them back to the store, so a lost publish delays an event but never
+drops it, and sequence numbers keep them from repeating one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Protocol
+
+import redis
+import redis.asyncio as aioredis
+import structlog
+
+from conveyor.errors import ConveyorError
+from conveyor.jobs import Event, JobStatus
+from conveyor.settings import Settings
+from conveyor.store import Store
+
+CHANNEL = "conveyor:events"
+SUBSCRIBER_BUFFER = 1000
+
+log = structlog.get_logger("conveyor.events")
+
+
+class Publisher(Protocol):
+    def publish(self, event: Event) -> None: ...
+    def close(self) -> None: ...
+
+
+class RedisPublisher:
+    """Publishes committed events; a failure is logged, the store still has them."""
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+
+    def publish(self, event: Event) -> None:
+        try:
+            self.client.publish(CHANNEL, event.model_dump_json())
+        except redis.RedisError as exc:
+            log.warning("event.publish_failed", job_id=event.job_id, seq=event.seq, error=str(exc))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class StorePublisher:
+    """Embedded mode: the store is the bus, so publishing is the commit itself."""
+
+    def publish(self, event: Event) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+def make_publisher(settings: Settings) -> Publisher:
+    url = settings.resolved_redis_url
+    return RedisPublisher(url) if url else StorePublisher()
+
+
+class Subscription:
+    """A bounded buffer of events; ``lagged`` means some were dropped."""
+
+    def __init__(self, job_id: str | None) -> None:
+        self.job_id = job_id
+        self.queue: asyncio.Queue[Event] = asyncio.Queue(SUBSCRIBER_BUFFER)
+        self.lagged = False
+
+    def offer(self, event: Event) -> None:
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.lagged = True
+
+
+class EventHub:
+    """One per API process: receives every event once and hands it to subscribers."""
+
+    def __init__(self, store: Store, settings: Settings) -> None:
+        self.store = store
+        self.redis_url = settings.resolved_redis_url
+        self.poll_interval = settings.event_poll_interval
+        self._by_job: dict[str, set[Subscription]] = defaultdict(set)
+        self._all: set[Subscription] = set()
+        self._task: asyncio.Task[None] | None = None
+        self._redis: aioredis.Redis | None = None
+        self.healthy = False
+
+    @property
+    def source(self) -> str:
+        return "redis" if self.redis_url else "store"
+
+    async def start(self) -> None:
+        if self.redis_url:
+            self._redis = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
+            self._task = asyncio.create_task(self._follow_redis(), name="conveyor-event-hub")
+        else:
+            self._task = asyncio.create_task(self._poll_store(), name="conveyor-event-hub")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def check(self) -> None:
+        """Raise if the fan-out cannot deliver events (for readiness)."""
+        if self._task is None or self._task.done():
+            raise ConveyorError("event hub is not running")
+        if self._redis is not None:
+            try:
+                await self._redis.ping()
+            except aioredis.RedisError as exc:
+                raise ConveyorError(f"redis unreachable: {exc}") from exc
+
+    @contextlib.contextmanager
+    def subscribe(self, job_id: str | None = None) -> Iterator[Subscription]:
+        sub = Subscription(job_id)
+        group = self._by_job[job_id] if job_id else self._all
+        group.add(sub)
+        try:
+            yield sub
+        finally:
+            group.discard(sub)
+            if job_id and not group:
+                self._by_job.pop(job_id, None)
+
+    def deliver(self, event: Event) -> None:
+        for sub in self._by_job.get(event.job_id, ()):
+            sub.offer(event)
+        for sub in self._all:
+            sub.offer(event)
+
+    async def _follow_redis(self) -> None:
+        assert self._redis is not None
+        delay = 0.1
+        while True:
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(CHANNEL)
+                    self.healthy = True
+                    delay = 0.1
+                    while True:
+                        message = await pubsub.get_message(timeout=5.0)
+                        if message is not None:
+                            self.deliver(Event.model_validate_json(message["data"]))
+            except aioredis.RedisError as exc:
+                self.healthy = False
+                log.warning("event_hub.redis_lost", error=str(exc), retry_in=delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    async def _poll_store(self) -> None:
+        after: int | None = None
+        while True:
+            try:
+                if after is None:
+                    after = await asyncio.to_thread(self.store.last_event_id)
+                events = await asyncio.to_thread(self.store.events, after_id=after, limit=1000)
+                self.healthy = True
+            except ConveyorError as exc:
+                self.healthy = False
+                log.warning("event_hub.store_lost", error=str(exc))
+                await asyncio.sleep(1.0)
+                continue
+            for event in events:
+                self.deliver(event)
+                after = event.id
+            if len(events) < 1000:
+                await asyncio.sleep(self.poll_interval)
+
+
+CATCH_UP_SECONDS = 2.0
+
+
+async def job_stream(
+    hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
+) -> AsyncIterator[Event]:
+    """A job's events after ``after_seq``, in order, once each, ending at the terminal one."""
+    last = after_seq
+    with hub.subscribe(job_id) as sub:
+        while True:
+            for event in await asyncio.to_thread(store.job_events, job_id, after_seq=last):
+                yield event
+                last = event.seq
+                if event.terminal:
+                    return
+            sub.lagged = False
+            while not sub.lagged:
+                try:
+                    event = await asyncio.wait_for(sub.queue.get(), CATCH_UP_SECONDS)
+                except TimeoutError:
+                    break
+                if event.seq <= last:
+                    continue
+                if event.seq != last + 1:
+                    break
+                yield event
+                last = event.seq
+                if event.terminal:
+                    return
+
+
+async def all_stream(
+    hub: EventHub,
+    store: Store,
+    *,
+    after_id: int | None = None,
+    task: str | None = None,
+    status: Sequence[JobStatus] = (),
+) -> AsyncIterator[Event]:
+    """Every job's events, optionally filtered; resumes after ``after_id`` from the store.
+
+    Live events come in the order they were published, so a resumed stream may
+    miss an event that committed out of id order in the moment of the reconnect.
+    """
+    with hub.subscribe() as sub:
+        seen: set[int] = set()
+        if after_id is not None:
+            while True:
+                page = await asyncio.to_thread(
+                    store.events, after_id=after_id, task=task, status=status, limit=500
+                )
+                for event in page:
+                    seen.add(event.id)
+                    after_id = event.id
+                    yield event
+                if len(page) < 500:
+                    break
+        while True:
+            event = await sub.queue.get()
+            if event.id in seen:
+                continue
+            if task and event.task != task:
+                continue
+            if status and event.status not in status:
+                continue
+            yield event

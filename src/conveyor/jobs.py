@@ -1,0 +1,108 @@
+"""What a job is: its status machine and the views of a job and its events.
+
+    queued ──> running ──> succeeded
+      │          │ ├────> failed
+      │          │ ├────> cancelled
+      │          │ └────> retrying ──> running (next attempt)
+      └──────────┴──────> cancelled          └─> cancelled
+
+``dead`` is reserved for dead letters. Terminal statuses never change again.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    DEAD = "dead"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD})
+
+#: For each target status, the statuses a job may be in to move there.
+ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset(),
+    JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.RETRYING}),
+    JobStatus.RETRYING: frozenset({JobStatus.RUNNING}),
+    JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
+    JobStatus.FAILED: frozenset({JobStatus.RUNNING}),
+    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING}),
+    JobStatus.DEAD: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+}
+
+
+def can_transition(current: JobStatus, target: JobStatus) -> bool:
+    return current in ALLOWED_FROM[target]
+
+
+class EventType(enum.StrEnum):
+    STATUS = "status"
+    PROGRESS = "progress"
+
+
+class Progress(BaseModel):
+    percent: float | None = None
+    step: str | None = None
+    message: str | None = None
+
+
+class JobError(BaseModel):
+    type: str
+    message: str
+    traceback: str | None = None
+
+
+class Job(BaseModel):
+    """A job as callers see it."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    status: JobStatus
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    progress: Progress
+    result: Any = None
+    error: JobError | None = None
+    correlation_id: str
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_attempt_at: datetime | None = None
+
+
+class Event(BaseModel):
+    """One entry of a job's event log; ``seq`` increases by one per job."""
+
+    id: int
+    job_id: str
+    seq: int
+    type: EventType
+    task: str
+    status: JobStatus
+    data: dict[str, Any]
+    at: datetime
+
+    @property
+    def terminal(self) -> bool:
+        return self.type is EventType.STATUS and self.status.terminal

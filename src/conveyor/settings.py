@@ -1,0 +1,129 @@
+"""The one settings object, read from ``CONVEYOR_*`` environment variables.
+
+Parsed at entry points (CLI, ASGI factory, worker start-up) and passed down;
+nothing here is read at import time.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from conveyor.errors import ConfigurationError
+
+DATABASE_SCHEMES = {"sqlite", "postgresql", "postgres"}
+BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem"}
+REDIS_SCHEMES = {"redis", "rediss", "unix"}
+
+
+class Settings(BaseSettings):
+    """Everything Conveyor's processes can be told, with embedded defaults."""
+
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    data_dir: Path = Field(default=Path(".conveyor"), description="Embedded data and key file.")
+    database_url: str | None = Field(
+        default=None, description="postgresql://... or sqlite:///path; default SQLite in data_dir."
+    )
+    broker_url: str | None = Field(
+        default=None, description="redis://, amqp:// or filesystem://; default embedded broker."
+    )
+    redis_url: str | None = Field(
+        default=None, description="Redis for live event fan-out; without it the store is polled."
+    )
+    app: str | None = Field(default=None, description="module[:attribute] of your Conveyor app.")
+    admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin API key.")
+    max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Request body limit.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "console"] = "json"
+    event_poll_interval: float = Field(
+        default=0.05, gt=0, le=5, description="Store polling period when there is no Redis."
+    )
+    sse_ping_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive period.")
+    store_pool_size: int = Field(default=5, ge=1, le=100)
+    worker_prefetch: int = Field(default=1, ge=1, le=100, description="Celery prefetch multiplier.")
+    broker_visibility_timeout: int = Field(
+        default=3600, ge=1, description="Redis broker visibility timeout, seconds."
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database(cls, value: str | None) -> str | None:
+        return _check_scheme(value, DATABASE_SCHEMES, "postgresql://user@host/db or sqlite:///path")
+
+    @field_validator("broker_url")
+    @classmethod
+    def _check_broker(cls, value: str | None) -> str | None:
+        return _check_scheme(value, BROKER_SCHEMES, "redis://host:6379/0 or amqp://user@host//")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis(cls, value: str | None) -> str | None:
+        return _check_scheme(value, REDIS_SCHEMES, "redis://host:6379/0")
+
+    @property
+    def embedded(self) -> bool:
+        """True when the broker is the server-less one in ``data_dir``."""
+        return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The SQLAlchemy URL, with Conveyor's choice of driver."""
+        url = self.database_url or f"sqlite:///{(self.data_dir / 'conveyor.db').resolve()}"
+        scheme, _, rest = url.partition("://")
+        base = scheme.split("+")[0]
+        if base in {"postgresql", "postgres"}:
+            return f"postgresql+psycopg://{rest}"
+        return f"sqlite+pysqlite://{rest}"
+
+    @property
+    def resolved_broker_url(self) -> str:
+        return self.broker_url or "filesystem://"
+
+    @property
+    def resolved_redis_url(self) -> str | None:
+        """Redis for event fan-out: as set, else the broker when it is Redis."""
+        if self.redis_url:
+            return self.redis_url
+        broker = self.resolved_broker_url
+        return broker if broker.split(":", 1)[0] in {"redis", "rediss"} else None
+
+    @property
+    def broker_dir(self) -> Path:
+        return (self.data_dir / "broker").resolve()
+
+    @property
+    def admin_key_path(self) -> Path:
+        return (self.data_dir / "admin.key").resolve()
+
+
+def _check_scheme(value: str | None, allowed: set[str], example: str) -> str | None:
+    if value is None or value == "":
+        return None
+    scheme = urlsplit(value).scheme.split("+")[0].lower()
+    if scheme not in allowed:
+        shown = scheme or "none"
+        raise ValueError(f"unsupported scheme {shown!r}; write it like {example}")
+    return value
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the environment, turning validation errors into one clear line."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            message = str(error["msg"]).removeprefix("Value error, ")
+            problems.append(f"CONVEYOR_{field.upper()}: {message}")
+        raise ConfigurationError("; ".join(problems)) from None

@@ -1,0 +1,127 @@
+"""Task definitions: a function, its payload model and its options."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import typing
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from conveyor.errors import ConfigurationError, PayloadInvalid
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.context import Context
+    from conveyor.jobs import Job
+
+P = TypeVar("P", bound=BaseModel)
+R = TypeVar("R")
+
+TaskFunction = Callable[["Context", P], R] | Callable[["Context", P], Awaitable[R]]
+
+NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
+QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
+MAX_PRIORITY = 9
+MAX_ATTEMPTS = 100
+MAX_TIMEOUT = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    """How jobs of a task run; ``priority`` 0 (lowest) to 9 (most urgent)."""
+
+    queue: str = "default"
+    priority: int = 5
+    max_attempts: int = 3
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        check_queue(self.queue)
+        check_priority(self.priority)
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
+            raise ConfigurationError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}")
+        if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ConfigurationError(f"timeout must be > 0 and <= {MAX_TIMEOUT:.0f} seconds")
+
+
+def check_queue(queue: str) -> str:
+    if not QUEUE_PATTERN.match(queue):
+        raise ConfigurationError(f"invalid queue name {queue!r}: use letters, digits, _ . -")
+    return queue
+
+
+def check_priority(priority: int) -> int:
+    if not 0 <= priority <= MAX_PRIORITY:
+        raise ConfigurationError(f"priority must be between 0 and {MAX_PRIORITY}")
+    return priority
+
+
+class Task(Generic[P, R]):
+    """A registered task; call :meth:`submit` to enqueue a job."""
+
+    def __init__(
+        self, app: Conveyor, fn: TaskFunction[P, R], *, name: str, options: TaskOptions
+    ) -> None:
+        if not NAME_PATTERN.match(name):
+            raise ConfigurationError(f"invalid task name {name!r}")
+        self.app = app
+        self.fn = fn
+        self.name = name
+        self.options = options
+        self.payload_model: type[P] = _payload_model(fn, name)
+        self.is_async = inspect.iscoroutinefunction(fn)
+        self.description = inspect.getdoc(fn) or ""
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name}>"
+
+    def validate(self, payload: P | Mapping[str, Any]) -> dict[str, Any]:
+        """Check a payload against the model; returns its JSON form."""
+        if isinstance(payload, self.payload_model):
+            model = payload
+        else:
+            try:
+                model = self.payload_model.model_validate(payload)
+            except ValidationError as exc:
+                errors = exc.errors(include_url=False, include_context=False, include_input=False)
+                raise PayloadInvalid(self.name, [dict(e) for e in errors]) from None
+        return model.model_dump(mode="json")
+
+    def parse(self, payload: Mapping[str, Any]) -> P:
+        return self.payload_model.model_validate(payload)
+
+    def submit(
+        self,
+        payload: P | Mapping[str, Any],
+        *,
+        queue: str | None = None,
+        priority: int | None = None,
+        correlation_id: str | None = None,
+    ) -> Job:
+        return self.app.submit(
+            self, payload, queue=queue, priority=priority, correlation_id=correlation_id
+        )
+
+
+def _payload_model(fn: Callable[..., Any], name: str) -> type[Any]:
+    params = list(inspect.signature(fn).parameters.values())
+    if len(params) != 2:
+        raise ConfigurationError(
+            f"task {name!r} must take exactly (ctx: Context, payload: SomeModel)"
+        )
+    try:
+        from conveyor.context import Context
+
+        hints = typing.get_type_hints(fn, localns={"Context": Context})
+    except Exception as exc:
+        raise ConfigurationError(f"task {name!r}: cannot resolve type hints: {exc}") from exc
+    model = hints.get(params[1].name)
+    if not (isinstance(model, type) and issubclass(model, BaseModel)):
+        raise ConfigurationError(
+            f"task {name!r}: the payload parameter must be annotated with a pydantic model"
+        )
+    return model
