@@ -37,6 +37,12 @@ class Settings(BaseSettings):
     )
     app: str | None = Field(default=None, description="module[:attribute] of your Conveyor app.")
     admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin API key.")
+    api_url: str = Field(
+        default="http://127.0.0.1:8000", description="Where CLI commands reach the API."
+    )
+    api_key: SecretStr | None = Field(
+        default=None, description="Key for CLI commands; default the admin key file."
+    )
     max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Request body limit.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["json", "console"] = "json"
