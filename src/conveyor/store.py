@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.resources import files
+from pathlib import Path
 from typing import Any
 
 from alembic import command
@@ -36,6 +37,7 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
@@ -78,6 +80,9 @@ class Store:
     def __init__(self, url: str, *, pool_size: int = 5) -> None:
         self.url = url
         if url.startswith("sqlite"):
+            database = make_url(url).database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
             # One connection per checkout: SQLite connections are cheap and this
             # keeps forked worker processes from sharing a file handle.
             self.engine: Engine = create_engine(

@@ -1,0 +1,117 @@
+"""The Celery side: one Celery app per Conveyor app, and dispatching jobs to it.
+
+Only ``(job_id, attempt)`` crosses the broker, as JSON; the payload stays in the
+store. Celery is configured for at-least-once delivery (late ack, reject on
+worker loss, prefetch 1); the store's conditional claim makes a duplicate
+delivery a no-op.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from celery import Celery
+from kombu import Queue
+from kombu.exceptions import OperationalError as KombuOperationalError
+
+from conveyor.errors import BrokerUnavailable
+from conveyor.settings import Settings
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
+    from conveyor.jobs import Job
+
+RUN_TASK = "conveyor.run"
+#: Seconds a hard time limit allows beyond the task's own (soft) timeout.
+HARD_LIMIT_GRACE = 10.0
+
+
+def make_celery(app: Conveyor, settings: Settings) -> Celery:
+    celery = Celery("conveyor", set_as_current=False)
+    broker_url = settings.resolved_broker_url
+    scheme = broker_url.split(":", 1)[0]
+    conf: dict[str, Any] = {
+        "broker_url": broker_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": _transport_options(scheme, settings),
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_acks_on_failure_or_timeout": True,
+        "worker_prefetch_multiplier": settings.worker_prefetch,
+        "task_default_queue": "default",
+        "task_create_missing_queues": True,
+        "worker_hijack_root_logger": False,
+        "worker_redirect_stdouts": False,
+        "worker_send_task_events": False,
+        "broker_pool_limit": 10,
+    }
+    if scheme in {"amqp", "amqps", "pyamqp"}:
+        # RabbitMQ only honours priorities on queues declared with a maximum.
+        conf["task_queues"] = [
+            Queue(name, routing_key=name, queue_arguments={"x-max-priority": 10})
+            for name in sorted({"default", *app.queues})
+        ]
+    if scheme == "filesystem":
+        settings.broker_dir.mkdir(parents=True, exist_ok=True)
+        conf["worker_enable_remote_control"] = False
+    celery.conf.update(conf)
+
+    @celery.task(name=RUN_TASK, acks_late=True)  # type: ignore[untyped-decorator]
+    def run(job_id: str, attempt: int) -> None:
+        from conveyor.worker import execute
+
+        execute(app, job_id, attempt)
+
+    return celery
+
+
+def _transport_options(scheme: str, settings: Settings) -> dict[str, Any]:
+    if scheme == "filesystem":
+        folder = str(settings.broker_dir)
+        return {
+            "data_folder_in": folder,
+            "data_folder_out": folder,
+            "control_folder": folder,
+            "polling_interval": 0.05,
+        }
+    if scheme in {"redis", "rediss"}:
+        return {
+            "visibility_timeout": settings.broker_visibility_timeout,
+            "queue_order_strategy": "priority",
+            "priority_steps": list(range(10)),
+            "sep": ":",
+        }
+    return {}
+
+
+def celery_priority(priority: int, broker_url: str) -> int:
+    """Map Conveyor's 0 (lowest) to 9 (most urgent) onto the broker's scale."""
+    if broker_url.startswith(("redis", "rediss")):
+        return 9 - priority  # kombu's Redis transport serves 0 first
+    return priority
+
+
+def dispatch(celery: Celery, job: Job, *, countdown: float | None = None) -> None:
+    """Publish the job's current attempt; raises BrokerUnavailable if the broker is down."""
+    limits: dict[str, float] = {}
+    if job.timeout:
+        limits = {"soft_time_limit": job.timeout, "time_limit": job.timeout + HARD_LIMIT_GRACE}
+    try:
+        celery.tasks[RUN_TASK].apply_async(
+            args=(job.id, job.attempt),
+            queue=job.queue,
+            routing_key=job.queue,
+            priority=celery_priority(job.priority, celery.conf.broker_url),
+            countdown=countdown,
+            headers={"correlation_id": job.correlation_id},
+            retry=True,
+            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+            **limits,
+        )
+    except (KombuOperationalError, OSError) as exc:
+        raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
