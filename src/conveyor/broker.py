@@ -8,11 +8,16 @@ delivery a no-op.
 
 from __future__ import annotations
 
+import os
+import time
+import uuid
 from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Queue
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.transport import filesystem
+from kombu.utils.json import dumps
 
 from conveyor.errors import BrokerUnavailable
 from conveyor.settings import Settings
@@ -58,10 +63,11 @@ def make_celery(app: Conveyor, settings: Settings) -> Celery:
         ]
     if scheme == "filesystem":
         settings.broker_dir.mkdir(parents=True, exist_ok=True)
+        conf["broker_transport"] = f"{__name__}:FileTransport"
         conf["worker_enable_remote_control"] = False
     celery.conf.update(conf)
 
-    @celery.task(name=RUN_TASK, acks_late=True)  # type: ignore[untyped-decorator]
+    @celery.task(name=RUN_TASK, acks_late=True, shared=False)  # type: ignore[untyped-decorator]
     def run(job_id: str, attempt: int) -> None:
         from conveyor.worker import execute
 
@@ -115,3 +121,26 @@ def dispatch(celery: Celery, job: Job, *, countdown: float | None = None) -> Non
         )
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
+
+
+class _FileChannel(filesystem.Channel):  # type: ignore[misc]
+    """kombu's file channel, except that a message file appears only when complete.
+
+    kombu writes the message into its final name, so a consumer polling at the
+    wrong moment reads an empty file and the worker dies on a JSON error.
+    Writing beside it and renaming (atomic on one file system) closes that gap.
+    """
+
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+        name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
+        final = os.path.join(self.data_folder_out, name)
+        partial = f"{final}.partial"  # consumers only match names ending in .msg
+        with open(partial, "wb") as file:
+            file.write(dumps(payload).encode())
+        os.replace(partial, final)
+
+
+class FileTransport(filesystem.Transport):  # type: ignore[misc]
+    """The embedded broker: kombu's filesystem transport with atomic writes."""
+
+    Channel = _FileChannel
