@@ -67,7 +67,7 @@ def make_celery(app: Conveyor, settings: Settings) -> Celery:
         conf["worker_enable_remote_control"] = False
     celery.conf.update(conf)
 
-    @celery.task(name=RUN_TASK, acks_late=True, shared=False)  # type: ignore[untyped-decorator]
+    @celery.task(name=RUN_TASK, acks_late=True, shared=False)
     def run(job_id: str, attempt: int) -> None:
         from conveyor.worker import execute
 
@@ -104,26 +104,26 @@ def celery_priority(priority: int, broker_url: str) -> int:
 
 def dispatch(celery: Celery, job: Job, *, countdown: float | None = None) -> None:
     """Publish the job's current attempt; raises BrokerUnavailable if the broker is down."""
-    limits: dict[str, float] = {}
+    options: dict[str, Any] = {
+        "queue": job.queue,
+        "routing_key": job.queue,
+        "priority": celery_priority(job.priority, celery.conf.broker_url),
+        "headers": {"correlation_id": job.correlation_id},
+        "retry": True,
+        "retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+    }
+    if countdown:
+        options["countdown"] = countdown
     if job.timeout:
-        limits = {"soft_time_limit": job.timeout, "time_limit": job.timeout + HARD_LIMIT_GRACE}
+        options["soft_time_limit"] = job.timeout
+        options["time_limit"] = job.timeout + HARD_LIMIT_GRACE
     try:
-        celery.tasks[RUN_TASK].apply_async(
-            args=(job.id, job.attempt),
-            queue=job.queue,
-            routing_key=job.queue,
-            priority=celery_priority(job.priority, celery.conf.broker_url),
-            countdown=countdown,
-            headers={"correlation_id": job.correlation_id},
-            retry=True,
-            retry_policy={"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-            **limits,
-        )
+        celery.tasks[RUN_TASK].apply_async(args=(job.id, job.attempt), **options)
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 
 
-class _FileChannel(filesystem.Channel):  # type: ignore[misc]
+class _FileChannel(filesystem.Channel):
     """kombu's file channel, except that a message file appears only when complete.
 
     kombu writes the message into its final name, so a consumer polling at the
@@ -131,7 +131,7 @@ class _FileChannel(filesystem.Channel):  # type: ignore[misc]
     Writing beside it and renaming (atomic on one file system) closes that gap.
     """
 
-    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:
+    def _put(self, queue: str, payload: Any, **kwargs: Any) -> None:  # type: ignore[override]
         name = f"{round(time.monotonic() * 1000)}_{uuid.uuid4()}.{queue}.msg"
         final = os.path.join(self.data_folder_out, name)
         partial = f"{final}.partial"  # consumers only match names ending in .msg
@@ -140,7 +140,7 @@ class _FileChannel(filesystem.Channel):  # type: ignore[misc]
         os.replace(partial, final)
 
 
-class FileTransport(filesystem.Transport):  # type: ignore[misc]
+class FileTransport(filesystem.Transport):
     """The embedded broker: kombu's filesystem transport with atomic writes."""
 
     Channel = _FileChannel

@@ -51,11 +51,11 @@ from conveyor.jobs import (
     JobStatus,
     Progress,
 )
-from conveyor.models import ApiKeyRow, EventRow, JobRow
+from conveyor.models import ApiKeyRow, Base, EventRow, JobRow
 
-jobs_t = JobRow.__table__
-events_t = EventRow.__table__
-keys_t = ApiKeyRow.__table__
+jobs_t = Base.metadata.tables[JobRow.__tablename__]
+events_t = Base.metadata.tables[EventRow.__tablename__]
+keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
 
 
 def utcnow() -> datetime:
@@ -473,6 +473,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created, job_id = json.loads(raw)
-        return datetime.fromisoformat(created), str(job_id)
+        at = datetime.fromisoformat(created)
+        if at.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return at, str(job_id)
     except Exception as exc:
         raise ValueError("invalid cursor") from exc

@@ -95,7 +95,9 @@ every_broker = pytest.mark.parametrize("app", ["embedded", "redis", "rabbitmq"],
 
 
 @pytest.fixture(params=["embedded", "redis"])
-def app(request: pytest.FixtureRequest, make_settings: Callable[..., Settings]) -> Iterator[Conveyor]:
+def app(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> Iterator[Conveyor]:
     """A migrated app on: SQLite + file broker; PostgreSQL + Redis; PostgreSQL + RabbitMQ."""
     if request.param == "embedded":
         settings = make_settings(database_url=None)
@@ -279,7 +281,9 @@ def test_correlation_id_follows_the_job_into_worker_logs(
         job = app.submit("t.add", {"a": 1}, correlation_id="req-4242")
         wait_terminal(app, job)
     assert app.store.get_job(job.id).correlation_id == "req-4242"
-    lines = [json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")]
+    lines = [
+        json.loads(line) for line in capfd.readouterr().err.splitlines() if line.startswith("{")
+    ]
     mine = [line for line in lines if line.get("job_id") == job.id]
     assert {"job.started", "adding numbers", "job.succeeded"} <= {m["event"] for m in mine}
     assert all(m["correlation_id"] == "req-4242" for m in mine)
