@@ -10,15 +10,24 @@ from __future__ import annotations
 import importlib
 import os
 import uuid
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import structlog
 from pydantic import BaseModel
 
 from conveyor.errors import BrokerUnavailable, ConfigurationError, TaskNotFound
 from conveyor.settings import Settings, load_settings
-from conveyor.tasks import Task, TaskFunction, TaskOptions, check_priority, check_queue
+from conveyor.tasks import (
+    AsyncTaskFunction,
+    SyncTaskFunction,
+    Task,
+    TaskDecorator,
+    TaskFunction,
+    TaskOptions,
+    check_priority,
+    check_queue,
+)
 
 if TYPE_CHECKING:
     from celery import Celery
@@ -50,22 +59,14 @@ class Conveyor:
     # -- registry -------------------------------------------------------------
 
     @overload
-    def task(self, fn: TaskFunction[P, R], /) -> Task[P, R]: ...
+    def task(self, fn: AsyncTaskFunction[P, R], /) -> Task[P, R]: ...
+
+    @overload
+    def task(self, fn: SyncTaskFunction[P, R], /) -> Task[P, R]: ...
 
     @overload
     def task(
         self,
-        *,
-        name: str | None = None,
-        queue: str = "default",
-        priority: int = 5,
-        max_attempts: int = 3,
-        timeout: float | None = None,
-    ) -> Callable[[TaskFunction[P, R]], Task[P, R]]: ...
-
-    def task(
-        self,
-        fn: TaskFunction[P, R] | None = None,
         /,
         *,
         name: str | None = None,
@@ -73,21 +74,33 @@ class Conveyor:
         priority: int = 5,
         max_attempts: int = 3,
         timeout: float | None = None,
-    ) -> Task[P, R] | Callable[[TaskFunction[P, R]], Task[P, R]]:
+    ) -> TaskDecorator: ...
+
+    def task(
+        self,
+        fn: TaskFunction[Any, Any] | None = None,
+        /,
+        *,
+        name: str | None = None,
+        queue: str = "default",
+        priority: int = 5,
+        max_attempts: int = 3,
+        timeout: float | None = None,
+    ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options."""
         options = TaskOptions(
             queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
         )
 
-        def register(fn: TaskFunction[P, R]) -> Task[P, R]:
+        def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
             task_name = name or f"{fn.__module__}.{fn.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"task {task_name!r} is already registered")
-            task: Task[P, R] = Task(self, fn, name=task_name, options=options)
+            task: Task[Any, Any] = Task(self, fn, name=task_name, options=options)
             self.tasks[task_name] = task
             return task
 
-        return register(fn) if fn is not None else register
+        return register(fn) if fn is not None else cast(TaskDecorator, register)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         try:

@@ -1,16 +1,16 @@
 """Conveyor's exceptions: one root, a short tree.
 
-    ConveyorError
-    ├── ConfigurationError      a setting or task definition is wrong
-    ├── TaskNotFound            no task registered under that name
-    ├── PayloadInvalid          a payload failed its task's schema
-    ├── JobNotFound             no job with that id
-    ├── IllegalTransition       a status change the state machine forbids
-    ├── StoreUnavailable        the durable store cannot be reached
-    ├── BrokerUnavailable       the Celery broker cannot be reached
-    └── TaskError               raised by task code to steer its job
-        ├── RetryableError      try again, by the task's retry policy
-        └── PermanentError      do not try again
+ConveyorError
+├── ConfigurationError      a setting or task definition is wrong
+├── TaskNotFound            no task registered under that name
+├── PayloadInvalid          a payload failed its task's schema
+├── JobNotFound             no job with that id
+├── IllegalTransition       a status change the state machine forbids
+├── StoreUnavailable        the durable store cannot be reached
+├── BrokerUnavailable       the Celery broker cannot be reached
+└── TaskError               raised by task code to steer its job
+    ├── RetryableError      try again, by the task's retry policy
+    └── PermanentError      do not try again
 """
 
 from __future__ import annotations

@@ -155,8 +155,15 @@ class EventHub:
                     delay = 0.1
                     while True:
                         message = await pubsub.get_message(timeout=5.0)
-                        if message is not None:
-                            self.deliver(Event.model_validate_json(message["data"]))
+                        if message is None:
+                            continue
+                        try:
+                            event = Event.model_validate_json(message["data"])
+                        except ValueError:
+                            # A stray publisher must not stop the hub; the store has the truth.
+                            log.warning("event_hub.bad_message", data=repr(message["data"])[:200])
+                            continue
+                        self.deliver(event)
             except aioredis.RedisError as exc:
                 self.healthy = False
                 log.warning("event_hub.redis_lost", error=str(exc), retry_in=delay)

@@ -42,7 +42,7 @@ ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
     JobStatus.FAILED: frozenset({JobStatus.RUNNING}),
     JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING}),
-    JobStatus.DEAD: frozenset({JobStatus.RUNNING, JobStatus.FAILED}),
+    JobStatus.DEAD: frozenset({JobStatus.RUNNING}),
 }
 
 

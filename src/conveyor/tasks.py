@@ -7,7 +7,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
 
-TaskFunction = Callable[["Context", P], R] | Callable[["Context", P], Awaitable[R]]
+SyncTaskFunction = Callable[["Context", P], R]
+AsyncTaskFunction = Callable[["Context", P], Awaitable[R]]
+TaskFunction = SyncTaskFunction[P, R] | AsyncTaskFunction[P, R]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
 QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
@@ -58,6 +60,16 @@ def check_priority(priority: int) -> int:
     if not 0 <= priority <= MAX_PRIORITY:
         raise ConfigurationError(f"priority must be between 0 and {MAX_PRIORITY}")
     return priority
+
+
+class TaskDecorator(Protocol):
+    """What ``app.task(...)`` returns; the async overload comes first so that
+    ``R`` is what the coroutine returns, not the coroutine."""
+
+    @overload
+    def __call__(self, fn: AsyncTaskFunction[P, R], /) -> Task[P, R]: ...
+    @overload
+    def __call__(self, fn: SyncTaskFunction[P, R], /) -> Task[P, R]: ...
 
 
 class Task(Generic[P, R]):

@@ -1,0 +1,119 @@
+"""Assembling the HTTP API: routes, middleware, error handling and the lifespan.
+
+Middleware, outermost first::
+
+    CorrelationId ─> RequestTimer ─> ErrorBoundary ─> BodyLimit ─> routes (+ problem handlers)
+
+so every response, a 500 included, carries its request id and is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+import structlog
+from fastapi import FastAPI
+
+from conveyor.api import events, health, jobs, problems, tasks
+from conveyor.api.auth import KeyVerifier, bootstrap_admin_key
+from conveyor.api.middleware import BodyLimit, CorrelationId, RequestTimer
+from conveyor.api.state import ApiState
+from conveyor.app import Conveyor, load_app
+from conveyor.events import EventHub
+from conveyor.logs import configure_logging
+from conveyor.metrics import Metrics
+from conveyor.settings import load_settings
+
+log = structlog.get_logger("conveyor.api")
+
+
+def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAPI:
+    """The API for ``conveyor``; its lifespan runs the event hub and makes the admin key.
+
+    ``key_cache_seconds`` bounds how long a revoked key keeps working.
+    """
+    settings = conveyor.settings
+    hub = EventHub(conveyor.store, settings)
+    metrics = Metrics(conveyor.store, lambda: list(conveyor.tasks))
+    state = ApiState(
+        conveyor=conveyor,
+        hub=hub,
+        metrics=metrics,
+        keys=KeyVerifier(conveyor.store, ttl=key_cache_seconds),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(_prepare, conveyor)
+        await hub.start()
+        follower = asyncio.create_task(metrics.follow(hub), name="conveyor-metrics")
+        log.info("api.started", events=hub.source, embedded_broker=settings.embedded)
+        try:
+            yield
+        finally:
+            follower.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follower
+            await hub.stop()
+
+    app = FastAPI(
+        title="Conveyor",
+        version=_version(),
+        summary="Submit background jobs, follow their progress, read their results.",
+        lifespan=lifespan,
+    )
+    app.state.conveyor = state
+    problems.install(app)
+    # Added innermost first.
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(problems.ErrorBoundary)
+    app.add_middleware(RequestTimer, histogram=metrics.http_duration)
+    app.add_middleware(CorrelationId)
+    for module in (jobs, events, tasks, health):
+        app.include_router(module.router)
+    _document_problems(app)
+    return app
+
+
+def factory() -> FastAPI:
+    """For ``uvicorn --factory conveyor.api.app:factory``: everything from the environment."""
+    settings = load_settings()
+    configure_logging(settings)
+    conveyor = load_app(settings.app)
+    conveyor.configure(settings)
+    return create_app(conveyor)
+
+
+def _prepare(conveyor: Conveyor) -> None:
+    """Blocking start-up: the admin key, and the Celery app (which makes the embedded broker)."""
+    bootstrap_admin_key(conveyor.store, conveyor.settings)
+    conveyor.celery  # noqa: B018 - built for its side effect
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Error responses are ``application/problem+json``; FastAPI documents them as JSON."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            for operation in (op for path in schema["paths"].values() for op in path.values()):
+                for status, response in operation.get("responses", {}).items():
+                    content = response.get("content", {})
+                    if status[0] in "45" and "application/json" in content:
+                        content[problems.PROBLEM_JSON] = content.pop("application/json")
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _version() -> str:
+    try:
+        return version("conveyor")
+    except PackageNotFoundError:
+        return "0+unknown"

@@ -1,0 +1,107 @@
+"""Server-sent event streams: one job's events, or every job's.
+
+Each message carries ``id`` (the job's ``seq``, or the global event id on
+``/v1/events``), ``event`` (``status`` or ``progress``) and the Event as JSON
+``data``. A reconnecting client's ``Last-Event-ID`` resumes exactly after the
+last event it saw; ``?after=`` does the same for a first connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Depends, Header, Query, Request
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.exceptions import HTTPException
+
+from conveyor.api.auth import require_key
+from conveyor.api.problems import problem_responses
+from conveyor.api.state import ApiState, api_state
+from conveyor.errors import StoreUnavailable
+from conveyor.events import all_stream, job_stream
+from conveyor.jobs import Event, JobStatus
+
+log = structlog.get_logger("conveyor.api")
+
+STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "A text/event-stream of Event messages.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+}
+
+router = APIRouter(
+    prefix="/v1",
+    tags=["events"],
+    dependencies=[Depends(require_key)],
+    responses={**STREAM_RESPONSE, **problem_responses(400, 401, 422, 503)},
+)
+
+LastEventId = Annotated[
+    str | None, Header(description="Sent by a reconnecting EventSource; wins over `after`.")
+]
+After = Annotated[int | None, Query(ge=0, description="Resume after this event id.")]
+
+
+def resume_point(last_event_id: str | None, after: int | None) -> int | None:
+    """Where to resume: ``Last-Event-ID`` wins, since a reconnect repeats the first URL."""
+    value = (last_event_id or "").strip()
+    if not value:
+        return after
+    if not value.isdigit():
+        raise HTTPException(400, "Last-Event-ID must be a non-negative integer")
+    return int(value)
+
+
+def _message(event: Event, message_id: int) -> ServerSentEvent:
+    return ServerSentEvent(data=event.model_dump_json(), event=event.type.value, id=str(message_id))
+
+
+def _respond(state: ApiState, messages: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+    return EventSourceResponse(messages, ping=state.settings.sse_ping_seconds)
+
+
+@router.get("/jobs/{job_id}/events", responses=problem_responses(404))
+async def job_events(
+    job_id: str, request: Request, after: After = None, last_event_id: LastEventId = None
+) -> EventSourceResponse:
+    """A job's events from the start (or the resume point) until its terminal event."""
+    state = api_state(request)
+    after_seq = resume_point(last_event_id, after) or 0
+    await asyncio.to_thread(state.store.get_job, job_id)  # 404 before streaming
+
+    async def messages() -> AsyncIterator[ServerSentEvent]:
+        try:
+            async for event in job_stream(state.hub, state.store, job_id, after_seq=after_seq):
+                yield _message(event, event.seq)
+        except StoreUnavailable as exc:
+            # Ending the stream makes the client reconnect with Last-Event-ID.
+            log.warning("stream.store_lost", job_id=job_id, error=str(exc))
+
+    return _respond(state, messages())
+
+
+@router.get("/events")
+async def all_events(
+    request: Request,
+    status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
+    task: str | None = None,
+    after: After = None,
+    last_event_id: LastEventId = None,
+) -> EventSourceResponse:
+    """Every job's events as they happen, optionally filtered by task and status."""
+    state = api_state(request)
+    after_id = resume_point(last_event_id, after)
+
+    async def messages() -> AsyncIterator[ServerSentEvent]:
+        stream = all_stream(state.hub, state.store, after_id=after_id, task=task, status=status)
+        try:
+            async for event in stream:
+                yield _message(event, event.id)
+        except StoreUnavailable as exc:
+            log.warning("stream.store_lost", error=str(exc))
+
+    return _respond(state, messages())

@@ -1,0 +1,223 @@
+"""The one place errors become HTTP: RFC 9457 ``application/problem+json`` responses.
+
+    TaskNotFound, JobNotFound              404
+    IllegalTransition                      409
+    PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
+    RequestValidationError                 422   (``errors``)
+    StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
+    HTTPException                          its own status and headers (401, 413, 404, 405...)
+    anything else                          500, logged with its traceback, never shown
+
+Handlers cover what the routes raise; :class:`ErrorBoundary` catches what
+escapes them (and middleware), so no stack trace ever reaches a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    ConveyorError,
+    IllegalTransition,
+    JobNotFound,
+    PayloadInvalid,
+    StoreUnavailable,
+    TaskNotFound,
+)
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:conveyor:problem:"
+RETRY_AFTER_SECONDS = 5
+
+log = structlog.get_logger("conveyor.api")
+
+
+class FieldError(BaseModel):
+    """One invalid field: where it is in the request, and what is wrong with it."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem, as every error response of the API is shaped."""
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    errors: list[FieldError] | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """The error responses a route declares in the OpenAPI document."""
+    return {s: {"model": Problem, "description": HTTPStatus(s).phrase} for s in statuses}
+
+
+@dataclass(frozen=True)
+class Kind:
+    status: int
+    slug: str
+    title: str
+
+
+KINDS: dict[type[ConveyorError], Kind] = {
+    TaskNotFound: Kind(404, "task-not-found", "Unknown task"),
+    JobNotFound: Kind(404, "job-not-found", "Job not found"),
+    IllegalTransition: Kind(409, "illegal-transition", "Job cannot make that change"),
+    PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
+    ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
+    StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
+    BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
+}
+INTERNAL = Kind(500, "internal-error", "Internal server error")
+
+
+def problem(
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    title: str | None = None,
+    errors: Sequence[Mapping[str, Any]] | None = None,
+    headers: Mapping[str, str] | None = None,
+    **extensions: Any,
+) -> JSONResponse:
+    """A problem response; without a ``slug`` its type is ``about:blank``."""
+    body: dict[str, Any] = {
+        "type": f"{TYPE_PREFIX}{slug}" if slug else "about:blank",
+        "title": title or HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+        **extensions,
+    }
+    if errors is not None:
+        body["errors"] = [FieldError.model_validate(e).model_dump() for e in errors]
+    return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def conveyor_problem(exc: ConveyorError) -> JSONResponse:
+    kind = next((KINDS[c] for c in type(exc).__mro__ if c in KINDS), None)
+    if kind is None:
+        return internal_error(exc)
+    detail, headers, errors = str(exc), None, None
+    if kind.status == 503:
+        # Driver messages name hosts and databases: log them, tell the client when to retry.
+        log.warning("request.unavailable", error=str(exc))
+        detail = f"{kind.title.lower()}; try again in {RETRY_AFTER_SECONDS} seconds"
+        headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, PayloadInvalid):
+        # The task validated the payload alone; point into the request body instead.
+        errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
+    return problem(
+        kind.status, detail, slug=kind.slug, title=kind.title, errors=errors, headers=headers
+    )
+
+
+def http_problem(exc: HTTPException) -> JSONResponse:
+    return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def validation_problem(exc: RequestValidationError) -> JSONResponse:
+    errors = [_field_error(e.get("loc", ()), e) for e in exc.errors()]
+    detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors[:5])
+    return problem(
+        422, detail, slug="invalid-request", title="Invalid request", errors=errors or None
+    )
+
+
+def internal_error(exc: BaseException) -> JSONResponse:
+    log.error("request.failed", exc_info=exc)
+    return problem(
+        500,
+        "an unexpected error occurred; it has been logged",
+        slug=INTERNAL.slug,
+        title=INTERNAL.title,
+    )
+
+
+def _field_error(loc: Sequence[Any], error: Mapping[str, Any]) -> dict[str, Any]:
+    # Only these keys: pydantic's "input" and "ctx" may echo secrets or be unserialisable.
+    return {
+        "loc": [p if isinstance(p, int) else str(p) for p in loc],
+        "msg": str(error.get("msg", "invalid")),
+        "type": str(error.get("type", "value_error")),
+    }
+
+
+async def _on_conveyor_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ConveyorError)
+    return conveyor_problem(exc)
+
+
+async def _on_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return http_problem(exc)
+
+
+async def _on_validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    return validation_problem(exc)
+
+
+def install(app: FastAPI) -> None:
+    """Register the handlers and the boundary that catches everything else."""
+    app.add_exception_handler(ConveyorError, _on_conveyor_error)
+    app.add_exception_handler(HTTPException, _on_http_exception)
+    app.add_exception_handler(RequestValidationError, _on_validation_error)
+
+
+class ErrorBoundary:
+    """Turns any exception that escaped the handlers into a problem response.
+
+    Starlette's own last resort re-raises after answering, and sits outside
+    user middleware, so responses it makes carry no request id and go
+    unmeasured; this one sits inside them.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = finished = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started, finished
+            if message["type"] == "http.response.start":
+                started = True
+            elif message["type"] == "http.response.body" and not message.get("more_body"):
+                finished = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            if isinstance(exc, HTTPException):
+                response = http_problem(exc)
+            elif isinstance(exc, ConveyorError):
+                response = conveyor_problem(exc)
+            else:
+                response = internal_error(exc)
+            if not started:
+                await response(scope, receive, send)
+            elif not finished:
+                # Too late for a status: end the body (a stream just stops; clients resume).
+                log.warning("response.aborted", status=response.status_code)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})

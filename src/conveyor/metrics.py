@@ -1,0 +1,113 @@
+"""Prometheus metrics of one API process, in a registry of its own.
+
+    conveyor_jobs{task,status}                      gauge, counted in the store at scrape
+    conveyor_store_up                               1 if that count succeeded
+    conveyor_job_duration_seconds{task,status}      histogram of terminal events seen live
+    conveyor_http_request_duration_seconds{method,route,status}
+
+Each app gets its own ``CollectorRegistry`` so that several apps in one process
+(tests, embedded servers) never register the same metric twice.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+
+import structlog
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from conveyor.errors import ConveyorError
+from conveyor.events import EventHub
+from conveyor.jobs import Event, JobStatus
+from conveyor.store import Store
+
+JOBS, JOBS_HELP = "conveyor_jobs", "Jobs in the store, by task and status."
+STORE_UP, STORE_UP_HELP = "conveyor_store_up", "1 if the store answered the last scrape."
+JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
+
+log = structlog.get_logger("conveyor.metrics")
+
+
+class JobCountCollector(Collector):
+    """Counts jobs in the store at scrape time, so every replica reports the same truth.
+
+    Every status of every known task is reported, zeros included, so a series
+    does not vanish when its last job moves on.
+    """
+
+    def __init__(self, store: Store, task_names: Callable[[], Iterable[str]]) -> None:
+        self.store = store
+        self.task_names = task_names
+
+    def describe(self) -> Iterator[Metric]:
+        # Declared up front so registration does not query the store.
+        yield GaugeMetricFamily(
+            "conveyor_jobs", "Jobs by task and status.", labels=["task", "status"]
+        )
+        yield GaugeMetricFamily("conveyor_store_up", "1 if the store answered the last scrape.")
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily(STORE_UP, STORE_UP_HELP)
+        try:
+            rows = self.store.job_counts()
+        except ConveyorError as exc:
+            log.warning("metrics.job_counts_failed", error=str(exc))
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        counts = {(task, status): n for task, status, n in rows}
+        tasks = sorted({task for task, _ in counts} | set(self.task_names()))
+        jobs = GaugeMetricFamily(
+            "conveyor_jobs", "Jobs by task and status.", labels=["task", "status"]
+        )
+        for task in tasks:
+            for status in JobStatus:
+                jobs.add_metric([task, status.value], counts.get((task, status.value), 0))
+        yield jobs
+
+
+class Metrics:
+    """The metrics an API process exposes at ``/metrics``."""
+
+    def __init__(self, store: Store, task_names: Callable[[], Iterable[str]]) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(JobCountCollector(store, task_names))
+        self.job_duration = Histogram(
+            "conveyor_job_duration_seconds",
+            "Run time of finished attempts, from terminal events this process saw.",
+            ["task", "status"],
+            buckets=JOB_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.http_duration = Histogram(
+            "conveyor_http_request_duration_seconds",
+            "HTTP request handling time, by route template.",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
+
+    def observe_event(self, event: Event) -> None:
+        """Record a terminal event's duration; cancellations of queued jobs have none."""
+        if not event.terminal:
+            return
+        duration = event.data.get("duration")
+        if isinstance(duration, int | float) and duration >= 0:
+            self.job_duration.labels(event.task, event.status.value).observe(duration)
+
+    async def follow(self, hub: EventHub) -> None:
+        """Observe every event the hub delivers until cancelled.
+
+        Each replica sees every event, so a job's duration is counted once per
+        replica: aggregate with ``max`` or per instance, not ``sum``.
+        """
+        with hub.subscribe() as subscription:
+            while True:
+                self.observe_event(await subscription.queue.get())
+
+    def render(self) -> bytes:
+        """The text exposition; blocking, since the job gauge queries the store."""
+        return generate_latest(self.registry)

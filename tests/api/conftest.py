@@ -1,0 +1,213 @@
+"""Fixtures for the HTTP API: a real app on SQLite in tmp_path, the embedded broker, clients.
+
+fanout      parametrised "store" / "redis" (integration): how the hub learns of events
+settings    Settings in tmp_path (small body limit, fast polling)
+conveyor    a Conveyor app with two test tasks, its store migrated
+api         create_app(conveyor), its lifespan running
+admin_key   the bootstrap admin key the lifespan made
+client      httpx.AsyncClient on the app in-process, authenticated
+anonymous   the same without a key
+live        base URL of a real uvicorn server on the app (for streams)
+live_client httpx.AsyncClient on ``live``, authenticated
+logs        structlog entries captured with their contextvars
+worker      drives jobs through their states as a worker does (store + publish)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import structlog
+import uvicorn
+from fastapi import FastAPI
+from pydantic import BaseModel, field_validator
+
+from conveyor import Context, Conveyor, Settings
+from conveyor.api.app import create_app
+from conveyor.jobs import Event, Job
+
+MAX_BODY = 4096
+
+
+class AddPayload(BaseModel):
+    a: int
+    b: int = 0
+
+
+class TrapPayload(BaseModel):
+    secret: str
+
+    @field_validator("secret")
+    @classmethod
+    def _explode(cls, value: str) -> str:
+        # Not a ValueError, so pydantic lets it escape: an unexpected server error.
+        raise RuntimeError(f"validator crashed holding {value}")
+
+
+def add(ctx: Context, payload: AddPayload) -> int:
+    """Add two numbers."""
+    return payload.a + payload.b
+
+
+def trap(ctx: Context, payload: TrapPayload) -> None:
+    """Never runs: its payload model crashes."""
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(params=["store", pytest.param("redis", marks=pytest.mark.integration)])
+def fanout(request: pytest.FixtureRequest) -> str | None:
+    """The Redis URL for event fan-out, or None to poll the store."""
+    if request.param == "store":
+        return None
+    url: str = request.getfixturevalue("redis_url")
+    return url
+
+
+@pytest.fixture
+def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    redis_url = request.getfixturevalue("fanout") if "fanout" in request.fixturenames else None
+    (tmp_path / "db").mkdir()
+    return Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite:///{tmp_path}/db/c.db",
+        redis_url=redis_url,
+        max_body_bytes=MAX_BODY,
+        event_poll_interval=0.01,
+        log_format="console",
+    )
+
+
+@pytest.fixture
+def conveyor(settings: Settings) -> Iterator[Conveyor]:
+    app = Conveyor(settings=settings)
+    app.task(name="tests.add", queue="math", priority=3, max_attempts=2, timeout=30)(add)
+    app.task(name="tests.trap")(trap)
+    app.store.migrate()
+    yield app
+    app.close()
+
+
+@pytest.fixture
+async def api(conveyor: Conveyor) -> AsyncIterator[FastAPI]:
+    app = create_app(conveyor)
+    async with app.router.lifespan_context(app):
+        yield app
+
+
+@pytest.fixture
+def admin_key(api: FastAPI, settings: Settings) -> str:
+    return settings.admin_key_path.read_text().strip()
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+async def client(api: FastAPI, admin_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=api)
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://api", headers=bearer(admin_key)
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def anonymous(api: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api), base_url="http://api"
+    ) as client:
+        yield client
+
+
+@pytest.fixture
+async def live(api: FastAPI) -> AsyncIterator[str]:
+    """A real HTTP server, since in-process transports buffer whole responses."""
+    config = uvicorn.Config(
+        api,
+        host="127.0.0.1",
+        port=0,
+        lifespan="off",  # the api fixture runs it
+        log_config=None,
+        access_log=False,
+        http="h11",
+        ws="none",
+        timeout_graceful_shutdown=2,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.create_task(server.serve())
+    async with asyncio.timeout(10):
+        while not server.started:
+            if serving.done():
+                serving.result()
+            await asyncio.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await serving
+
+
+@pytest.fixture
+async def live_client(live: str, admin_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=live, headers=bearer(admin_key), timeout=10) as client:
+        yield client
+
+
+@pytest.fixture
+def logs() -> Iterator[list[dict[str, Any]]]:
+    """Log entries as emitted, with contextvars (such as correlation_id) merged in."""
+    capture = structlog.testing.LogCapture()
+    previous = structlog.get_config()
+    structlog.configure(processors=[structlog.contextvars.merge_contextvars, capture])
+    try:
+        yield capture.entries
+    finally:
+        structlog.configure(**previous)
+
+
+class Worker:
+    """Moves a job through its states with the store calls and publishes a worker makes."""
+
+    def __init__(self, conveyor: Conveyor) -> None:
+        self.conveyor = conveyor
+        self.store = conveyor.store
+
+    def _publish(self, recorded: tuple[Job, Event] | Event | None) -> Event:
+        assert recorded is not None, "the store refused the transition"
+        event = recorded if isinstance(recorded, Event) else recorded[1]
+        self.conveyor.publisher.publish(event)
+        return event
+
+    def claim(self, job_id: str, attempt: int = 1) -> Event:
+        return self._publish(self.store.claim(job_id, attempt, "test-worker"))
+
+    def progress(self, job_id: str, percent: float, attempt: int = 1) -> Event:
+        return self._publish(
+            self.store.progress(job_id, attempt, percent=percent, step=f"{percent:.0f}%")
+        )
+
+    def succeed(self, job_id: str, result: Any = None, attempt: int = 1) -> Event:
+        return self._publish(self.store.succeed(job_id, attempt, result))
+
+    def run(self, job_id: str, result: Any = None) -> list[Event]:
+        """Claim, report half way, succeed."""
+        return [self.claim(job_id), self.progress(job_id, 50), self.succeed(job_id, result)]
+
+    async def arun(self, job_id: str, result: Any = None) -> list[Event]:
+        return await asyncio.to_thread(self.run, job_id, result)
+
+
+@pytest.fixture
+def worker(conveyor: Conveyor) -> Worker:
+    return Worker(conveyor)

@@ -1,0 +1,298 @@
+"""/v1/jobs: submit, list with keyset pagination, get, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from conveyor import Conveyor
+from conveyor.events import CHANNEL
+from conveyor.jobs import Event
+from tests.api.conftest import Worker
+
+pytestmark = pytest.mark.anyio
+
+PROBLEM = "application/problem+json"
+
+
+async def submit(client: httpx.AsyncClient, task: str = "tests.add", **body: object) -> dict:
+    response = await client.post("/v1/jobs", json={"task": task, "payload": {"a": 1}, **body})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+async def test_submit_records_and_enqueues(client: httpx.AsyncClient, conveyor: Conveyor) -> None:
+    response = await client.post(
+        "/v1/jobs",
+        json={"task": "tests.add", "payload": {"a": 2, "b": 3}},
+        headers={"X-Request-ID": "req-42"},
+    )
+
+    assert response.status_code == 202
+    job = response.json()
+    assert job["task"] == "tests.add"
+    assert job["status"] == "queued"
+    assert job["payload"] == {"a": 2, "b": 3}
+    assert (job["queue"], job["priority"], job["max_attempts"]) == ("math", 3, 2)
+    assert job["correlation_id"] == "req-42"
+    assert job["links"] == {
+        "self": f"/v1/jobs/{job['id']}",
+        "events": f"/v1/jobs/{job['id']}/events",
+    }
+    assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
+    assert conveyor.store.get_job(job["id"]).correlation_id == "req-42"
+    # The embedded broker holds the message a worker will pick up.
+    assert list(conveyor.settings.broker_dir.iterdir())
+
+
+async def test_submit_without_request_id_gets_a_generated_correlation_id(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
+
+    job = response.json()
+    assert len(job["correlation_id"]) == 32
+    assert response.headers["X-Request-ID"] == job["correlation_id"]
+
+
+async def test_submit_overrides_queue_and_priority(client: httpx.AsyncClient) -> None:
+    job = await submit(client, queue="urgent", priority=9)
+
+    assert (job["queue"], job["priority"]) == ("urgent", 9)
+
+
+async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs", json={"task": "no.such", "payload": {}})
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "urn:conveyor:problem:task-not-found"
+    assert problem["status"] == 404
+    assert "no.such" in problem["detail"]
+
+
+async def test_invalid_payload_is_422_naming_the_field(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/jobs", json={"task": "tests.add", "payload": {"a": "not a number"}}
+    )
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "urn:conveyor:problem:invalid-payload"
+    assert [e["loc"] for e in problem["errors"]] == [["body", "payload", "a"]]
+    assert problem["errors"][0]["type"] == "int_parsing"
+    assert "a:" in problem["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"payload": {}}, ["body", "task"]),
+        ({"task": "tests.add"}, ["body", "payload"]),
+        ({"task": "tests.add", "payload": []}, ["body", "payload"]),
+        ({"task": "tests.add", "payload": {}, "priority": 10}, ["body", "priority"]),
+        ({"task": "tests.add", "payload": {}, "priority": -1}, ["body", "priority"]),
+        ({"task": "tests.add", "payload": {}, "surprise": 1}, ["body", "surprise"]),
+    ],
+)
+async def test_invalid_request_body_is_422_naming_the_field(
+    client: httpx.AsyncClient, body: dict, field: list[str]
+) -> None:
+    response = await client.post("/v1/jobs", json=body)
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "urn:conveyor:problem:invalid-request"
+    assert field in [e["loc"] for e in problem["errors"]]
+    assert ".".join(field) in problem["detail"]
+    assert all(set(e) == {"loc", "msg", "type"} for e in problem["errors"])
+
+
+async def test_malformed_json_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/jobs", content=b'{"task": ', headers={"Content-Type": "application/json"}
+    )
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["errors"][0]["type"] == "json_invalid"
+
+
+async def test_bad_queue_name_from_submit_is_422(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}, "queue": "no spaces!"}
+    )
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["type"] == "urn:conveyor:problem:invalid-options"
+    assert "queue" in response.json()["detail"]
+
+
+async def test_get_job(client: httpx.AsyncClient) -> None:
+    job = await submit(client)
+
+    response = await client.get(f"/v1/jobs/{job['id']}")
+
+    assert response.status_code == 200
+    assert response.json() == job
+
+
+async def test_unknown_job_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/v1/jobs/00000000-0000-0000-0000-000000000000")
+
+    assert response.status_code == 404
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["type"] == "urn:conveyor:problem:job-not-found"
+
+
+async def test_list_pages_through_every_job_once_newest_first(
+    client: httpx.AsyncClient,
+) -> None:
+    submitted = [(await submit(client))["id"] for _ in range(7)]
+
+    seen: list[str] = []
+    cursor = None
+    pages = 0
+    while True:
+        params: dict[str, str | int] = {"limit": 3}
+        if cursor:
+            params["cursor"] = cursor
+        response = await client.get("/v1/jobs", params=params)
+        assert response.status_code == 200
+        page = response.json()
+        assert len(page["items"]) <= 3
+        seen += [job["id"] for job in page["items"]]
+        pages += 1
+        cursor = page["next_cursor"]
+        if cursor is None:
+            break
+
+    assert pages == 3
+    assert seen == list(reversed(submitted))
+
+
+async def test_list_filters_by_statuses_and_task(client: httpx.AsyncClient, worker: Worker) -> None:
+    queued = await submit(client)
+    running = await submit(client)
+    done = await submit(client)
+    echo = await submit(client, task="diag.echo")
+    worker.claim(running["id"])
+    worker.run(done["id"], 1)
+
+    async def ids(params: dict) -> set[str]:
+        response = await client.get("/v1/jobs", params=params)
+        assert response.status_code == 200
+        return {job["id"] for job in response.json()["items"]}
+
+    assert await ids({"status": ["queued", "running"]}) == {
+        queued["id"],
+        running["id"],
+        echo["id"],
+    }
+    assert await ids({"status": "queued", "task": "tests.add"}) == {queued["id"]}
+    assert await ids({"task": "diag.echo"}) == {echo["id"]}
+    assert await ids({"status": "succeeded"}) == {done["id"]}
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        "garbage!",
+        base64.urlsafe_b64encode(b"[1, 2, 3]").decode(),
+        # A timestamp without a zone is not a cursor the store made.
+        base64.urlsafe_b64encode(json.dumps(["2024-01-01T00:00:00", "x"]).encode()).decode(),
+    ],
+)
+async def test_bad_cursor_is_400(client: httpx.AsyncClient, cursor: str) -> None:
+    response = await client.get("/v1/jobs", params={"cursor": cursor})
+
+    assert response.status_code == 400
+    assert response.headers["content-type"] == PROBLEM
+    assert "cursor" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"limit": 0}, "limit"), ({"limit": 201}, "limit"), ({"status": "sleeping"}, "status")],
+)
+async def test_bad_list_parameters_are_422(
+    client: httpx.AsyncClient, params: dict, field: str
+) -> None:
+    response = await client.get("/v1/jobs", params=params)
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"][:2] == ["query", field]
+
+
+async def test_cancel_a_queued_job(client: httpx.AsyncClient, conveyor: Conveyor) -> None:
+    job = await submit(client)
+
+    response = await client.post(f"/v1/jobs/{job['id']}/cancel")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "cancelled"
+    assert response.json()["finished_at"] is not None
+    last = conveyor.store.job_events(job["id"])[-1]
+    assert (last.status, last.terminal) == ("cancelled", True)
+    assert "admin" in last.data["reason"]
+
+
+async def test_cancel_an_ended_job_is_409(client: httpx.AsyncClient, worker: Worker) -> None:
+    job = await submit(client)
+    worker.run(job["id"], 1)
+
+    response = await client.post(f"/v1/jobs/{job['id']}/cancel")
+
+    assert response.status_code == 409
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "urn:conveyor:problem:illegal-transition"
+    assert "succeeded" in problem["detail"]
+
+
+async def test_cancel_twice_is_409(client: httpx.AsyncClient) -> None:
+    job = await submit(client)
+    assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+
+    response = await client.post(f"/v1/jobs/{job['id']}/cancel")
+
+    assert response.status_code == 409
+
+
+async def test_cancel_unknown_job_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs/nope/cancel")
+
+    assert response.status_code == 404
+    assert response.json()["type"] == "urn:conveyor:problem:job-not-found"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("fanout", ["redis"], indirect=True)
+async def test_cancel_publishes_its_event(fanout: str, client: httpx.AsyncClient) -> None:
+    listener = aioredis.Redis.from_url(fanout)
+    statuses: list[str] = []
+    try:
+        async with listener.pubsub(ignore_subscribe_messages=True) as pubsub:
+            await pubsub.subscribe(CHANNEL)
+            job = await submit(client)
+            assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+            async with asyncio.timeout(5):
+                while "cancelled" not in statuses:
+                    message = await pubsub.get_message(timeout=1)
+                    if message is not None:
+                        event = Event.model_validate_json(message["data"])
+                        if event.job_id == job["id"]:
+                            statuses.append(event.status)
+    finally:
+        await listener.aclose()
+
+    assert statuses == ["queued", "cancelled"]
