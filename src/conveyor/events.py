@@ -27,7 +27,6 @@ from conveyor.jobs import Event, JobStatus
 from conveyor.settings import Settings
 from conveyor.store import Store
 
-CHANNEL = "conveyor:events"
 SUBSCRIBER_BUFFER = 1000
 
 log = structlog.get_logger("conveyor.events")
@@ -41,12 +40,13 @@ class Publisher(Protocol):
 class RedisPublisher:
     """Publishes committed events; a failure is logged, the store still has them."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, channel: str) -> None:
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+        self.channel = channel
 
     def publish(self, event: Event) -> None:
         try:
-            self.client.publish(CHANNEL, event.model_dump_json())
+            self.client.publish(self.channel, event.model_dump_json())
         except redis.RedisError as exc:
             log.warning("event.publish_failed", job_id=event.job_id, seq=event.seq, error=str(exc))
 
@@ -66,7 +66,7 @@ class StorePublisher:
 
 def make_publisher(settings: Settings) -> Publisher:
     url = settings.resolved_redis_url
-    return RedisPublisher(url) if url else StorePublisher()
+    return RedisPublisher(url, settings.event_channel) if url else StorePublisher()
 
 
 class Subscription:
@@ -90,6 +90,7 @@ class EventHub:
     def __init__(self, store: Store, settings: Settings) -> None:
         self.store = store
         self.redis_url = settings.resolved_redis_url
+        self.channel = settings.event_channel
         self.poll_interval = settings.event_poll_interval
         self._by_job: dict[str, set[Subscription]] = defaultdict(set)
         self._all: set[Subscription] = set()
@@ -150,7 +151,7 @@ class EventHub:
         while True:
             try:
                 async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(CHANNEL)
+                    await pubsub.subscribe(self.channel)
                     self.healthy = True
                     delay = 0.1
                     while True:

@@ -6,6 +6,7 @@ nothing here is read at import time.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -102,6 +103,12 @@ class Settings(BaseSettings):
             return self.redis_url
         broker = self.resolved_broker_url
         return broker if broker.split(":", 1)[0] in {"redis", "rediss"} else None
+
+    @property
+    def event_channel(self) -> str:
+        """Redis pub/sub spans a whole server: one channel per durable store."""
+        digest = hashlib.sha256(self.resolved_database_url.encode()).hexdigest()[:16]
+        return f"conveyor:events:{digest}"
 
     @property
     def broker_dir(self) -> Path:

@@ -24,6 +24,8 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import (
     Connection,
     Engine,
@@ -41,7 +43,12 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import NullPool
 
-from conveyor.errors import IllegalTransition, JobNotFound, StoreUnavailable
+from conveyor.errors import (
+    ConfigurationError,
+    IllegalTransition,
+    JobNotFound,
+    StoreUnavailable,
+)
 from conveyor.jobs import (
     ALLOWED_FROM,
     Event,
@@ -56,6 +63,9 @@ from conveyor.models import ApiKeyRow, Base, EventRow, JobRow
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
+
+#: Alembic's bookkeeping table, named so it cannot collide with an application's own.
+VERSION_TABLE = "conveyor_alembic_version"
 
 
 def utcnow() -> datetime:
@@ -115,11 +125,26 @@ class Store:
 
     def migrate(self) -> None:
         """Bring the schema to the latest revision (idempotent)."""
-        config = Config()
-        config.set_main_option("script_location", str(files("conveyor") / "migrations"))
+        config = _alembic_config()
         with self._tx() as conn:
             config.attributes["connection"] = conn
             command.upgrade(config, "head")
+
+    def check_schema(self) -> None:
+        """Refuse to run on a schema older than this code; a newer one is fine."""
+        with self._tx() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            current = context.get_current_revision()
+        scripts = ScriptDirectory.from_config(_alembic_config())
+        head = scripts.get_current_head()
+        if current is None:
+            raise ConfigurationError("the database has no Conveyor schema: run `conveyor migrate`")
+        known = {rev.revision for rev in scripts.walk_revisions()}
+        if current in known and current != head:
+            raise ConfigurationError(
+                f"the database schema is at {current}, this Conveyor needs {head}:"
+                " run `conveyor migrate`"
+            )
 
     def ping(self) -> None:
         with self._tx() as conn:
@@ -422,6 +447,12 @@ class Store:
         if row is None:
             return None
         return ApiKey(id=row["id"], name=row["name"], scopes=tuple(row["scopes"]))
+
+
+def _alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(files("conveyor") / "migrations"))
+    return config
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

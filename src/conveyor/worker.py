@@ -205,6 +205,8 @@ def run_worker(
 ) -> None:
     """Run a Celery worker for the app's jobs in this process until it is stopped."""
     settings = app.settings
+    app.store.check_schema()
+    app.close()  # forked pool processes must not inherit open database connections
     celery = app.celery
 
     @signals.setup_logging.connect(weak=False)

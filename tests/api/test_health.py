@@ -13,7 +13,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor import Conveyor, Settings
 from conveyor.api.app import create_app
-from conveyor.events import CHANNEL
 from tests.api.conftest import Worker, add
 from tests.api.test_errors import make_store_unreachable
 
@@ -261,7 +260,7 @@ async def test_a_stray_message_on_the_channel_does_not_stop_the_hub(
     conveyor.task(name=task)(add)
     publisher = aioredis.Redis.from_url(fanout)
     try:
-        await publisher.publish(CHANNEL, b'{"not": "an event"}')
+        await publisher.publish(conveyor.settings.event_channel, b'{"not": "an event"}')
     finally:
         await publisher.aclose()
     job = (await client.post("/v1/jobs", json={"task": task, "payload": {"a": 1}})).json()

@@ -11,7 +11,6 @@ import pytest
 import redis.asyncio as aioredis
 
 from conveyor import Conveyor
-from conveyor.events import CHANNEL
 from conveyor.jobs import Event
 from tests.api.conftest import Worker
 
@@ -277,12 +276,14 @@ async def test_cancel_unknown_job_is_404(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("fanout", ["redis"], indirect=True)
-async def test_cancel_publishes_its_event(fanout: str, client: httpx.AsyncClient) -> None:
+async def test_cancel_publishes_its_event(
+    fanout: str, client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
     listener = aioredis.Redis.from_url(fanout)
     statuses: list[str] = []
     try:
         async with listener.pubsub(ignore_subscribe_messages=True) as pubsub:
-            await pubsub.subscribe(CHANNEL)
+            await pubsub.subscribe(conveyor.settings.event_channel)
             job = await submit(client)
             assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
             async with asyncio.timeout(5):

@@ -89,7 +89,8 @@ def factory() -> FastAPI:
 
 
 def _prepare(conveyor: Conveyor) -> None:
-    """Blocking start-up: the admin key, and the Celery app (which makes the embedded broker)."""
+    """Blocking start-up: the schema check, the admin key, and the Celery app."""
+    conveyor.store.check_schema()
     bootstrap_admin_key(conveyor.store, conveyor.settings)
     conveyor.celery  # noqa: B018 - built for its side effect
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from alembic import context
 
 from conveyor.models import Base
+from conveyor.store import VERSION_TABLE
 
 connection = context.config.attributes.get("connection")
 if connection is None:
@@ -14,7 +15,7 @@ context.configure(
     connection=connection,
     target_metadata=Base.metadata,
     render_as_batch=connection.dialect.name == "sqlite",
-    version_table="conveyor_alembic_version",
+    version_table=VERSION_TABLE,
 )
 with context.begin_transaction():
     context.run_migrations()
