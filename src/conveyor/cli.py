@@ -1,0 +1,533 @@
+"""The ``conveyor`` command.
+
+    up        the embedded all-in-one: API and worker, supervised (conveyor.embedded)
+    api       the HTTP API alone (uvicorn)
+    worker    a Celery worker for the app's jobs
+    migrate   bring the database schema up to date
+    submit    create a job over HTTP, optionally following its events
+    jobs      list, show and cancel jobs over HTTP
+
+Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
+setting or argument, 1 for anything the server or the job did. Neither prints
+a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Annotated, Any
+from urllib.parse import quote
+
+import httpx
+import typer
+from httpx_sse import SSEError, connect_sse
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+from rich.table import Table
+from rich.text import Text
+from typer.core import TyperGroup
+
+from conveyor.embedded import STOP_GRACE, Stack, check_port, prepare
+from conveyor.errors import ConfigurationError, ConveyorError
+from conveyor.jobs import TERMINAL as TERMINAL_STATUSES
+from conveyor.jobs import JobStatus
+from conveyor.settings import Settings, load_settings
+
+#: How long ``submit --follow`` keeps trying to reach the API after losing the stream.
+RECONNECT_TIMEOUT = 60.0
+#: Seconds without a byte (the server pings every 15 s by default) before a stream is dead.
+STREAM_READ_TIMEOUT = 60.0
+#: Seconds uvicorn lets open requests (event streams) finish once told to stop.
+API_SHUTDOWN_TIMEOUT = 5
+TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
+STATUS_STYLE = {
+    "queued": "cyan",
+    "running": "blue",
+    "retrying": "yellow",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+    "dead": "red",
+}
+
+out = Console(soft_wrap=True, highlight=False)
+err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+
+class CliError(Exception):
+    """A failure to report in one line (plus optional detail lines) and exit with ``code``."""
+
+    def __init__(self, message: str, *, code: int = 1, details: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.details = details
+
+
+class _Group(TyperGroup):
+    """Maps the errors a command may raise to a red line and an exit code."""
+
+    def invoke(self, ctx: Any) -> Any:  # typer's vendored click.Context
+        try:
+            return super().invoke(ctx)
+        except CliError as exc:
+            _fail(exc.message, exc.details)
+            raise typer.Exit(exc.code) from None
+        except ConfigurationError as exc:
+            _fail(str(exc))
+            raise typer.Exit(2) from None
+        except ConveyorError as exc:
+            _fail(str(exc))
+            raise typer.Exit(1) from None
+
+
+def _fail(message: str, details: tuple[str, ...] = ()) -> None:
+    err.print(Text(f"error: {_one_line(message)}", style="bold red"))
+    for line in details:
+        err.print(Text(f"  {_one_line(line)}", style="red"))
+
+
+def _one_line(text: str) -> str:
+    """Driver messages (psycopg's, for one) come with newlines and tabs."""
+    return " ".join(text.split())
+
+
+def _configure_logging(settings: Settings) -> None:
+    from conveyor.logs import configure_logging
+
+    configure_logging(settings)
+    for noisy in ("alembic", "httpx"):  # migration plumbing, readiness probes
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+cli = typer.Typer(
+    cls=_Group,
+    name="conveyor",
+    help="Durable background jobs with live progress.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+jobs_cli = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=True)
+cli.add_typer(jobs_cli, name="jobs")
+
+
+def main() -> None:
+    cli(prog_name="conveyor")
+
+
+# -- processes ----------------------------------------------------------------
+
+HostOption = Annotated[str, typer.Option(help="Interface to listen on.")]
+PortOption = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+
+
+@cli.command()
+def up(
+    host: HostOption = "127.0.0.1",
+    port: PortOption = 8000,
+    workers: Annotated[
+        int, typer.Option(min=1, help="Jobs the worker runs at once (its processes).")
+    ] = 2,
+    grace: Annotated[
+        float, typer.Option(min=0, help="Seconds to let children stop before killing them.")
+    ] = STOP_GRACE,
+) -> None:
+    """Run the API and a worker together, on embedded storage unless configured otherwise."""
+    settings = load_settings()
+    check_port(host, port)
+    _configure_logging(settings)
+    settings, key_path = prepare(settings)
+    stack = Stack(settings, host=host, port=port, concurrency=workers, console=err, grace=grace)
+
+    def ready() -> None:
+        url = stack.url
+        key = str(key_path) if key_path else "set by CONVEYOR_ADMIN_KEY"
+        out.print(f"[bold green]Conveyor is up[/] at [link={url}]{url}[/link]")
+        out.print(f"  API docs   {url}/docs")
+        out.print(f"  admin key  {key}")
+        out.print(f"  data       {settings.data_dir}")
+        if settings.api_url.rstrip("/") != url:
+            out.print(f"  for the CLI: export CONVEYOR_API_URL={url}")
+        out.print("[dim]Press Ctrl-C to stop.[/]")
+
+    code = stack.run(ready)
+    if code:
+        raise typer.Exit(code)
+    out.print("stopped")
+
+
+@cli.command()
+def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
+    """Run the HTTP API (configured by CONVEYOR_* environment variables)."""
+    import uvicorn
+
+    from conveyor.app import load_app
+
+    # What the factory will do, checked here so that a problem is one line, not a traceback.
+    settings = load_settings()
+    _configure_logging(settings)
+    app = load_app(settings.app)
+    app.configure(settings)
+    try:
+        app.store.check_schema()
+    finally:
+        app.close()
+    uvicorn.run(
+        "conveyor.api.app:factory",
+        factory=True,
+        host=host,
+        port=port,
+        log_config=None,
+        timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT,
+    )
+
+
+@cli.command()
+def worker(
+    queues: Annotated[
+        str | None,
+        typer.Option("--queues", "-Q", help="Comma-separated queues; default all the app uses."),
+    ] = None,
+    concurrency: Annotated[
+        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at once (processes).")
+    ] = 2,
+) -> None:
+    """Run a worker that executes jobs until stopped."""
+    from conveyor.app import load_app
+    from conveyor.tasks import check_queue
+    from conveyor.worker import run_worker
+
+    names = [check_queue(q.strip()) for q in queues.split(",") if q.strip()] if queues else None
+    settings = load_settings()
+    _configure_logging(settings)
+    app = load_app(settings.app)
+    app.configure(settings)
+    run_worker(app, queues=names, concurrency=concurrency)
+
+
+@cli.command()
+def migrate() -> None:
+    """Create or upgrade the database schema (idempotent)."""
+    from sqlalchemy.engine import make_url
+
+    from conveyor.store import Store
+
+    settings = load_settings()
+    store = Store(settings.resolved_database_url)
+    try:
+        store.migrate()
+    finally:
+        store.dispose()
+    shown = make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+    out.print(f"[green]database is up to date[/]: {shown}")
+
+
+# -- talking to the API -----------------------------------------------------------
+
+
+class ApiClient:
+    """The API over HTTP, with every failure turned into a :class:`CliError`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.url = settings.api_url.rstrip("/")
+        self.http = httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {_api_key(settings)}"},
+            timeout=httpx.Timeout(10.0),
+        )
+
+    def __enter__(self) -> ApiClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Any:
+        try:
+            response = self.http.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            reason = str(exc) or type(exc).__name__
+            raise CliError(f"cannot reach the API at {self.url} ({reason})") from None
+        if response.is_error:
+            raise problem(response)
+        return response.json()
+
+
+def _api_key(settings: Settings) -> str:
+    """CONVEYOR_API_KEY, else the admin key: set in the environment, or in its file."""
+    for secret in (settings.api_key, settings.admin_key):
+        if secret is not None and secret.get_secret_value():
+            return secret.get_secret_value()
+    path = settings.admin_key_path
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        key = ""
+    except OSError as exc:
+        raise ConfigurationError(f"cannot read the admin key file {path}: {exc}") from None
+    if not key:
+        raise ConfigurationError(
+            f"no API key: set CONVEYOR_API_KEY, or CONVEYOR_DATA_DIR to where the API "
+            f"keeps admin.key (not found at {path})"
+        )
+    return key
+
+
+def problem(response: httpx.Response) -> CliError:
+    """The API's problem+json as one line, plus one for field errors the detail leaves out."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        return CliError(f"the API answered {response.status_code} {response.reason_phrase}")
+    detail = str(body.get("detail") or body.get("title") or response.reason_phrase)
+    fields = [_field_error(e) for e in body.get("errors") or () if e]
+    extra = [f for f in fields if f.rpartition(": ")[2] not in detail]
+    details = ("; ".join(fields),) if extra else ()
+    return CliError(f"{detail} ({response.status_code})", details=details)
+
+
+def _field_error(error: Any) -> str:
+    if not isinstance(error, dict):
+        return str(error)
+    where = error.get("loc") or error.get("field") or error.get("path") or ()
+    if isinstance(where, list | tuple):
+        where = ".".join(str(p) for p in where)
+    message = error.get("msg") or error.get("message") or json.dumps(error)
+    return f"{where}: {message}" if where else str(message)
+
+
+def _job_path(job_id: str) -> str:
+    return f"/v1/jobs/{quote(job_id, safe='')}"
+
+
+# -- submit -------------------------------------------------------------------------
+
+
+@cli.command()
+def submit(
+    task: Annotated[str, typer.Argument(help="Registered task name, e.g. diag.sleep.")],
+    payload: Annotated[str, typer.Option(help="The payload, a JSON object.")] = "{}",
+    queue: Annotated[str | None, typer.Option(help="Queue; default the task's.")] = None,
+    priority: Annotated[
+        int | None, typer.Option(min=0, max=9, help="0 (lowest) to 9; default the task's.")
+    ] = None,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Show progress until the job ends.")
+    ] = False,
+) -> None:
+    """Submit a job and print its id; with --follow, exit 0 only if it succeeds."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise CliError(f"--payload is not valid JSON: {exc}", code=2) from None
+    if not isinstance(data, dict):
+        raise CliError("--payload must be a JSON object", code=2)
+    body: dict[str, Any] = {"task": task, "payload": data}
+    if queue is not None:
+        body["queue"] = queue
+    if priority is not None:
+        body["priority"] = priority
+    with ApiClient(load_settings()) as client:
+        job = client.request("POST", "/v1/jobs", json=body)
+        out.print(job["id"], markup=False)
+        if not follow:
+            return
+        try:
+            status = Follower(client, job["id"]).run()
+        except KeyboardInterrupt:
+            err.print(f"stopped following; job {job['id']} goes on")
+            raise typer.Exit(130) from None
+        if status != "succeeded":
+            raise typer.Exit(1)
+
+
+class Follower:
+    """Shows one job's events until the terminal one, resuming after a lost connection."""
+
+    def __init__(self, client: ApiClient, job_id: str) -> None:
+        self.client = client
+        self.job_id = job_id
+        self.last_seq = 0
+        self.status = "queued"
+        self.percent: float | None = None
+        self.step: str | None = None
+        self.live = out.is_terminal
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[step]}"),
+            console=out,
+            transient=True,
+            disable=not self.live,
+        )
+        self.bar = self.progress.add_task(self.status, total=100, step="")
+
+    def run(self) -> str:
+        """Follow the job and print its outcome; returns the final status."""
+        with self.progress:
+            self._follow()
+        self._finish()
+        return self.status
+
+    def _follow(self) -> None:
+        lost_at: float | None = None
+        delay = 0.2
+        while self.status not in TERMINAL:
+            seen = self.last_seq
+            try:
+                self._stream()
+                reason = "the event stream ended early"
+            except (httpx.TransportError, SSEError, _Retry) as exc:
+                reason = str(exc) or type(exc).__name__
+            if self.status in TERMINAL:
+                return
+            if self.last_seq > seen:  # the outage clock restarts once events flow again
+                lost_at, delay = None, 0.2
+            now = time.monotonic()
+            if lost_at is None:
+                lost_at = now
+                self._say(f"[yellow]connection lost ({reason}); reconnecting...[/]")
+            elif now - lost_at > RECONNECT_TIMEOUT:
+                raise CliError(
+                    f"lost the events of job {self.job_id}: no API at {self.client.url} "
+                    f"for {RECONNECT_TIMEOUT:.0f}s ({reason})"
+                )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    def _stream(self) -> None:
+        headers = {"Last-Event-ID": str(self.last_seq)} if self.last_seq else {}
+        timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT)
+        path = f"{_job_path(self.job_id)}/events"
+        with connect_sse(self.client.http, "GET", path, headers=headers, timeout=timeout) as source:
+            response = source.response
+            if response.status_code >= 500:
+                raise _Retry(f"the API answered {response.status_code}")
+            if response.is_error:
+                response.read()
+                raise problem(response)
+            for sse in source.iter_sse():
+                if sse.event not in {"status", "progress"} or not sse.data:
+                    continue
+                event = json.loads(sse.data)
+                if event["seq"] <= self.last_seq:
+                    continue  # already shown before a reconnect
+                self.last_seq = event["seq"]
+                self._show(event)
+                if self.status in TERMINAL:
+                    return
+
+    def _show(self, event: dict[str, Any]) -> None:
+        data = event.get("data") or {}
+        if event["type"] == "progress":
+            if data.get("percent") is not None:
+                self.percent = float(data["percent"])
+            self.step = data.get("step") or self.step
+            self.progress.update(self.bar, completed=self.percent or 0, step=self.step or "")
+            if not self.live:
+                percent = f"{self.percent:.0f}%" if self.percent is not None else "-"
+                message = data.get("message") or ""
+                out.print(f"  {percent:>4}  {self.step or ''}  {message}".rstrip())
+            return
+        self.status = event["status"]
+        self.progress.update(self.bar, description=self.status)
+        line = f"[{STATUS_STYLE.get(self.status, '')}]{self.status}[/]"
+        if isinstance(data.get("error"), dict):
+            line += f": {data['error'].get('message', '')}"
+        if data.get("attempt") and self.status == "running":
+            line += f" (attempt {data['attempt']})"
+        elif data.get("attempt") and self.status == "retrying":
+            line += f" (attempt {data['attempt']} next)"
+        if self.status not in TERMINAL:
+            self._say(line)
+
+    def _say(self, line: str) -> None:
+        (self.progress.console if self.live else out).print(line)
+
+    def _finish(self) -> None:
+        job = self.client.request("GET", _job_path(self.job_id))
+        self.status = job["status"]
+        style = STATUS_STYLE.get(self.status, "")
+        percent = job.get("progress", {}).get("percent")
+        suffix = f" at {percent:.0f}%" if percent is not None else ""
+        out.print(f"[bold {style}]{self.status}[/]{suffix}")
+        if self.status == "succeeded":
+            out.print_json(data=job.get("result"))
+        elif job.get("error"):
+            error = job["error"]
+            out.print(Text(f"{error.get('type')}: {error.get('message')}", style="red"))
+
+
+class _Retry(Exception):
+    """The server is there but cannot serve the stream right now."""
+
+
+# -- jobs ---------------------------------------------------------------------------
+
+
+@jobs_cli.command("list")
+def list_jobs(
+    status: Annotated[
+        list[JobStatus] | None,
+        typer.Option("--status", "-s", help="Only jobs in this status; repeat for several."),
+    ] = None,
+    task: Annotated[str | None, typer.Option(help="Only jobs of this task.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Jobs per page.")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """Newest jobs first."""
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    params += [("status", s.value) for s in status or ()]
+    if task:
+        params.append(("task", task))
+    if cursor:
+        params.append(("cursor", cursor))
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/jobs", params=params)
+    table = Table(box=None, header_style="bold")
+    table.add_column("ID", no_wrap=True, min_width=36)  # whole: it is what you copy
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("PROGRESS", justify="right", no_wrap=True)
+    table.add_column("ATTEMPT", justify="right", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    for job in page["items"]:
+        percent = (job.get("progress") or {}).get("percent")
+        table.add_row(
+            job["id"],
+            job["task"],
+            Text(job["status"], style=STATUS_STYLE.get(job["status"], "")),
+            f"{percent:.0f}%" if percent is not None else "",
+            f"{job['attempt']}/{job['max_attempts']}",
+            str(job["created_at"])[:19].replace("T", " "),
+        )
+    wide = Console(width=max(out.width, 140)) if not out.is_terminal else out
+    wide.print(table)
+    if page.get("next_cursor"):
+        err.print(f"[dim]more: --cursor {page['next_cursor']}[/]")
+
+
+@jobs_cli.command("show")
+def show_job(job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a job as JSON."""
+    with ApiClient(load_settings()) as client:
+        job = client.request("GET", _job_path(job_id))
+    out.print_json(data=job)
+
+
+@jobs_cli.command("cancel")
+def cancel_job(job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Cancel a job that has not ended yet."""
+    with ApiClient(load_settings()) as client:
+        job = client.request("POST", f"{_job_path(job_id)}/cancel")
+    out.print(f"{job['id']} [{STATUS_STYLE.get(job['status'], '')}]{job['status']}[/]")
+
+
+if __name__ == "__main__":
+    main()

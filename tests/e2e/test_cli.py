@@ -1,0 +1,136 @@
+"""The client commands (``submit``, ``jobs``) against one running ``conveyor up``."""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.support import Processes, environment, free_port, run_cli, wait_ready
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+@dataclass
+class Stack:
+    url: str
+    env: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root: Path = tmp_path_factory.mktemp("stack")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = environment(CONVEYOR_DATA_DIR=str(root / "data"), CONVEYOR_API_URL=url)
+    processes = Processes(root, env)
+    try:
+        up = processes.start("up", "up", "--port", str(port), "--workers", "2")
+        wait_ready(url, up)
+        yield Stack(url, env)
+        up.signal(signal.SIGINT)
+        up.wait(timeout=30)
+    finally:
+        processes.kill_all()
+
+
+def assert_no_traceback(result: object) -> None:
+    assert "Traceback" not in f"{result}"
+
+
+def test_submit_follow_shows_progress_and_exits_0_on_success(stack: Stack) -> None:
+    result = run_cli(
+        "submit", "diag.sleep", "--payload", '{"seconds": 1, "steps": 4}', "--follow", env=stack.env
+    )
+    assert result.returncode == 0, result
+    lines = result.stdout.splitlines()
+    assert UUID.match(lines[0]), lines
+    assert "100%" in result.stdout
+    assert "4/4" in result.stdout
+    assert "succeeded" in result.stdout
+    assert '"slept": 1.0' in result.stdout  # the result, fetched once the job ended
+
+
+def test_submit_follow_exits_1_when_the_job_fails(stack: Stack) -> None:
+    result = run_cli(
+        "submit", "diag.fail", "--payload", '{"mode": "permanent"}', "--follow", env=stack.env
+    )
+    assert result.returncode == 1, result
+    assert "failed" in result.stdout
+    assert "diag.fail asked to fail" in result.stdout
+    assert_no_traceback(result)
+
+
+def test_submit_without_follow_prints_only_the_id(stack: Stack) -> None:
+    result = run_cli("submit", "diag.echo", "--payload", '{"x": 1}', env=stack.env)
+    assert result.returncode == 0, result
+    assert UUID.match(result.stdout.strip()), result
+
+
+def test_submit_rejects_invalid_json_with_exit_2(stack: Stack) -> None:
+    result = run_cli("submit", "diag.sleep", "--payload", '{"seconds": ', env=stack.env)
+    assert result.returncode == 2, result
+    assert "--payload is not valid JSON" in result.stderr
+    assert result.stdout == ""
+    assert_no_traceback(result)
+
+
+def test_submit_unknown_task_prints_the_api_detail(stack: Stack) -> None:
+    result = run_cli("submit", "no.such.task", env=stack.env)
+    assert result.returncode == 1, result
+    assert "unknown task 'no.such.task'" in result.stderr
+    assert "404" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert_no_traceback(result)
+
+
+def test_submit_invalid_payload_prints_the_detail_and_field_errors(stack: Stack) -> None:
+    payload = '{"seconds": -1, "steps": 0}'
+    result = run_cli("submit", "diag.sleep", "--payload", payload, env=stack.env)
+    assert result.returncode == 1, result
+    detail, fields = result.stderr.strip().splitlines()
+    assert "invalid payload for 'diag.sleep'" in detail
+    assert "422" in detail
+    assert "payload.seconds" in fields
+    assert "payload.steps" in fields
+    assert_no_traceback(result)
+
+
+def test_jobs_list_show_and_cancel(stack: Stack) -> None:
+    submitted = run_cli(
+        "submit", "diag.sleep", "--payload", '{"seconds": 60, "steps": 60}', env=stack.env
+    )
+    assert submitted.returncode == 0, submitted
+    job_id = submitted.stdout.strip()
+
+    cancelled = run_cli("jobs", "cancel", job_id, env=stack.env)
+    assert cancelled.returncode == 0, cancelled
+    assert f"{job_id} cancelled" in cancelled.stdout
+
+    shown = run_cli("jobs", "show", job_id, env=stack.env)
+    assert shown.returncode == 0, shown
+    job = json.loads(shown.stdout)
+    assert (job["id"], job["status"], job["payload"]) == (
+        job_id,
+        "cancelled",
+        {"seconds": 60, "steps": 60},
+    )
+
+    listed = run_cli("jobs", "list", "--status", "cancelled", "--task", "diag.sleep", env=stack.env)
+    assert listed.returncode == 0, listed
+    assert job_id in listed.stdout
+    assert "cancelled" in listed.stdout
+
+    again = run_cli("jobs", "cancel", job_id, env=stack.env)
+    assert again.returncode == 1, again
+    assert "409" in again.stderr
+    assert_no_traceback(again)
+
+    missing = run_cli("jobs", "show", "no-such-job", env=stack.env)
+    assert missing.returncode == 1, missing
+    assert "not found" in missing.stderr
