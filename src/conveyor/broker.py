@@ -144,3 +144,7 @@ class FileTransport(filesystem.Transport):
     """The embedded broker: kombu's filesystem transport with atomic writes."""
 
     Channel = _FileChannel
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        return {}  # no host to connect to; kombu would otherwise warn about a missing one

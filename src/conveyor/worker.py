@@ -220,6 +220,7 @@ def run_worker(
         f"--queues={','.join(queues or app.queues)}",
         f"--loglevel={settings.log_level}",
         f"--hostname=conveyor-{uuid.uuid4().hex[:8]}@%h",
+        "--quiet",  # no banner on stdout: the logs are JSON lines
     ]
     if settings.embedded:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
