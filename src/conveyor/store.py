@@ -41,7 +41,6 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.pool import NullPool
 
 from conveyor.errors import (
     ConfigurationError,
@@ -93,10 +92,14 @@ class Store:
             database = make_url(url).database
             if database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
-            # One connection per checkout: SQLite connections are cheap and this
-            # keeps forked worker processes from sharing a file handle.
+            # Pooled: closing SQLite's last connection checkpoints the whole WAL,
+            # which would cost every transaction milliseconds. Forked processes
+            # never share this pool; Conveyor makes a new store after a fork.
             self.engine: Engine = create_engine(
-                url, poolclass=NullPool, connect_args={"timeout": 30, "check_same_thread": False}
+                url,
+                pool_size=pool_size,
+                max_overflow=pool_size,
+                connect_args={"timeout": 30, "check_same_thread": False},
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
         else:

@@ -214,13 +214,13 @@ def run_worker(
         configure_logging(settings)
 
     argv = [
+        "--quiet",  # a global option: no banner on stdout, where the logs are JSON lines
         "worker",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
         f"--queues={','.join(queues or app.queues)}",
         f"--loglevel={settings.log_level}",
         f"--hostname=conveyor-{uuid.uuid4().hex[:8]}@%h",
-        "--quiet",  # no banner on stdout: the logs are JSON lines
     ]
     if settings.embedded:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]

@@ -1,0 +1,135 @@
+"""Settings accept URLs as users write them and fail with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conveyor.errors import ConfigurationError
+from conveyor.settings import Settings, load_settings
+
+
+@pytest.mark.parametrize(
+    ("written", "resolved"),
+    [
+        ("postgresql://user@host/db", "postgresql+psycopg://user@host/db"),
+        ("postgresql://user:pw@host:5433/db", "postgresql+psycopg://user:pw@host:5433/db"),
+        ("postgres://user@host/db", "postgresql+psycopg://user@host/db"),
+        ("postgresql+psycopg2://user@host/db", "postgresql+psycopg://user@host/db"),
+        ("sqlite:////var/lib/conveyor.db", "sqlite+pysqlite:////var/lib/conveyor.db"),
+        ("sqlite:///relative.db", "sqlite+pysqlite:///relative.db"),
+    ],
+)
+def test_database_url_as_written(written: str, resolved: str) -> None:
+    assert Settings(database_url=written).resolved_database_url == resolved
+
+
+def test_database_defaults_to_sqlite_in_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.resolved_database_url == f"sqlite+pysqlite:///{tmp_path / 'conveyor.db'}"
+
+
+def test_empty_url_means_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", "")
+    monkeypatch.setenv("CONVEYOR_BROKER_URL", "")
+    settings = load_settings()
+    assert settings.database_url is None
+    assert settings.embedded
+
+
+def test_read_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_DATABASE_URL", "postgres://app@db/jobs")
+    monkeypatch.setenv("CONVEYOR_BROKER_URL", "redis://cache:6379/1")
+    monkeypatch.setenv("CONVEYOR_LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert settings.resolved_database_url == "postgresql+psycopg://app@db/jobs"
+    assert settings.resolved_broker_url == "redis://cache:6379/1"
+    assert settings.log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "broker",
+    [
+        "redis://localhost:6379/0",
+        "rediss://user:pw@host:6380/2",
+        "amqp://guest:guest@localhost:5672//",
+        "amqps://user@host//",
+        "pyamqp://guest@localhost//",
+        "filesystem://",
+    ],
+)
+def test_broker_urls_accepted(broker: str) -> None:
+    settings = Settings(broker_url=broker)
+    assert settings.resolved_broker_url == broker
+    assert settings.embedded is (broker == "filesystem://")
+
+
+def test_default_broker_is_embedded() -> None:
+    settings = Settings()
+    assert settings.resolved_broker_url == "filesystem://"
+    assert settings.embedded
+    assert settings.resolved_redis_url is None
+
+
+@pytest.mark.parametrize(
+    ("broker", "redis_url", "expected"),
+    [
+        ("redis://broker:6379/0", None, "redis://broker:6379/0"),
+        ("rediss://broker:6380/0", None, "rediss://broker:6380/0"),
+        ("redis://broker:6379/0", "redis://events:6379/3", "redis://events:6379/3"),
+        ("amqp://guest@rabbit//", None, None),
+        ("amqp://guest@rabbit//", "redis://events:6379/3", "redis://events:6379/3"),
+        (None, None, None),
+    ],
+)
+def test_resolved_redis_url(
+    broker: str | None, redis_url: str | None, expected: str | None
+) -> None:
+    assert Settings(broker_url=broker, redis_url=redis_url).resolved_redis_url == expected
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("CONVEYOR_DATABASE_URL", "mysql://root@localhost/jobs"),
+        ("CONVEYOR_DATABASE_URL", "localhost:5432/jobs"),
+        ("CONVEYOR_BROKER_URL", "kafka://localhost:9092"),
+        ("CONVEYOR_REDIS_URL", "amqp://guest@localhost//"),
+        ("CONVEYOR_STORE_POOL_SIZE", "0"),
+        ("CONVEYOR_LOG_FORMAT", "xml"),
+    ],
+)
+def test_bad_value_is_one_line_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{variable}: ")
+    assert caught.value.__cause__ is None
+
+
+def test_bad_database_url_message_shows_how_to_write_it() -> None:
+    with pytest.raises(
+        ConfigurationError, match=r"^CONVEYOR_DATABASE_URL: .*'mysql'.*postgresql://"
+    ):
+        load_settings(database_url="mysql://root@localhost/jobs")
+
+
+def test_paths_are_under_data_dir(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    assert settings.broker_dir == tmp_path / "broker"
+    assert settings.admin_key_path == tmp_path / "admin.key"
+
+
+def test_event_channel_is_per_store(tmp_path: Path) -> None:
+    """Redis pub/sub spans databases, so two stores on one Redis must not hear each other."""
+    a = Settings(database_url="postgresql://u@h/a", redis_url="redis://r:6379/1")
+    b = Settings(database_url="postgresql://u@h/b", redis_url="redis://r:6379/1")
+    assert a.event_channel.startswith("conveyor:events:")
+    assert a.event_channel != b.event_channel
+    assert a.event_channel == Settings(database_url="postgres://u@h/a").event_channel
+    assert Settings(data_dir=tmp_path).event_channel != Settings().event_channel

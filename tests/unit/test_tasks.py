@@ -1,0 +1,205 @@
+"""Task definitions fail when they are defined; payloads fail naming the field."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import BaseModel, Field
+
+from conveyor import Context, Conveyor
+from conveyor.errors import ConfigurationError, PayloadInvalid, TaskNotFound
+from conveyor.tasks import MAX_TIMEOUT
+
+
+class Address(BaseModel):
+    city: str
+
+
+class Order(BaseModel):
+    count: int = Field(ge=1)
+    address: Address
+    note: str = ""
+
+
+def handle(ctx: Context, payload: Order) -> int:
+    return payload.count
+
+
+def unannotated(ctx, payload):  # type: ignore[no-untyped-def]
+    return None
+
+
+def annotated_with_dict(ctx: Context, payload: dict[str, Any]) -> None:
+    return None
+
+
+def one_argument(payload: Order) -> None:
+    return None
+
+
+def three_arguments(ctx: Context, payload: Order, extra: int) -> None:
+    return None
+
+
+def unresolvable(ctx: Context, payload: NoSuchModel) -> None:  # type: ignore[name-defined]  # noqa: F821
+    return None
+
+
+@pytest.fixture
+def app() -> Conveyor:
+    return Conveyor()
+
+
+@pytest.mark.parametrize("name", ["orders.handle", "a", "_private", "ns:task-1", "x" * 200])
+def test_valid_names(app: Conveyor, name: str) -> None:
+    assert app.task(name=name)(handle).name == name
+
+
+@pytest.mark.parametrize("name", ["1starts_with_digit", "has space", "slash/name", "x" * 201])
+def test_bad_names(app: Conveyor, name: str) -> None:
+    with pytest.raises(ConfigurationError, match="invalid task name"):
+        app.task(name=name)(handle)
+
+
+def test_default_name_is_qualified(app: Conveyor) -> None:
+    assert app.task(handle).name == f"{__name__}.handle"
+
+
+def test_duplicate_name(app: Conveyor) -> None:
+    app.task(name="orders.handle")(handle)
+    with pytest.raises(ConfigurationError, match="already registered"):
+        app.task(name="orders.handle")(handle)
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "ok"),
+    [
+        ("priority", -1, False),
+        ("priority", 0, True),
+        ("priority", 9, True),
+        ("priority", 10, False),
+        ("max_attempts", 0, False),
+        ("max_attempts", 1, True),
+        ("max_attempts", 100, True),
+        ("max_attempts", 101, False),
+        ("timeout", None, True),
+        ("timeout", 0, False),
+        ("timeout", -1.0, False),
+        ("timeout", 0.5, True),
+        ("timeout", MAX_TIMEOUT, True),
+        ("timeout", MAX_TIMEOUT + 1, False),
+        ("queue", "emails", True),
+        ("queue", "high.priority-1", True),
+        ("queue", "", False),
+        ("queue", "no spaces", False),
+    ],
+)
+def test_option_bounds(app: Conveyor, option: str, value: Any, ok: bool) -> None:
+    if ok:
+        assert getattr(app.task(name="t", **{option: value})(handle).options, option) == value
+    else:
+        with pytest.raises(ConfigurationError):
+            app.task(name="t", **{option: value})
+
+
+@pytest.mark.parametrize(
+    ("fn", "match"),
+    [
+        (unannotated, "pydantic model"),
+        (annotated_with_dict, "pydantic model"),
+        (one_argument, "exactly"),
+        (three_arguments, "exactly"),
+        (unresolvable, "type hints"),
+    ],
+)
+def test_bad_signatures(app: Conveyor, fn: Any, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        app.task(name="t")(fn)
+    assert "t" not in app.tasks
+
+
+def test_async_task_is_detected(app: Conveyor) -> None:
+    async def fetch(ctx: Context, payload: Order) -> int:
+        return payload.count
+
+    assert app.task(name="t")(fetch).is_async
+    assert not app.task(name="u")(handle).is_async
+
+
+def test_payload_roundtrip(app: Conveyor) -> None:
+    task = app.task(name="t")(handle)
+    data = task.validate({"count": "3", "address": {"city": "Oslo"}})
+    assert data == {"count": 3, "address": {"city": "Oslo"}, "note": ""}
+    assert task.validate(Order(count=3, address=Address(city="Oslo"))) == data
+    assert task.parse(data) == Order(count=3, address=Address(city="Oslo"))
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"count": "many", "address": {"city": "Oslo"}}, "count"),
+        ({"count": 0, "address": {"city": "Oslo"}}, "count"),
+        ({"count": 1}, "address"),
+        ({"count": 1, "address": {}}, "address.city"),
+    ],
+)
+def test_payload_invalid_names_the_field(
+    app: Conveyor, payload: dict[str, Any], field: str
+) -> None:
+    task = app.task(name="orders.handle")(handle)
+    with pytest.raises(PayloadInvalid) as caught:
+        task.validate(payload)
+    assert caught.value.task == "orders.handle"
+    assert str(caught.value).startswith(f"invalid payload for 'orders.handle': {field}: ")
+    assert caught.value.errors[0]["loc"] == tuple(field.split("."))
+    assert caught.value.__cause__ is None
+
+
+def test_unknown_task(app: Conveyor) -> None:
+    with pytest.raises(TaskNotFound, match="'nope'"):
+        app.get_task("nope")
+
+
+def test_queues(app: Conveyor) -> None:
+    app.task(name="a", queue="emails")(handle)
+    app.task(name="b", queue="reports")(handle)
+    assert {"emails", "reports"} <= set(app.queues)
+
+
+# -- built-in diagnostic tasks -------------------------------------------------
+
+
+def test_diag_tasks_registered(app: Conveyor) -> None:
+    assert {"diag.echo", "diag.sleep", "diag.fail"} <= set(app.tasks)
+
+
+@pytest.mark.parametrize(
+    ("payload", "field"),
+    [
+        ({"seconds": 3600.01}, "seconds"),
+        ({"seconds": -1}, "seconds"),
+        ({"steps": 1001}, "steps"),
+        ({"steps": 0}, "steps"),
+    ],
+)
+def test_diag_sleep_bounds(app: Conveyor, payload: dict[str, Any], field: str) -> None:
+    with pytest.raises(PayloadInvalid, match=f"'diag.sleep': {field}: "):
+        app.get_task("diag.sleep").validate(payload)
+
+
+def test_diag_sleep_limits_accepted(app: Conveyor) -> None:
+    data = app.get_task("diag.sleep").validate({"seconds": 3600, "steps": 1000})
+    assert data == {"seconds": 3600, "steps": 1000}
+
+
+def test_diag_fail_modes(app: Conveyor) -> None:
+    task = app.get_task("diag.fail")
+    assert task.validate({"mode": "permanent"})["mode"] == "permanent"
+    with pytest.raises(PayloadInvalid, match="mode"):
+        task.validate({"mode": "explode"})
+
+
+def test_diag_echo_accepts_any_object(app: Conveyor) -> None:
+    payload = {"a": 1, "nested": {"b": [1, 2]}}
+    assert app.get_task("diag.echo").validate(payload) == payload
