@@ -93,7 +93,7 @@ class Conveyor:
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
-            task_name = name or f"{fn.__module__}.{fn.__qualname__}"
+            task_name = name if name is not None else f"{fn.__module__}.{fn.__qualname__}"
             if task_name in self.tasks:
                 raise ConfigurationError(f"task {task_name!r} is already registered")
             task: Task[Any, Any] = Task(self, fn, name=task_name, options=options)

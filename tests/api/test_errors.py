@@ -125,11 +125,16 @@ async def test_unknown_route_and_method_are_problems(client: httpx.AsyncClient) 
 
 
 def make_store_unreachable(conveyor: Conveyor) -> None:
-    """Put a file where the database's directory was: SQLite cannot open it, even as root."""
+    """Put a file where the database's directory was: SQLite cannot open it, even as root.
+
+    Pooled connections keep the old file open, so the pool is emptied too, as it
+    is when a server drops its connections.
+    """
     database = Path(conveyor.settings.resolved_database_url.removeprefix("sqlite+pysqlite:///"))
     folder = database.parent
     folder.rename(folder.with_name("moved"))
     folder.write_text("not a directory")
+    conveyor.store.engine.dispose()
 
 
 async def test_store_unavailable_is_503_with_retry_after(
