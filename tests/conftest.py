@@ -428,8 +428,15 @@ def store(database_url: str, tmp_path: Path) -> Iterator[Store]:
 
 @pytest.fixture
 def make_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Settings]:
-    """``make_settings(**overrides)``: Settings in tmp_path, on database_url when requested."""
-    defaults: dict[str, Any] = {"data_dir": tmp_path, "log_format": "console"}
+    """``make_settings(**overrides)``: Settings in tmp_path, on database_url when requested.
+
+    Each test gets its own event channel: Redis pub/sub ignores database numbers.
+    """
+    defaults: dict[str, Any] = {
+        "data_dir": tmp_path,
+        "log_format": "console",
+        "event_channel": f"conveyor:test:{uuid.uuid4().hex}",
+    }
     if "database_url" in request.fixturenames:
         defaults["database_url"] = request.getfixturevalue("database_url")
 

@@ -88,7 +88,6 @@ def _transport_options(scheme: str, settings: Settings) -> dict[str, Any]:
     if scheme in {"redis", "rediss"}:
         return {
             "visibility_timeout": settings.broker_visibility_timeout,
-            "queue_order_strategy": "priority",
             "priority_steps": list(range(10)),
             "sep": ":",
         }

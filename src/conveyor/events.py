@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections import defaultdict
+import time
+from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Protocol
 
@@ -22,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 import structlog
 
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, JobNotFound
 from conveyor.jobs import Event, JobStatus
 from conveyor.settings import Settings
 from conveyor.store import Store
@@ -172,25 +173,53 @@ class EventHub:
                 delay = min(delay * 2, 5.0)
 
     async def _poll_store(self) -> None:
-        after: int | None = None
+        """Deliver events in id order, tolerating ids that commit out of order.
+
+        On PostgreSQL a sequence value is taken at INSERT and becomes visible at
+        COMMIT, so id 7 can appear after id 8 has been read. The read cursor
+        therefore trails the newest id by ``settle`` seconds and ids already
+        delivered are remembered until the cursor passes them. SQLite commits
+        one writer at a time, in id order, and needs no window.
+        """
+        settle = POSTGRES_SETTLE_SECONDS if self.store.dialect == "postgresql" else 0.0
+        cursor: int | None = None
+        delivered: dict[int, float] = {}  # event id -> when it was first delivered
         while True:
             try:
-                if after is None:
-                    after = await asyncio.to_thread(self.store.last_event_id)
-                events = await asyncio.to_thread(self.store.events, after_id=after, limit=1000)
+                if cursor is None:
+                    cursor = await asyncio.to_thread(self.store.last_event_id)
+                events = await self._read_after(cursor)
                 self.healthy = True
             except ConveyorError as exc:
                 self.healthy = False
                 log.warning("event_hub.store_lost", error=str(exc))
                 await asyncio.sleep(1.0)
                 continue
+            now = time.monotonic()
             for event in events:
-                self.deliver(event)
-                after = event.id
-            if len(events) < 1000:
-                await asyncio.sleep(self.poll_interval)
+                if event.id not in delivered:
+                    delivered[event.id] = now
+                    self.deliver(event)
+            settled = [event_id for event_id, at in delivered.items() if now - at >= settle]
+            if settled:
+                cursor = max(cursor, *settled)
+                delivered = {i: at for i, at in delivered.items() if i > cursor}
+            await asyncio.sleep(self.poll_interval)
+
+    async def _read_after(self, cursor: int) -> list[Event]:
+        events: list[Event] = []
+        while True:
+            page = await asyncio.to_thread(self.store.events, after_id=cursor, limit=PAGE)
+            events.extend(page)
+            if len(page) < PAGE:
+                return events
+            cursor = page[-1].id
 
 
+#: How long the PostgreSQL polling cursor waits for ids that commit out of order.
+POSTGRES_SETTLE_SECONDS = 2.0
+#: Rows per store read when replaying or polling.
+PAGE = 1000
 CATCH_UP_SECONDS = 2.0
 
 
@@ -201,11 +230,20 @@ async def job_stream(
     last = after_seq
     with hub.subscribe(job_id) as sub:
         while True:
-            for event in await asyncio.to_thread(store.job_events, job_id, after_seq=last):
+            page = await asyncio.to_thread(store.job_events, job_id, after_seq=last, limit=PAGE)
+            if not page and await _ended(store, job_id):
+                # Its row says ended, so its terminal event was committed before this
+                # read: if the read has it, stream it; if not, the client had it already.
+                page = await asyncio.to_thread(store.job_events, job_id, after_seq=last)
+                if not page:
+                    return
+            for event in page:
                 yield event
                 last = event.seq
                 if event.terminal:
                     return
+            if len(page) == PAGE:
+                continue  # more history to replay before going live
             sub.lagged = False
             while not sub.lagged:
                 try:
@@ -222,6 +260,14 @@ async def job_stream(
                     return
 
 
+async def _ended(store: Store, job_id: str) -> bool:
+    try:
+        job = await asyncio.to_thread(store.get_job, job_id)
+    except JobNotFound:
+        return True
+    return job.status.terminal
+
+
 async def all_stream(
     hub: EventHub,
     store: Store,
@@ -232,28 +278,37 @@ async def all_stream(
 ) -> AsyncIterator[Event]:
     """Every job's events, optionally filtered; resumes after ``after_id`` from the store.
 
-    Live events come in the order they were published, so a resumed stream may
-    miss an event that committed out of id order in the moment of the reconnect.
+    The stream ends when its subscriber falls behind, so that the client comes
+    back with ``Last-Event-ID`` and catches up from the store. Live events come
+    in the order they were published; on PostgreSQL a resumed stream may miss
+    an event that committed out of id order in the moment of the reconnect.
     """
+
+    def wanted(event: Event) -> bool:
+        return (not task or event.task == task) and (not status or event.status in status)
+
     with hub.subscribe() as sub:
-        seen: set[int] = set()
-        if after_id is not None:
-            while True:
-                page = await asyncio.to_thread(
-                    store.events, after_id=after_id, task=task, status=status, limit=500
-                )
-                for event in page:
-                    seen.add(event.id)
-                    after_id = event.id
-                    yield event
-                if len(page) < 500:
-                    break
-        while True:
+        # Ids of the newest replayed events, which may also be waiting in the queue.
+        recent: deque[int] = deque(maxlen=SUBSCRIBER_BUFFER)
+        while after_id is not None:
+            sub.lagged = False
+            page = await asyncio.to_thread(
+                store.events, after_id=after_id, task=task, status=status, limit=PAGE
+            )
+            for event in page:
+                recent.append(event.id)
+                after_id = event.id
+                yield event
+            if len(page) < PAGE and not sub.lagged:
+                break
+            if sub.lagged:  # the queue lost events during the replay: replay further
+                while not sub.queue.empty():
+                    sub.queue.get_nowait()
+        replayed = set(recent)
+        while not sub.lagged:
             event = await sub.queue.get()
-            if event.id in seen:
+            if event.id in replayed:
+                replayed.discard(event.id)
                 continue
-            if task and event.task != task:
-                continue
-            if status and event.status not in status:
-                continue
-            yield event
+            if wanted(event):
+                yield event

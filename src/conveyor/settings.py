@@ -6,7 +6,6 @@ nothing here is read at import time.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -35,6 +34,12 @@ class Settings(BaseSettings):
     )
     redis_url: str | None = Field(
         default=None, description="Redis for live event fan-out; without it the store is polled."
+    )
+    event_channel: str = Field(
+        default="conveyor:events",
+        min_length=1,
+        max_length=200,
+        description="Redis pub/sub channel; pub/sub spans a server, so give each deployment one.",
     )
     app: str | None = Field(default=None, description="module[:attribute] of your Conveyor app.")
     admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin API key.")
@@ -103,12 +108,6 @@ class Settings(BaseSettings):
             return self.redis_url
         broker = self.resolved_broker_url
         return broker if broker.split(":", 1)[0] in {"redis", "rediss"} else None
-
-    @property
-    def event_channel(self) -> str:
-        """Redis pub/sub spans a whole server: one channel per durable store."""
-        digest = hashlib.sha256(self.resolved_database_url.encode()).hexdigest()[:16]
-        return f"conveyor:events:{digest}"
 
     @property
     def broker_dir(self) -> Path:

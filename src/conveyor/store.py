@@ -40,7 +40,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from conveyor.errors import (
     ConfigurationError,
@@ -438,8 +438,17 @@ class Store:
         return record, key
 
     def ensure_api_key(self, name: str, scopes: Sequence[str], key: str) -> ApiKey:
-        """Make sure ``key`` is stored (used for the bootstrap admin key)."""
-        return self.verify_api_key(key) or self.create_api_key(name, scopes, key=key)[0]
+        """Make sure ``key`` is stored (used for the bootstrap admin key); safe to race."""
+        found = self.verify_api_key(key)
+        if found is not None:
+            return found
+        try:
+            return self.create_api_key(name, scopes, key=key)[0]
+        except IntegrityError:  # another process stored the same key first
+            found = self.verify_api_key(key)
+            if found is None:
+                raise
+            return found
 
     def verify_api_key(self, key: str) -> ApiKey | None:
         query = select(keys_t).where(

@@ -16,6 +16,7 @@ worker      drives jobs through their states as a worker does (store + publish)
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
         max_body_bytes=MAX_BODY,
         event_poll_interval=0.01,
         log_format="console",
+        event_channel=f"conveyor:test:{uuid.uuid4().hex}",
     )
 
 

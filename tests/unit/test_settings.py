@@ -125,11 +125,11 @@ def test_paths_are_under_data_dir(tmp_path: Path) -> None:
     assert settings.admin_key_path == tmp_path / "admin.key"
 
 
-def test_event_channel_is_per_store(tmp_path: Path) -> None:
-    """Redis pub/sub spans databases, so two stores on one Redis must not hear each other."""
-    a = Settings(database_url="postgresql://u@h/a", redis_url="redis://r:6379/1")
-    b = Settings(database_url="postgresql://u@h/b", redis_url="redis://r:6379/1")
-    assert a.event_channel.startswith("conveyor:events:")
-    assert a.event_channel != b.event_channel
-    assert a.event_channel == Settings(database_url="postgres://u@h/a").event_channel
-    assert Settings(data_dir=tmp_path).event_channel != Settings().event_channel
+def test_event_channel_is_a_setting_with_a_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis pub/sub spans databases: deployments sharing a Redis set their own channel."""
+    assert Settings().event_channel == "conveyor:events"
+    monkeypatch.setenv("CONVEYOR_EVENT_CHANNEL", "billing:events")
+    assert Settings().event_channel == "billing:events"
+    monkeypatch.setenv("CONVEYOR_EVENT_CHANNEL", "")
+    with pytest.raises(ConfigurationError, match="CONVEYOR_EVENT_CHANNEL"):
+        load_settings()

@@ -43,7 +43,12 @@ router = APIRouter(
 LastEventId = Annotated[
     str | None, Header(description="Sent by a reconnecting EventSource; wins over `after`.")
 ]
-After = Annotated[int | None, Query(ge=0, description="Resume after this event id.")]
+#: Ids are 64-bit in the store; anything larger cannot be a position in a stream.
+MAX_ID = 2**63 - 1
+After = Annotated[
+    int | None,
+    Query(ge=0, le=MAX_ID, description="Resume after this position (a seq, or an event id)."),
+]
 
 
 def resume_point(last_event_id: str | None, after: int | None) -> int | None:
@@ -51,8 +56,8 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
     value = (last_event_id or "").strip()
     if not value:
         return after
-    if not value.isdigit():
-        raise HTTPException(400, "Last-Event-ID must be a non-negative integer")
+    if not (value.isascii() and value.isdigit() and len(value) <= 19) or int(value) > MAX_ID:
+        raise HTTPException(400, "Last-Event-ID must be an integer from 0 to 2^63-1")
     return int(value)
 
 

@@ -26,15 +26,25 @@ class JobLinks(BaseModel):
     events: str
 
 
+class ErrorInfo(BaseModel):
+    """What went wrong; the traceback stays in the store and the worker's logs."""
+
+    type: str
+    message: str
+
+
 class JobResource(Job):
     """A job plus the URLs to follow it."""
 
+    error: ErrorInfo | None = None  # type: ignore[assignment]  # narrower than the stored one
     links: JobLinks
 
     @classmethod
     def of(cls, job: Job) -> JobResource:
         path = f"/v1/jobs/{job.id}"
-        return cls(**dict(job), links=JobLinks(self=path, events=f"{path}/events"))
+        error = ErrorInfo(type=job.error.type, message=job.error.message) if job.error else None
+        fields = {**dict(job), "error": error}
+        return cls(**fields, links=JobLinks(self=path, events=f"{path}/events"))
 
 
 class JobPage(BaseModel):
