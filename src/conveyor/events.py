@@ -287,6 +287,8 @@ async def all_stream(
     def wanted(event: Event) -> bool:
         return (not task or event.task == task) and (not status or event.status in status)
 
+    # The client holds everything up to its resume point; a late delivery of one is a repeat.
+    floor = after_id or 0
     with hub.subscribe() as sub:
         # Ids of the newest replayed events, which may also be waiting in the queue.
         recent: deque[int] = deque(maxlen=SUBSCRIBER_BUFFER)
@@ -310,5 +312,5 @@ async def all_stream(
             if event.id in replayed:
                 replayed.discard(event.id)
                 continue
-            if wanted(event):
+            if event.id > floor and wanted(event):
                 yield event

@@ -66,6 +66,9 @@ keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
 #: Alembic's bookkeeping table, named so it cannot collide with an application's own.
 VERSION_TABLE = "conveyor_alembic_version"
 
+#: Sequence numbers are 32-bit columns; a resume point past this has nothing after it.
+MAX_SEQ = 2**31 - 1
+
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
@@ -380,7 +383,7 @@ class Store:
     def job_events(self, job_id: str, *, after_seq: int = 0, limit: int = 1000) -> list[Event]:
         query = (
             select(events_t)
-            .where(events_t.c.job_id == job_id, events_t.c.seq > after_seq)
+            .where(events_t.c.job_id == job_id, events_t.c.seq > min(after_seq, MAX_SEQ))
             .order_by(events_t.c.seq)
             .limit(limit)
         )

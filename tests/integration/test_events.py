@@ -4,17 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Coroutine
+import uuid
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Iterator
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import pytest
+from sqlalchemy import insert
 
 from conveyor import events
 from conveyor.errors import ConveyorError
-from conveyor.events import EventHub, RedisPublisher, StorePublisher, job_stream
-from conveyor.jobs import Event, JobStatus
+from conveyor.events import EventHub, RedisPublisher, StorePublisher, all_stream, job_stream
+from conveyor.jobs import Event, EventType, JobStatus
 from conveyor.settings import Settings
-from conveyor.store import Store
+from conveyor.store import Store, jobs_t
 
 T = TypeVar("T")
 
@@ -36,6 +39,47 @@ def create(store: Store) -> tuple[str, Event]:
     return job.id, event
 
 
+@contextlib.contextmanager
+def uncommitted_jobs(store: Store, count: int) -> Iterator[list[Event]]:
+    """Queue ``count`` jobs as ``Store.create_job`` does, in one transaction committed on exit.
+
+    Their events have ids at once, but no reader sees them until the block ends:
+    a burst that lands all at once, or (held open) an event that commits late.
+    """
+    now = datetime.now(UTC)
+    with store.engine.begin() as conn:
+        queued = []
+        for _ in range(count):
+            values = {
+                "id": str(uuid.uuid4()),
+                "task": "reports.build",
+                "queue": "default",
+                "priority": 5,
+                "payload": {},
+                "status": JobStatus.QUEUED.value,
+                "attempt": 1,
+                "max_attempts": 1,
+                "timeout": None,
+                "correlation_id": "c",
+                "event_seq": 1,
+                "created_at": now,
+                "updated_at": now,
+            }
+            row = conn.execute(insert(jobs_t).values(values).returning(*jobs_t.c)).mappings().one()
+            queued.append(store._insert_event(conn, row, EventType.STATUS, {"attempt": 1}))
+        yield queued
+
+
+@pytest.fixture
+def hub_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A quiet stream re-reads the store after CATCH_UP_SECONDS; make that never happen.
+
+    Otherwise the re-read hides a hub that delivers nothing, or a stream that waits
+    for no reason.
+    """
+    monkeypatch.setattr(events, "CATCH_UP_SECONDS", 3600)
+
+
 @contextlib.asynccontextmanager
 async def running_hub(store: Store, settings: Settings) -> AsyncIterator[EventHub]:
     """A started hub that has subscribed to Redis, or read the store once."""
@@ -55,9 +99,14 @@ async def running_hub(store: Store, settings: Settings) -> AsyncIterator[EventHu
 
 async def next_for(queue: asyncio.Queue[Event], job_id: str) -> Event:
     """The next event of this job (the channel is shared with other test sessions)."""
+    return await next_of(queue, {job_id})
+
+
+async def next_of(queue: asyncio.Queue[Event], job_ids: Collection[str]) -> Event:
+    """The next event of any of these jobs."""
     while True:
         event = await asyncio.wait_for(queue.get(), 5)
-        if event.job_id == job_id:
+        if event.job_id in job_ids:
             return event
 
 
@@ -146,9 +195,11 @@ STREAM_MODES = ["redis", "redis-duplicated-and-lost", "dead-redis-publisher", "s
 
 @pytest.fixture(params=STREAM_MODES)
 def stream_mode(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    # A quiet stream re-reads the store after CATCH_UP_SECONDS; keep that short.
-    monkeypatch.setattr(events, "CATCH_UP_SECONDS", 0.2)
     mode: str = request.param
+    # A quiet stream re-reads the store after CATCH_UP_SECONDS. With a dead publisher
+    # that re-read is the only way events arrive, so keep it short; in every other
+    # mode it would hide a hub that delivers nothing, so make it never happen.
+    monkeypatch.setattr(events, "CATCH_UP_SECONDS", 0.2 if mode == "dead-redis-publisher" else 3600)
     return mode
 
 
@@ -199,10 +250,12 @@ def test_job_stream_yields_each_event_once_in_order(
 
     async def scenario() -> list[Event]:
         async with running_hub(store, settings) as hub:
-            consumer = asyncio.create_task(collect(job_stream(hub, store, job_id)))
-            await asyncio.sleep(0.05)  # let the stream drain the store and go live
-            await produce()
-            return await consumer
+            stream = job_stream(hub, store, job_id)
+            # The stream subscribes before it reads the store, so once the first
+            # event is out, everything committed from now on reaches it live.
+            first = await anext(stream)
+            rest, _ = await asyncio.gather(collect(stream), produce())
+            return [first, *rest]
 
     try:
         received = run(scenario())
@@ -242,3 +295,127 @@ def test_job_stream_of_finished_job_ends_without_the_hub(
 
     received = run(collect(job_stream(hub, store, job_id)))
     assert [e.status for e in received] == ["queued", "cancelled"]
+
+
+@pytest.mark.usefixtures("hub_only")
+@pytest.mark.parametrize("after_seq", [2, 3, 2**63 - 1], ids=["terminal", "past", "int64-max"])
+def test_job_stream_resumed_at_or_after_the_terminal_event_ends_at_once(
+    store: Store, make_settings: Callable[..., Settings], after_seq: int
+) -> None:
+    """Nothing can follow a terminal event, so there is nothing to wait for."""
+    job_id, _ = create(store)
+    assert store.cancel(job_id)[1].seq == 2
+    hub = EventHub(store, make_settings())  # never started: nothing live is needed
+
+    async def scenario() -> list[Event]:
+        async with asyncio.timeout(5):  # a hang guard, not a timing assertion
+            return await collect(job_stream(hub, store, job_id, after_seq=after_seq))
+
+    assert run(scenario()) == []
+
+
+@pytest.mark.usefixtures("hub_only")
+def test_a_long_replay_is_not_paced_by_the_catch_up_timer(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """A finished job's log is read page after page, without waiting between pages."""
+    job_id, _ = create(store)
+    assert store.claim(job_id, 1, "w") is not None
+    for i in range(2497):
+        assert store.progress(job_id, 1, percent=i / 25) is not None
+    assert store.succeed(job_id, 1, None) is not None
+    settings = make_settings(event_poll_interval=0.02)
+
+    async def scenario() -> list[Event]:
+        async with running_hub(store, settings) as hub, asyncio.timeout(30):
+            return await collect(job_stream(hub, store, job_id))
+
+    received = run(scenario(), timeout=60)
+    assert [e.seq for e in received] == list(range(1, 2501))
+    assert received[-1].status is JobStatus.SUCCEEDED
+
+
+# -- all_stream -----------------------------------------------------------------
+
+
+def test_all_stream_ends_when_it_falls_behind_and_resumes_without_a_gap(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dropping events silently would lose them; ending makes the client resume from its id."""
+    monkeypatch.setattr(events, "SUBSCRIBER_BUFFER", 5)
+    settings = make_settings(event_poll_interval=0.02)
+    start = store.last_event_id()
+    create(store)
+
+    async def scenario() -> tuple[list[Event], list[Event]]:
+        async with running_hub(store, settings) as hub:
+            stream = all_stream(hub, store, after_id=start)
+            # From the store, after the stream subscribed: what follows reaches it live.
+            received = [await anext(stream)]
+            with uncommitted_jobs(store, 30):
+                pass  # the hub's next poll hands all 30 over at once: more than fit
+            async with asyncio.timeout(5):
+                received += [event async for event in stream]  # it ends by itself
+            expected = len(store.events(after_id=start, limit=1000))
+            resumed = all_stream(hub, store, after_id=received[-1].id)
+            rest: list[Event] = []
+            async with asyncio.timeout(5):
+                while len(received) + len(rest) < expected:
+                    rest.append(await anext(resumed))
+            return received, rest
+
+    received, rest = run(scenario())
+    assert len(received) < 31
+    assert received + rest == store.events(after_id=start, limit=1000)
+
+
+def test_all_stream_resumed_after_an_id_yields_exactly_the_later_events(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """Late deliveries of events at or before the resume point, or already read, are skipped."""
+    queued = [create(store)[1] for _ in range(6)]
+    hub = EventHub(store, make_settings())  # not started: this test delivers by hand
+
+    async def scenario() -> tuple[list[Event], Event]:
+        stream = all_stream(hub, store, after_id=queued[2].id)
+        received = [await anext(stream)]  # from the store: the stream has subscribed
+        for event in [*queued[:3], queued[4]]:
+            hub.deliver(event)  # as a slow publish or poll would, after the store read
+        _, later = await asyncio.to_thread(create, store)
+        hub.deliver(later)
+        async with asyncio.timeout(5):
+            while len(received) < 4:
+                received.append(await anext(stream))
+        return received, later
+
+    received, later = run(scenario())
+    assert received == [*queued[3:], later]
+
+
+# -- store polling ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_store_polling_hub_delivers_an_event_that_commits_after_a_later_one(
+    store: Store, make_settings: Callable[..., Settings]
+) -> None:
+    """PostgreSQL hands out ids at insert but shows rows at commit: ids commit out of order."""
+    settings = make_settings(event_poll_interval=0.02)
+
+    async def scenario() -> tuple[list[Event], list[Event]]:
+        async with running_hub(store, settings) as hub, asyncio.timeout(30):
+            with hub.subscribe() as everything:
+                with uncommitted_jobs(store, 1) as [held]:
+                    _, later = await asyncio.to_thread(create, store)
+                    assert held.id < later.id
+                    delivered = [await next_for(everything.queue, later.job_id)]
+                # ``held`` has committed now, behind an event the hub already delivered.
+                ours = {held.job_id, later.job_id}
+                delivered.append(await next_of(everything.queue, ours))
+                # Then nothing of ours again: the next delivery is a new job's.
+                _, sentinel = await asyncio.to_thread(create, store)
+                delivered.append(await next_of(everything.queue, {*ours, sentinel.job_id}))
+                return delivered, [later, held, sentinel]
+
+    delivered, expected = run(scenario())
+    assert delivered == expected
