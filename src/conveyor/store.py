@@ -14,7 +14,7 @@ import hashlib
 import json
 import secrets
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,18 +27,26 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import (
+    JSON,
+    ColumnElement,
     Connection,
     Engine,
+    Executable,
     RowMapping,
     and_,
+    bindparam,
+    cast,
     create_engine,
     event,
+    extract,
     func,
     insert,
+    literal_column,
     or_,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -86,6 +94,142 @@ class ApiKey:
     scopes: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class Change:
+    """One kind of write to a job row, and the event appended with it.
+
+    Its statement is built once per dialect, so SQLAlchemy reuses the compiled
+    form. On PostgreSQL the row write and the event insert are one statement
+    (a data-modifying CTE): one round trip instead of four.
+    """
+
+    event_type: EventType
+    #: The status to set; None keeps the current one.
+    status: JobStatus | None
+    #: Statuses the row must be in; empty for a new row.
+    allowed: frozenset[JobStatus]
+    #: Further columns, each set from the parameter ``v_<column>``.
+    columns: tuple[str, ...]
+    #: Whether the writer must hold the row's current attempt (parameter ``held``).
+    by_attempt: bool = True
+    #: Whether the event records how long the attempt ran.
+    duration: bool = False
+
+    def row_statement(self) -> Any:
+        """INSERT or conditional UPDATE of the job row, returning the whole row."""
+        now = bindparam("now", type_=jobs_t.c.updated_at.type)
+        values: dict[str, Any] = {
+            name: bindparam(f"v_{name}", type_=jobs_t.c[name].type) for name in self.columns
+        }
+        if self.status is not None:
+            values["status"] = self.status.value
+        if not self.allowed:
+            return (
+                insert(jobs_t)
+                .values(event_seq=1, created_at=now, updated_at=now, **values)
+                .returning(*jobs_t.c)
+            )
+        statement = update(jobs_t).where(
+            jobs_t.c.id == bindparam("job_id"),
+            jobs_t.c.status.in_(sorted(s.value for s in self.allowed)),
+        )
+        if self.by_attempt:
+            statement = statement.where(jobs_t.c.attempt == bindparam("held"))
+        return statement.values(
+            event_seq=jobs_t.c.event_seq + 1, updated_at=now, **values
+        ).returning(*jobs_t.c)
+
+    def statement(self, dialect: str) -> Executable:
+        if dialect != "postgresql":
+            return self.row_statement()  # type: ignore[no-any-return]
+        job = self.row_statement().cte("job")
+        data: ColumnElement[Any] = bindparam("e_data", type_=JSON)
+        if self.duration:
+            elapsed = extract("epoch", job.c.updated_at - job.c.started_at)
+            duration = func.jsonb_build_object(literal_column("'duration'"), elapsed)
+            data = cast(cast(data, JSONB).op("||")(duration), JSON)
+        appended = (
+            insert(events_t)
+            .from_select(
+                ["job_id", "seq", "type", "task", "status", "data", "at"],
+                select(
+                    job.c.id,
+                    job.c.event_seq,
+                    bindparam("e_type", type_=events_t.c.type.type),
+                    job.c.task,
+                    job.c.status,
+                    data,
+                    job.c.updated_at,
+                ),
+            )
+            .returning(events_t.c.id, events_t.c.job_id, events_t.c.data)
+            .cte("event")
+        )
+        return select(
+            job, appended.c.id.label("event_id"), appended.c.data.label("event_data")
+        ).join_from(job, appended, appended.c.job_id == job.c.id)
+
+
+CREATE = Change(
+    EventType.STATUS,
+    JobStatus.QUEUED,
+    frozenset(),
+    (
+        *("id", "task", "queue", "priority", "payload"),
+        *("attempt", "max_attempts", "timeout", "correlation_id"),
+    ),
+)
+CLAIM = Change(
+    EventType.STATUS,
+    JobStatus.RUNNING,
+    ALLOWED_FROM[JobStatus.RUNNING],
+    ("worker", "started_at", "next_attempt_at"),
+)
+PROGRESS = Change(
+    EventType.PROGRESS,
+    None,
+    frozenset({JobStatus.RUNNING}),
+    ("progress_percent", "progress_step", "progress_message"),
+)
+SUCCEED = Change(
+    EventType.STATUS,
+    JobStatus.SUCCEEDED,
+    ALLOWED_FROM[JobStatus.SUCCEEDED],
+    ("finished_at", "result"),
+    duration=True,
+)
+FAIL = Change(
+    EventType.STATUS,
+    JobStatus.FAILED,
+    ALLOWED_FROM[JobStatus.FAILED],
+    ("finished_at", "error"),
+    duration=True,
+)
+RETRY = Change(
+    EventType.STATUS,
+    JobStatus.RETRYING,
+    ALLOWED_FROM[JobStatus.RETRYING],
+    ("attempt", "error", "next_attempt_at", "worker"),
+)
+CANCEL = Change(
+    EventType.STATUS,
+    JobStatus.CANCELLED,
+    ALLOWED_FROM[JobStatus.CANCELLED],
+    ("finished_at",),
+    by_attempt=False,
+)
+
+#: Built statements by (change, dialect).
+_STATEMENTS: dict[tuple[Change, str], Executable] = {}
+
+_EVENT_COLUMNS = ("job_id", "seq", "type", "task", "status", "data", "at")
+_INSERT_EVENT = (
+    insert(events_t)
+    .values({name: bindparam(f"e_{name}", type_=events_t.c[name].type) for name in _EVENT_COLUMNS})
+    .returning(events_t.c.id)
+)
+
+
 class Store:
     """Jobs, events and API keys in PostgreSQL or SQLite (SQLAlchemy URL)."""
 
@@ -109,6 +253,8 @@ class Store:
             self.engine = create_engine(
                 url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
+        # For single statements, which are their own transaction: no BEGIN, no COMMIT.
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def dialect(self) -> str:
@@ -118,10 +264,14 @@ class Store:
         self.engine.dispose()
 
     @contextmanager
-    def _tx(self) -> Iterator[Connection]:
+    def _tx(self, *, autocommit: bool = False) -> Iterator[Connection]:
         try:
-            with self.engine.begin() as conn:
-                yield conn
+            if autocommit:
+                with self._autocommit.connect() as conn:
+                    yield conn
+            else:
+                with self.engine.begin() as conn:
+                    yield conn
         except (OperationalError, DBAPIError) as exc:
             if isinstance(exc, OperationalError) or exc.connection_invalidated:
                 raise StoreUnavailable(f"store unreachable: {exc.orig}") from exc
@@ -169,26 +319,20 @@ class Store:
         timeout: float | None,
         correlation_id: str,
     ) -> tuple[Job, Event]:
-        now = utcnow()
         values = {
             "id": str(uuid.uuid4()),
             "task": task,
             "queue": queue,
             "priority": priority,
             "payload": payload,
-            "status": JobStatus.QUEUED.value,
             "attempt": 1,
             "max_attempts": max_attempts,
             "timeout": timeout,
             "correlation_id": correlation_id,
-            "event_seq": 1,
-            "created_at": now,
-            "updated_at": now,
         }
-        with self._tx() as conn:
-            row = conn.execute(insert(jobs_t).values(values).returning(*jobs_t.c)).mappings().one()
-            event = self._insert_event(conn, row, EventType.STATUS, {"attempt": 1})
-        return _job(row), event
+        found = self._write(CREATE, now=utcnow(), values=values, data={"attempt": 1})
+        assert found is not None
+        return found
 
     def get_job(self, job_id: str) -> Job:
         with self._tx() as conn:
@@ -228,20 +372,14 @@ class Store:
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
         now = utcnow()
-        with self._tx() as conn:
-            row = self._update(
-                conn,
-                job_id,
-                JobStatus.RUNNING,
-                attempt=attempt,
-                values={"worker": worker, "started_at": now, "next_attempt_at": None},
-            )
-            if row is None:
-                return None
-            event = self._insert_event(
-                conn, row, EventType.STATUS, {"attempt": attempt, "worker": worker}
-            )
-        return _job(row), event
+        return self._write(
+            CLAIM,
+            now=now,
+            job_id=job_id,
+            held=attempt,
+            values={"worker": worker, "started_at": now, "next_attempt_at": None},
+            data={"attempt": attempt, "worker": worker},
+        )
 
     def progress(
         self,
@@ -253,114 +391,128 @@ class Store:
         message: str | None = None,
     ) -> Event | None:
         """Record progress of a running attempt; None if the attempt is no longer current."""
-        stmt = (
-            update(jobs_t)
-            .where(
-                jobs_t.c.id == job_id,
-                jobs_t.c.status == JobStatus.RUNNING.value,
-                jobs_t.c.attempt == attempt,
-            )
-            .values(
-                progress_percent=percent,
-                progress_step=step,
-                progress_message=message,
-                event_seq=jobs_t.c.event_seq + 1,
-                updated_at=utcnow(),
-            )
-            .returning(*jobs_t.c)
+        found = self._write(
+            PROGRESS,
+            now=utcnow(),
+            job_id=job_id,
+            held=attempt,
+            values={
+                "progress_percent": percent,
+                "progress_step": step,
+                "progress_message": message,
+            },
+            data={"percent": percent, "step": step, "message": message},
         )
-        with self._tx() as conn:
-            row = conn.execute(stmt).mappings().first()
-            if row is None:
-                return None
-            data = {"percent": percent, "step": step, "message": message}
-            return self._insert_event(conn, row, EventType.PROGRESS, data)
+        return found[1] if found else None
 
     def succeed(self, job_id: str, attempt: int, result: Any) -> tuple[Job, Event] | None:
-        return self._finish(job_id, attempt, JobStatus.SUCCEEDED, {"result": result})
+        now = utcnow()
+        return self._write(
+            SUCCEED,
+            now=now,
+            job_id=job_id,
+            held=attempt,
+            values={"finished_at": now, "result": result},
+            data={"attempt": attempt},
+        )
 
     def fail(self, job_id: str, attempt: int, error: JobError) -> tuple[Job, Event] | None:
-        return self._finish(job_id, attempt, JobStatus.FAILED, {"error": error.model_dump()})
+        now = utcnow()
+        return self._write(
+            FAIL,
+            now=now,
+            job_id=job_id,
+            held=attempt,
+            values={"finished_at": now, "error": error.model_dump()},
+            data={"attempt": attempt, "error": error.model_dump(include={"type", "message"})},
+        )
 
     def schedule_retry(
         self, job_id: str, attempt: int, *, at: datetime, error: JobError
     ) -> tuple[Job, Event] | None:
         """End a failed attempt and queue the next one for ``at``."""
-        with self._tx() as conn:
-            row = self._update(
-                conn,
-                job_id,
-                JobStatus.RETRYING,
-                attempt=attempt,
-                values={
-                    "attempt": attempt + 1,
-                    "error": error.model_dump(),
-                    "next_attempt_at": at,
-                    "worker": None,
-                },
-            )
-            if row is None:
-                return None
-            data = {
+        return self._write(
+            RETRY,
+            now=utcnow(),
+            job_id=job_id,
+            held=attempt,
+            values={
+                "attempt": attempt + 1,
+                "error": error.model_dump(),
+                "next_attempt_at": at,
+                "worker": None,
+            },
+            data={
                 "attempt": attempt + 1,
                 "next_attempt_at": at.isoformat(),
                 "error": error.model_dump(exclude={"traceback"}),
-            }
-            event = self._insert_event(conn, row, EventType.STATUS, data)
-        return _job(row), event
+            },
+        )
 
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has."""
         now = utcnow()
+        found = self._write(
+            CANCEL, now=now, job_id=job_id, values={"finished_at": now}, data={"reason": reason}
+        )
+        if found is not None:
+            return found
         with self._tx() as conn:
-            row = self._update(conn, job_id, JobStatus.CANCELLED, values={"finished_at": now})
-            if row is None:
-                current = conn.execute(
-                    select(jobs_t.c.status).where(jobs_t.c.id == job_id)
-                ).scalar()
-                if current is None:
-                    raise JobNotFound(job_id)
-                raise IllegalTransition(job_id, current, JobStatus.CANCELLED.value)
-            event = self._insert_event(conn, row, EventType.STATUS, {"reason": reason})
-        return _job(row), event
+            current = conn.execute(select(jobs_t.c.status).where(jobs_t.c.id == job_id)).scalar()
+        if current is None:
+            raise JobNotFound(job_id)
+        raise IllegalTransition(job_id, current, JobStatus.CANCELLED.value)
 
-    def _finish(
-        self, job_id: str, attempt: int, status: JobStatus, values: dict[str, Any]
+    def _write(
+        self,
+        change: Change,
+        *,
+        now: datetime,
+        values: Mapping[str, Any],
+        data: dict[str, Any],
+        job_id: str | None = None,
+        held: int | None = None,
     ) -> tuple[Job, Event] | None:
-        now = utcnow()
-        with self._tx() as conn:
-            row = self._update(
-                conn, job_id, status, attempt=attempt, values={"finished_at": now, **values}
-            )
+        """Apply ``change`` to a job row and append its event, atomically.
+
+        None if the row is not in a state the change applies to (or, for a
+        worker's write, no longer on the attempt the worker holds).
+        """
+        params = {"job_id": job_id, "held": held, "now": now, "e_type": change.event_type.value}
+        params.update({f"v_{name}": value for name, value in values.items()})
+        if self.dialect == "postgresql":
+            # One statement in autocommit: one round trip, one implicit transaction.
+            with self._tx(autocommit=True) as conn:
+                row = conn.execute(self._statement(change), {**params, "e_data": data}).first()
             if row is None:
                 return None
-            started = row["started_at"]
-            data: dict[str, Any] = {
-                "attempt": attempt,
-                "duration": (now - started).total_seconds() if started else None,
-            }
-            if "error" in values:
-                data["error"] = {k: values["error"][k] for k in ("type", "message")}
-            event = self._insert_event(conn, row, EventType.STATUS, data)
-        return _job(row), event
+            job = row._mapping
+            event = Event(
+                id=job["event_id"],
+                job_id=job["id"],
+                seq=job["event_seq"],
+                type=change.event_type,
+                task=job["task"],
+                status=job["status"],
+                data=job["event_data"],
+                at=job["updated_at"],
+            )
+            return _job(job), event
+        with self._tx() as conn:
+            found = conn.execute(self._statement(change), params).mappings().first()
+            if found is None:
+                return None
+            if change.duration:
+                data = {**data, "duration": _duration(found)}
+            return _job(found), self._insert_event(conn, found, change.event_type, data)
 
-    def _update(
-        self,
-        conn: Connection,
-        job_id: str,
-        target: JobStatus,
-        *,
-        values: dict[str, Any],
-        attempt: int | None = None,
-    ) -> RowMapping | None:
-        allowed = [s.value for s in ALLOWED_FROM[target]]
-        stmt = update(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status.in_(allowed))
-        if attempt is not None:
-            stmt = stmt.where(jobs_t.c.attempt == attempt)
-        stmt = stmt.values(
-            status=target.value, event_seq=jobs_t.c.event_seq + 1, updated_at=utcnow(), **values
-        ).returning(*jobs_t.c)
-        return conn.execute(stmt).mappings().first()
+    def _statement(self, change: Change) -> Executable:
+        """The change's statement for this store's dialect, built once."""
+        key = (change, self.dialect)
+        statement = _STATEMENTS.get(key)
+        if statement is None:
+            statement = _STATEMENTS[key] = change.statement(self.dialect)
+        return statement
 
     def _insert_event(
         self, conn: Connection, job: RowMapping, type_: EventType, data: dict[str, Any]
@@ -374,7 +526,8 @@ class Store:
             "data": data,
             "at": job["updated_at"],
         }
-        event_id = conn.execute(insert(events_t).values(values).returning(events_t.c.id)).scalar()
+        params = {f"e_{name}": value for name, value in values.items()}
+        event_id = conn.execute(_INSERT_EVENT, params).scalar()
         assert event_id is not None
         return Event(id=event_id, **values)
 
@@ -503,6 +656,11 @@ def _job(row: RowMapping) -> Job:
         finished_at=row["finished_at"],
         next_attempt_at=row["next_attempt_at"],
     )
+
+
+def _duration(row: RowMapping) -> float | None:
+    started: datetime | None = row["started_at"]
+    return (row["updated_at"] - started).total_seconds() if started else None
 
 
 def _event(row: RowMapping) -> Event:
