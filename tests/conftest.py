@@ -436,6 +436,12 @@ def make_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..
         "data_dir": tmp_path,
         "log_format": "console",
         "event_channel": f"conveyor:test:{uuid.uuid4().hex}",
+        # Recovery on a test's time scale.
+        "sweep_interval": 0.1,
+        "heartbeat_interval": 0.5,
+        "heartbeat_timeout": 3.0,
+        "cancel_grace": 2.0,
+        "lost_dispatch_after": 1.0,
     }
     if "database_url" in request.fixturenames:
         defaults["database_url"] = request.getfixturevalue("database_url")

@@ -11,12 +11,24 @@ import importlib
 import os
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 import structlog
 from pydantic import BaseModel
 
-from conveyor.errors import BrokerUnavailable, ConfigurationError, TaskNotFound
+from conveyor import idempotency
+from conveyor.errors import (
+    BrokerUnavailable,
+    ConfigurationError,
+    JobNotDead,
+    PayloadInvalid,
+    ReplayRefused,
+    StoreUnavailable,
+    TaskNotFound,
+)
+from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.settings import Settings, load_settings
 from conveyor.tasks import (
     AsyncTaskFunction,
@@ -27,6 +39,7 @@ from conveyor.tasks import (
     TaskOptions,
     check_priority,
     check_queue,
+    check_retry_policy,
 )
 
 if TYPE_CHECKING:
@@ -74,6 +87,9 @@ class Conveyor:
         priority: int = 5,
         max_attempts: int = 3,
         timeout: float | None = None,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
     ) -> TaskDecorator: ...
 
     def task(
@@ -86,10 +102,20 @@ class Conveyor:
         priority: int = 5,
         max_attempts: int = 3,
         timeout: float | None = None,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        retry_on: tuple[type[BaseException], ...] = (Exception,),
     ) -> Task[Any, Any] | TaskDecorator:
-        """Register ``fn(ctx, payload)`` as a task; usable bare or with options."""
+        """Register ``fn(ctx, payload)`` as a task; usable bare or with options
+        (see :class:`~conveyor.tasks.TaskOptions`)."""
         options = TaskOptions(
-            queue=queue, priority=priority, max_attempts=max_attempts, timeout=timeout
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            retry_on=retry_on,
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
@@ -161,6 +187,9 @@ class Conveyor:
         return self._celery
 
     def close(self) -> None:
+        from conveyor.worker import ProcessMonitor
+
+        ProcessMonitor.forget(self)
         if self._store is not None:
             self._store.dispose()
         if self._publisher is not None:
@@ -179,28 +208,235 @@ class Conveyor:
         queue: str | None = None,
         priority: int | None = None,
         correlation_id: str | None = None,
+        max_attempts: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
-        """Validate, record and enqueue a job; raises before recording anything invalid."""
-        from conveyor.broker import dispatch
+        """Validate, record and enqueue a job; raises before recording anything invalid.
 
-        task = self.get_task(task) if isinstance(task, str) else task
-        data = task.validate(payload)
+        ``max_attempts``, ``backoff_base`` and ``backoff_cap`` override the task's
+        retry policy for this job. With an ``idempotency_key``, submitting the same
+        job again with the same key returns the job the first submit made instead
+        of making another (see :meth:`submit_once`).
+        """
+        if idempotency_key is not None:
+            job, _ = self.submit_once(
+                task,
+                payload,
+                key=idempotency_key,
+                queue=queue,
+                priority=priority,
+                correlation_id=correlation_id,
+                max_attempts=max_attempts,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+            )
+            return job
         job, event = self.store.create_job(
-            task=task.name,
-            payload=data,
-            queue=check_queue(queue) if queue else task.options.queue,
-            priority=check_priority(priority) if priority is not None else task.options.priority,
-            max_attempts=task.options.max_attempts,
-            timeout=task.options.timeout,
-            correlation_id=correlation_id or uuid.uuid4().hex,
+            **self._new_job(
+                task,
+                payload,
+                queue=queue,
+                priority=priority,
+                correlation_id=correlation_id,
+                max_attempts=max_attempts,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+            )
         )
         self.publisher.publish(event)
-        try:
-            dispatch(self.celery, job)
-        except BrokerUnavailable as exc:
-            # The job is recorded as queued; it stays there until the broker is back.
-            log.error("job.dispatch_failed", job_id=job.id, error=str(exc))
+        self.dispatch(job)
         return job
+
+    def submit_once(
+        self,
+        task: str | Task[Any, Any],
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        key: str,
+        scope: str = PYTHON_SCOPE,
+        fingerprint: str | None = None,
+        queue: str | None = None,
+        priority: int | None = None,
+        correlation_id: str | None = None,
+        max_attempts: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+    ) -> tuple[Job, bool]:
+        """:meth:`submit` at most once per idempotency ``key`` in ``scope``; returns the
+        job and whether this call made it.
+
+        A repeat of the first request with the key returns the job that request made.
+        Requests are compared by ``fingerprint``: by default a hash of the job as it
+        would be stored (task, payload, options; not the correlation id). Raises
+        IdempotencyMismatch if the key was used for a different request, and
+        IdempotencyConflict while the submit that used it is still under way.
+        """
+        check_key(key)
+        check_scope(scope)
+        fields = self._new_job(
+            task,
+            payload,
+            queue=queue,
+            priority=priority,
+            correlation_id=correlation_id,
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+        )
+        if fingerprint is None:
+            fingerprint = idempotency.fingerprint(
+                {name: value for name, value in fields.items() if name != "correlation_id"}
+            )
+        job, event, _ = self.store.create_job_once(scope, key, fingerprint, **fields)
+        if event is None:
+            log.info("job.submit_repeated", job_id=job.id, task=job.task)
+            return job, False
+        try:
+            self.publisher.publish(event)
+            self.dispatch(job)
+        finally:
+            # Stored and dispatched (or left for recovery to dispatch): repeats may have it.
+            try:
+                self.store.complete_idempotency_key(scope, key)
+            except StoreUnavailable as exc:
+                # Repeats are refused as in flight until the key is presumed abandoned.
+                log.warning("job.idempotency_key_not_completed", job_id=job.id, error=str(exc))
+        return job, True
+
+    def _new_job(
+        self,
+        task: str | Task[Any, Any],
+        payload: BaseModel | Mapping[str, Any],
+        *,
+        queue: str | None,
+        priority: int | None,
+        correlation_id: str | None,
+        max_attempts: int | None,
+        backoff_base: float | None,
+        backoff_cap: float | None,
+    ) -> dict[str, Any]:
+        """The arguments of ``Store.create_job`` for a submit; raises if anything is invalid."""
+        task = self.get_task(task) if isinstance(task, str) else task
+        data = task.validate(payload)
+        options = task.options
+        policy = (
+            options.max_attempts if max_attempts is None else max_attempts,
+            options.backoff_base if backoff_base is None else backoff_base,
+            options.backoff_cap if backoff_cap is None else backoff_cap,
+        )
+        check_retry_policy(*policy)
+        return {
+            "task": task.name,
+            "payload": data,
+            "queue": check_queue(queue) if queue else options.queue,
+            "priority": check_priority(priority) if priority is not None else options.priority,
+            "max_attempts": policy[0],
+            "timeout": options.timeout,
+            "correlation_id": correlation_id or uuid.uuid4().hex,
+            "backoff_base": policy[1],
+            "backoff_cap": policy[2],
+        }
+
+    def dispatch(self, job: Job) -> bool:
+        """Hand a stored job's attempt to the broker; if the broker is down, the job
+        stays queued and is dispatched again once it is back (see ``conveyor.recovery``)."""
+        from conveyor.broker import dispatch
+
+        try:
+            dispatch(self.celery, job, hard_grace=self.settings.hard_timeout_grace)
+        except BrokerUnavailable as exc:
+            log.error("job.dispatch_failed", job_id=job.id, error=str(exc))
+            self.store.undispatched(job.id, job.attempt)
+            return False
+        return True
+
+    # -- dead letters ---------------------------------------------------------
+
+    def replay(self, job_id: str, *, correlation_id: str | None = None) -> Job:
+        """Run a dead job again, as a new job linked to it by ``replay_of``.
+
+        Raises JobNotFound, JobNotDead, or ReplayRefused when its task is no longer
+        registered or its payload no longer fits the task; the dead job stays as it is.
+        """
+        from conveyor.jobs import JobStatus
+
+        dead = self.store.get_job(job_id)
+        if dead.status is not JobStatus.DEAD:
+            raise JobNotDead(job_id, dead.status.value)
+        return self._replay(dead, correlation_id or uuid.uuid4().hex)
+
+    def replay_dead(
+        self,
+        *,
+        task: str | None = None,
+        error_type: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        limit: int = 1000,
+        correlation_id: str | None = None,
+    ) -> Replays:
+        """Replay the dead jobs that match and have not been replayed yet, the last to die
+        first, handling at most ``limit`` of them; those that cannot be replayed are skipped.
+
+        Two bulk replays running at once may both replay the same dead job.
+        """
+        from conveyor.store import DeadLetterFilter
+
+        match = DeadLetterFilter(task=task, error_type=error_type, since=since, until=until)
+        correlation_id = correlation_id or uuid.uuid4().hex
+        done = Replays()
+        cursor: str | None = None
+        while len(done.jobs) + len(done.skipped) < limit:
+            room = min(REPLAY_PAGE, limit - len(done.jobs) - len(done.skipped))
+            page, cursor = self.store.dead_letters(match, replayed=False, cursor=cursor, limit=room)
+            for dead in page:
+                try:
+                    done.jobs.append(self._replay(dead, correlation_id))
+                except ReplayRefused as exc:
+                    done.skipped.append((dead.id, exc.reason))
+            if cursor is None:
+                break
+        return done
+
+    def _replay(self, dead: Job, correlation_id: str) -> Job:
+        task = self.tasks.get(dead.task)
+        if task is None:
+            raise ReplayRefused(dead.id, f"task {dead.task!r} is no longer registered")
+        try:
+            task.validate(dead.payload)  # checked, then replayed as it was stored
+        except PayloadInvalid as exc:
+            reason = f"its payload no longer fits the task: {exc}"
+            raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
+        job, event = self.store.create_job(
+            task=dead.task,
+            payload=dead.payload,
+            queue=dead.queue,
+            priority=dead.priority,
+            max_attempts=dead.max_attempts,
+            timeout=dead.timeout,
+            correlation_id=correlation_id,
+            backoff_base=dead.backoff_base,
+            backoff_cap=dead.backoff_cap,
+            replay_of=dead.id,
+        )
+        log.info("job.replayed", job_id=job.id, replay_of=dead.id, task=job.task)
+        self.publisher.publish(event)
+        self.dispatch(job)
+        return job
+
+
+#: Dead letters read per page by a bulk replay.
+REPLAY_PAGE = 100
+
+
+@dataclass
+class Replays:
+    """What a bulk replay did: the new jobs, and the dead jobs it skipped with the reason."""
+
+    jobs: list[Job] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 def load_app(spec: str | None) -> Conveyor:

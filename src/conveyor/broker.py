@@ -8,6 +8,7 @@ delivery a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Queue
+from kombu.exceptions import ChannelError as KombuChannelError
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.transport import filesystem
 from kombu.utils.json import dumps
@@ -67,7 +69,11 @@ def make_celery(app: Conveyor, settings: Settings) -> Celery:
         conf["worker_enable_remote_control"] = False
     celery.conf.update(conf)
 
-    @celery.task(name=RUN_TASK, acks_late=True, shared=False)
+    from conveyor.worker import ConveyorRequest
+
+    request = type("Request", (ConveyorRequest,), {"app_ref": app})
+
+    @celery.task(name=RUN_TASK, acks_late=True, shared=False, Request=request)
     def run(job_id: str, attempt: int) -> None:
         from conveyor.worker import execute
 
@@ -101,7 +107,13 @@ def celery_priority(priority: int, broker_url: str) -> int:
     return priority
 
 
-def dispatch(celery: Celery, job: Job, *, countdown: float | None = None) -> None:
+def dispatch(
+    celery: Celery,
+    job: Job,
+    *,
+    countdown: float | None = None,
+    hard_grace: float = HARD_LIMIT_GRACE,
+) -> None:
     """Publish the job's current attempt; raises BrokerUnavailable if the broker is down."""
     options: dict[str, Any] = {
         "queue": job.queue,
@@ -115,11 +127,29 @@ def dispatch(celery: Celery, job: Job, *, countdown: float | None = None) -> Non
         options["countdown"] = countdown
     if job.timeout:
         options["soft_time_limit"] = job.timeout
-        options["time_limit"] = job.timeout + HARD_LIMIT_GRACE
+        options["time_limit"] = job.timeout + hard_grace
     try:
         celery.tasks[RUN_TASK].apply_async(args=(job.id, job.attempt), **options)
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
+
+
+def queue_depth(celery: Celery, queue: str) -> int | None:
+    """Messages waiting in the broker's queue; 0 if it does not exist, None if the
+    broker cannot be asked."""
+    try:
+        with celery.connection_for_read() as conn:
+            conn.ensure_connection(max_retries=1)
+            channel: Any = conn.channel()
+            try:
+                return int(channel.queue_declare(queue=queue, passive=True).message_count)
+            except KombuChannelError:
+                return 0
+            finally:
+                with contextlib.suppress(Exception):
+                    channel.close()
+    except (KombuOperationalError, OSError):
+        return None
 
 
 class _FileChannel(filesystem.Channel):

@@ -6,6 +6,7 @@
     migrate   bring the database schema up to date
     submit    create a job over HTTP, optionally following its events
     jobs      list, show and cancel jobs over HTTP
+    dlq       list, show, replay and purge dead jobs over HTTP
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
 setting or argument, 1 for anything the server or the job did. Neither prints
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import sys
 import time
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
 
@@ -47,7 +51,6 @@ STATUS_STYLE = {
     "running": "blue",
     "retrying": "yellow",
     "succeeded": "green",
-    "failed": "red",
     "cancelled": "magenta",
     "dead": "red",
 }
@@ -112,6 +115,8 @@ cli = typer.Typer(
 )
 jobs_cli = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
+dlq_cli = typer.Typer(help="List, show, replay and purge dead jobs.", no_args_is_help=True)
+cli.add_typer(dlq_cli, name="dlq")
 
 
 def main() -> None:
@@ -527,6 +532,188 @@ def cancel_job(job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     with ApiClient(load_settings()) as client:
         job = client.request("POST", f"{_job_path(job_id)}/cancel")
     out.print(f"{job['id']} [{STATUS_STYLE.get(job['status'], '')}]{job['status']}[/]")
+
+
+# -- dead letters -------------------------------------------------------------------
+
+TaskFilter = Annotated[str | None, typer.Option(help="Only dead jobs of this task.")]
+ErrorTypeFilter = Annotated[
+    str | None,
+    typer.Option(
+        "--error-type",
+        help="Only those whose last error has this type, as stored: KeyError, myapp.OutOfStock.",
+    ),
+]
+SinceFilter = Annotated[
+    str | None,
+    typer.Option(
+        help="Only those that died at or after this: an ISO 8601 time (UTC unless it says)"
+        " or a duration ago, such as 30m, 6h or 2d."
+    ),
+]
+UntilFilter = Annotated[
+    str | None, typer.Option(help="Only those that died before this (as --since).")
+]
+DeadIdArgument = Annotated[str | None, typer.Argument(metavar="[ID]", help="A dead job's id.")]
+
+_AGO = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def _moment(value: str, option: str) -> str:
+    """An ISO 8601 time, or a duration ago (``30m``, ``6h``, ``2d``), as ISO 8601."""
+    ago = _AGO.match(value.strip())
+    if ago:
+        at = datetime.now(UTC) - timedelta(seconds=float(ago[1]) * _SECONDS[ago[2]])
+    else:
+        try:
+            at = datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise CliError(
+                f"{option}: {value!r} is neither a time (2025-05-01T12:00) nor a duration"
+                " ago (30m, 6h, 2d)",
+                code=2,
+            ) from None
+    return (at if at.tzinfo else at.replace(tzinfo=UTC)).isoformat()
+
+
+def _dead_filter(
+    task: str | None, error_type: str | None, since: str | None, until: str | None
+) -> dict[str, str]:
+    selected = {
+        "task": task,
+        "error_type": error_type,
+        "since": _moment(since, "--since") if since else None,
+        "until": _moment(until, "--until") if until else None,
+    }
+    return {name: value for name, value in selected.items() if value}
+
+
+def _dead_path(job_id: str) -> str:
+    return f"/v1/dead-letters/{quote(job_id, safe='')}"
+
+
+@dlq_cli.command("list")
+def list_dead_letters(
+    task: TaskFilter = None,
+    error_type: ErrorTypeFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Dead jobs per page.")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """The last jobs to die first."""
+    params: dict[str, str | int] = {**_dead_filter(task, error_type, since, until), "limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/dead-letters", params=params)
+    table = Table(box=None, header_style="bold")
+    table.add_column("ID", no_wrap=True, min_width=36)
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("ERROR", overflow="ellipsis", max_width=60)
+    table.add_column("ATTEMPTS", justify="right", no_wrap=True)
+    table.add_column("DIED", no_wrap=True)
+    table.add_column("REPLAYED", justify="right", no_wrap=True)
+    for letter in page["items"]:
+        error = letter.get("error") or {}
+        replays = letter.get("replayed_by") or []
+        table.add_row(
+            letter["id"],
+            letter["task"],
+            Text(_one_line(f"{error.get('type', '')}: {error.get('message', '')}"), style="red"),
+            str(len(letter.get("attempts") or ())),
+            str(letter.get("finished_at") or "")[:19].replace("T", " "),
+            f"{len(replays)}x" if replays else "",
+        )
+    wide = Console(width=max(out.width, 160)) if not out.is_terminal else out
+    wide.print(table)
+    if page.get("next_cursor"):
+        err.print(f"[dim]more: --cursor {page['next_cursor']}[/]")
+
+
+@dlq_cli.command("show")
+def show_dead_letter(job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a dead job as JSON: every attempt, with its traceback, and its replays."""
+    with ApiClient(load_settings()) as client:
+        letter = client.request("GET", _dead_path(job_id))
+    out.print_json(data=letter)
+
+
+@dlq_cli.command("replay")
+def replay_dead_letters(
+    job_id: DeadIdArgument = None,
+    all_matching: Annotated[
+        bool,
+        typer.Option(
+            "--all-matching", help="Replay every dead job the filters match, not replayed yet."
+        ),
+    ] = False,
+    task: TaskFilter = None,
+    error_type: ErrorTypeFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    limit: Annotated[
+        int, typer.Option(min=1, max=10_000, help="With --all-matching: at most this many.")
+    ] = 1000,
+) -> None:
+    """Run a dead job again as a new job, or every match with --all-matching; prints the
+    new jobs' ids."""
+    selected = _dead_filter(task, error_type, since, until)
+    if job_id is not None and (all_matching or selected):
+        raise CliError("give either a dead job's ID or --all-matching with filters", code=2)
+    with ApiClient(load_settings()) as client:
+        if job_id is not None:
+            job = client.request("POST", f"{_dead_path(job_id)}/replay")
+            out.print(job["id"], markup=False)
+            return
+        if not all_matching:
+            raise CliError("give a dead job's ID, or --all-matching (with filters)", code=2)
+        report = client.request(
+            "POST", "/v1/dead-letters/replay", json={**selected, "limit": limit}
+        )
+    for new_id in report["replayed"]:
+        out.print(new_id, markup=False)
+    for skipped in report["skipped"]:
+        err.print(Text(f"skipped {skipped['id']}: {skipped['reason']}", style="yellow"))
+    err.print(f"replayed {len(report['replayed'])}, skipped {len(report['skipped'])}")
+
+
+@dlq_cli.command("purge")
+def purge_dead_letters(
+    job_id: DeadIdArgument = None,
+    task: TaskFilter = None,
+    error_type: ErrorTypeFilter = None,
+    since: SinceFilter = None,
+    until: UntilFilter = None,
+    everything: Annotated[bool, typer.Option("--all", help="Every dead job.")] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a dead job, or the dead jobs the filters match (or --all), for good."""
+    selected = _dead_filter(task, error_type, since, until)
+    if job_id is not None and (selected or everything):
+        raise CliError("give either a dead job's ID, or filters, or --all", code=2)
+    if job_id is None and not selected and not everything:
+        raise CliError("give a dead job's ID, filters (--task ...), or --all", code=2)
+    if everything and selected:
+        raise CliError("--all purges every dead job; leave out the filters", code=2)
+    if job_id is not None:
+        what = f"dead job {job_id}"
+    elif everything:
+        what = "EVERY dead job"
+    else:
+        what = "the dead jobs with " + ", ".join(f"{k}={v}" for k, v in selected.items())
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"this deletes {what}; add --yes to confirm", code=2)
+        typer.confirm(f"Delete {what}, with their events and attempts?", abort=True)
+    with ApiClient(load_settings()) as client:
+        if job_id is not None:
+            result = client.request("DELETE", _dead_path(job_id))
+        else:
+            body: dict[str, Any] = {"all": True} if everything else selected
+            result = client.request("POST", "/v1/dead-letters/purge", json=body)
+    out.print(f"purged {result['purged']}")
 
 
 if __name__ == "__main__":

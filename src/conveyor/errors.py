@@ -5,7 +5,12 @@ ConveyorError
 ├── TaskNotFound            no task registered under that name
 ├── PayloadInvalid          a payload failed its task's schema
 ├── JobNotFound             no job with that id
+│   └── DeadLetterNotFound  no dead job with that id
 ├── IllegalTransition       a status change the state machine forbids
+├── JobNotDead              a dead-letter action on a job that is not dead
+├── ReplayRefused           a dead letter that cannot run again as it stands
+├── IdempotencyConflict     a submit with that idempotency key is still under way
+├── IdempotencyMismatch     that idempotency key was used for a different request
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
@@ -64,6 +69,57 @@ class IllegalTransition(ConveyorError):
         self.current = current
         self.target = target
         super().__init__(f"job {job_id} cannot go from {current} to {target}")
+
+
+class DeadLetterNotFound(JobNotFound):
+    """No dead job exists with that id."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        ConveyorError.__init__(self, f"job {job_id!r} is not a dead letter: it is {status}")
+
+
+class JobNotDead(ConveyorError):
+    """Only a dead job can be replayed or purged as a dead letter."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} is {status}, not dead")
+
+
+class ReplayRefused(ConveyorError):
+    """A dead letter cannot run again as it is: its task is gone or its payload is stale."""
+
+    def __init__(
+        self, job_id: str, reason: str, *, errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        self.job_id = job_id
+        self.reason = reason
+        self.errors = errors or []
+        super().__init__(f"cannot replay job {job_id}: {reason}")
+
+
+class IdempotencyConflict(ConveyorError):
+    """A submit with this idempotency key is still under way; try again shortly."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"a submit with idempotency key {key!r} is still under way; try again shortly"
+        )
+
+
+class IdempotencyMismatch(ConveyorError):
+    """This idempotency key was already used for a different request."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(
+            f"idempotency key {key!r} was already used for a different request;"
+            " use a new key for a new request"
+        )
 
 
 class StoreUnavailable(ConveyorError):

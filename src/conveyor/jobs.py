@@ -1,12 +1,12 @@
 """What a job is: its status machine and the views of a job and its events.
 
     queued ──> running ──> succeeded
-      │          │ ├────> failed
+      │          │ ├────> dead       (failed for good: the dead letters)
       │          │ ├────> cancelled
       │          │ └────> retrying ──> running (next attempt)
       └──────────┴──────> cancelled          └─> cancelled
 
-``dead`` is reserved for dead letters. Terminal statuses never change again.
+Terminal statuses never change again; a replay of a dead job is a new job.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ class JobStatus(enum.StrEnum):
     RUNNING = "running"
     RETRYING = "retrying"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"
     CANCELLED = "cancelled"
     DEAD = "dead"
 
@@ -32,7 +31,7 @@ class JobStatus(enum.StrEnum):
         return self in TERMINAL
 
 
-TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.DEAD})
+TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.DEAD})
 
 #: For each target status, the statuses a job may be in to move there.
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
@@ -40,7 +39,6 @@ ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.RETRYING}),
     JobStatus.RETRYING: frozenset({JobStatus.RUNNING}),
     JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
-    JobStatus.FAILED: frozenset({JobStatus.RUNNING}),
     JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING}),
     JobStatus.DEAD: frozenset({JobStatus.RUNNING}),
 }
@@ -89,6 +87,31 @@ class Job(BaseModel):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     next_attempt_at: datetime | None = None
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    replay_of: str | None = None
+    #: The worker process running (or that last ran) the job.
+    worker: str | None = None
+
+
+class AttemptOutcome(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the task raised; the job retries or is dead
+    TIMED_OUT = "timed_out"  # the hard time limit stopped the process
+    LOST = "lost"  # the worker stopped heart-beating
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"  # handed back by a worker shutting down
+
+
+class Attempt(BaseModel):
+    """One ended attempt of a job."""
+
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime
+    outcome: AttemptOutcome
+    error: JobError | None = None
 
 
 class Event(BaseModel):

@@ -75,10 +75,17 @@ class JobRow(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     next_attempt_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    backoff_base: Mapped[float] = mapped_column(Float, server_default="1.0")
+    backoff_cap: Mapped[float] = mapped_column(Float, server_default="300.0")
+    #: When the current attempt was last handed to the broker; None: it must be (again).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    replay_of: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
         Index("ix_conveyor_jobs_task_created", "task", "created_at"),
+        Index("ix_conveyor_jobs_replay_of", "replay_of"),
+        Index("ix_conveyor_jobs_status_finished", "status", "finished_at"),
     )
 
 
@@ -97,6 +104,54 @@ class EventRow(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
     __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_conveyor_job_events_job_seq"),)
+
+
+class AttemptRow(Base):
+    """An ended attempt: when and where it ran, and how it ended."""
+
+    __tablename__ = "conveyor_job_attempts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("conveyor_jobs.id", ondelete="CASCADE")
+    )
+    attempt: Mapped[int] = mapped_column(Integer)
+    worker: Mapped[str | None] = mapped_column(String(300))
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    outcome: Mapped[str] = mapped_column(String(16))
+    error: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "attempt", name="uq_conveyor_job_attempts_job_attempt"),
+    )
+
+
+class WorkerRow(Base):
+    """A process that runs jobs; ``last_seen`` is its heartbeat, by the database's clock."""
+
+    __tablename__ = "conveyor_workers"
+
+    id: Mapped[str] = mapped_column(String(300), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class IdempotencyKeyRow(Base):
+    """A submit made with an ``Idempotency-Key``, per caller (``scope``)."""
+
+    __tablename__ = "conveyor_idempotency_keys"
+
+    scope: Mapped[str] = mapped_column(String(100), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("conveyor_jobs.id", ondelete="CASCADE")
+    )
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    #: None while the request that made it is still being answered.
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class ApiKeyRow(Base):

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from conveyor.errors import ConfigurationError
@@ -61,6 +61,45 @@ class Settings(BaseSettings):
     broker_visibility_timeout: int = Field(
         default=3600, ge=1, description="Redis broker visibility timeout, seconds."
     )
+    heartbeat_interval: float = Field(
+        default=5.0, gt=0, le=300, description="Seconds between a worker process's heartbeats."
+    )
+    heartbeat_timeout: float = Field(
+        default=30.0, gt=0, le=3600, description="Silence after which a worker's jobs are retaken."
+    )
+    sweep_interval: float = Field(
+        default=1.0, gt=0, le=60, description="Seconds between recovery sweeps in each worker."
+    )
+    redispatch_after: float = Field(
+        default=600.0,
+        gt=0,
+        description="A job queued this long without starting is dispatched again.",
+    )
+    lost_dispatch_after: float = Field(
+        default=10.0,
+        gt=0,
+        description="A job queued this long while its broker queue is empty is dispatched again.",
+    )
+    cancel_grace: float = Field(
+        default=10.0, ge=0, description="Seconds a cancelled running job gets before a hard stop."
+    )
+    hard_timeout_grace: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds past a task's timeout before its process is stopped hard.",
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="Seconds a stopping worker lets running jobs finish."
+    )
+
+    @model_validator(mode="after")
+    def _check_heartbeat(self) -> Settings:
+        if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
+            raise ValueError(
+                "CONVEYOR_HEARTBEAT_TIMEOUT must exceed twice CONVEYOR_HEARTBEAT_INTERVAL"
+            )
+        return self
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -137,5 +176,5 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors():
             field = ".".join(str(p) for p in error["loc"])
             message = str(error["msg"]).removeprefix("Value error, ")
-            problems.append(f"CONVEYOR_{field.upper()}: {message}")
+            problems.append(f"CONVEYOR_{field.upper()}: {message}" if field else message)
         raise ConfigurationError("; ".join(problems)) from None

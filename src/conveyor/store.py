@@ -13,11 +13,12 @@ import base64
 import hashlib
 import json
 import secrets
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from sqlalchemy import (
     bindparam,
     cast,
     create_engine,
+    delete,
     event,
     extract,
     func,
@@ -52,12 +54,19 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
 from conveyor.errors import (
     ConfigurationError,
+    DeadLetterNotFound,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     IllegalTransition,
+    JobNotDead,
     JobNotFound,
     StoreUnavailable,
 )
+from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import (
     ALLOWED_FROM,
+    Attempt,
+    AttemptOutcome,
     Event,
     EventType,
     Job,
@@ -65,11 +74,22 @@ from conveyor.jobs import (
     JobStatus,
     Progress,
 )
-from conveyor.models import ApiKeyRow, Base, EventRow, JobRow
+from conveyor.models import (
+    ApiKeyRow,
+    AttemptRow,
+    Base,
+    EventRow,
+    IdempotencyKeyRow,
+    JobRow,
+    WorkerRow,
+)
 
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
+attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
+workers_t = Base.metadata.tables[WorkerRow.__tablename__]
+idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 
 #: Alembic's bookkeeping table, named so it cannot collide with an application's own.
 VERSION_TABLE = "conveyor_alembic_version"
@@ -95,6 +115,21 @@ class ApiKey:
 
 
 @dataclass(frozen=True)
+class DeadLetterFilter:
+    """Which dead jobs: by task, by error type, and by when they died (``since`` inclusive,
+    ``until`` exclusive). Every field left None matches everything."""
+
+    task: str | None = None
+    error_type: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    @property
+    def empty(self) -> bool:
+        return all(v is None for v in (self.task, self.error_type, self.since, self.until))
+
+
+@dataclass(frozen=True)
 class Change:
     """One kind of write to a job row, and the event appended with it.
 
@@ -114,6 +149,9 @@ class Change:
     by_attempt: bool = True
     #: Whether the event records how long the attempt ran.
     duration: bool = False
+    #: Whether the write ends the held attempt, recorded with outcome ``a_outcome``
+    #: and error ``a_error``.
+    ends_attempt: bool = False
 
     def row_statement(self) -> Any:
         """INSERT or conditional UPDATE of the job row, returning the whole row."""
@@ -143,6 +181,22 @@ class Change:
         if dialect != "postgresql":
             return self.row_statement()  # type: ignore[no-any-return]
         job = self.row_statement().cte("job")
+        ended = (
+            insert(attempts_t)
+            .from_select(
+                ["job_id", "attempt", "worker", "started_at", "finished_at", "outcome", "error"],
+                select(
+                    job.c.id,
+                    bindparam("held", type_=attempts_t.c.attempt.type),
+                    job.c.worker,
+                    job.c.started_at,
+                    bindparam("now", type_=attempts_t.c.finished_at.type),
+                    bindparam("a_outcome", type_=attempts_t.c.outcome.type),
+                    bindparam("a_error", type_=JSON),
+                ),
+            )
+            .cte("ended")
+        )
         data: ColumnElement[Any] = bindparam("e_data", type_=JSON)
         if self.duration:
             elapsed = extract("epoch", job.c.updated_at - job.c.started_at)
@@ -165,9 +219,11 @@ class Change:
             .returning(events_t.c.id, events_t.c.job_id, events_t.c.data)
             .cte("event")
         )
-        return select(
+        statement = select(
             job, appended.c.id.label("event_id"), appended.c.data.label("event_data")
         ).join_from(job, appended, appended.c.job_id == job.c.id)
+        # An unreferenced data-modifying CTE still runs, once, to completion.
+        return statement.add_cte(ended) if self.ends_attempt else statement
 
 
 CREATE = Change(
@@ -175,8 +231,8 @@ CREATE = Change(
     JobStatus.QUEUED,
     frozenset(),
     (
-        *("id", "task", "queue", "priority", "payload"),
-        *("attempt", "max_attempts", "timeout", "correlation_id"),
+        *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
+        *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
     ),
 )
 CLAIM = Change(
@@ -197,19 +253,22 @@ SUCCEED = Change(
     ALLOWED_FROM[JobStatus.SUCCEEDED],
     ("finished_at", "result"),
     duration=True,
+    ends_attempt=True,
 )
-FAIL = Change(
+DIE = Change(
     EventType.STATUS,
-    JobStatus.FAILED,
-    ALLOWED_FROM[JobStatus.FAILED],
+    JobStatus.DEAD,
+    ALLOWED_FROM[JobStatus.DEAD],
     ("finished_at", "error"),
     duration=True,
+    ends_attempt=True,
 )
 RETRY = Change(
     EventType.STATUS,
     JobStatus.RETRYING,
     ALLOWED_FROM[JobStatus.RETRYING],
-    ("attempt", "error", "next_attempt_at", "worker"),
+    ("attempt", "error", "next_attempt_at", "dispatched_at"),
+    ends_attempt=True,
 )
 CANCEL = Change(
     EventType.STATUS,
@@ -219,6 +278,12 @@ CANCEL = Change(
     by_attempt=False,
 )
 
+#: Statuses of a job waiting for its next attempt to start.
+_WAITING = (JobStatus.QUEUED.value, JobStatus.RETRYING.value)
+
+#: Tries of :meth:`Store.create_job_once` to either record its key or read the one it hit.
+_ONCE_ATTEMPTS = 5
+
 #: Built statements by (change, dialect).
 _STATEMENTS: dict[tuple[Change, str], Executable] = {}
 
@@ -227,6 +292,15 @@ _INSERT_EVENT = (
     insert(events_t)
     .values({name: bindparam(f"e_{name}", type_=events_t.c[name].type) for name in _EVENT_COLUMNS})
     .returning(events_t.c.id)
+)
+_INSERT_ATTEMPT = insert(attempts_t).values(
+    job_id=bindparam("job_id"),
+    attempt=bindparam("held"),
+    worker=bindparam("a_worker"),
+    started_at=bindparam("a_started_at", type_=attempts_t.c.started_at.type),
+    finished_at=bindparam("now", type_=attempts_t.c.finished_at.type),
+    outcome=bindparam("a_outcome"),
+    error=bindparam("a_error", type_=JSON),
 )
 
 
@@ -318,21 +392,133 @@ class Store:
         max_attempts: int,
         timeout: float | None,
         correlation_id: str,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 300.0,
+        replay_of: str | None = None,
     ) -> tuple[Job, Event]:
-        values = {
-            "id": str(uuid.uuid4()),
-            "task": task,
-            "queue": queue,
-            "priority": priority,
-            "payload": payload,
-            "attempt": 1,
-            "max_attempts": max_attempts,
-            "timeout": timeout,
-            "correlation_id": correlation_id,
-        }
-        found = self._write(CREATE, now=utcnow(), values=values, data={"attempt": 1})
+        """Record a queued job, counted as dispatched: the caller dispatches it next,
+        and calls :meth:`undispatched` if that fails."""
+        now = utcnow()
+        values = _new_job(
+            now,
+            task=task,
+            payload=payload,
+            queue=queue,
+            priority=priority,
+            max_attempts=max_attempts,
+            timeout=timeout,
+            correlation_id=correlation_id,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            replay_of=replay_of,
+        )
+        found = self._write(CREATE, now=now, values=values, data={"attempt": 1})
         assert found is not None
         return found
+
+    def create_job_once(
+        self, scope: str, key: str, fingerprint: str, **job: Any
+    ) -> tuple[Job, Event | None, bool]:
+        """:meth:`create_job` (same keyword arguments) at most once per ``(scope, key)``.
+
+        Returns the new job, its event and True; or, when the key was used before
+        for a request with the same ``fingerprint``, the job made then, None and
+        False. Raises IdempotencyMismatch if it was used for another fingerprint,
+        and IdempotencyConflict while the request that used it is still under way:
+        until it calls :meth:`complete_idempotency_key`, or for at most
+        ``IN_FLIGHT_SECONDS`` (its process is then presumed dead; its job stands).
+
+        The job, its event and the key row are one transaction, so no job exists
+        without its key, and the key's primary key settles races: a concurrent
+        insert of the same key waits for the first transaction (on PostgreSQL; on
+        SQLite writers take turns) and then fails, and the loser reads the winner's.
+        """
+        failure: IntegrityError | None = None
+        for attempt in range(_ONCE_ATTEMPTS):
+            if attempt:
+                # The row we collided with is not there to read: it was deleted
+                # with its job, or (in theory) is not visible yet. Look again.
+                time.sleep(0.01 * attempt)
+            try:
+                return (*self._create_with_key(scope, key, fingerprint, job), True)
+            except IntegrityError as exc:
+                failure = exc
+            existing = self._keyed_job(scope, key, fingerprint)
+            if existing is not None:
+                return existing, None, False
+        assert failure is not None
+        raise failure
+
+    def _create_with_key(
+        self, scope: str, key: str, fingerprint: str, job: Mapping[str, Any]
+    ) -> tuple[Job, Event]:
+        now = utcnow()
+        values = _new_job(now, **job)
+        params: dict[str, Any] = {
+            "job_id": None,
+            "held": None,
+            "now": now,
+            "e_type": CREATE.event_type.value,
+            **{f"v_{name}": value for name, value in values.items()},
+        }
+        data = {"attempt": 1}
+        with self._tx() as conn:
+            # The job first: the key row refers to it, and the foreign key is not deferrable.
+            if self.dialect == "postgresql":
+                statement = self._statement(CREATE)
+                row = conn.execute(statement, {**params, "e_data": data}).mappings().one()
+                created = _job(row), _joined_event(CREATE, row)
+            else:
+                row = conn.execute(self._statement(CREATE), params).mappings().one()
+                created = _job(row), self._insert_event(conn, row, CREATE.event_type, data)
+            conn.execute(
+                insert(idempotency_t).values(
+                    scope=scope,
+                    key=key,
+                    fingerprint=fingerprint,
+                    job_id=values["id"],
+                    created_at=self._db_now(),
+                    completed_at=None,
+                )
+            )
+        return created
+
+    def _keyed_job(self, scope: str, key: str, fingerprint: str) -> Job | None:
+        """The job recorded with this key, if the request is the same and has finished."""
+        k = idempotency_t.c
+        query = (
+            select(
+                k.fingerprint.label("key_fingerprint"),
+                k.completed_at.label("key_completed_at"),
+                (k.created_at < self._db_now(ago=IN_FLIGHT_SECONDS)).label("key_abandoned"),
+                jobs_t,
+            )
+            .join_from(idempotency_t, jobs_t, jobs_t.c.id == k.job_id)
+            .where(k.scope == scope, k.key == key)
+        )
+        with self._tx() as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            return None
+        if row["key_fingerprint"] != fingerprint:
+            raise IdempotencyMismatch(key)
+        if row["key_completed_at"] is None and not row["key_abandoned"]:
+            raise IdempotencyConflict(key)
+        return _job(row)
+
+    def complete_idempotency_key(self, scope: str, key: str) -> None:
+        """The request that recorded this key has finished: repeats now get its job."""
+        stmt = (
+            update(idempotency_t)
+            .where(
+                idempotency_t.c.scope == scope,
+                idempotency_t.c.key == key,
+                idempotency_t.c.completed_at.is_(None),
+            )
+            .values(completed_at=self._db_now())
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
 
     def get_job(self, job_id: str) -> Job:
         with self._tx() as conn:
@@ -414,40 +600,84 @@ class Store:
             held=attempt,
             values={"finished_at": now, "result": result},
             data={"attempt": attempt},
+            outcome=AttemptOutcome.SUCCEEDED,
         )
 
-    def fail(self, job_id: str, attempt: int, error: JobError) -> tuple[Job, Event] | None:
+    def die(
+        self,
+        job_id: str,
+        attempt: int,
+        error: JobError,
+        *,
+        outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    ) -> tuple[Job, Event] | None:
+        """End the held attempt and the job: it goes to the dead letters."""
         now = utcnow()
         return self._write(
-            FAIL,
+            DIE,
             now=now,
             job_id=job_id,
             held=attempt,
             values={"finished_at": now, "error": error.model_dump()},
             data={"attempt": attempt, "error": error.model_dump(include={"type", "message"})},
+            outcome=outcome,
+            error=error,
         )
 
     def schedule_retry(
-        self, job_id: str, attempt: int, *, at: datetime, error: JobError
+        self,
+        job_id: str,
+        attempt: int,
+        *,
+        at: datetime,
+        error: JobError,
+        outcome: AttemptOutcome = AttemptOutcome.FAILED,
+        dispatched: bool = False,
     ) -> tuple[Job, Event] | None:
-        """End a failed attempt and queue the next one for ``at``."""
+        """End the held attempt and queue the next one for ``at``.
+
+        The next attempt is dispatched when it is due (see :meth:`due_for_dispatch`),
+        unless ``dispatched`` says the caller hands it to the broker itself.
+        """
+        now = utcnow()
         return self._write(
             RETRY,
-            now=utcnow(),
+            now=now,
             job_id=job_id,
             held=attempt,
             values={
                 "attempt": attempt + 1,
                 "error": error.model_dump(),
                 "next_attempt_at": at,
-                "worker": None,
+                "dispatched_at": now if dispatched else None,
             },
             data={
                 "attempt": attempt + 1,
                 "next_attempt_at": at.isoformat(),
                 "error": error.model_dump(exclude={"traceback"}),
             },
+            outcome=outcome,
+            error=error,
         )
+
+    def attempts(self, job_id: str) -> list[Attempt]:
+        """The job's ended attempts, first to last."""
+        query = (
+            select(attempts_t).where(attempts_t.c.job_id == job_id).order_by(attempts_t.c.attempt)
+        )
+        with self._tx() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [
+            Attempt(
+                attempt=r["attempt"],
+                worker=r["worker"],
+                started_at=r["started_at"],
+                finished_at=r["finished_at"],
+                outcome=AttemptOutcome(r["outcome"]),
+                error=JobError(**r["error"]) if r["error"] else None,
+            )
+            for r in rows
+        ]
 
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has."""
@@ -472,38 +702,41 @@ class Store:
         data: dict[str, Any],
         job_id: str | None = None,
         held: int | None = None,
+        outcome: AttemptOutcome | None = None,
+        error: JobError | None = None,
     ) -> tuple[Job, Event] | None:
         """Apply ``change`` to a job row and append its event, atomically.
 
         None if the row is not in a state the change applies to (or, for a
         worker's write, no longer on the attempt the worker holds).
         """
-        params = {"job_id": job_id, "held": held, "now": now, "e_type": change.event_type.value}
+        params: dict[str, Any] = {
+            "job_id": job_id,
+            "held": held,
+            "now": now,
+            "e_type": change.event_type.value,
+        }
         params.update({f"v_{name}": value for name, value in values.items()})
+        if change.ends_attempt:
+            assert outcome is not None
+            params["a_outcome"] = outcome.value
+            params["a_error"] = error.model_dump() if error else None
         if self.dialect == "postgresql":
             # One statement in autocommit: one round trip, one implicit transaction.
             with self._tx(autocommit=True) as conn:
                 row = conn.execute(self._statement(change), {**params, "e_data": data}).first()
             if row is None:
                 return None
-            job = row._mapping
-            event = Event(
-                id=job["event_id"],
-                job_id=job["id"],
-                seq=job["event_seq"],
-                type=change.event_type,
-                task=job["task"],
-                status=job["status"],
-                data=job["event_data"],
-                at=job["updated_at"],
-            )
-            return _job(job), event
+            return _job(row._mapping), _joined_event(change, row._mapping)
         with self._tx() as conn:
             found = conn.execute(self._statement(change), params).mappings().first()
             if found is None:
                 return None
             if change.duration:
                 data = {**data, "duration": _duration(found)}
+            if change.ends_attempt:
+                ended = {"a_worker": found["worker"], "a_started_at": found["started_at"]}
+                conn.execute(_INSERT_ATTEMPT, {**params, **ended})
             return _job(found), self._insert_event(conn, found, change.event_type, data)
 
     def _statement(self, change: Change) -> Executable:
@@ -530,6 +763,240 @@ class Store:
         event_id = conn.execute(_INSERT_EVENT, params).scalar()
         assert event_id is not None
         return Event(id=event_id, **values)
+
+    # -- dispatch bookkeeping -------------------------------------------------
+
+    def due_for_dispatch(self, *, limit: int = 100) -> list[Job]:
+        """Queued or retrying jobs that no broker was given yet and are due now."""
+        now = self._db_now()
+        query = (
+            select(jobs_t)
+            .where(
+                jobs_t.c.status.in_(_WAITING),
+                jobs_t.c.dispatched_at.is_(None),
+                or_(jobs_t.c.next_attempt_at.is_(None), jobs_t.c.next_attempt_at <= now),
+            )
+            .order_by(jobs_t.c.priority.desc(), jobs_t.c.created_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [_job(r) for r in conn.execute(query).mappings()]
+
+    def stale_dispatches(
+        self, older_than: float, *, queue: str | None = None, limit: int = 100
+    ) -> list[tuple[Job, datetime]]:
+        """Waiting jobs handed to the broker more than ``older_than`` seconds ago,
+        with the time they were handed over (for :meth:`mark_dispatched`)."""
+        cutoff = self._db_now(ago=older_than)
+        query = select(jobs_t).where(jobs_t.c.status.in_(_WAITING), jobs_t.c.dispatched_at < cutoff)
+        if queue is not None:
+            query = query.where(jobs_t.c.queue == queue)
+        query = query.order_by(jobs_t.c.dispatched_at).limit(limit)
+        with self._tx() as conn:
+            rows = conn.execute(query).mappings().all()
+        return [(_job(r), r["dispatched_at"]) for r in rows]
+
+    def waiting_queues(self, older_than: float) -> list[str]:
+        """Queues with a job handed to the broker more than ``older_than`` seconds ago."""
+        cutoff = self._db_now(ago=older_than)
+        query = (
+            select(jobs_t.c.queue)
+            .where(jobs_t.c.status.in_(_WAITING), jobs_t.c.dispatched_at < cutoff)
+            .distinct()
+        )
+        with self._tx() as conn:
+            return list(conn.execute(query).scalars())
+
+    def mark_dispatched(self, job_id: str, attempt: int, previous: datetime | None) -> bool:
+        """Take the (re)dispatch of this attempt; False if another process took it first."""
+        same = (
+            jobs_t.c.dispatched_at.is_(None)
+            if previous is None
+            else jobs_t.c.dispatched_at == previous
+        )
+        stmt = (
+            update(jobs_t)
+            .where(
+                jobs_t.c.id == job_id,
+                jobs_t.c.attempt == attempt,
+                jobs_t.c.status.in_(_WAITING),
+                same,
+            )
+            .values(dispatched_at=utcnow())
+        )
+        with self._tx() as conn:
+            return conn.execute(stmt).rowcount == 1
+
+    def undispatched(self, job_id: str, attempt: int) -> None:
+        """The broker did not take this attempt: dispatch it again later."""
+        stmt = (
+            update(jobs_t)
+            .where(
+                jobs_t.c.id == job_id,
+                jobs_t.c.attempt == attempt,
+                jobs_t.c.status.in_(_WAITING),
+            )
+            .values(dispatched_at=None)
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+
+    # -- workers --------------------------------------------------------------
+
+    def heartbeat(self, worker: str) -> None:
+        """Record that ``worker`` is alive, by the database's clock."""
+        now = self._db_now()
+        with self._tx() as conn:
+            found = conn.execute(
+                update(workers_t)
+                .where(workers_t.c.id == worker)
+                .values(last_seen=now, stopped_at=None)
+            ).rowcount
+            if not found:
+                conn.execute(insert(workers_t).values(id=worker, started_at=now, last_seen=now))
+
+    def workers_stopped(self, *, prefix: str) -> None:
+        """Mark the workers whose ids start with ``prefix`` as stopped; a job still
+        running on one of them is taken back by the next sweep."""
+        with self._tx() as conn:
+            conn.execute(
+                update(workers_t)
+                .where(workers_t.c.id.like(_like_prefix(prefix), escape="\\"))
+                .values(stopped_at=self._db_now())
+            )
+
+    def lost_jobs(self, timeout: float, *, limit: int = 100) -> list[Job]:
+        """Running jobs whose worker stopped, or has not heart-beat for ``timeout`` seconds.
+
+        A worker never seen counts from the job's start.
+        """
+        cutoff = self._db_now(ago=timeout)
+        seen = func.coalesce(workers_t.c.last_seen, jobs_t.c.started_at)
+        query = (
+            select(jobs_t)
+            .select_from(jobs_t.outerjoin(workers_t, workers_t.c.id == jobs_t.c.worker))
+            .where(
+                jobs_t.c.status == JobStatus.RUNNING.value,
+                or_(seen < cutoff, workers_t.c.stopped_at.is_not(None)),
+            )
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            return [_job(r) for r in conn.execute(query).mappings()]
+
+    def running_jobs(self, *, prefix: str) -> list[Job]:
+        """Running jobs of the workers whose ids start with ``prefix``."""
+        query = select(jobs_t).where(
+            jobs_t.c.status == JobStatus.RUNNING.value,
+            jobs_t.c.worker.like(_like_prefix(prefix), escape="\\"),
+        )
+        with self._tx() as conn:
+            return [_job(r) for r in conn.execute(query).mappings()]
+
+    def _db_now(self, *, ago: float = 0.0) -> Any:
+        """Now, or ``ago`` seconds before, by the database's clock: leases are judged
+        by one clock for every machine. Embedded SQLite shares the one machine's."""
+        if self.dialect == "postgresql":
+            return func.now() - timedelta(seconds=ago) if ago else func.now()
+        return bindparam(None, utcnow() - timedelta(seconds=ago), type_=jobs_t.c.updated_at.type)
+
+    # -- dead letters ---------------------------------------------------------
+
+    def dead_letters(
+        self,
+        match: DeadLetterFilter | None = None,
+        *,
+        replayed: bool | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Job], str | None]:
+        """Dead jobs, the last to die first; pass the returned cursor back for the next page.
+
+        ``replayed`` keeps only those that have (True) or have not (False) been replayed.
+        """
+        query = (
+            select(jobs_t)
+            .where(*_dead_letter_conditions(match or DeadLetterFilter()))
+            .order_by(jobs_t.c.finished_at.desc(), jobs_t.c.id.desc())
+        )
+        if replayed is not None:
+            replays = jobs_t.alias("replays")
+            found = select(replays.c.id).where(replays.c.replay_of == jobs_t.c.id).exists()
+            query = query.where(found if replayed else ~found)
+        if cursor:
+            finished, job_id = decode_cursor(cursor)
+            query = query.where(
+                or_(
+                    jobs_t.c.finished_at < finished,
+                    and_(jobs_t.c.finished_at == finished, jobs_t.c.id < job_id),
+                )
+            )
+        with self._tx() as conn:
+            rows = conn.execute(query.limit(limit + 1)).mappings().all()
+        page = [_job(r) for r in rows[:limit]]
+        next_cursor = None
+        if len(rows) > limit and page[-1].finished_at is not None:
+            next_cursor = _keyset_cursor(page[-1].finished_at, page[-1].id)
+        return page, next_cursor
+
+    def dead_letter(self, job_id: str) -> Job:
+        """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""
+        job = self.get_job(job_id)
+        if job.status is not JobStatus.DEAD:
+            raise DeadLetterNotFound(job_id, job.status.value)
+        return job
+
+    def replays_of(self, job_ids: Sequence[str]) -> dict[str, list[str]]:
+        """For each of ``job_ids``, the ids of the jobs replaying it, oldest first."""
+        found: dict[str, list[str]] = {job_id: [] for job_id in job_ids}
+        if not found:
+            return found
+        query = (
+            select(jobs_t.c.replay_of, jobs_t.c.id)
+            .where(jobs_t.c.replay_of.in_(list(found)))
+            .order_by(jobs_t.c.created_at, jobs_t.c.id)
+        )
+        with self._tx() as conn:
+            for original, replay in conn.execute(query):
+                found[original].append(replay)
+        return found
+
+    def attempts_of(self, job_ids: Sequence[str]) -> dict[str, list[Attempt]]:
+        """For each of ``job_ids``, its ended attempts, first to last (one query for a page)."""
+        found: dict[str, list[Attempt]] = {job_id: [] for job_id in job_ids}
+        if not found:
+            return found
+        query = (
+            select(attempts_t)
+            .where(attempts_t.c.job_id.in_(list(found)))
+            .order_by(attempts_t.c.job_id, attempts_t.c.attempt)
+        )
+        with self._tx() as conn:
+            for row in conn.execute(query).mappings():
+                found[row["job_id"]].append(_attempt(row))
+        return found
+
+    def purge_dead_letters(self, match: DeadLetterFilter) -> int:
+        """Delete the dead jobs ``match`` selects (all of them if it is empty) with their
+        events and attempts; returns how many. Their replays stay, still naming them."""
+        statement = delete(jobs_t).where(*_dead_letter_conditions(match))
+        with self._tx() as conn:
+            return int(conn.execute(statement).rowcount)
+
+    def purge_dead_letter(self, job_id: str) -> None:
+        """Delete one dead job; raises JobNotFound, or JobNotDead if it is not dead."""
+        statement = delete(jobs_t).where(
+            jobs_t.c.id == job_id, jobs_t.c.status == JobStatus.DEAD.value
+        )
+        with self._tx() as conn:
+            if conn.execute(statement).rowcount == 1:
+                return
+            status = conn.execute(
+                select(jobs_t.c.status).where(jobs_t.c.id == job_id)
+            ).scalar_one_or_none()
+        if status is None:
+            raise JobNotFound(job_id)
+        raise JobNotDead(job_id, status)
 
     # -- events ---------------------------------------------------------------
 
@@ -632,6 +1099,52 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _new_job(
+    now: datetime,
+    *,
+    task: str,
+    payload: dict[str, Any],
+    queue: str,
+    priority: int,
+    max_attempts: int,
+    timeout: float | None,
+    correlation_id: str,
+    backoff_base: float = 1.0,
+    backoff_cap: float = 300.0,
+    replay_of: str | None = None,
+) -> dict[str, Any]:
+    """The values of :data:`CREATE` for a new job."""
+    return {
+        "id": str(uuid.uuid4()),
+        "task": task,
+        "queue": queue,
+        "priority": priority,
+        "payload": payload,
+        "attempt": 1,
+        "max_attempts": max_attempts,
+        "timeout": timeout,
+        "correlation_id": correlation_id,
+        "backoff_base": backoff_base,
+        "backoff_cap": backoff_cap,
+        "replay_of": replay_of,
+        "dispatched_at": now,
+    }
+
+
+def _joined_event(change: Change, row: RowMapping) -> Event:
+    """The event in a row of a PostgreSQL change statement (the job row plus ``event_*``)."""
+    return Event(
+        id=row["event_id"],
+        job_id=row["id"],
+        seq=row["event_seq"],
+        type=change.event_type,
+        task=row["task"],
+        status=row["status"],
+        data=row["event_data"],
+        at=row["updated_at"],
+    )
+
+
 def _job(row: RowMapping) -> Job:
     return Job(
         id=row["id"],
@@ -655,7 +1168,41 @@ def _job(row: RowMapping) -> Job:
         started_at=row["started_at"],
         finished_at=row["finished_at"],
         next_attempt_at=row["next_attempt_at"],
+        backoff_base=row["backoff_base"],
+        backoff_cap=row["backoff_cap"],
+        replay_of=row["replay_of"],
+        worker=row["worker"],
     )
+
+
+def _attempt(row: RowMapping) -> Attempt:
+    return Attempt(
+        attempt=row["attempt"],
+        worker=row["worker"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        outcome=AttemptOutcome(row["outcome"]),
+        error=JobError(**row["error"]) if row["error"] else None,
+    )
+
+
+def _dead_letter_conditions(match: DeadLetterFilter) -> list[ColumnElement[bool]]:
+    conditions = [jobs_t.c.status == JobStatus.DEAD.value]
+    if match.task is not None:
+        conditions.append(jobs_t.c.task == match.task)
+    if match.error_type is not None:
+        # JSON path: json_extract on SQLite, ->> on PostgreSQL.
+        conditions.append(jobs_t.c.error["type"].as_string() == match.error_type)
+    if match.since is not None:
+        conditions.append(jobs_t.c.finished_at >= match.since)
+    if match.until is not None:
+        conditions.append(jobs_t.c.finished_at < match.until)
+    return conditions
+
+
+def _like_prefix(prefix: str) -> str:
+    """A LIKE pattern (escape character backslash) matching strings that start with ``prefix``."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
 def _duration(row: RowMapping) -> float | None:
@@ -668,7 +1215,11 @@ def _event(row: RowMapping) -> Event:
 
 
 def encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
+    return _keyset_cursor(job.created_at, job.id)
+
+
+def _keyset_cursor(at: datetime, key: str) -> str:
+    raw = json.dumps([at.isoformat(), key]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 

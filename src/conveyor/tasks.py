@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
 
 from pydantic import BaseModel, ValidationError
 
-from conveyor.errors import ConfigurationError, PayloadInvalid
+from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -30,24 +30,47 @@ QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT = 7 * 24 * 3600.0
+MAX_BACKOFF = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
 class TaskOptions:
-    """How jobs of a task run; ``priority`` 0 (lowest) to 9 (most urgent)."""
+    """How jobs of a task run; ``priority`` 0 (lowest) to 9 (most urgent).
+
+    A failed attempt is retried while attempts remain, after a delay drawn
+    uniformly from ``[0, min(backoff_cap, backoff_base * 2 ** (attempt - 1))]``
+    (exponential backoff with full jitter). ``RetryableError`` always retries,
+    ``PermanentError`` never does, any other exception only if it is an
+    instance of one of ``retry_on``.
+    """
 
     queue: str = "default"
     priority: int = 5
     max_attempts: int = 3
     timeout: float | None = None
+    backoff_base: float = 1.0
+    backoff_cap: float = 300.0
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
         check_priority(self.priority)
-        if not 1 <= self.max_attempts <= MAX_ATTEMPTS:
-            raise ConfigurationError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}")
+        check_retry_policy(self.max_attempts, self.backoff_base, self.backoff_cap)
         if self.timeout is not None and not 0 < self.timeout <= MAX_TIMEOUT:
             raise ConfigurationError(f"timeout must be > 0 and <= {MAX_TIMEOUT:.0f} seconds")
+        if not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
+            raise ConfigurationError("retry_on must be a tuple of exception classes")
+
+
+def check_retry_policy(max_attempts: int, backoff_base: float, backoff_cap: float) -> None:
+    if not 1 <= max_attempts <= MAX_ATTEMPTS:
+        raise ConfigurationError(f"max_attempts must be between 1 and {MAX_ATTEMPTS}")
+    if not 0 <= backoff_base <= MAX_BACKOFF:
+        raise ConfigurationError(f"backoff_base must be between 0 and {MAX_BACKOFF:.0f} seconds")
+    if not backoff_base <= backoff_cap <= MAX_BACKOFF:
+        raise ConfigurationError(
+            f"backoff_cap must be between backoff_base and {MAX_BACKOFF:.0f} seconds"
+        )
 
 
 def check_queue(queue: str) -> str:
@@ -113,10 +136,28 @@ class Task(Generic[P, R]):
         queue: str | None = None,
         priority: int | None = None,
         correlation_id: str | None = None,
+        max_attempts: int | None = None,
+        backoff_base: float | None = None,
+        backoff_cap: float | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
         return self.app.submit(
-            self, payload, queue=queue, priority=priority, correlation_id=correlation_id
+            self,
+            payload,
+            queue=queue,
+            priority=priority,
+            correlation_id=correlation_id,
+            max_attempts=max_attempts,
+            backoff_base=backoff_base,
+            backoff_cap=backoff_cap,
+            idempotency_key=idempotency_key,
         )
+
+    def retries(self, exc: BaseException) -> bool:
+        """Whether a failure with ``exc`` may be retried (attempts permitting)."""
+        if isinstance(exc, PermanentError):
+            return False
+        return isinstance(exc, (RetryableError, *self.options.retry_on))
 
 
 def _payload_model(fn: Callable[..., Any], name: str) -> type[Any]:

@@ -9,48 +9,87 @@ loop per worker process, in a background thread.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
 import os
 import random
+import secrets
+import signal
 import socket
 import threading
+import time
 import traceback
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import structlog
 from celery import signals
 from celery.exceptions import SoftTimeLimitExceeded
+from celery.worker.request import Request
 from pydantic import BaseModel, ValidationError
 
-from conveyor.broker import dispatch
 from conveyor.context import Context
-from conveyor.errors import BrokerUnavailable, PermanentError, RetryableError
-from conveyor.jobs import Job, JobError
+from conveyor.errors import ConveyorError, PermanentError, RetryableError, StoreUnavailable
+from conveyor.jobs import AttemptOutcome, Job, JobError, JobStatus
 from conveyor.logs import configure_logging
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
+    from conveyor.tasks import Task
 
 log = structlog.get_logger("conveyor.worker")
 
-BACKOFF_BASE = 1.0
-BACKOFF_CAP = 300.0
+T = TypeVar("T")
+
+#: Longest wait between two tries of a store write during a store outage, seconds.
+STORE_RETRY_CAP = 5.0
+
+#: Set by ``run_worker`` for its processes: the worker node this process belongs to.
+NODE_ENV = "CONVEYOR_WORKER_NODE"
+
+_identity: tuple[int, str] | None = None
 
 
 def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """This process's identity in the store: its node, pid and a random token, so
+    that a restarted process with a recycled pid is a different worker."""
+    global _identity
+    pid = os.getpid()
+    if _identity is None or _identity[0] != pid:
+        node = os.environ.get(NODE_ENV) or socket.gethostname()
+        _identity = (pid, f"{node}/{pid}:{secrets.token_hex(3)}")
+    return _identity[1]
 
 
-def backoff(attempt: int) -> float:
+def backoff(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Exponential backoff with full jitter for the retry after ``attempt``."""
-    return random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1)))
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def patiently(call: Callable[[], T]) -> T:
+    """Make a store write, waiting out a store outage with capped exponential backoff.
+
+    The broker message stays unacknowledged meanwhile, and the process keeps
+    heart-beating once the store is back, so nothing is lost and nobody retakes
+    the job while this process still holds its outcome.
+    """
+    delay = 0.1
+    while True:
+        try:
+            return call()
+        except StoreUnavailable as exc:
+            log.warning("store.unavailable", error=str(exc), retry_in=round(delay, 2))
+            time.sleep(delay)
+            delay = min(delay * 2, STORE_RETRY_CAP)
 
 
 def execute(app: Conveyor, job_id: str, attempt: int) -> None:
-    claimed = app.store.claim(job_id, attempt, worker_id())
+    monitor = ProcessMonitor.ensure(app)
+    claimed = patiently(lambda: app.store.claim(job_id, attempt, worker_id()))
     if claimed is None:
         log.info("job.skipped", job_id=job_id, attempt=attempt, reason="stale or duplicate")
         return
@@ -60,20 +99,26 @@ def execute(app: Conveyor, job_id: str, attempt: int) -> None:
         job_id=job.id, task=job.task, attempt=attempt, correlation_id=job.correlation_id
     ):
         log.info("job.started")
+        task = app.tasks.get(job.task)
         try:
-            result = _run(app, job)
+            result = _run(app, job, monitor)
         except BaseException as exc:
             if not isinstance(exc, Exception | SoftTimeLimitExceeded):
                 raise
-            _record_failure(app, job, exc)
+            failure: BaseException = exc
+            patiently(lambda: _record_failure(app, job, failure, task))
         else:
-            recorded = app.store.succeed(job.id, attempt, result)
-            if recorded is not None:
-                app.publisher.publish(recorded[1])
+            recorded = patiently(lambda: app.store.succeed(job.id, attempt, result))
+            if recorded is None:
+                log.info("job.abandoned", reason="cancelled or taken over while running")
+                return
+            app.publisher.publish(recorded[1])
             log.info("job.succeeded")
+        finally:
+            monitor.running = None
 
 
-def _run(app: Conveyor, job: Job) -> Any:
+def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
     try:
         task = app.get_task(job.task)
         payload = task.parse(job.payload)
@@ -88,10 +133,12 @@ def _run(app: Conveyor, job: Job) -> Any:
         attempt=job.attempt,
         max_attempts=job.max_attempts,
         correlation_id=job.correlation_id,
-        report=lambda percent, step, message: _report(app, job, ctx, percent, step, message),
+        report=lambda percent, step, message: _report(app, job, running, percent, step, message),
     )
+    running = monitor.running = Running(job, ctx)
     if task.is_async:
-        result = run_coroutine(task.fn(ctx, payload), timeout=job.timeout)  # type: ignore[arg-type]
+        coro = task.fn(ctx, payload)
+        result = run_coroutine(coro, timeout=job.timeout, running=running)  # type: ignore[arg-type]
     else:
         result = task.fn(ctx, payload)
     return _jsonable(result)
@@ -100,15 +147,17 @@ def _run(app: Conveyor, job: Job) -> Any:
 def _report(
     app: Conveyor,
     job: Job,
-    ctx: Context,
+    running: Running,
     percent: float | None,
     step: str | None,
     message: str | None,
 ) -> None:
-    event = app.store.progress(job.id, job.attempt, percent=percent, step=step, message=message)
+    event = patiently(
+        lambda: app.store.progress(job.id, job.attempt, percent=percent, step=step, message=message)
+    )
     if event is None:
         # The attempt is no longer current (cancelled, or taken over): ask the task to stop.
-        ctx._cancel.set()
+        running.stop()
         return
     app.publisher.publish(event)
 
@@ -123,32 +172,187 @@ def _jsonable(result: Any) -> Any:
     return result
 
 
-def _record_failure(app: Conveyor, job: Job, exc: BaseException) -> None:
+def _record_failure(
+    app: Conveyor, job: Job, exc: BaseException, task: Task[Any, Any] | None
+) -> None:
     timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
     error = JobError(
         type="TimeoutError" if timed_out else _qualname(exc),
         message=str(exc) or ("timed out" if timed_out else type(exc).__name__),
         traceback="".join(traceback.format_exception(exc)),
     )
-    retry = not isinstance(exc, PermanentError) and job.attempt < job.max_attempts
-    if not retry:
-        recorded = app.store.fail(job.id, job.attempt, error)
-        if recorded is not None:
-            app.publisher.publish(recorded[1])
-        log.warning("job.failed", error_type=error.type, error=error.message)
-        return
-    delay = exc.delay if isinstance(exc, RetryableError) and exc.delay else backoff(job.attempt)
+    # A soft time limit counts as retryable, whatever the task's ``retry_on``.
+    retryable = timed_out or (task.retries(exc) if task else False)
+    delay = exc.delay if isinstance(exc, RetryableError) else None
+    end_attempt(app, job, error, retryable=retryable, delay=delay)
+
+
+def end_attempt(
+    app: Conveyor,
+    job: Job,
+    error: JobError,
+    *,
+    retryable: bool,
+    delay: float | None = None,
+    outcome: AttemptOutcome = AttemptOutcome.FAILED,
+) -> JobStatus | None:
+    """Record a failed attempt: retry it after a backoff while attempts remain,
+    else the job is dead. Returns the job's new status, None if the attempt was
+    no longer current (cancelled, or already ended elsewhere)."""
+    if not retryable or job.attempt >= job.max_attempts:
+        recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
+        if recorded is None:
+            log.info("job.abandoned", reason="cancelled or taken over while running")
+            return None
+        app.publisher.publish(recorded[1])
+        log.warning("job.dead", error_type=error.type, error=error.message, outcome=outcome.value)
+        return JobStatus.DEAD
+    if delay is None:
+        delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
     at = datetime.now(UTC) + timedelta(seconds=delay)
-    scheduled = app.store.schedule_retry(job.id, job.attempt, at=at, error=error)
+    scheduled = app.store.schedule_retry(
+        job.id, job.attempt, at=at, error=error, outcome=outcome, dispatched=delay == 0
+    )
     if scheduled is None:
-        return
+        log.info("job.abandoned", reason="cancelled or taken over while running")
+        return None
     next_job, event = scheduled
     app.publisher.publish(event)
-    log.warning("job.retrying", error_type=error.type, error=error.message, delay=delay)
-    try:
-        dispatch(app.celery, next_job, countdown=delay)
-    except BrokerUnavailable as err:
-        log.error("job.dispatch_failed", error=str(err))
+    log.warning(
+        "job.retrying", error_type=error.type, error=error.message, delay=delay, outcome=outcome
+    )
+    if delay == 0:
+        app.dispatch(next_job)  # otherwise the recovery sweep dispatches it when it is due
+    return JobStatus.RETRYING
+
+
+@dataclass
+class Running:
+    """A job running in this process, as its monitor sees it."""
+
+    job: Job
+    ctx: Context
+    future: concurrent.futures.Future[Any] | None = None
+    #: When the stop was asked for (monotonic clock).
+    stop_requested: float | None = None
+
+    def stop(self) -> None:
+        """Ask the task to stop: ``ctx.cancelled`` for sync code, cancellation for async."""
+        if self.stop_requested is None:
+            self.stop_requested = time.monotonic()
+        self.ctx._cancel.set()
+        if self.future is not None:
+            self.future.cancel()
+
+
+#: True in a Celery prefork pool process, which may be stopped hard (Celery replaces it).
+_in_pool_process = False
+
+
+class ProcessMonitor:
+    """One per app and worker process: heartbeats, and stopping jobs that were
+    cancelled (or taken over) while they run, hard after ``cancel_grace``."""
+
+    _monitors: ClassVar[dict[int, ProcessMonitor]] = {}
+    _lock = threading.Lock()
+
+    def __init__(self, app: Conveyor) -> None:
+        self.app = app
+        self.pid = os.getpid()
+        self._running: dict[int, Running] = {}
+        self._closed = threading.Event()
+        self.beat()  # the worker's row exists before its first claim
+        self._thread = threading.Thread(target=self._loop, name="conveyor-monitor", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def ensure(cls, app: Conveyor) -> ProcessMonitor:
+        with cls._lock:
+            monitor = cls._monitors.get(id(app))
+            if monitor is None or monitor.pid != os.getpid():
+                monitor = cls._monitors[id(app)] = cls(app)
+            return monitor
+
+    @classmethod
+    def forget(cls, app: Conveyor) -> None:
+        """Stop the app's monitor in this process (its resources are closing)."""
+        with cls._lock:
+            monitor = cls._monitors.pop(id(app), None)
+        if monitor is not None:
+            monitor._closed.set()
+            if monitor.pid == os.getpid() and monitor._thread is not threading.current_thread():
+                monitor._thread.join(10)  # it may be using the store the app is closing
+
+    @property
+    def running(self) -> Running | None:
+        return self._running.get(threading.get_ident())
+
+    @running.setter
+    def running(self, value: Running | None) -> None:
+        if value is None:
+            self._running.pop(threading.get_ident(), None)
+        else:
+            self._running[threading.get_ident()] = value
+
+    def _loop(self) -> None:
+        settings = self.app.settings
+        tick = min(settings.heartbeat_interval, 1.0)
+        last_beat = time.monotonic()
+        while not self._closed.wait(tick):
+            if time.monotonic() - last_beat >= settings.heartbeat_interval:
+                last_beat = time.monotonic()
+                self.beat()
+            for running in list(self._running.values()):
+                self.watch(running)
+
+    def beat(self) -> None:
+        try:
+            self.app.store.heartbeat(worker_id())
+        except ConveyorError as exc:
+            log.warning("worker.heartbeat_failed", error=str(exc))
+
+    def watch(self, running: Running) -> None:
+        if running.stop_requested is None:
+            try:
+                job = self.app.store.get_job(running.job.id)
+            except ConveyorError:
+                return
+            if job.status is JobStatus.RUNNING and job.attempt == running.job.attempt:
+                return
+            log.info("job.stop_requested", job_id=job.id, status=job.status.value)
+            running.stop()
+        elif (
+            time.monotonic() - running.stop_requested > self.app.settings.cancel_grace
+            and _in_pool_process
+        ):
+            log.warning("job.stopped_hard", job_id=running.job.id)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+class ConveyorRequest(Request):
+    """Celery's request, plus recording a hard time limit in the store at once
+    (Celery has killed the pool process; without this the job would wait for the
+    recovery sweep to notice its silent worker)."""
+
+    app_ref: ClassVar[Conveyor | None] = None
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        app = type(self).app_ref
+        if soft or app is None:
+            return
+        job_id, attempt = self.args
+        try:
+            job = app.store.get_job(job_id)
+            if job.status is not JobStatus.RUNNING or job.attempt != attempt:
+                return
+            error = JobError(
+                type="TimeoutError",
+                message=f"hard time limit of {timeout:g} s exceeded; the process was stopped",
+            )
+            end_attempt(app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.TIMED_OUT)
+        except ConveyorError as exc:
+            log.error("job.timeout_not_recorded", job_id=job_id, error=str(exc))
 
 
 def _qualname(exc: BaseException) -> str:
@@ -181,14 +385,19 @@ def event_loop() -> asyncio.AbstractEventLoop:
         return _loop.loop
 
 
-def run_coroutine(coro: Coroutine[Any, Any, Any], *, timeout: float | None) -> Any:
-    """Run ``coro`` on the process loop; a Celery soft time limit cancels it."""
+def run_coroutine(
+    coro: Coroutine[Any, Any, Any], *, timeout: float | None, running: Running | None = None
+) -> Any:
+    """Run ``coro`` on the process loop; a Celery soft time limit or a cancellation
+    of the job cancels it."""
 
     async def guarded() -> Any:
         async with asyncio.timeout(timeout):
             return await coro
 
     future = asyncio.run_coroutine_threadsafe(guarded(), event_loop())
+    if running is not None:
+        running.future = future
     try:
         return future.result()
     except BaseException:
@@ -203,15 +412,45 @@ def run_worker(
     concurrency: int = 2,
     pool: str = "prefork",
 ) -> None:
-    """Run a Celery worker for the app's jobs in this process until it is stopped."""
+    """Run a Celery worker for the app's jobs in this process until it is stopped.
+
+    Besides Celery's worker, this process runs the recovery sweep, and on a warm
+    shutdown gives running jobs ``shutdown_grace`` seconds before handing them back.
+    """
+    from conveyor.recovery import Sweeper
+
     settings = app.settings
     app.store.check_schema()
     app.close()  # forked pool processes must not inherit open database connections
+    node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
     celery = app.celery
+    sweeper = Sweeper(app)
 
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
         configure_logging(settings)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _pool_process(**_: Any) -> None:
+        global _in_pool_process
+        _in_pool_process = True
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        sweeper.start()  # after the pool has forked: no thread is copied into it
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stopped(**_: Any) -> None:
+        with contextlib.suppress(ConveyorError):
+            app.store.workers_stopped(prefix=f"{node}/")
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _shutting_down(**_: Any) -> None:
+        sweeper.stop(wait=0)  # in a signal handler: do not wait for a sweep to end
+        threading.Thread(
+            target=_hand_back_after_grace, args=(app, node), name="conveyor-shutdown", daemon=True
+        ).start()
 
     argv = [
         "--quiet",  # a global option: no banner on stdout, where the logs are JSON lines
@@ -225,3 +464,19 @@ def run_worker(
     if settings.embedded:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
     celery.worker_main(argv)
+
+
+def _hand_back_after_grace(app: Conveyor, node: str) -> None:
+    """Once the grace period is over, hand this node's running jobs back (a new
+    attempt, dispatched by any sweeper) and stop the pool with a cold shutdown."""
+    time.sleep(app.settings.shutdown_grace)
+    try:
+        running = app.store.running_jobs(prefix=f"{node}/")
+    except ConveyorError as exc:
+        log.error("worker.hand_back_failed", error=str(exc))
+        running = []
+    for job in running:
+        error = JobError(type="WorkerShutdown", message="the worker stopped before the job ended")
+        end_attempt(app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.INTERRUPTED)
+    log.warning("worker.handed_back", jobs=len(running))
+    os.kill(os.getpid(), signal.SIGQUIT)  # Celery's cold shutdown: stop the pool now

@@ -65,6 +65,38 @@ async def test_submit_overrides_queue_and_priority(client: httpx.AsyncClient) ->
     assert (job["queue"], job["priority"]) == ("urgent", 9)
 
 
+async def test_submit_overrides_the_retry_policy(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    job = await submit(client, max_attempts=7, backoff_base=0.5, backoff_cap=20)
+
+    stored = conveyor.store.get_job(job["id"])
+    assert (stored.max_attempts, stored.backoff_base, stored.backoff_cap) == (7, 0.5, 20)
+    assert (job["max_attempts"], job["backoff_base"], job["backoff_cap"]) == (7, 0.5, 20)
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"max_attempts": 0}, "max_attempts"),
+        ({"max_attempts": 101}, "max_attempts"),
+        ({"backoff_base": -1}, "backoff_base"),
+        ({"backoff_base": 10, "backoff_cap": 5}, "backoff_cap"),
+    ],
+)
+async def test_a_retry_policy_out_of_bounds_is_422_and_stores_nothing(
+    client: httpx.AsyncClient, conveyor: Conveyor, options: dict[str, float], named: str
+) -> None:
+    response = await client.post(
+        "/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}, **options}
+    )
+
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == PROBLEM
+    assert named in response.text
+    assert conveyor.store.list_jobs() == ([], None)
+
+
 async def test_unknown_task_is_404(client: httpx.AsyncClient) -> None:
     response = await client.post("/v1/jobs", json={"task": "no.such", "payload": {}})
 

@@ -24,7 +24,7 @@ import httpx
 from httpx_sse import connect_sse
 
 CONVEYOR = [sys.executable, "-m", "conveyor"]
-TERMINAL = {"succeeded", "failed", "cancelled", "dead"}
+TERMINAL = {"succeeded", "cancelled", "dead"}
 #: Seconds to wait for an API to come up: imports alone take seconds on a busy 2-core box.
 READY_TIMEOUT = 60.0
 

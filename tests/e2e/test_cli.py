@@ -61,7 +61,7 @@ def test_submit_follow_exits_1_when_the_job_fails(stack: Stack) -> None:
         "submit", "diag.fail", "--payload", '{"mode": "permanent"}', "--follow", env=stack.env
     )
     assert result.returncode == 1, result
-    assert "failed" in result.stdout
+    assert "dead" in result.stdout
     assert "diag.fail asked to fail" in result.stdout
     assert_no_traceback(result)
 

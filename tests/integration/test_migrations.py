@@ -38,6 +38,9 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_jobs",
         "conveyor_job_events",
         "conveyor_api_keys",
+        "conveyor_job_attempts",
+        "conveyor_workers",
+        "conveyor_idempotency_keys",
         VERSION_TABLE,
     }
     empty_store.ping()
@@ -63,3 +66,34 @@ def test_schema_check_accepts_a_newer_schema(empty_store: Store) -> None:
     with empty_store.engine.begin() as conn:
         conn.execute(text(f"UPDATE {VERSION_TABLE} SET version_num = 'ffffffffffff'"))
     empty_store.check_schema()  # a newer release migrated it: older workers keep running
+
+
+def test_upgrade_from_0001_keeps_jobs_and_renames_failed_to_dead(empty_store: Store) -> None:
+    """A database made by the first release upgrades in place, its jobs intact."""
+    from alembic import command
+
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0001")
+    now = "2026-11-01 12:00:00"
+    with empty_store.engine.begin() as conn:
+        for job_id, status in [("j-failed", "failed"), ("j-queued", "queued")]:
+            conn.execute(
+                text(
+                    "INSERT INTO conveyor_jobs (id, task, queue, priority, payload, status,"
+                    " attempt, max_attempts, correlation_id, event_seq, created_at, updated_at)"
+                    " VALUES (:id, 't', 'default', 5, '{}', :status, 1, 1, 'c', 1, :now, :now)"
+                ),
+                {"id": job_id, "status": status, "now": now},
+            )
+    empty_store.migrate()
+    dead = empty_store.get_job("j-failed")
+    assert dead.status.value == "dead"
+    assert (dead.backoff_base, dead.backoff_cap, dead.replay_of) == (1.0, 300.0, None)
+    queued = empty_store.get_job("j-queued")
+    assert queued.status.value == "queued"
+    # It was dispatched when it was submitted: no sweep sends it again at once.
+    assert empty_store.due_for_dispatch() == []

@@ -91,7 +91,7 @@ def test_success_lifecycle(store: Store) -> None:
     assert events[2].data == {"percent": 50, "step": "half", "message": "halfway"}
 
 
-def test_retry_then_fail(store: Store) -> None:
+def test_retry_then_dead(store: Store) -> None:
     job = submit(store, max_attempts=2)
     assert store.claim(job.id, 1, "w") is not None
     at = datetime.now(UTC) + timedelta(seconds=30)
@@ -108,12 +108,12 @@ def test_retry_then_fail(store: Store) -> None:
     claimed = store.claim(job.id, 2, "w")
     assert claimed is not None
     assert claimed[0].next_attempt_at is None
-    failed = store.fail(job.id, 2, BOOM)
+    failed = store.die(job.id, 2, BOOM)
     assert failed is not None
-    assert failed[0].status is JobStatus.FAILED
+    assert failed[0].status is JobStatus.DEAD
     assert failed[1].data["error"] == {"type": "ValueError", "message": "boom"}
     statuses = [e.status for e in assert_consistent(store, job.id)]
-    assert statuses == ["queued", "running", "retrying", "running", "failed"]
+    assert statuses == ["queued", "running", "retrying", "running", "dead"]
 
 
 @pytest.mark.parametrize("before", ["queued", "running", "retrying"])
@@ -165,7 +165,7 @@ def test_stale_attempt_cannot_progress_or_finish(store: Store) -> None:
     before = store.job_events(job.id)
     assert store.progress(job.id, 1, percent=90) is None
     assert store.succeed(job.id, 1, "stale") is None
-    assert store.fail(job.id, 1, BOOM) is None
+    assert store.die(job.id, 1, BOOM) is None
     assert store.schedule_retry(job.id, 1, at=datetime.now(UTC), error=BOOM) is None
     assert store.job_events(job.id) == before
     assert store.get_job(job.id).attempt == 2
@@ -175,18 +175,18 @@ def test_unclaimed_job_cannot_progress_or_finish(store: Store) -> None:
     job = submit(store)
     assert store.progress(job.id, 1, percent=1) is None
     assert store.succeed(job.id, 1, None) is None
-    assert store.fail(job.id, 1, BOOM) is None
+    assert store.die(job.id, 1, BOOM) is None
     assert len(store.job_events(job.id)) == 1
 
 
-@pytest.mark.parametrize("end", ["succeeded", "failed", "cancelled"])
+@pytest.mark.parametrize("end", ["succeeded", "dead", "cancelled"])
 def test_finished_job_cannot_be_cancelled(store: Store, end: str) -> None:
     job = submit(store)
     if end == "cancelled":
         store.cancel(job.id)
     else:
         assert store.claim(job.id, 1, "w") is not None
-        finish = store.succeed(job.id, 1, 1) if end == "succeeded" else store.fail(job.id, 1, BOOM)
+        finish = store.succeed(job.id, 1, 1) if end == "succeeded" else store.die(job.id, 1, BOOM)
         assert finish is not None
     with pytest.raises(IllegalTransition) as caught:
         store.cancel(job.id)
@@ -427,3 +427,19 @@ def test_unreachable_postgres_is_store_unavailable(
             call(store)
     finally:
         store.dispose()
+
+
+def test_running_jobs_and_stopped_workers_match_the_prefix_literally(store: Store) -> None:
+    """Host names may hold LIKE's wildcards; a node's prefix must not match its neighbours."""
+    mine = submit(store)
+    neighbour = submit(store)
+    assert store.claim(mine.id, 1, "web_1:7:aa/8:bb") is not None
+    assert store.claim(neighbour.id, 1, "webX1:7:aa/9:cc") is not None  # _ would match X
+    assert [j.id for j in store.running_jobs(prefix="web_1:7:aa/")] == [mine.id]
+    assert store.running_jobs(prefix="web%") == []
+
+    for worker in ("web_1:7:aa/8:bb", "webX1:7:aa/9:cc"):
+        store.heartbeat(worker)
+    store.workers_stopped(prefix="web_1:7:aa/")
+    # A stopped worker's job is lost at once; the neighbour's heartbeat is fresh.
+    assert [j.id for j in store.lost_jobs(3600)] == [mine.id]

@@ -9,6 +9,7 @@ is covered by the end-to-end tests.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import threading
@@ -16,6 +17,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -27,10 +29,12 @@ from conveyor import Context, Conveyor, PermanentError, RetryableError
 from conveyor.broker import dispatch
 from conveyor.jobs import EventType, Job, JobStatus
 from conveyor.logs import configure_logging
+from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
 
 executions: Counter[str] = Counter()
 loops: dict[str, tuple[int, str]] = {}
+stopped: dict[str, str] = {}
 
 
 class Numbers(BaseModel):
@@ -86,6 +90,36 @@ def build_app(settings: Settings, queue: str) -> Conveyor:
         executions[ctx.job_id] += 1
         await asyncio.sleep(payload.seconds)
 
+    @app.task(name="t.picky", max_attempts=3, retry_on=(ValueError,), queue=queue)
+    def picky(ctx: Context, payload: Numbers) -> None:
+        executions[ctx.job_id] += 1
+        raise ValueError("worth another try") if payload.a == 1 else KeyError("no use")
+
+    @app.task(name="t.backoff", max_attempts=4, backoff_base=0.2, backoff_cap=0.5, queue=queue)
+    def backoff(ctx: Context, payload: Numbers) -> int:
+        executions[ctx.job_id] += 1
+        if ctx.attempt < 4:
+            raise ValueError(f"attempt {ctx.attempt}")
+        return ctx.attempt
+
+    @app.task(name="t.until_cancelled", max_attempts=1, queue=queue)
+    def until_cancelled(ctx: Context, payload: Numbers) -> str:
+        executions[ctx.job_id] += 1
+        deadline = time.monotonic() + 30
+        while not ctx.cancelled and time.monotonic() < deadline:
+            time.sleep(0.02)
+        stopped[ctx.job_id] = "saw ctx.cancelled" if ctx.cancelled else "ran to the end"
+        return stopped[ctx.job_id]
+
+    @app.task(name="t.async_forever", max_attempts=1, queue=queue)
+    async def async_forever(ctx: Context, payload: Numbers) -> None:
+        executions[ctx.job_id] += 1
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            stopped[ctx.job_id] = "cancelled"
+            raise
+
     return app
 
 
@@ -119,8 +153,13 @@ def app(
 
 @pytest.fixture
 def worker(app: Conveyor) -> Callable[..., Any]:
-    def start(concurrency: int = 2) -> Any:
-        return start_worker(
+    """Starts a Celery worker in threads; the recovery sweep runs beside it, as in
+    ``conveyor worker``."""
+    sweeper = Sweeper(app)
+
+    @contextlib.contextmanager
+    def start(concurrency: int = 2) -> Iterator[Any]:
+        with start_worker(
             app.celery,
             pool="threads",
             concurrency=concurrency,
@@ -128,7 +167,12 @@ def worker(app: Conveyor) -> Callable[..., Any]:
             queues=[app.get_task("t.add").options.queue],
             shutdown_timeout=20,
             loglevel="INFO",
-        )
+        ) as running:
+            sweeper.start()
+            try:
+                yield running
+            finally:
+                sweeper.stop()
 
     return start
 
@@ -202,12 +246,12 @@ def test_permanent_error_and_bad_result_fail_without_retry(app: Conveyor, worker
         permanent = app.submit("t.permanent", {"a": 1})
         unserialisable = app.submit("t.unserialisable", {"a": 1})
         done_permanent, done_unserialisable = wait_terminal(app, permanent, unserialisable)
-    assert done_permanent.status is JobStatus.FAILED
+    assert done_permanent.status is JobStatus.DEAD
     assert done_permanent.error is not None
     assert done_permanent.error.type == "conveyor.errors.PermanentError"
     assert done_permanent.error.message == "no point retrying"
     assert "Traceback" in (done_permanent.error.traceback or "")
-    assert done_unserialisable.status is JobStatus.FAILED
+    assert done_unserialisable.status is JobStatus.DEAD
     assert done_unserialisable.error is not None
     assert "JSON" in done_unserialisable.error.message
     assert executions[permanent.id] == executions[unserialisable.id] == 1
@@ -217,7 +261,7 @@ def test_async_timeout_is_recorded(app: Conveyor, worker: Any) -> None:
     with worker():
         job = app.submit("t.async_slow", {"seconds": 30})
         (done,) = wait_terminal(app, job)
-    assert done.status is JobStatus.FAILED
+    assert done.status is JobStatus.DEAD
     assert done.error is not None and done.error.type == "TimeoutError"
 
 
@@ -287,3 +331,132 @@ def test_correlation_id_follows_the_job_into_worker_logs(
     mine = [line for line in lines if line.get("job_id") == job.id]
     assert {"job.started", "adding numbers", "job.succeeded"} <= {m["event"] for m in mine}
     assert all(m["correlation_id"] == "req-4242" for m in mine)
+
+
+# -- retry policy ------------------------------------------------------------------
+
+
+def test_retry_on_limits_which_exceptions_retry(app: Conveyor, worker: Any) -> None:
+    with worker():
+        retried = app.submit("t.picky", {"a": 1})
+        not_retried = app.submit("t.picky", {"a": 2})
+        done_retried, done_not = wait_terminal(app, retried, not_retried)
+    assert (done_retried.status, done_retried.attempt) == (JobStatus.DEAD, 3)
+    assert executions[retried.id] == 3
+    assert (done_not.status, done_not.attempt) == (JobStatus.DEAD, 1)
+    assert executions[not_retried.id] == 1
+    attempts = app.store.attempts(retried.id)
+    assert [a.attempt for a in attempts] == [1, 2, 3]
+    assert {a.outcome.value for a in attempts} == {"failed"}
+    assert all(a.error and a.error.type == "ValueError" and a.error.traceback for a in attempts)
+
+
+def test_backoff_delays_stay_within_their_full_jitter_bounds(app: Conveyor, worker: Any) -> None:
+    with worker():
+        job = app.submit("t.backoff", {"a": 0})
+        [done] = wait_terminal(app, job)
+    assert (done.status, done.attempt) == (JobStatus.SUCCEEDED, 4)
+    attempts = app.store.attempts(job.id)
+    retrying = [e for e in app.store.job_events(job.id) if e.status is JobStatus.RETRYING]
+    assert [a.outcome.value for a in attempts] == ["failed"] * 3 + ["succeeded"]
+    assert len(retrying) == 3
+    for n, (ended, event, following) in enumerate(
+        zip(attempts[:-1], retrying, attempts[1:], strict=True), start=1
+    ):
+        due = datetime.fromisoformat(event.data["next_attempt_at"])
+        delay = (due - ended.finished_at).total_seconds()
+        assert 0 <= delay <= min(0.5, 0.2 * 2 ** (n - 1)) + 0.001, (n, delay)
+        assert following.started_at is not None and following.started_at >= due
+
+
+# -- cancellation of running jobs ---------------------------------------------------
+
+
+@pytest.mark.parametrize("task", ["t.until_cancelled", "t.async_forever"])
+def test_cancelling_a_running_job_stops_it_and_stays_final(
+    app: Conveyor, worker: Any, task: str
+) -> None:
+    with worker():
+        job = app.submit(task, {"a": 0})
+        wait_for(lambda: app.store.get_job(job.id).status is JobStatus.RUNNING)
+        app.store.cancel(job.id)
+        wait_for(lambda: job.id in stopped)
+        marker = app.submit("t.add", {"a": 1})
+        wait_terminal(app, marker)
+    final = app.store.get_job(job.id)
+    assert final.status is JobStatus.CANCELLED
+    assert final.result is None
+    assert stopped[job.id] in {"saw ctx.cancelled", "cancelled"}
+    assert statuses(app, job) == ["queued", "running", "cancelled"]
+
+
+# -- recovery ---------------------------------------------------------------------
+
+
+def test_job_of_a_silent_worker_is_taken_back_and_run_again(app: Conveyor, worker: Any) -> None:
+    job = app.submit("t.add", {"a": 5})
+    ghost = "ghost-host:1:dead00/2:beef00"
+    app.store.heartbeat(ghost)
+    assert app.store.claim(job.id, 1, ghost) is not None  # and then the process died
+    with worker():
+        [done] = wait_terminal(app, job)
+    assert (done.status, done.attempt, done.result) == (JobStatus.SUCCEEDED, 2, 5)
+    assert executions[job.id] == 1
+    [lost, succeeded] = app.store.attempts(job.id)
+    assert (lost.outcome.value, lost.worker) == ("lost", ghost)
+    assert lost.error is not None and lost.error.type == "WorkerLost"
+    assert succeeded.outcome.value == "succeeded"
+    assert statuses(app, job) == ["queued", "running", "retrying", "running", "succeeded"]
+
+
+def test_a_sweep_waits_a_heartbeat_timeout_after_a_store_outage(
+    app: Conveyor,
+) -> None:
+    """After an outage every heartbeat looks stale; live workers get time to beat again."""
+    job = app.submit("t.add", {"a": 5})
+    ghost = "ghost-host:1:dead00/3:beef00"
+    app.store.heartbeat(ghost)
+    assert app.store.claim(job.id, 1, ghost) is not None
+    time.sleep(app.settings.heartbeat_timeout + 0.5)  # the heartbeat is stale now
+    sweeper = Sweeper(app)
+    assert sweeper.sweep().retaken == 0  # the first sweep since the store came back
+    assert app.store.get_job(job.id).status is JobStatus.RUNNING
+
+
+def test_a_publish_that_failed_is_dispatched_by_the_sweep(
+    app: Conveyor, worker: Any, request: pytest.FixtureRequest, unused_port: int
+) -> None:
+    if "embedded" in request.node.callspec.id:
+        pytest.skip("the embedded file broker cannot be down")
+    down = app.settings.model_copy(update={"broker_url": f"redis://127.0.0.1:{unused_port}/0"})
+    offline = build_app(down, app.get_task("t.add").options.queue)
+    job = offline.submit("t.add", {"a": 7})  # the broker is down: stored, not lost
+    offline.close()
+    assert app.store.get_job(job.id).status is JobStatus.QUEUED
+    assert [j.id for j in app.store.due_for_dispatch()] == [job.id]
+    with worker():
+        [done] = wait_terminal(app, job)
+    assert (done.status, done.result) == (JobStatus.SUCCEEDED, 7)
+    assert executions[job.id] == 1
+
+
+def test_jobs_a_restarted_redis_lost_are_dispatched_again(
+    app: Conveyor, worker: Any, request: pytest.FixtureRequest
+) -> None:
+    if "redis" not in request.node.callspec.id:
+        pytest.skip("only Redis without persistence forgets its queues")
+    jobs = [app.submit("t.add", {"a": i}) for i in range(20)]
+    with app.celery.connection_for_write() as conn:
+        conn.default_channel.client.flushdb()  # what a restart without persistence leaves
+    with worker():
+        done = wait_terminal(app, *jobs)
+    assert all(job.status is JobStatus.SUCCEEDED for job in done)
+    assert all(executions[job.id] == 1 for job in jobs)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(0.02)

@@ -9,12 +9,11 @@ import pytest
 
 from conveyor.jobs import Event, EventType, JobStatus, can_transition
 
-Q, RUN, RETRY, OK, FAIL, CANCEL, DEAD = (
+Q, RUN, RETRY, OK, CANCEL, DEAD = (
     JobStatus.QUEUED,
     JobStatus.RUNNING,
     JobStatus.RETRYING,
     JobStatus.SUCCEEDED,
-    JobStatus.FAILED,
     JobStatus.CANCELLED,
     JobStatus.DEAD,
 )
@@ -23,14 +22,13 @@ ALLOWED = {
     (Q, RUN),
     (Q, CANCEL),
     (RUN, OK),
-    (RUN, FAIL),
     (RUN, CANCEL),
     (RUN, RETRY),
     (RUN, DEAD),
     (RETRY, RUN),
     (RETRY, CANCEL),
 }
-TERMINAL = {OK, FAIL, CANCEL, DEAD}
+TERMINAL = {OK, CANCEL, DEAD}
 
 
 @pytest.mark.parametrize(

@@ -93,6 +93,17 @@ def test_duplicate_name(app: Conveyor) -> None:
         ("queue", "high.priority-1", True),
         ("queue", "", False),
         ("queue", "no spaces", False),
+        ("backoff_base", 0, True),
+        ("backoff_base", 2.5, True),
+        ("backoff_base", -0.1, False),
+        ("backoff_base", 301, False),  # above the default cap
+        ("backoff_cap", 1, True),
+        ("backoff_cap", 0.5, False),  # below the default base
+        ("backoff_cap", 7 * 24 * 3600 + 1, False),
+        ("retry_on", (OSError, ValueError), True),
+        ("retry_on", (), True),
+        ("retry_on", ("ValueError",), False),
+        ("retry_on", (int,), False),
     ],
 )
 def test_option_bounds(app: Conveyor, option: str, value: Any, ok: bool) -> None:
@@ -203,3 +214,27 @@ def test_diag_fail_modes(app: Conveyor) -> None:
 def test_diag_echo_accepts_any_object(app: Conveyor) -> None:
     payload = {"a": 1, "nested": {"b": [1, 2]}}
     assert app.get_task("diag.echo").validate(payload) == payload
+
+
+def test_retries_follow_the_error_taxonomy_and_retry_on(app: Conveyor) -> None:
+    from conveyor import PermanentError, RetryableError
+
+    task = app.task(name="t", retry_on=(OSError,))(handle)
+    assert task.retries(OSError("disk"))
+    assert task.retries(RetryableError("again"))
+    assert not task.retries(ValueError("bug"))
+    assert not task.retries(PermanentError("never"))
+    nothing = app.task(name="u", retry_on=())(handle)
+    assert nothing.retries(RetryableError("asked explicitly"))
+    assert not nothing.retries(OSError("disk"))
+
+
+ORDER = {"count": 1, "address": {"city": "Lyon"}}
+
+
+def test_submit_refuses_a_retry_policy_out_of_bounds(app: Conveyor) -> None:
+    task = app.task(name="t")(handle)
+    with pytest.raises(ConfigurationError, match="backoff_cap"):
+        task.submit(ORDER, backoff_base=10, backoff_cap=1)
+    with pytest.raises(ConfigurationError, match="max_attempts"):
+        task.submit(ORDER, max_attempts=0)

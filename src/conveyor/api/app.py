@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 from fastapi import FastAPI
 
-from conveyor.api import events, health, jobs, problems, tasks
+from conveyor.api import dead_letters, events, health, jobs, problems, tasks
 from conveyor.api.auth import KeyVerifier, bootstrap_admin_key
 from conveyor.api.middleware import BodyLimit, CorrelationId, RequestTimer
 from conveyor.api.state import ApiState
@@ -73,7 +73,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
-    for module in (jobs, events, tasks, health):
+    for module in (jobs, dead_letters, events, tasks, health):
         app.include_router(module.router)
     _document_problems(app)
     return app

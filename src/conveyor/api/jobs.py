@@ -9,13 +9,15 @@ from __future__ import annotations
 from typing import Annotated
 
 import structlog
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from starlette.exceptions import HTTPException
 
+from conveyor import idempotency
 from conveyor.api.auth import Authenticated, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import JobPage, JobRequest, JobResource
 from conveyor.api.state import api_state
+from conveyor.errors import ConfigurationError
 from conveyor.jobs import JobStatus
 from conveyor.store import decode_cursor
 
@@ -35,19 +37,62 @@ router = APIRouter(
     "",
     status_code=202,
     response_model=JobResource,
-    responses=problem_responses(404, 413, 422),
+    responses={
+        200: {"model": JobResource, "description": "A repeat of an idempotent submit"},
+        **problem_responses(400, 404, 409, 413, 422),
+    },
 )
-def submit_job(body: JobRequest, request: Request, response: Response) -> JobResource:
+def submit_job(
+    body: JobRequest,
+    request: Request,
+    response: Response,
+    key: Authenticated,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description=(
+                "1 to 255 printable ASCII characters, bare or as a quoted string. A repeat"
+                " of the same request with the same key returns the first job (200,"
+                " `Idempotent-Replayed: true`); the key with another request is refused"
+                " (422), and so is a repeat while the first is under way (409)."
+            ),
+        ),
+    ] = None,
+) -> JobResource:
     """Validate the payload against the task's schema, record the job and enqueue it."""
-    job = api_state(request).conveyor.submit(
-        body.task,
-        body.payload,
-        queue=body.queue,
-        priority=body.priority,
-        correlation_id=request.state.correlation_id,
-    )
-    log.info("job.submitted", job_id=job.id, task=job.task, queue=job.queue)
-    resource = JobResource.of(job)
+    conveyor = api_state(request).conveyor
+    options = {
+        "queue": body.queue,
+        "priority": body.priority,
+        "correlation_id": request.state.correlation_id,
+        "max_attempts": body.max_attempts,
+        "backoff_base": body.backoff_base,
+        "backoff_cap": body.backoff_cap,
+    }
+    if idempotency_key is None:
+        job = conveyor.submit(body.task, body.payload, **options)
+        created = True
+    else:
+        try:
+            once = idempotency.parse_header(idempotency_key)
+        except ConfigurationError as exc:
+            raise HTTPException(400, str(exc)) from None
+        job, created = conveyor.submit_once(
+            body.task,
+            body.payload,
+            key=once,
+            scope=key.id,  # keys are per caller: two callers cannot collide
+            fingerprint=idempotency.fingerprint(body.model_dump(mode="json")),
+            **options,
+        )
+    if created:
+        log.info("job.submitted", job_id=job.id, task=job.task, queue=job.queue)
+        resource = JobResource.of(job)
+    else:  # the first request's job, as it is now
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        resource = JobResource.of(job, attempts=conveyor.store.attempts(job.id))
     response.headers["Location"] = resource.links.self
     return resource
 
@@ -69,12 +114,17 @@ def list_jobs(
     jobs, next_cursor = api_state(request).store.list_jobs(
         status=status, task=task, cursor=cursor, limit=limit
     )
-    return JobPage(items=[JobResource.of(j) for j in jobs], next_cursor=next_cursor)
+    attempts = api_state(request).store.attempts_of([j.id for j in jobs])
+    items = [JobResource.of(j, attempts[j.id]) for j in jobs]
+    return JobPage(items=items, next_cursor=next_cursor)
 
 
 @router.get("/{job_id}", response_model=JobResource, responses=problem_responses(404))
 def get_job(job_id: str, request: Request) -> JobResource:
-    return JobResource.of(api_state(request).store.get_job(job_id))
+    """One job, with its ended attempts (tracebacks are in ``/v1/dead-letters`` only)."""
+    store = api_state(request).store
+    job = store.get_job(job_id)
+    return JobResource.of(job, attempts=store.attempts(job.id))
 
 
 @router.post("/{job_id}/cancel", response_model=JobResource, responses=problem_responses(404, 409))
@@ -83,4 +133,4 @@ def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource
     state = api_state(request)
     job, event = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
     state.conveyor.publisher.publish(event)
-    return JobResource.of(job)
+    return JobResource.of(job, state.store.attempts(job.id))

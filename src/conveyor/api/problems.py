@@ -1,7 +1,10 @@
 """The one place errors become HTTP: RFC 9457 ``application/problem+json`` responses.
 
-    TaskNotFound, JobNotFound              404
-    IllegalTransition                      409
+    TaskNotFound, JobNotFound              404   (DeadLetterNotFound: not dead)
+    IllegalTransition, JobNotDead          409
+    ReplayRefused                          409   (``errors`` point into the stored payload)
+    IdempotencyConflict                    409   (``Retry-After``: the first request is under way)
+    IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
     RequestValidationError                 422   (``errors``)
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
@@ -31,9 +34,14 @@ from conveyor.errors import (
     BrokerUnavailable,
     ConfigurationError,
     ConveyorError,
+    DeadLetterNotFound,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     IllegalTransition,
+    JobNotDead,
     JobNotFound,
     PayloadInvalid,
+    ReplayRefused,
     StoreUnavailable,
     TaskNotFound,
 )
@@ -78,7 +86,14 @@ class Kind:
 KINDS: dict[type[ConveyorError], Kind] = {
     TaskNotFound: Kind(404, "task-not-found", "Unknown task"),
     JobNotFound: Kind(404, "job-not-found", "Job not found"),
+    DeadLetterNotFound: Kind(404, "dead-letter-not-found", "Dead letter not found"),
     IllegalTransition: Kind(409, "illegal-transition", "Job cannot make that change"),
+    JobNotDead: Kind(409, "job-not-dead", "Job is not dead"),
+    ReplayRefused: Kind(409, "replay-refused", "Dead letter cannot be replayed"),
+    IdempotencyConflict: Kind(409, "idempotency-conflict", "A request with this key is under way"),
+    IdempotencyMismatch: Kind(
+        422, "idempotency-mismatch", "Idempotency key already used for another request"
+    ),
     PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
@@ -120,9 +135,14 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         log.warning("request.unavailable", error=str(exc))
         detail = f"{kind.title.lower()}; try again in {RETRY_AFTER_SECONDS} seconds"
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
+    if isinstance(exc, IdempotencyConflict):
+        headers = {"Retry-After": "1"}
     if isinstance(exc, PayloadInvalid):
         # The task validated the payload alone; point into the request body instead.
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
+    if isinstance(exc, ReplayRefused) and exc.errors:
+        # The stored payload is at fault, not the request.
+        errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
     return problem(
         kind.status, detail, slug=kind.slug, title=kind.title, errors=errors, headers=headers
     )

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
-from conveyor.jobs import Job
-from conveyor.tasks import MAX_PRIORITY, Task
+from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
+from conveyor.store import DeadLetterFilter
+from conveyor.tasks import MAX_ATTEMPTS, MAX_BACKOFF, MAX_PRIORITY, Task
 
 
 class JobRequest(BaseModel):
@@ -19,6 +23,15 @@ class JobRequest(BaseModel):
     payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
     queue: str | None = Field(default=None, min_length=1, max_length=200)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=MAX_ATTEMPTS, description="Overrides the task's retry policy."
+    )
+    backoff_base: float | None = Field(
+        default=None, ge=0, le=MAX_BACKOFF, description="Seconds; overrides the task's."
+    )
+    backoff_cap: float | None = Field(
+        default=None, ge=0, le=MAX_BACKOFF, description="Seconds; at least backoff_base."
+    )
 
 
 class JobLinks(BaseModel):
@@ -33,18 +46,38 @@ class ErrorInfo(BaseModel):
     message: str
 
 
+class AttemptInfo(BaseModel):
+    """An ended attempt of a job; the traceback stays with the dead letters."""
+
+    attempt: int
+    worker: str | None
+    started_at: datetime | None
+    finished_at: datetime
+    outcome: AttemptOutcome
+    error: ErrorInfo | None = None
+
+    @classmethod
+    def of(cls, attempt: Attempt) -> AttemptInfo:
+        error = attempt.error
+        info = ErrorInfo(type=error.type, message=error.message) if error else None
+        return cls(**{**dict(attempt), "error": info})
+
+
 class JobResource(Job):
-    """A job plus the URLs to follow it."""
+    """A job plus the URLs to follow it, and its ended attempts, first to last."""
 
     error: ErrorInfo | None = None  # type: ignore[assignment]  # narrower than the stored one
     links: JobLinks
+    attempts: list[AttemptInfo] = []
 
     @classmethod
-    def of(cls, job: Job) -> JobResource:
+    def of(cls, job: Job, attempts: Sequence[Attempt] = ()) -> JobResource:
+        """``attempts`` may be left out for a job that has just been created."""
         path = f"/v1/jobs/{job.id}"
         error = ErrorInfo(type=job.error.type, message=job.error.message) if job.error else None
         fields = {**dict(job), "error": error}
-        return cls(**fields, links=JobLinks(self=path, events=f"{path}/events"))
+        ended = [AttemptInfo.of(a) for a in attempts]
+        return cls(**fields, links=JobLinks(self=path, events=f"{path}/events"), attempts=ended)
 
 
 class JobPage(BaseModel):
@@ -52,6 +85,121 @@ class JobPage(BaseModel):
 
     items: list[JobResource]
     next_cursor: str | None
+
+
+# -- dead letters ---------------------------------------------------------------
+
+
+def _assume_utc(value: datetime) -> datetime:
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+#: A timestamp; one without a zone is taken as UTC.
+Timestamp = Annotated[datetime, AfterValidator(_assume_utc)]
+
+
+class DeadLetterLinks(BaseModel):
+    self: str
+    job: str
+    replay: str
+
+
+class DeadLetter(BaseModel):
+    """A dead job with what an operator needs to judge it: every attempt, tracebacks
+    included, and the jobs that replayed it."""
+
+    id: str
+    task: str
+    queue: str
+    priority: int
+    payload: dict[str, Any]
+    max_attempts: int
+    timeout: float | None
+    backoff_base: float
+    backoff_cap: float
+    correlation_id: str
+    created_at: datetime
+    finished_at: datetime | None
+    error: JobError | None
+    attempts: list[Attempt]
+    replay_of: str | None
+    replayed_by: list[str]
+    links: DeadLetterLinks
+
+    @classmethod
+    def of(cls, job: Job, attempts: Sequence[Attempt], replayed_by: Sequence[str]) -> DeadLetter:
+        path = f"/v1/dead-letters/{job.id}"
+        return cls(
+            **job.model_dump(include=set(cls.model_fields) & set(Job.model_fields)),
+            attempts=list(attempts),
+            replayed_by=list(replayed_by),
+            links=DeadLetterLinks(self=path, job=f"/v1/jobs/{job.id}", replay=f"{path}/replay"),
+        )
+
+
+class DeadLetterPage(BaseModel):
+    """The last to die first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    items: list[DeadLetter]
+    next_cursor: str | None
+
+
+class DeadLetterSelection(BaseModel):
+    """Which dead letters: ``since`` is inclusive, ``until`` exclusive (by when they died)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task: str | None = Field(default=None, min_length=1, max_length=200)
+    error_type: str | None = Field(default=None, min_length=1, max_length=200)
+    since: Timestamp | None = None
+    until: Timestamp | None = None
+
+    def match(self) -> DeadLetterFilter:
+        return DeadLetterFilter(
+            task=self.task, error_type=self.error_type, since=self.since, until=self.until
+        )
+
+
+class ReplayRequest(DeadLetterSelection):
+    """Replay the matching dead letters not replayed yet, at most ``limit`` of them."""
+
+    limit: int = Field(default=1000, ge=1, le=10_000)
+
+
+class SkippedReplay(BaseModel):
+    id: str
+    reason: str
+
+
+class ReplayReport(BaseModel):
+    """The ids of the new jobs, and the dead letters left as they were, with why."""
+
+    replayed: list[str]
+    skipped: list[SkippedReplay]
+
+
+class PurgeRequest(DeadLetterSelection):
+    """Delete the matching dead letters; an empty filter must say ``"all": true``."""
+
+    all: bool = False
+
+    @model_validator(mode="after")
+    def _explicit(self) -> PurgeRequest:
+        empty = self.match().empty
+        if self.all and not empty:
+            raise PydanticCustomError(
+                "purge_filter", '"all": true purges every dead letter; it takes no filter'
+            )
+        if not self.all and empty:
+            raise PydanticCustomError(
+                "purge_filter",
+                'give a filter (task, error_type, since, until) or "all": true to purge everything',
+            )
+        return self
+
+
+class Purged(BaseModel):
+    purged: int
 
 
 class TaskInfo(BaseModel):

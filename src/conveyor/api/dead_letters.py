@@ -1,0 +1,144 @@
+"""``/v1/dead-letters``: the dead jobs, for operators to inspect, replay and purge.
+
+Unlike ``/v1/jobs``, these show each attempt's traceback: they are for the
+people who decide what to do with a failure. A replay is a new job linked to
+the dead one by ``replay_of``; the dead job stays dead until it is purged.
+
+Store calls are blocking, so these endpoints are plain ``def``: FastAPI runs
+them in its thread pool, off the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Annotated
+
+import structlog
+from fastapi import APIRouter, Depends, Query, Request, Response
+from starlette.exceptions import HTTPException
+
+from conveyor.api.auth import Authenticated, require_key
+from conveyor.api.problems import problem_responses
+from conveyor.api.schemas import (
+    DeadLetter,
+    DeadLetterPage,
+    DeadLetterSelection,
+    JobResource,
+    Purged,
+    PurgeRequest,
+    ReplayReport,
+    ReplayRequest,
+    SkippedReplay,
+    Timestamp,
+)
+from conveyor.api.state import api_state
+from conveyor.jobs import Job
+from conveyor.store import Store, decode_cursor
+
+MAX_PAGE = 200
+
+log = structlog.get_logger("conveyor.api")
+
+router = APIRouter(
+    prefix="/v1/dead-letters",
+    tags=["dead letters"],
+    dependencies=[Depends(require_key)],
+    responses=problem_responses(401, 503),
+)
+
+
+@router.get("", response_model=DeadLetterPage, responses=problem_responses(400, 422))
+def list_dead_letters(
+    request: Request,
+    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    error_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    since: Annotated[Timestamp | None, Query(description="Died at or after this.")] = None,
+    until: Annotated[Timestamp | None, Query(description="Died before this.")] = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
+) -> DeadLetterPage:
+    """Dead jobs, the last to die first, filtered by task, error type and when they died."""
+    if cursor is not None:
+        try:
+            decode_cursor(cursor)
+        except ValueError:
+            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    selection = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until)
+    store = api_state(request).store
+    jobs, next_cursor = store.dead_letters(selection.match(), cursor=cursor, limit=limit)
+    return DeadLetterPage(items=_dead_letters(store, jobs), next_cursor=next_cursor)
+
+
+@router.post(
+    "/replay", status_code=202, response_model=ReplayReport, responses=problem_responses(422)
+)
+def replay_dead_letters(body: ReplayRequest, request: Request, key: Authenticated) -> ReplayReport:
+    """Replay every matching dead letter not replayed yet (at most ``limit``); those whose
+    task is gone or whose payload no longer fits are skipped, with the reason."""
+    done = api_state(request).conveyor.replay_dead(
+        task=body.task,
+        error_type=body.error_type,
+        since=body.since,
+        until=body.until,
+        limit=body.limit,
+        correlation_id=request.state.correlation_id,
+    )
+    log.info(
+        "dead_letters.replayed", replayed=len(done.jobs), skipped=len(done.skipped), by=key.name
+    )
+    return ReplayReport(
+        replayed=[job.id for job in done.jobs],
+        skipped=[SkippedReplay(id=job_id, reason=reason) for job_id, reason in done.skipped],
+    )
+
+
+@router.post("/purge", response_model=Purged, responses=problem_responses(422))
+def purge_dead_letters(body: PurgeRequest, request: Request, key: Authenticated) -> Purged:
+    """Delete the matching dead letters with their events and attempts.
+
+    An empty filter is refused: purging everything takes ``"all": true``.
+    """
+    purged = api_state(request).store.purge_dead_letters(body.match())
+    log.info("dead_letters.purged", purged=purged, by=key.name, **body.model_dump(mode="json"))
+    return Purged(purged=purged)
+
+
+@router.get("/{job_id}", response_model=DeadLetter, responses=problem_responses(404))
+def get_dead_letter(job_id: str, request: Request) -> DeadLetter:
+    store = api_state(request).store
+    return _dead_letters(store, [store.dead_letter(job_id)])[0]
+
+
+@router.post(
+    "/{job_id}/replay",
+    status_code=202,
+    response_model=JobResource,
+    responses=problem_responses(404, 409),
+)
+def replay_dead_letter(
+    job_id: str, request: Request, response: Response, key: Authenticated
+) -> JobResource:
+    """Run a dead job again as a new job (``replay_of`` names the dead one, which stays dead).
+
+    409 if the job is not dead, its task is no longer registered, or its payload
+    no longer fits the task.
+    """
+    job = api_state(request).conveyor.replay(job_id, correlation_id=request.state.correlation_id)
+    log.info("dead_letter.replayed", job_id=job.id, replay_of=job_id, by=key.name)
+    resource = JobResource.of(job)
+    response.headers["Location"] = resource.links.self
+    return resource
+
+
+@router.delete("/{job_id}", response_model=Purged, responses=problem_responses(404, 409))
+def purge_dead_letter(job_id: str, request: Request, key: Authenticated) -> Purged:
+    """Delete one dead job with its events and attempts; 409 if it is not dead."""
+    api_state(request).store.purge_dead_letter(job_id)
+    log.info("dead_letters.purged", purged=1, job_id=job_id, by=key.name)
+    return Purged(purged=1)
+
+
+def _dead_letters(store: Store, jobs: Sequence[Job]) -> list[DeadLetter]:
+    ids = [job.id for job in jobs]
+    attempts, replays = store.attempts_of(ids), store.replays_of(ids)
+    return [DeadLetter.of(job, attempts[job.id], replays[job.id]) for job in jobs]

@@ -1,0 +1,49 @@
+"""What the recovery sweep asks the broker: how many messages wait in a queue."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from conveyor.app import Conveyor
+from conveyor.broker import queue_depth
+from conveyor.settings import Settings
+
+
+@pytest.fixture(params=["embedded", "redis", "rabbitmq"])
+def app(
+    request: pytest.FixtureRequest, make_settings: Callable[..., Settings]
+) -> Iterator[Conveyor]:
+    if request.param == "embedded":
+        settings = make_settings(database_url=None)
+    else:
+        broker = request.getfixturevalue(f"{request.param}_url")
+        settings = make_settings(database_url=None, broker_url=broker)
+    application = Conveyor(settings=settings)
+    application.store.migrate()
+    yield application
+    application.close()
+
+
+def test_queue_depth_counts_waiting_messages(app: Conveyor) -> None:
+    queue = f"depth-{uuid.uuid4().hex[:12]}"
+    assert queue_depth(app.celery, queue) == 0  # never declared: nothing waits in it
+    jobs = [app.submit("diag.echo", {"i": i}, queue=queue) for i in range(3)]
+    try:
+        assert queue_depth(app.celery, queue) == 3
+    finally:
+        if app.settings.resolved_broker_url.startswith("amqp"):
+            with app.celery.connection_for_write() as conn:
+                conn.default_channel.queue_delete(queue)
+    assert len(jobs) == 3
+
+
+def test_queue_depth_of_an_unreachable_broker_is_unknown(
+    make_settings: Callable[..., Settings], unused_port: int
+) -> None:
+    app = Conveyor(
+        settings=make_settings(database_url=None, broker_url=f"redis://127.0.0.1:{unused_port}/0")
+    )
+    assert queue_depth(app.celery, "default") is None
