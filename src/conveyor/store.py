@@ -629,17 +629,18 @@ class Store:
         job_id: str,
         attempt: int,
         *,
-        at: datetime,
+        delay: float,
         error: JobError,
         outcome: AttemptOutcome = AttemptOutcome.FAILED,
         dispatched: bool = False,
     ) -> tuple[Job, Event] | None:
-        """End the held attempt and queue the next one for ``at``.
+        """End the held attempt and queue the next one ``delay`` seconds after its end.
 
         The next attempt is dispatched when it is due (see :meth:`due_for_dispatch`),
         unless ``dispatched`` says the caller hands it to the broker itself.
         """
         now = utcnow()
+        at = now + timedelta(seconds=delay)
         return self._write(
             RETRY,
             now=now,

@@ -23,7 +23,6 @@ import traceback
 import uuid
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import structlog
@@ -209,9 +208,8 @@ def end_attempt(
         return JobStatus.DEAD
     if delay is None:
         delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
-    at = datetime.now(UTC) + timedelta(seconds=delay)
     scheduled = app.store.schedule_retry(
-        job.id, job.attempt, at=at, error=error, outcome=outcome, dispatched=delay == 0
+        job.id, job.attempt, delay=delay, error=error, outcome=outcome, dispatched=delay == 0
     )
     if scheduled is None:
         log.info("job.abandoned", reason="cancelled or taken over while running")

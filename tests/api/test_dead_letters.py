@@ -49,7 +49,7 @@ def kill(
     for attempt in range(1, attempts + 1):
         assert store.claim(job.id, attempt, f"worker-{attempt}") is not None
         if attempt < attempts:
-            assert store.schedule_retry(job.id, attempt, at=datetime.now(UTC), error=failure)
+            assert store.schedule_retry(job.id, attempt, delay=0, error=failure)
     died = store.die(job.id, attempts, failure)
     assert died is not None
     return died[0]

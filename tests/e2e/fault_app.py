@@ -70,3 +70,17 @@ def doomed(ctx: Context, payload: Flaky) -> None:
     """Fail permanently: no retry may follow, whatever attempts are left."""
     record(ctx, "start")
     raise PermanentError("this job cannot succeed")
+
+
+#: A file in the side-channel directory whose presence means "the bug is fixed".
+FIXED_FLAG = "fixed"
+
+
+@app.task(name="faults.until_fixed", max_attempts=3)
+def until_fixed(ctx: Context, payload: Work) -> int:
+    """Fail permanently until the flag file exists: dead letters to replay once it does."""
+    record(ctx, "start")
+    if not os.path.exists(os.path.join(os.environ[FAULT_DIR_ENV], FIXED_FLAG)):
+        raise PermanentError("a bug the next release fixes")
+    record(ctx, "end")
+    return payload.n

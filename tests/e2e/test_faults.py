@@ -14,6 +14,7 @@ never touched.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -30,12 +31,14 @@ import pytest
 
 from conveyor.broker import queue_depth
 from conveyor.jobs import AttemptOutcome, JobStatus
+from tests.e2e import fault_app
 from tests.e2e.faults import (
     Audit,
     Figures,
     PostgresCluster,
     RedisServer,
     Stack,
+    all_jobs,
     audit,
     pool_children,
     private_postgres,
@@ -540,10 +543,7 @@ def test_a_task_outliving_the_visibility_timeout_runs_once(
 
 #: Observed starts may trail the due time by a sweep interval plus the dispatch itself
 #: (publish, delivery, claim), which a loaded 2-core machine can stretch.
-DISPATCH_SLACK = 2.0
-#: The retry's time is drawn just before the attempt's end is stamped, so a delay drawn
-#: close to 0 can come out a little below it.
-STAMP_SLACK = 0.05
+DISPATCH_SLACK = 5.0
 
 
 @pytest.mark.timeout(120)
@@ -580,7 +580,7 @@ def test_permanent_failure_dies_and_retries_back_off_within_bounds(
         bound = min(task.backoff_cap, task.backoff_base * 2 ** (n - 1))
         due = datetime.fromisoformat(event.data["next_attempt_at"])
         delay = (due - ended.finished_at).total_seconds()
-        assert -STAMP_SLACK <= delay <= bound, (n, delay, bound)
+        assert 0 <= delay <= bound, (n, delay, bound)
         assert following.started_at is not None
         waited = (following.started_at - ended.finished_at).total_seconds()
         assert following.started_at >= due, (n, following.started_at, due)
@@ -597,5 +597,110 @@ def test_permanent_failure_dies_and_retries_back_off_within_bounds(
         flaky={"status": succeeded.status.value, "attempts": succeeded.attempt},
         backoff=delays,
     )
+    figures.add_audit(found)
+    figures.emit()
+
+
+# -- 5. Idempotency under a stampede ---------------------------------------------------
+
+STAMPEDE = 50
+
+
+@pytest.mark.timeout(180)
+def test_fifty_concurrent_submits_with_one_key_make_one_job(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = stack.processes.start("api", "api", "--port", str(port))
+    worker = stack.worker("worker")
+    wait_ready(url, api, worker)
+    body = {"task": "faults.work", "payload": {"n": 1}}
+    headers = {"Authorization": f"Bearer {stack.key}", "Idempotency-Key": "stampede-1"}
+
+    async def stampede() -> list[httpx.Response]:
+        gate = asyncio.Event()
+        limits = httpx.Limits(max_connections=STAMPEDE)
+        async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+
+            async def one() -> httpx.Response:
+                await gate.wait()
+                return await client.post("/v1/jobs", json=body, headers=headers)
+
+            calls = [asyncio.create_task(one()) for _ in range(STAMPEDE)]
+            await asyncio.sleep(0.2)  # every request is waiting at the gate
+            gate.set()
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(stampede())
+    codes = Counter(r.status_code for r in responses)
+    assert codes[202] == 1, codes
+    assert set(codes) <= {200, 202, 409}, codes
+    ids = {r.json()["id"] for r in responses if r.status_code in (200, 202)}
+    assert len(ids) == 1
+    conflicts = [r for r in responses if r.status_code == 409]
+    assert all(r.headers.get("Retry-After") for r in conflicts)
+    [job_id] = ids
+    stack.wait_ended(1, timeout=DRAIN_TIMEOUT, what="the one job", check=still_running(worker))
+    found = audit(stack.store, [job_id], stack.fault_dir)
+    assert len(all_jobs(stack.store)) == 1
+    found.check()
+
+    figures = Figures("5-idempotency")
+    figures.add(requests=STAMPEDE, responses=dict(sorted(codes.items())), jobs_created=1)
+    figures.add_audit(found)
+    figures.emit()
+
+
+# -- 7. Replay of dead letters -----------------------------------------------------------
+
+
+@pytest.mark.timeout(240)
+def test_replaying_a_hundred_dead_jobs_by_filter_reruns_them_all(
+    make_stack: Callable[..., Stack],
+) -> None:
+    stack = make_stack()
+    count = scaled(100, minimum=10)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    api = stack.processes.start("api", "api", "--port", str(port))
+    worker = stack.worker("worker")
+    wait_ready(url, api, worker)
+    dead = [stack.app.submit("faults.until_fixed", {"n": n}).id for n in range(count)]
+    bystander = stack.app.submit("faults.doomed", {"failures": 0}).id  # other task: not replayed
+    stack.wait_ended(count + 1, timeout=DRAIN_TIMEOUT, what="the jobs to die")
+    assert {stack.store.get_job(j).status for j in dead} == {JobStatus.DEAD}
+
+    (stack.fault_dir / fault_app.FIXED_FLAG).touch()  # the fix is deployed
+    started = time.monotonic()
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {stack.key}"}) as client:
+        response = client.post(
+            "/v1/dead-letters/replay", json={"task": "faults.until_fixed"}, timeout=60
+        )
+        assert response.status_code == 202, response.text
+        report = response.json()
+        again = client.post(
+            "/v1/dead-letters/replay", json={"task": "faults.until_fixed"}, timeout=60
+        )
+        assert again.status_code == 202 and again.json()["replayed"] == [], again.text
+    replays = report["replayed"]
+    assert len(replays) == count and report["skipped"] == []
+    stack.wait_ended(
+        2 * count + 1, timeout=DRAIN_TIMEOUT, what="the replays", check=still_running(worker)
+    )
+    rerun_seconds = round(time.monotonic() - started, 2)
+
+    replayed_jobs = [stack.store.get_job(j) for j in replays]
+    assert {j.status for j in replayed_jobs} == {JobStatus.SUCCEEDED}
+    assert sorted(j.replay_of or "" for j in replayed_jobs) == sorted(dead)
+    assert {stack.store.get_job(j).status for j in dead} == {JobStatus.DEAD}  # kept, linked
+    assert stack.store.get_job(bystander).status is JobStatus.DEAD
+    found = audit(stack.store, [*dead, bystander, *replays], stack.fault_dir)
+    found.only(replays).check(status=JobStatus.SUCCEEDED)
+    found.only([*dead, bystander]).check(status=JobStatus.DEAD)
+
+    figures = Figures("7-replay")
+    figures.add(dead=count, replayed=len(replays), second_replay=0, rerun_seconds=rerun_seconds)
     figures.add_audit(found)
     figures.emit()

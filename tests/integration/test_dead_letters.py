@@ -171,8 +171,7 @@ def test_attempts_of_holds_every_attempt_with_its_traceback(store: Store) -> Non
     job = submit(store, max_attempts=2)
     assert store.claim(job.id, 1, "worker-1") is not None
     first = error("TimeoutError", "slow")
-    at = datetime.now(UTC)
-    assert store.schedule_retry(job.id, 1, at=at, error=first) is not None
+    assert store.schedule_retry(job.id, 1, delay=0, error=first) is not None
     assert store.claim(job.id, 2, "worker-2") is not None
     assert store.die(job.id, 2, error("KeyError", "gone")) is not None
     other = dead(store)

@@ -94,13 +94,15 @@ def test_success_lifecycle(store: Store) -> None:
 def test_retry_then_dead(store: Store) -> None:
     job = submit(store, max_attempts=2)
     assert store.claim(job.id, 1, "w") is not None
-    at = datetime.now(UTC) + timedelta(seconds=30)
-    retried = store.schedule_retry(job.id, 1, at=at, error=BOOM)
+    retried = store.schedule_retry(job.id, 1, delay=30, error=BOOM)
     assert retried is not None
     retrying, event = retried
     assert retrying.status is JobStatus.RETRYING
     assert retrying.attempt == 2
-    assert retrying.next_attempt_at == at
+    [ended] = store.attempts(job.id)
+    # The delay counts from the end of the failed attempt, on the same clock.
+    assert retrying.next_attempt_at == ended.finished_at + timedelta(seconds=30)
+    assert event.data["next_attempt_at"] == retrying.next_attempt_at.isoformat()
     assert retrying.error == BOOM
     assert "traceback" not in event.data["error"]
 
@@ -122,7 +124,7 @@ def test_cancel(store: Store, before: str) -> None:
     if before in {"running", "retrying"}:
         assert store.claim(job.id, 1, "w") is not None
     if before == "retrying":
-        assert store.schedule_retry(job.id, 1, at=datetime.now(UTC), error=BOOM) is not None
+        assert store.schedule_retry(job.id, 1, delay=0, error=BOOM) is not None
     cancelled, event = store.cancel(job.id, reason="user asked")
     assert cancelled.status is JobStatus.CANCELLED
     assert cancelled.finished_at is not None
@@ -160,13 +162,13 @@ def test_claim_of_wrong_attempt_is_refused(store: Store) -> None:
 def test_stale_attempt_cannot_progress_or_finish(store: Store) -> None:
     job = submit(store)
     assert store.claim(job.id, 1, "w") is not None
-    assert store.schedule_retry(job.id, 1, at=datetime.now(UTC), error=BOOM) is not None
+    assert store.schedule_retry(job.id, 1, delay=0, error=BOOM) is not None
     assert store.claim(job.id, 2, "w2") is not None
     before = store.job_events(job.id)
     assert store.progress(job.id, 1, percent=90) is None
     assert store.succeed(job.id, 1, "stale") is None
     assert store.die(job.id, 1, BOOM) is None
-    assert store.schedule_retry(job.id, 1, at=datetime.now(UTC), error=BOOM) is None
+    assert store.schedule_retry(job.id, 1, delay=0, error=BOOM) is None
     assert store.job_events(job.id) == before
     assert store.get_job(job.id).attempt == 2
 
