@@ -29,3 +29,10 @@ def ignores_soft_limit(ctx: Context, payload: Nap) -> None:
 def overruns(ctx: Context, payload: Nap) -> None:
     """Lets the soft limit stop it."""
     time.sleep(payload.seconds)
+
+
+@app.task(name="stubborn.ignores_cancel", max_attempts=1)
+def ignores_cancel(ctx: Context, payload: Nap) -> str:
+    """Never looks at ``ctx.cancelled``: only a hard stop ends it early."""
+    time.sleep(payload.seconds)
+    return "ran to the end"

@@ -16,10 +16,8 @@ from tests.e2e.support import Processes, run_cli, wait_for
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.timeout(180)
-def test_soft_and_hard_time_limits_end_attempts_as_timed_out(
-    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
-) -> None:
+def configure(processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path) -> None:
+    """Workers and this process's copy of the app on the same PostgreSQL and Redis."""
     processes.env |= {
         "CONVEYOR_DATABASE_URL": postgres_url,
         "CONVEYOR_BROKER_URL": redis_url,
@@ -41,6 +39,13 @@ def test_soft_and_hard_time_limits_end_attempts_as_timed_out(
             data_dir=tmp_path,
         )
     )
+
+
+@pytest.mark.timeout(180)
+def test_soft_and_hard_time_limits_end_attempts_as_timed_out(
+    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    configure(processes, postgres_url, redis_url, tmp_path)
     try:
         hard = stubborn.submit("stubborn.ignores_soft_limit", {"seconds": 60})
         soft = stubborn.submit("stubborn.overruns", {"seconds": 60})
@@ -63,5 +68,40 @@ def test_soft_and_hard_time_limits_end_attempts_as_timed_out(
         assert soft_job.error is not None and soft_job.error.type == "TimeoutError"
         [soft_attempt] = stubborn.store.attempts(soft.id)
         assert soft_attempt.outcome.value == "failed"
+    finally:
+        stubborn.close()
+
+
+@pytest.mark.timeout(180)
+def test_a_cancelled_job_that_ignores_it_is_stopped_hard_after_the_grace(
+    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    processes.env["CONVEYOR_CANCEL_GRACE"] = "1"
+    configure(processes, postgres_url, redis_url, tmp_path)
+    try:
+        worker = processes.start("worker", "worker", "-c", "1")
+        job = stubborn.submit("stubborn.ignores_cancel", {"seconds": 120})
+        wait_for(
+            lambda: stubborn.store.get_job(job.id).status is JobStatus.RUNNING,
+            timeout=60,
+            what="the job to start",
+        )
+        running = stubborn.store.get_job(job.id)
+        stubborn.store.cancel(job.id)
+        wait_for(lambda: "job.stopped_hard" in worker.output(), timeout=60, what="a hard stop")
+        # Celery replaces the killed pool process: the worker runs the next job.
+        after = stubborn.submit("stubborn.overruns", {"seconds": 0})
+        wait_for(
+            lambda: stubborn.store.get_job(after.id).status.terminal,
+            timeout=60,
+            what="the next job",
+        )
+        assert stubborn.store.get_job(after.id).status is JobStatus.SUCCEEDED
+        assert worker.running()
+        final = stubborn.store.get_job(job.id)
+        assert (final.status, final.result) == (JobStatus.CANCELLED, None)
+        assert final.worker == running.worker
+        events = [e.status.value for e in stubborn.store.job_events(job.id)]
+        assert events == ["queued", "running", "cancelled"]
     finally:
         stubborn.close()
