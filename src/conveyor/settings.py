@@ -90,7 +90,10 @@ class Settings(BaseSettings):
         description="Seconds past a task's timeout before its process is stopped hard.",
     )
     shutdown_grace: float = Field(
-        default=30.0, ge=0, description="Seconds a stopping worker lets running jobs finish."
+        default=20.0,
+        ge=0,
+        description="Seconds a stopping worker lets running jobs finish; keep it below your"
+        " supervisor's stop timeout (Kubernetes: 30 s by default).",
     )
 
     @model_validator(mode="after")

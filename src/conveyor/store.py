@@ -681,18 +681,34 @@ class Store:
         ]
 
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
-        """Cancel a job that has not ended; raises if it has."""
+        """Cancel a job that has not ended; raises if it has. A running attempt is
+        recorded as ended ``cancelled`` (its worker is asked to stop it)."""
         now = utcnow()
-        found = self._write(
-            CANCEL, now=now, job_id=job_id, values={"finished_at": now}, data={"reason": reason}
-        )
-        if found is not None:
-            return found
+        current = select(
+            jobs_t.c.status, jobs_t.c.attempt, jobs_t.c.worker, jobs_t.c.started_at
+        ).where(jobs_t.c.id == job_id)
+        if self.dialect == "postgresql":
+            current = current.with_for_update()
+        params = _params(CANCEL, now, {"finished_at": now}, job_id, None, None, None)
         with self._tx() as conn:
-            current = conn.execute(select(jobs_t.c.status).where(jobs_t.c.id == job_id)).scalar()
-        if current is None:
-            raise JobNotFound(job_id)
-        raise IllegalTransition(job_id, current, JobStatus.CANCELLED.value)
+            before = conn.execute(current).first()
+            if before is None:
+                raise JobNotFound(job_id)
+            found = self._apply(conn, CANCEL, params, {"reason": reason})
+            if found is None:
+                raise IllegalTransition(job_id, before.status, JobStatus.CANCELLED.value)
+            if before.status == JobStatus.RUNNING.value:
+                ended = {
+                    "job_id": job_id,
+                    "held": before.attempt,
+                    "a_worker": before.worker,
+                    "a_started_at": before.started_at,
+                    "now": now,
+                    "a_outcome": AttemptOutcome.CANCELLED.value,
+                    "a_error": None,
+                }
+                conn.execute(_INSERT_ATTEMPT, ended)
+        return found
 
     def _write(
         self,
@@ -711,34 +727,32 @@ class Store:
         None if the row is not in a state the change applies to (or, for a
         worker's write, no longer on the attempt the worker holds).
         """
-        params: dict[str, Any] = {
-            "job_id": job_id,
-            "held": held,
-            "now": now,
-            "e_type": change.event_type.value,
-        }
-        params.update({f"v_{name}": value for name, value in values.items()})
-        if change.ends_attempt:
-            assert outcome is not None
-            params["a_outcome"] = outcome.value
-            params["a_error"] = error.model_dump() if error else None
+        params = _params(change, now, values, job_id, held, outcome, error)
         if self.dialect == "postgresql":
             # One statement in autocommit: one round trip, one implicit transaction.
             with self._tx(autocommit=True) as conn:
-                row = conn.execute(self._statement(change), {**params, "e_data": data}).first()
+                return self._apply(conn, change, params, data)
+        with self._tx() as conn:
+            return self._apply(conn, change, params, data)
+
+    def _apply(
+        self, conn: Connection, change: Change, params: dict[str, Any], data: dict[str, Any]
+    ) -> tuple[Job, Event] | None:
+        """:meth:`_write`'s work on a connection (in the caller's transaction, if any)."""
+        if self.dialect == "postgresql":
+            row = conn.execute(self._statement(change), {**params, "e_data": data}).first()
             if row is None:
                 return None
             return _job(row._mapping), _joined_event(change, row._mapping)
-        with self._tx() as conn:
-            found = conn.execute(self._statement(change), params).mappings().first()
-            if found is None:
-                return None
-            if change.duration:
-                data = {**data, "duration": _duration(found)}
-            if change.ends_attempt:
-                ended = {"a_worker": found["worker"], "a_started_at": found["started_at"]}
-                conn.execute(_INSERT_ATTEMPT, {**params, **ended})
-            return _job(found), self._insert_event(conn, found, change.event_type, data)
+        found = conn.execute(self._statement(change), params).mappings().first()
+        if found is None:
+            return None
+        if change.duration:
+            data = {**data, "duration": _duration(found)}
+        if change.ends_attempt:
+            ended = {"a_worker": found["worker"], "a_started_at": found["started_at"]}
+            conn.execute(_INSERT_ATTEMPT, {**params, **ended})
+        return _job(found), self._insert_event(conn, found, change.event_type, data)
 
     def _statement(self, change: Change) -> Executable:
         """The change's statement for this store's dialect, built once."""
@@ -1199,6 +1213,30 @@ def _dead_letter_conditions(match: DeadLetterFilter) -> list[ColumnElement[bool]
     if match.until is not None:
         conditions.append(jobs_t.c.finished_at < match.until)
     return conditions
+
+
+def _params(
+    change: Change,
+    now: datetime,
+    values: Mapping[str, Any],
+    job_id: str | None,
+    held: int | None,
+    outcome: AttemptOutcome | None,
+    error: JobError | None,
+) -> dict[str, Any]:
+    """The bound parameters of ``change``'s statement."""
+    params: dict[str, Any] = {
+        "job_id": job_id,
+        "held": held,
+        "now": now,
+        "e_type": change.event_type.value,
+    }
+    params.update({f"v_{name}": value for name, value in values.items()})
+    if change.ends_attempt:
+        assert outcome is not None
+        params["a_outcome"] = outcome.value
+        params["a_error"] = error.model_dump() if error else None
+    return params
 
 
 def _like_prefix(prefix: str) -> str:

@@ -46,6 +46,8 @@ T = TypeVar("T")
 
 #: Longest wait between two tries of a store write during a store outage, seconds.
 STORE_RETRY_CAP = 5.0
+#: How long a worker waits out a store that does not answer, seconds.
+STORE_RETRY_LIMIT = 600.0
 
 #: Set by ``run_worker`` for its processes: the worker node this process belongs to.
 NODE_ENV = "CONVEYOR_WORKER_NODE"
@@ -77,10 +79,13 @@ def patiently(call: Callable[[], T]) -> T:
     the job while this process still holds its outcome.
     """
     delay = 0.1
+    give_up = time.monotonic() + STORE_RETRY_LIMIT
     while True:
         try:
             return call()
         except StoreUnavailable as exc:
+            if time.monotonic() > give_up:
+                raise  # not an outage any more: the process monitor hands the job back
             log.warning("store.unavailable", error=str(exc), retry_in=round(delay, 2))
             time.sleep(delay)
             delay = min(delay * 2, STORE_RETRY_CAP)
@@ -88,33 +93,72 @@ def patiently(call: Callable[[], T]) -> T:
 
 def execute(app: Conveyor, job_id: str, attempt: int) -> None:
     monitor = ProcessMonitor.ensure(app)
-    claimed = patiently(lambda: app.store.claim(job_id, attempt, worker_id()))
+    me = worker_id()
+    claimed = patiently(lambda: app.store.claim(job_id, attempt, me))
     if claimed is None:
-        log.info("job.skipped", job_id=job_id, attempt=attempt, reason="stale or duplicate")
-        return
-    job, event = claimed
-    app.publisher.publish(event)
+        job = _claimed_before(app, job_id, attempt, me)
+        if job is None:
+            log.info("job.skipped", job_id=job_id, attempt=attempt, reason="stale or duplicate")
+            return
+    else:
+        job, event = claimed
+        app.publisher.publish(event)
     with structlog.contextvars.bound_contextvars(
         job_id=job.id, task=job.task, attempt=attempt, correlation_id=job.correlation_id
     ):
         log.info("job.started")
         task = app.tasks.get(job.task)
         try:
-            result = _run(app, job, monitor)
-        except BaseException as exc:
-            if not isinstance(exc, Exception | SoftTimeLimitExceeded):
-                raise
-            failure: BaseException = exc
-            patiently(lambda: _record_failure(app, job, failure, task))
-        else:
-            recorded = patiently(lambda: app.store.succeed(job.id, attempt, result))
-            if recorded is None:
-                log.info("job.abandoned", reason="cancelled or taken over while running")
-                return
-            app.publisher.publish(recorded[1])
-            log.info("job.succeeded")
+            try:
+                result = _run(app, job, monitor)
+            except BaseException as exc:
+                if not isinstance(exc, Exception | SoftTimeLimitExceeded):
+                    raise
+                failure: BaseException = exc
+                _finally(lambda: _record_failure(app, job, failure, task))
+            else:
+                _finally(lambda: _record_success(app, job, result))
         finally:
             monitor.running = None
+
+
+def _claimed_before(app: Conveyor, job_id: str, attempt: int, me: str) -> Job | None:
+    """The job, if this process holds the attempt already: a claim that committed
+    but whose answer was lost with the connection, and was then made again."""
+    try:
+        job = app.store.get_job(job_id)
+    except ConveyorError:
+        return None
+    held = job.status is JobStatus.RUNNING and job.attempt == attempt and job.worker == me
+    return job if held else None
+
+
+def _finally(record: Callable[[], object]) -> None:
+    """Record an attempt's outcome, whatever happens meanwhile: a store outage is
+    waited out, a soft time limit firing during the write does not skip it."""
+    while True:
+        try:
+            patiently(record)
+            return
+        except SoftTimeLimitExceeded:
+            continue
+
+
+def _record_success(app: Conveyor, job: Job, result: Any) -> None:
+    try:
+        recorded = app.store.succeed(job.id, job.attempt, result)
+    except StoreUnavailable:
+        raise
+    except Exception as exc:  # the store refused the result itself
+        log.exception("job.result_refused")
+        error = _error(PermanentError(f"the store refused the result: {type(exc).__name__}"))
+        end_attempt(app, job, error, retryable=False)
+        return
+    if recorded is None:
+        log.info("job.abandoned", reason="cancelled or taken over while running")
+        return
+    app.publisher.publish(recorded[1])
+    log.info("job.succeeded")
 
 
 def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
@@ -165,7 +209,7 @@ def _jsonable(result: Any) -> Any:
     if isinstance(result, BaseModel):
         result = result.model_dump(mode="json")
     try:
-        json.dumps(result)
+        json.dumps(result, allow_nan=False)  # what PostgreSQL's json type accepts
     except (TypeError, ValueError) as exc:
         raise PermanentError(f"result is not JSON-serialisable: {exc}") from exc
     return result
@@ -175,15 +219,22 @@ def _record_failure(
     app: Conveyor, job: Job, exc: BaseException, task: Task[Any, Any] | None
 ) -> None:
     timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
-    error = JobError(
-        type="TimeoutError" if timed_out else _qualname(exc),
-        message=str(exc) or ("timed out" if timed_out else type(exc).__name__),
-        traceback="".join(traceback.format_exception(exc)),
-    )
     # A soft time limit counts as retryable, whatever the task's ``retry_on``.
     retryable = timed_out or (task.retries(exc) if task else False)
     delay = exc.delay if isinstance(exc, RetryableError) else None
-    end_attempt(app, job, error, retryable=retryable, delay=delay)
+    end_attempt(app, job, _error(exc), retryable=retryable, delay=delay)
+
+
+def _error(exc: BaseException) -> JobError:
+    """What is stored of an exception; NUL characters, which PostgreSQL text refuses,
+    are written as ``\\x00``."""
+    timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
+    message = str(exc) or ("timed out" if timed_out else type(exc).__name__)
+    return JobError(
+        type="TimeoutError" if timed_out else _qualname(exc),
+        message=message.replace("\x00", "\\x00"),
+        traceback="".join(traceback.format_exception(exc)).replace("\x00", "\\x00"),
+    )
 
 
 def end_attempt(
@@ -194,10 +245,15 @@ def end_attempt(
     retryable: bool,
     delay: float | None = None,
     outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    dispatch_now: bool = True,
 ) -> JobStatus | None:
     """Record a failed attempt: retry it after a backoff while attempts remain,
     else the job is dead. Returns the job's new status, None if the attempt was
-    no longer current (cancelled, or already ended elsewhere)."""
+    no longer current (cancelled, or already ended elsewhere).
+
+    A retry due at once is dispatched here unless ``dispatch_now`` is false (the
+    old attempt may still be running for a moment): then the next sweep does it.
+    """
     if not retryable or job.attempt >= job.max_attempts:
         recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
         if recorded is None:
@@ -208,8 +264,9 @@ def end_attempt(
         return JobStatus.DEAD
     if delay is None:
         delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
+    now = delay == 0 and dispatch_now
     scheduled = app.store.schedule_retry(
-        job.id, job.attempt, delay=delay, error=error, outcome=outcome, dispatched=delay == 0
+        job.id, job.attempt, delay=delay, error=error, outcome=outcome, dispatched=now
     )
     if scheduled is None:
         log.info("job.abandoned", reason="cancelled or taken over while running")
@@ -219,7 +276,7 @@ def end_attempt(
     log.warning(
         "job.retrying", error_type=error.type, error=error.message, delay=delay, outcome=outcome
     )
-    if delay == 0:
+    if now:
         app.dispatch(next_job)  # otherwise the recovery sweep dispatches it when it is due
     return JobStatus.RETRYING
 
@@ -258,6 +315,8 @@ class ProcessMonitor:
         self.app = app
         self.pid = os.getpid()
         self._running: dict[int, Running] = {}
+        #: Jobs seen running on this worker at the last heartbeat with no thread holding them.
+        self._suspects: set[tuple[str, int]] = set()
         self._closed = threading.Event()
         self.beat()  # the worker's row exists before its first claim
         self._thread = threading.Thread(target=self._loop, name="conveyor-monitor", daemon=True)
@@ -297,17 +356,40 @@ class ProcessMonitor:
         tick = min(settings.heartbeat_interval, 1.0)
         last_beat = time.monotonic()
         while not self._closed.wait(tick):
-            if time.monotonic() - last_beat >= settings.heartbeat_interval:
-                last_beat = time.monotonic()
-                self.beat()
-            for running in list(self._running.values()):
-                self.watch(running)
+            try:
+                if time.monotonic() - last_beat >= settings.heartbeat_interval:
+                    last_beat = time.monotonic()
+                    self.beat()
+                    self.hand_back_orphans()
+                for running in list(self._running.values()):
+                    self.watch(running)
+            except Exception:  # a dead monitor would get healthy jobs taken back
+                log.exception("worker.monitor_failed")
 
     def beat(self) -> None:
         try:
             self.app.store.heartbeat(worker_id())
         except ConveyorError as exc:
             log.warning("worker.heartbeat_failed", error=str(exc))
+
+    def hand_back_orphans(self) -> None:
+        """Hand back jobs the store says this process runs but no thread here holds,
+        two heartbeats in a row: an outcome that could not be recorded would
+        otherwise leave them running on a worker that never goes silent."""
+        try:
+            recorded = self.app.store.running_jobs(prefix=worker_id())
+        except ConveyorError:
+            return
+        held = {(r.job.id, r.job.attempt) for r in list(self._running.values())}
+        orphans = {(j.id, j.attempt) for j in recorded} - held
+        for job in recorded:
+            if (job.id, job.attempt) in orphans & self._suspects:
+                log.error("job.orphaned", job_id=job.id, attempt=job.attempt)
+                error = JobError(type="WorkerLost", message="the worker no longer runs it")
+                end_attempt(
+                    self.app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.LOST
+                )
+        self._suspects = orphans
 
     def watch(self, running: Running) -> None:
         if running.stop_requested is None:
@@ -322,6 +404,7 @@ class ProcessMonitor:
         elif (
             time.monotonic() - running.stop_requested > self.app.settings.cancel_grace
             and _in_pool_process
+            and running in self._running.values()  # not a job that has just ended
         ):
             log.warning("job.stopped_hard", job_id=running.job.id)
             os.kill(os.getpid(), signal.SIGKILL)
@@ -348,7 +431,16 @@ class ConveyorRequest(Request):
                 type="TimeoutError",
                 message=f"hard time limit of {timeout:g} s exceeded; the process was stopped",
             )
-            end_attempt(app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.TIMED_OUT)
+            # The pool kills the process right after this call: let a sweep dispatch.
+            end_attempt(
+                app,
+                job,
+                error,
+                retryable=True,
+                delay=0,
+                outcome=AttemptOutcome.TIMED_OUT,
+                dispatch_now=False,
+            )
         except ConveyorError as exc:
             log.error("job.timeout_not_recorded", job_id=job_id, error=str(exc))
 
@@ -424,6 +516,7 @@ def run_worker(
     os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
     celery = app.celery
     sweeper = Sweeper(app)
+    shutting_down = threading.Event()
 
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
@@ -445,6 +538,9 @@ def run_worker(
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_: Any) -> None:
+        if shutting_down.is_set():
+            return  # our own SIGQUIT after the grace announces a shutdown again
+        shutting_down.set()
         sweeper.stop(wait=0)  # in a signal handler: do not wait for a sweep to end
         threading.Thread(
             target=_hand_back_after_grace, args=(app, node), name="conveyor-shutdown", daemon=True
@@ -461,20 +557,47 @@ def run_worker(
     ]
     if settings.embedded:
         argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
-    celery.worker_main(argv)
+    receivers = [
+        (signals.setup_logging, _logging),
+        (signals.worker_process_init, _pool_process),
+        (signals.worker_ready, _ready),
+        (signals.worker_shutdown, _stopped),
+        (signals.worker_shutting_down, _shutting_down),
+    ]
+    try:
+        celery.worker_main(argv)
+    finally:  # a second run in this process must not also run this one's handlers
+        for signal_, receiver in receivers:
+            signal_.disconnect(receiver)
 
 
 def _hand_back_after_grace(app: Conveyor, node: str) -> None:
     """Once the grace period is over, hand this node's running jobs back (a new
-    attempt, dispatched by any sweeper) and stop the pool with a cold shutdown."""
+    attempt, which a sweep dispatches once the pool is stopped) and stop the pool
+    with a cold shutdown."""
     time.sleep(app.settings.shutdown_grace)
+    handed = 0
     try:
-        running = app.store.running_jobs(prefix=f"{node}/")
-    except ConveyorError as exc:
-        log.error("worker.hand_back_failed", error=str(exc))
-        running = []
-    for job in running:
-        error = JobError(type="WorkerShutdown", message="the worker stopped before the job ended")
-        end_attempt(app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.INTERRUPTED)
-    log.warning("worker.handed_back", jobs=len(running))
-    os.kill(os.getpid(), signal.SIGQUIT)  # Celery's cold shutdown: stop the pool now
+        for job in app.store.running_jobs(prefix=f"{node}/"):
+            error = JobError(
+                type="WorkerShutdown", message="the worker stopped before the job ended"
+            )
+            try:
+                status = end_attempt(
+                    app,
+                    job,
+                    error,
+                    retryable=True,
+                    delay=0,
+                    outcome=AttemptOutcome.INTERRUPTED,
+                    dispatch_now=False,
+                )
+            except ConveyorError as exc:
+                log.error("worker.hand_back_failed", job_id=job.id, error=str(exc))
+            else:
+                handed += status is not None
+    except Exception:
+        log.exception("worker.hand_back_failed")
+    finally:
+        log.warning("worker.handed_back", jobs=handed)
+        os.kill(os.getpid(), signal.SIGQUIT)  # Celery's cold shutdown: stop the pool now

@@ -31,6 +31,7 @@ from conveyor.jobs import EventType, Job, JobStatus
 from conveyor.logs import configure_logging
 from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
+from conveyor.worker import ProcessMonitor, execute, worker_id
 
 executions: Counter[str] = Counter()
 loops: dict[str, tuple[int, str]] = {}
@@ -101,6 +102,16 @@ def build_app(settings: Settings, queue: str) -> Conveyor:
         if ctx.attempt < 4:
             raise ValueError(f"attempt {ctx.attempt}")
         return ctx.attempt
+
+    @app.task(name="t.nan", max_attempts=3, queue=queue)
+    def nan(ctx: Context, payload: Numbers) -> float:
+        executions[ctx.job_id] += 1
+        return float("nan")
+
+    @app.task(name="t.nul", max_attempts=1, queue=queue)
+    def nul(ctx: Context, payload: Numbers) -> None:
+        executions[ctx.job_id] += 1
+        raise ValueError("a NUL \x00 in the message")
 
     @app.task(name="t.until_cancelled", max_attempts=1, queue=queue)
     def until_cancelled(ctx: Context, payload: Numbers) -> str:
@@ -388,6 +399,9 @@ def test_cancelling_a_running_job_stops_it_and_stays_final(
     assert final.result is None
     assert stopped[job.id] in {"saw ctx.cancelled", "cancelled"}
     assert statuses(app, job) == ["queued", "running", "cancelled"]
+    [attempt] = app.store.attempts(job.id)
+    assert (attempt.attempt, attempt.outcome.value) == (1, "cancelled")
+    assert attempt.worker is not None and attempt.started_at is not None
 
 
 # -- recovery ---------------------------------------------------------------------
@@ -460,3 +474,57 @@ def wait_for(condition: Callable[[], bool], timeout: float = 30) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout}s")
         time.sleep(0.02)
+
+
+# -- outcomes the store could refuse, and outcomes that could not be recorded --------
+
+
+def test_results_and_errors_the_database_would_refuse_end_the_job_cleanly(
+    app: Conveyor, worker: Any
+) -> None:
+    """NaN is not JSON to PostgreSQL, and its text refuses NUL: neither may strand a job."""
+    with worker():
+        nan = app.submit("t.nan", {"a": 0})
+        nul = app.submit("t.nul", {"a": 0})
+        done_nan, done_nul = wait_terminal(app, nan, nul)
+    assert (done_nan.status, done_nan.attempt) == (JobStatus.DEAD, 1)
+    assert done_nan.error is not None and "JSON-serialisable" in done_nan.error.message
+    assert done_nul.status is JobStatus.DEAD
+    assert done_nul.error is not None and done_nul.error.message == "a NUL \\x00 in the message"
+
+
+def test_a_claim_whose_answer_was_lost_is_run_by_the_process_that_holds_it(
+    app: Conveyor,
+) -> None:
+    """The claim committed but its reply was lost, so the retried claim finds it taken."""
+    job = app.submit("t.add", {"a": 3})
+    assert app.store.claim(job.id, 1, worker_id()) is not None  # the lost first answer
+    execute(app, job.id, 1)  # as the same process does when it tries again
+    done = app.store.get_job(job.id)
+    assert (done.status, done.result) == (JobStatus.SUCCEEDED, 3)
+    assert executions[job.id] == 1
+
+
+def test_a_job_the_store_says_this_process_runs_but_nothing_runs_is_handed_back(
+    app: Conveyor, worker: Any
+) -> None:
+    """An outcome that could not be recorded must not leave the job running for ever
+    on a worker that keeps heart-beating."""
+    add = app.get_task("t.add").options
+    job, _ = app.store.create_job(  # recorded but never dispatched: no delivery runs it
+        task="t.add",
+        payload={"a": 4, "b": 0},
+        queue=add.queue,
+        priority=add.priority,
+        max_attempts=add.max_attempts,
+        timeout=None,
+        correlation_id="orphan",
+    )
+    ProcessMonitor.ensure(app)  # this process is a worker that heart-beats
+    assert app.store.claim(job.id, 1, worker_id()) is not None  # and then lost track of it
+    with worker():
+        [done] = wait_terminal(app, job)
+    assert (done.status, done.attempt, done.result) == (JobStatus.SUCCEEDED, 2, 4)
+    [orphaned, succeeded] = app.store.attempts(job.id)
+    assert (orphaned.outcome.value, succeeded.outcome.value) == ("lost", "succeeded")
+    assert executions[job.id] == 1

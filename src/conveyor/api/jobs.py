@@ -129,7 +129,7 @@ def get_job(job_id: str, request: Request) -> JobResource:
 
 @router.post("/{job_id}/cancel", response_model=JobResource, responses=problem_responses(404, 409))
 def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
-    """Cancel a job that has not ended; a running task learns of it at its next progress report."""
+    """Cancel a job that has not ended; a running one is asked to stop within a second."""
     state = api_state(request)
     job, event = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
     state.conveyor.publisher.publish(event)
