@@ -324,6 +324,10 @@ def submit(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Show progress until the job ends.")
     ] = False,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(help="Submit at most once per key: a repeat prints the first job's id."),
+    ] = None,
 ) -> None:
     """Submit a job and print its id; with --follow, exit 0 only if it succeeds."""
     try:
@@ -337,8 +341,9 @@ def submit(
         body["queue"] = queue
     if priority is not None:
         body["priority"] = priority
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     with ApiClient(load_settings()) as client:
-        job = client.request("POST", "/v1/jobs", json=body)
+        job = client.request("POST", "/v1/jobs", json=body, headers=headers)
         out.print(job["id"], markup=False)
         if not follow:
             return

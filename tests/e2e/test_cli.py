@@ -72,6 +72,26 @@ def test_submit_without_follow_prints_only_the_id(stack: Stack) -> None:
     assert UUID.match(result.stdout.strip()), result
 
 
+def test_submit_with_an_idempotency_key_makes_one_job(stack: Stack) -> None:
+    args = ["submit", "diag.echo", "--payload", '{"x": 1}', "--idempotency-key", "cli-once-1"]
+    first = run_cli(*args, env=stack.env)
+    again = run_cli(*args, env=stack.env)
+    assert (first.returncode, again.returncode) == (0, 0), (first, again)
+    assert first.stdout.strip() == again.stdout.strip()
+    other = run_cli(
+        "submit",
+        "diag.echo",
+        "--payload",
+        '{"x": 2}',
+        "--idempotency-key",
+        "cli-once-1",
+        env=stack.env,
+    )
+    assert other.returncode == 1, other
+    assert "already used for a different request" in other.stderr
+    assert_no_traceback(other)
+
+
 def test_submit_rejects_invalid_json_with_exit_2(stack: Stack) -> None:
     result = run_cli("submit", "diag.sleep", "--payload", '{"seconds": ', env=stack.env)
     assert result.returncode == 2, result
