@@ -20,18 +20,14 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import pwd
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
@@ -40,19 +36,18 @@ import redis
 
 from conveyor.settings import Settings
 from conveyor.store import Store
+from tests.servers import (
+    PostgresCluster,
+    RedisServer,
+    ServerError,
+    free_port,
+    postgres_reachable,
+    redis_reachable,
+    unavailable,
+)
 
 TESTS = Path(__file__).parent
 REDIS_DBS = range(9, 16)
-
-
-def _pg_bin_dirs() -> tuple[str, ...]:
-    """Debian keeps initdb and pg_ctl off PATH, under /usr/lib/postgresql/VERSION/bin."""
-    versions = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if p.parent.name.isdigit()]
-    versions.sort(key=lambda p: int(p.parent.name), reverse=True)
-    return (*map(str, versions), "/usr/local/bin")
-
-
-PG_BIN_DIRS = _pg_bin_dirs()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -77,55 +72,12 @@ def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- helpers ------------------------------------------------------------------
 
 
-def in_ci() -> bool:
-    return os.environ.get("CI", "").lower() not in {"", "0", "false", "no"}
-
-
-def unavailable(reason: str) -> NoReturn:
-    """Skip locally; fail in CI, where a missing service is a broken machine."""
-    if in_ci():
-        pytest.fail(f"{reason} (CI is set, so this is a failure, not a skip)", pytrace=False)
-    pytest.skip(reason)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_until(check: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not become ready within {timeout:.0f}s")
-        time.sleep(0.05)
-
-
 def with_path(url: str, path: str) -> str:
     parts = urlsplit(url)
     return urlunsplit((parts.scheme, parts.netloc, path, parts.query, parts.fragment))
 
 
-def find_binary(name: str, dirs: tuple[str, ...] = ()) -> str | None:
-    for directory in dirs:
-        candidate = Path(directory) / name
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return str(candidate)
-    return shutil.which(name)
-
-
 # -- PostgreSQL ---------------------------------------------------------------
-
-
-def postgres_reachable(url: str) -> bool:
-    try:
-        with psycopg.connect(url, connect_timeout=2) as conn:
-            conn.execute("SELECT 1")
-    except psycopg.Error:
-        return False
-    return True
 
 
 def postgres_admin(url: str) -> psycopg.Connection[Any]:
@@ -144,51 +96,18 @@ def drop_database(server: str, name: str) -> None:
 
 @contextlib.contextmanager
 def throwaway_postgres() -> Iterator[str]:
-    """initdb + pg_ctl on a free port; as the postgres user when we are root."""
-    initdb, pg_ctl = find_binary("initdb", PG_BIN_DIRS), find_binary("pg_ctl", PG_BIN_DIRS)
-    if initdb is None or pg_ctl is None:
-        unavailable("PostgreSQL is not reachable and initdb/pg_ctl are not installed")
-    user: str | None = None
-    if os.geteuid() == 0:  # initdb refuses to run as root
+    """A PostgreSQL cluster of this session's own, when none is reachable."""
+    cluster: PostgresCluster | None = None
+    try:
         try:
-            user = pwd.getpwnam("postgres").pw_name
-        except KeyError:
-            unavailable("PostgreSQL is not reachable; as root, initdb needs a 'postgres' user")
-    root = Path(tempfile.mkdtemp(prefix="conveyor-pg-"))
-    if user is not None:
-        shutil.chown(root, user)
-    data, log = root / "data", root / "server.log"
-    port = free_port()
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    try:
-        subprocess.run(
-            [initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "-N"],
-            check=True,
-            capture_output=True,
-            user=user,
-        )
-        subprocess.run(
-            [pg_ctl, "-D", str(data), "-l", str(log), "-o", options, "-w", "-t", "60", "start"],
-            check=True,
-            capture_output=True,
-            user=user,
-        )
-    except subprocess.CalledProcessError as exc:
-        failure = (exc.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-    else:
-        failure = None
-    if failure is not None:
-        shutil.rmtree(root, ignore_errors=True)
-        unavailable(f"could not start a throwaway PostgreSQL: {' '.join(failure)}")
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
+            cluster = PostgresCluster(why="PostgreSQL is not reachable")
+            cluster.start()
+        except (ServerError, TimeoutError) as exc:
+            unavailable(f"could not start a throwaway PostgreSQL: {exc}")
+        yield cluster.url()
     finally:
-        subprocess.run(
-            [pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
-            user=user,
-        )
-        shutil.rmtree(root, ignore_errors=True)
+        if cluster is not None:
+            cluster.destroy()
 
 
 @pytest.fixture(scope="session")
@@ -289,43 +208,20 @@ def postgres_url_empty(postgres_server: str) -> Iterator[str]:
 # -- Redis --------------------------------------------------------------------
 
 
-def redis_reachable(url: str) -> bool:
-    client = redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
-    try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
-    finally:
-        client.close()
-
-
 @contextlib.contextmanager
 def throwaway_redis() -> Iterator[str]:
-    binary = find_binary("redis-server")
-    if binary is None:
-        unavailable("Redis is not reachable and redis-server is not installed")
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    url = f"redis://127.0.0.1:{port}"
+    """A Redis of this session's own, when none is reachable."""
+    root = Path(tempfile.mkdtemp(prefix="conveyor-redis-"))
+    server = RedisServer(root, why="Redis is not reachable")
     try:
-        wait_until(lambda: redis_reachable(url), timeout=10, what="redis-server")
-    except TimeoutError:
-        process.kill()
-        process.wait()
-        started = False
-    else:
-        started = True
-    if not started:
-        unavailable(f"could not start a throwaway Redis with {binary} on port {port}")
-    try:
-        yield url
+        try:
+            server.start()
+        except (ServerError, TimeoutError) as exc:
+            unavailable(f"could not start a throwaway Redis: {exc}")
+        yield server.base_url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.kill()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

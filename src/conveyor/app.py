@@ -220,31 +220,17 @@ class Conveyor:
         job again with the same key returns the job the first submit made instead
         of making another (see :meth:`submit_once`).
         """
+        options: dict[str, Any] = {
+            "queue": queue,
+            "priority": priority,
+            "correlation_id": correlation_id,
+            "max_attempts": max_attempts,
+            "backoff_base": backoff_base,
+            "backoff_cap": backoff_cap,
+        }
         if idempotency_key is not None:
-            job, _ = self.submit_once(
-                task,
-                payload,
-                key=idempotency_key,
-                queue=queue,
-                priority=priority,
-                correlation_id=correlation_id,
-                max_attempts=max_attempts,
-                backoff_base=backoff_base,
-                backoff_cap=backoff_cap,
-            )
-            return job
-        job, event = self.store.create_job(
-            **self._new_job(
-                task,
-                payload,
-                queue=queue,
-                priority=priority,
-                correlation_id=correlation_id,
-                max_attempts=max_attempts,
-                backoff_base=backoff_base,
-                backoff_cap=backoff_cap,
-            )
-        )
+            return self.submit_once(task, payload, key=idempotency_key, **options)[0]
+        job, event = self.store.create_job(**self._new_job(task, payload, **options))
         self.publisher.publish(event)
         self.dispatch(job)
         return job

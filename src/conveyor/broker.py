@@ -137,8 +137,9 @@ def dispatch(
 def queue_depth(celery: Celery, queue: str) -> int | None:
     """Messages waiting in the broker's queue; 0 if it does not exist, None if the
     broker cannot be asked."""
+    pool: Any = celery.pool  # pooled connections: every worker's sweep asks each second
     try:
-        with celery.connection_for_read() as conn:
+        with pool.acquire(block=True) as conn:
             conn.ensure_connection(max_retries=1)
             channel: Any = conn.channel()
             try:

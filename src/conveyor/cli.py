@@ -515,9 +515,19 @@ def list_jobs(
             Text(job["status"], style=STATUS_STYLE.get(job["status"], "")),
             f"{percent:.0f}%" if percent is not None else "",
             f"{job['attempt']}/{job['max_attempts']}",
-            str(job["created_at"])[:19].replace("T", " "),
+            _when(job["created_at"]),
         )
-    wide = Console(width=max(out.width, 140)) if not out.is_terminal else out
+    _print_page(table, page, min_width=140)
+
+
+def _when(timestamp: str | None) -> str:
+    """An API timestamp as ``YYYY-MM-DD HH:MM:SS`` (UTC), for tables."""
+    return str(timestamp or "")[:19].replace("T", " ")
+
+
+def _print_page(table: Table, page: dict[str, Any], *, min_width: int) -> None:
+    """Print one page of a listing, and how to get the next one."""
+    wide = Console(width=max(out.width, min_width)) if not out.is_terminal else out
     wide.print(table)
     if page.get("next_cursor"):
         err.print(f"[dim]more: --cursor {page['next_cursor']}[/]")
@@ -628,13 +638,10 @@ def list_dead_letters(
             letter["task"],
             Text(_one_line(f"{error.get('type', '')}: {error.get('message', '')}"), style="red"),
             str(len(letter.get("attempts") or ())),
-            str(letter.get("finished_at") or "")[:19].replace("T", " "),
+            _when(letter.get("finished_at")),
             f"{len(replays)}x" if replays else "",
         )
-    wide = Console(width=max(out.width, 160)) if not out.is_terminal else out
-    wide.print(table)
-    if page.get("next_cursor"):
-        err.print(f"[dim]more: --cursor {page['next_cursor']}[/]")
+    _print_page(table, page, min_width=160)
 
 
 @dlq_cli.command("show")

@@ -26,8 +26,8 @@ import structlog
 
 from conveyor.broker import queue_depth
 from conveyor.errors import ConveyorError
-from conveyor.jobs import AttemptOutcome, Job, JobError
-from conveyor.worker import end_attempt
+from conveyor.jobs import AttemptOutcome, Job
+from conveyor.worker import take_back
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -97,17 +97,21 @@ class Sweeper:
         started = job.started_at or datetime.now(UTC)
         limit = job.timeout
         if limit is not None and datetime.now(UTC) >= started + timedelta(seconds=limit):
-            outcome = AttemptOutcome.TIMED_OUT
-            error = JobError(
-                type="TimeoutError",
-                message=f"time limit of {limit:g} s exceeded; the worker {job.worker} went silent",
+            status = take_back(
+                self.app,
+                job,
+                AttemptOutcome.TIMED_OUT,
+                "TimeoutError",
+                f"time limit of {limit:g} s exceeded; the worker {job.worker} went silent",
             )
         else:
-            outcome = AttemptOutcome.LOST
-            error = JobError(
-                type="WorkerLost", message=f"worker {job.worker} stopped heart-beating"
+            status = take_back(
+                self.app,
+                job,
+                AttemptOutcome.LOST,
+                "WorkerLost",
+                f"worker {job.worker} stopped heart-beating",
             )
-        status = end_attempt(self.app, job, error, retryable=True, delay=0, outcome=outcome)
         return 1 if status is not None else 0
 
     # -- running in a thread ---------------------------------------------------

@@ -454,23 +454,11 @@ class Store:
     ) -> tuple[Job, Event]:
         now = utcnow()
         values = _new_job(now, **job)
-        params: dict[str, Any] = {
-            "job_id": None,
-            "held": None,
-            "now": now,
-            "e_type": CREATE.event_type.value,
-            **{f"v_{name}": value for name, value in values.items()},
-        }
-        data = {"attempt": 1}
+        params = _params(CREATE, now, values, None, None, None, None)
         with self._tx() as conn:
             # The job first: the key row refers to it, and the foreign key is not deferrable.
-            if self.dialect == "postgresql":
-                statement = self._statement(CREATE)
-                row = conn.execute(statement, {**params, "e_data": data}).mappings().one()
-                created = _job(row), _joined_event(CREATE, row)
-            else:
-                row = conn.execute(self._statement(CREATE), params).mappings().one()
-                created = _job(row), self._insert_event(conn, row, CREATE.event_type, data)
+            created = self._apply(conn, CREATE, params, {"attempt": 1})
+            assert created is not None
             conn.execute(
                 insert(idempotency_t).values(
                     scope=scope,

@@ -281,6 +281,23 @@ def end_attempt(
     return JobStatus.RETRYING
 
 
+def take_back(
+    app: Conveyor,
+    job: Job,
+    outcome: AttemptOutcome,
+    error_type: str,
+    message: str,
+    *,
+    dispatch_now: bool = True,
+) -> JobStatus | None:
+    """End an attempt its task did not end (its process died, was stopped, or lost
+    track of it): the job runs again at once while attempts remain, else it is dead."""
+    error = JobError(type=error_type, message=message)
+    return end_attempt(
+        app, job, error, retryable=True, delay=0, outcome=outcome, dispatch_now=dispatch_now
+    )
+
+
 @dataclass
 class Running:
     """A job running in this process, as its monitor sees it."""
@@ -385,10 +402,8 @@ class ProcessMonitor:
         for job in recorded:
             if (job.id, job.attempt) in orphans & self._suspects:
                 log.error("job.orphaned", job_id=job.id, attempt=job.attempt)
-                error = JobError(type="WorkerLost", message="the worker no longer runs it")
-                end_attempt(
-                    self.app, job, error, retryable=True, delay=0, outcome=AttemptOutcome.LOST
-                )
+                lost = AttemptOutcome.LOST
+                take_back(self.app, job, lost, "WorkerLost", "the worker no longer runs it")
         self._suspects = orphans
 
     def watch(self, running: Running) -> None:
@@ -427,18 +442,13 @@ class ConveyorRequest(Request):
             job = app.store.get_job(job_id)
             if job.status is not JobStatus.RUNNING or job.attempt != attempt:
                 return
-            error = JobError(
-                type="TimeoutError",
-                message=f"hard time limit of {timeout:g} s exceeded; the process was stopped",
-            )
             # The pool kills the process right after this call: let a sweep dispatch.
-            end_attempt(
+            take_back(
                 app,
                 job,
-                error,
-                retryable=True,
-                delay=0,
-                outcome=AttemptOutcome.TIMED_OUT,
+                AttemptOutcome.TIMED_OUT,
+                "TimeoutError",
+                f"hard time limit of {timeout:g} s exceeded; the process was stopped",
                 dispatch_now=False,
             )
         except ConveyorError as exc:
@@ -579,17 +589,13 @@ def _hand_back_after_grace(app: Conveyor, node: str) -> None:
     handed = 0
     try:
         for job in app.store.running_jobs(prefix=f"{node}/"):
-            error = JobError(
-                type="WorkerShutdown", message="the worker stopped before the job ended"
-            )
             try:
-                status = end_attempt(
+                status = take_back(
                     app,
                     job,
-                    error,
-                    retryable=True,
-                    delay=0,
-                    outcome=AttemptOutcome.INTERRUPTED,
+                    AttemptOutcome.INTERRUPTED,
+                    "WorkerShutdown",
+                    "the worker stopped before the job ended",
                     dispatch_now=False,
                 )
             except ConveyorError as exc:

@@ -18,11 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
-import shutil
 import signal
-import subprocess
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -31,16 +27,13 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import psycopg
-import redis
-
 from conveyor.app import Conveyor
 from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Job, JobStatus
 from conveyor.settings import Settings
 from conveyor.store import Store
-from tests.conftest import PG_BIN_DIRS, find_binary, free_port, unavailable
 from tests.e2e import fault_app
 from tests.e2e.support import Process, Processes, descendants, run_cli, wait_for
+from tests.servers import PostgresCluster
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,135 +60,9 @@ def scaled(full: int, *, minimum: int = 1) -> int:
 # -- private servers --------------------------------------------------------------
 
 
-def redis_binary() -> str:
-    binary = find_binary("redis-server")
-    if binary is None:
-        unavailable("the fault suite needs redis-server to run a Redis it may restart")
-    return binary
-
-
-class RedisServer:
-    """A private, non-persistent redis-server: a restart forgets every queue."""
-
-    def __init__(self, root: Path) -> None:
-        self.binary = redis_binary()
-        self.port = free_port()
-        self.log_path = root / f"redis-{self.port}.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def client(self) -> redis.Redis:
-        return redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=5)
-
-    def start(self) -> RedisServer:
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--save", "", "--appendonly", "no"]
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-            )
-        wait_for(self._answers, timeout=30, what=f"redis-server on port {self.port}")
-        return self
-
-    def _answers(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"redis-server exited:\n{self.log_path.read_text()}")
-        client = self.client()
-        try:
-            return bool(client.ping())
-        except redis.RedisError:
-            return False
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        """SIGTERM: without persistence configured, nothing is saved."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=30)
-        self.process = None
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(timeout=30)
-        self.process = None
-
-
-class PostgresCluster:
-    """A private PostgreSQL cluster in a temporary directory (as user postgres when root)."""
-
-    def __init__(self) -> None:
-        initdb, pg_ctl = find_binary("initdb", PG_BIN_DIRS), find_binary("pg_ctl", PG_BIN_DIRS)
-        if initdb is None or pg_ctl is None:
-            unavailable("the PostgreSQL restart scenario needs initdb and pg_ctl")
-        self.initdb, self.pg_ctl = initdb, pg_ctl
-        self.user: str | None = None
-        if os.geteuid() == 0:  # initdb refuses to run as root
-            try:
-                self.user = pwd.getpwnam("postgres").pw_name
-            except KeyError:
-                unavailable("as root, initdb needs a 'postgres' user")
-        self.root = Path(tempfile.mkdtemp(prefix="conveyor-faults-pg-"))
-        if self.user is not None:
-            shutil.chown(self.root, self.user)
-        self.data = self.root / "data"
-        self.log_path = self.root / "server.log"
-        self.port = free_port()
-        self._run(
-            self.initdb, "-D", str(self.data), "-U", "postgres", "--auth=trust", "-E", "UTF8", "-N"
-        )
-
-    def url(self, database: str = "postgres") -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
-
-    def _run(self, *args: str) -> None:
-        done = subprocess.run(args, capture_output=True, user=self.user, check=False)
-        if done.returncode != 0:
-            log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-            raise AssertionError(f"{' '.join(args)} failed: {done.stderr.decode()}\n{log}")
-
-    def start(self) -> None:
-        options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off"
-        data, log = str(self.data), str(self.log_path)
-        self._run(self.pg_ctl, "-D", data, "-l", log, "-o", options, "-w", "-t", "60", "start")
-        # pg_ctl -w returns before a busy machine accepts connections now and then.
-        wait_for(self._answers, timeout=60, what="the private PostgreSQL")
-
-    def _answers(self) -> bool:
-        try:
-            with psycopg.connect(self.url(), connect_timeout=2) as conn:
-                conn.execute("SELECT 1")
-        except psycopg.Error:
-            return False
-        return True
-
-    def stop(self, mode: str = "fast") -> None:
-        """``fast`` disconnects every client and shuts down cleanly."""
-        self._run(self.pg_ctl, "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
-
-    def create_database(self, name: str) -> str:
-        with psycopg.connect(self.url(), autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
-
-    def destroy(self) -> None:
-        subprocess.run(
-            [self.pg_ctl, "-D", str(self.data), "-m", "immediate", "-w", "stop"],
-            capture_output=True,
-            user=self.user,
-            check=False,
-        )
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def private_postgres() -> Iterator[PostgresCluster]:
-    cluster = PostgresCluster()
+    cluster = PostgresCluster(why="the PostgreSQL restart scenario needs a cluster of its own")
     try:
         cluster.start()
         yield cluster

@@ -12,7 +12,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,13 +26,6 @@ CONVEYOR = [sys.executable, "-m", "conveyor"]
 TERMINAL = {"succeeded", "cancelled", "dead"}
 #: Seconds to wait for an API to come up: imports alone take seconds on a busy 2-core box.
 READY_TIMEOUT = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def environment(**conveyor: str) -> dict[str, str]:
@@ -96,12 +88,12 @@ def descendants(pid: int) -> set[int]:
             if stat is not None and stat[0] not in {"Z", "X"}:
                 parents.setdefault(stat[1], []).append(int(entry.name))
     found: set[int] = set()
-    todo = [pid]
-    while todo:
-        for child in parents.get(todo.pop(), ()):
+    unvisited = [pid]
+    while unvisited:
+        for child in parents.get(unvisited.pop(), ()):
             if child not in found:
                 found.add(child)
-                todo.append(child)
+                unvisited.append(child)
     return found
 
 

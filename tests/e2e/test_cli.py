@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import Processes, environment, free_port, run_cli, wait_ready
+from tests.e2e.support import Processes, environment, run_cli, wait_ready
+from tests.servers import free_port
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 

@@ -24,12 +24,12 @@ from tests.e2e.support import (
     Processes,
     api_client,
     environment,
-    free_port,
     run_cli,
     submit,
     wait_for,
     wait_ready,
 )
+from tests.servers import free_port
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 TRACEBACK = 'Traceback (most recent call last):\n  File "x.py", line 1\nKeyError: sku'

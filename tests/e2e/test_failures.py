@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.support import environment, free_port, run_cli
+from tests.e2e.support import environment, run_cli
+from tests.servers import free_port
 
 
 def assert_one_line_error(stdout: str, stderr: str, *expected: str) -> None:

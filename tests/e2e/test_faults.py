@@ -35,8 +35,6 @@ from tests.e2e import fault_app
 from tests.e2e.faults import (
     Audit,
     Figures,
-    PostgresCluster,
-    RedisServer,
     Stack,
     all_jobs,
     audit,
@@ -46,7 +44,8 @@ from tests.e2e.faults import (
     sigkill,
     wait_pool,
 )
-from tests.e2e.support import Process, Processes, free_port, wait_for, wait_ready
+from tests.e2e.support import Process, Processes, wait_for, wait_ready
+from tests.servers import PostgresCluster, RedisServer, free_port
 
 #: Hang guards only: a scenario that needs them has failed.
 DRAIN_TIMEOUT = 240.0
@@ -54,7 +53,7 @@ DRAIN_TIMEOUT = 240.0
 
 @pytest.fixture
 def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path).start()
+    server = RedisServer(tmp_path, why="the fault suite restarts a Redis of its own").start()
     try:
         yield server
     finally:
@@ -308,10 +307,14 @@ def test_restarting_postgresql_under_load(
         url = cluster.create_database("conveyor")
         stack = Stack(processes, url, private_redis.url, tmp_path / "runs")
         try:
-            run_restart_scenario(stack, cluster, processes, count)
+            found = run_restart_scenario(stack, cluster, processes, count)
         finally:
             processes.kill_all()
             stack.close()
+    # No worker died: whatever was running through the outage kept its attempt and
+    # recorded its outcome once the store was back; nothing ran twice.
+    assert found.duplicate_executions == 0
+    assert found.attempts_histogram == {1: len(found.jobs)}
 
 
 #: Jobs running when the store goes away: they jump the queue and outlast the stop.
@@ -320,7 +323,8 @@ ACROSS_OUTAGE = 4
 
 def run_restart_scenario(
     stack: Stack, cluster: PostgresCluster, processes: Processes, count: int
-) -> None:
+) -> Audit:
+    """Load, outage, load; checks the answers and that every job succeeded once."""
     workers = [stack.worker(f"worker-{n}") for n in range(2)]
     port = free_port()
     api_url = f"http://127.0.0.1:{port}"
@@ -391,10 +395,6 @@ def run_restart_scenario(
     wait_for(everything_ended, timeout=DRAIN_TIMEOUT, what="every recorded job to end")
     found = audit(stack.store, accepted, stack.fault_dir)
     found.check(status=JobStatus.SUCCEEDED)
-    # No worker died: whatever was running through the outage kept its attempt and
-    # recorded its outcome once the store was back; nothing ran twice.
-    assert found.duplicate_executions == 0
-    assert found.attempts_histogram == {1: len(found.jobs)}
     spanned = [
         j.id
         for j in found.jobs.values()
@@ -417,6 +417,7 @@ def run_restart_scenario(
     )
     figures.add_audit(found)
     figures.emit()
+    return found
 
 
 # -- 4. SIGTERM ---------------------------------------------------------------------------

@@ -18,7 +18,8 @@ import pytest
 from conveyor.jobs import TERMINAL, Job
 from conveyor.settings import Settings
 from conveyor.store import Store
-from tests.e2e.support import Processes, free_port, run_cli, wait_ready
+from tests.e2e.support import Processes, run_cli, wait_ready
+from tests.servers import free_port
 
 JOB_COUNT = 1000
 #: Requests in flight at once: enough to keep one API process busy on two cores.

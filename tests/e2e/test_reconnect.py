@@ -19,7 +19,6 @@ from tests.e2e.support import (
     Process,
     Processes,
     api_client,
-    free_port,
     is_terminal,
     iter_events,
     run_cli,
@@ -27,6 +26,7 @@ from tests.e2e.support import (
     wait_for,
     wait_ready,
 )
+from tests.servers import free_port
 
 #: 8 progress events over a few seconds: the API is killed and restarted in the middle.
 STEPS = 8

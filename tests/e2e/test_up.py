@@ -12,12 +12,12 @@ from tests.e2e.support import (
     alive,
     api_client,
     child_running,
-    free_port,
     iter_events,
     submit,
     wait_for,
     wait_ready,
 )
+from tests.servers import free_port
 
 
 def test_up_runs_a_job_to_the_end_and_stops_cleanly_on_sigint(
