@@ -40,6 +40,11 @@ READY_TIMEOUT = 60.0
 #: Seconds children get to exit after SIGTERM before their process groups are killed.
 STOP_GRACE = 10.0
 POLL_INTERVAL = 0.2
+#: Seconds a worker needs, after its shutdown grace, to hand running jobs back and stop.
+HAND_BACK_TIME = 3.0
+#: Seconds within which a second SIGINT is the same Ctrl-C delivered twice: a terminal
+#: signals the whole foreground group, and ``uv run`` forwards it to us as well.
+REPEAT_WINDOW = 1.0
 
 _PR_SET_PDEATHSIG = 1
 
@@ -132,6 +137,7 @@ class Stack:
         self._stop = threading.Event()
         self._force = threading.Event()
         self._signal: str | None = None
+        self._first_signal: float | None = None
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -153,7 +159,13 @@ class Stack:
                 signal.signal(signum, handler)
 
     def start(self) -> None:
-        env = {**os.environ, "CONVEYOR_DATA_DIR": str(self.settings.data_dir)}
+        # The worker hands running jobs back before the supervisor's grace runs out.
+        shutdown_grace = max(0.0, min(self.settings.shutdown_grace, self.grace - HAND_BACK_TIME))
+        env = {
+            **os.environ,
+            "CONVEYOR_DATA_DIR": str(self.settings.data_dir),
+            "CONVEYOR_SHUTDOWN_GRACE": str(shutdown_grace),
+        }
         preexec = _die_with_parent(os.getpid())
         for child in self.children:
             child.process = subprocess.Popen(
@@ -201,9 +213,10 @@ class Stack:
                 break
         for child in started:
             if child.running():
-                self.console.print(
-                    f"[yellow]{child.name} did not stop within {self.grace:.0f}s; killing it[/]"
+                reason = (
+                    "asked twice" if self._force.is_set() else f"not stopped in {self.grace:.0f}s"
                 )
+                self.console.print(f"[yellow]{child.name}: {reason}; killing it[/]")
             # Also reaches anything the child left behind in its group (pool processes).
             child.signal(signal.SIGKILL, group=True)
         for child in started:
@@ -213,8 +226,11 @@ class Stack:
     # -- internals ------------------------------------------------------------
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self._stop.is_set():
-            self._force.set()  # a second signal: skip the grace period
+        now = time.monotonic()
+        if self._first_signal is None:
+            self._first_signal = now
+        elif now - self._first_signal > REPEAT_WINDOW:
+            self._force.set()  # asked again: skip the grace period
         self._signal = signal.Signals(signum).name
         self._stop.set()
 

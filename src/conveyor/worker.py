@@ -254,7 +254,9 @@ def end_attempt(
     A retry due at once is dispatched here unless ``dispatch_now`` is false (the
     old attempt may still be running for a moment): then the next sweep does it.
     """
-    if not retryable or job.attempt >= job.max_attempts:
+    # A hand-back at shutdown is no failure of the job's: it never makes it dead.
+    exhausted = job.attempt >= job.max_attempts and outcome is not AttemptOutcome.INTERRUPTED
+    if not retryable or exhausted:
         recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
         if recorded is None:
             log.info("job.abandoned", reason="cancelled or taken over while running")

@@ -27,11 +27,11 @@ from pydantic import BaseModel
 
 from conveyor import Context, Conveyor, PermanentError, RetryableError
 from conveyor.broker import dispatch
-from conveyor.jobs import EventType, Job, JobStatus
+from conveyor.jobs import AttemptOutcome, EventType, Job, JobStatus
 from conveyor.logs import configure_logging
 from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
-from conveyor.worker import ProcessMonitor, execute, worker_id
+from conveyor.worker import ProcessMonitor, execute, take_back, worker_id
 
 executions: Counter[str] = Counter()
 loops: dict[str, tuple[int, str]] = {}
@@ -528,3 +528,16 @@ def test_a_job_the_store_says_this_process_runs_but_nothing_runs_is_handed_back(
     [orphaned, succeeded] = app.store.attempts(job.id)
     assert (orphaned.outcome.value, succeeded.outcome.value) == ("lost", "succeeded")
     assert executions[job.id] == 1
+
+
+def test_a_hand_back_at_shutdown_never_makes_a_job_dead(app: Conveyor) -> None:
+    """Stopping a worker is no failure of the job's, even on its last attempt."""
+    job = app.submit("t.until_cancelled", {"a": 0})  # max_attempts=1
+    assert app.store.claim(job.id, 1, "node:1:aa/2:bb") is not None
+    status = take_back(app, job, AttemptOutcome.INTERRUPTED, "WorkerShutdown", "the worker stopped")
+    assert status is JobStatus.RETRYING
+    again = app.store.get_job(job.id)
+    assert (again.status, again.attempt) == (JobStatus.RETRYING, 2)
+    # A process that died on the last attempt is another matter.
+    assert app.store.claim(job.id, 2, "node:1:aa/3:cc") is not None
+    assert take_back(app, again, AttemptOutcome.LOST, "WorkerLost", "gone") is JobStatus.DEAD
