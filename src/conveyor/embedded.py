@@ -33,6 +33,7 @@ from rich.console import Console
 
 from conveyor.app import load_app
 from conveyor.errors import ConveyorError
+from conveyor.keys import bootstrap_admin_key
 from conveyor.settings import Settings
 
 #: Seconds the API has to answer ``/readyz`` after the children start.
@@ -51,7 +52,6 @@ _PR_SET_PDEATHSIG = 1
 
 def prepare(settings: Settings) -> tuple[Settings, Path | None]:
     """Make the data dir, migrate, ensure the admin key; returns settings and the key file."""
-    from conveyor.api.auth import bootstrap_admin_key
 
     data_dir = settings.data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from sqlalchemy import update
 
 from conveyor import Conveyor, Settings
-from conveyor.api.auth import KeyVerifier, bootstrap_admin_key
+from conveyor.keys import KeyVerifier, bootstrap_admin_key
 from conveyor.store import Store, keys_t, utcnow
 
 pytestmark = pytest.mark.anyio

@@ -19,11 +19,11 @@ import structlog
 from fastapi import FastAPI
 
 from conveyor.api import dead_letters, events, health, jobs, problems, tasks
-from conveyor.api.auth import KeyVerifier, bootstrap_admin_key
 from conveyor.api.middleware import BodyLimit, CorrelationId, RequestTimer
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor, load_app
 from conveyor.events import EventHub
+from conveyor.keys import KeyVerifier, bootstrap_admin_key
 from conveyor.logs import configure_logging
 from conveyor.metrics import Metrics
 from conveyor.settings import load_settings

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 from starlette.requests import HTTPConnection
 
 if TYPE_CHECKING:
-    from conveyor.api.auth import KeyVerifier
     from conveyor.app import Conveyor
     from conveyor.events import EventHub
+    from conveyor.keys import KeyVerifier
     from conveyor.metrics import Metrics
     from conveyor.settings import Settings
     from conveyor.store import Store
