@@ -175,11 +175,11 @@ def test_bootstrap_prefers_the_configured_key_and_writes_no_file(
 def test_bootstrap_keeps_a_file_another_process_wrote_first(
     conveyor: Conveyor, settings: Settings
 ) -> None:
-    from conveyor.api import auth
+    from conveyor import keys
 
-    auth._create_secret_file(settings.admin_key_path, "cvk_winner")
+    keys._create_secret_file(settings.admin_key_path, "cvk_winner")
 
-    assert auth._create_secret_file(settings.admin_key_path, "cvk_loser") is False
+    assert keys._create_secret_file(settings.admin_key_path, "cvk_loser") is False
     assert bootstrap_admin_key(conveyor.store, settings)[0] == "cvk_winner"
     assert list(settings.admin_key_path.parent.glob(".admin.key.*")) == []
 
