@@ -95,7 +95,7 @@ def run(app: Conveyor, settings: Settings, url: str, n: int) -> None:
     ids: list[str] = []
 
     def create() -> None:
-        job, _ = store.create_job(
+        job = store.create_job(
             task="diag.echo",
             payload={"i": 1},
             queue="default",
@@ -121,7 +121,7 @@ def run(app: Conveyor, settings: Settings, url: str, n: int) -> None:
     )
     job = store.get_job(ids[0])
     event = store.job_events(ids[0])[-1]
-    measure("publisher.publish (one event to Redis)", lambda: app.publisher.publish(event), n)
+    measure("publisher.publish (one event to Redis)", lambda: app.publisher.publish([event]), n)
     measure("broker.dispatch (Celery apply_async)", lambda: dispatch(app.celery, job), n)
     measure(
         "Conveyor.submit (validate, create_job, publish, dispatch)",

@@ -2,7 +2,8 @@
 
 Process resources (store, Celery app, event publisher) are made on first use
 from the app's settings, and remade after a fork so that worker processes never
-share a database connection with their parent.
+share a database connection with their parent. Execution (``conveyor.worker``),
+recovery and the HTTP API build on this module; it imports none of them.
 """
 
 from __future__ import annotations
@@ -10,28 +11,36 @@ from __future__ import annotations
 import importlib
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
+from typing import Any, TypeVar, Unpack, cast, overload
 
 import structlog
+from celery import Celery
 from pydantic import BaseModel
 
-from conveyor import idempotency
+from conveyor import broker, diag, idempotency
 from conveyor.errors import (
+    BatchInvalid,
     BrokerUnavailable,
     ConfigurationError,
+    ConveyorError,
     JobNotDead,
     PayloadInvalid,
     ReplayRefused,
     StoreUnavailable,
     TaskNotFound,
 )
+from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
+from conveyor.jobs import Job, JobStatus
 from conveyor.settings import Settings, load_settings
+from conveyor.store import DeadLetterFilter, Store
 from conveyor.tasks import (
     AsyncTaskFunction,
+    JobOptions,
+    SubmitOptions,
     SyncTaskFunction,
     Task,
     TaskDecorator,
@@ -41,13 +50,6 @@ from conveyor.tasks import (
     check_queue,
     check_retry_policy,
 )
-
-if TYPE_CHECKING:
-    from celery import Celery
-
-    from conveyor.events import Publisher
-    from conveyor.jobs import Job
-    from conveyor.store import Store
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -65,9 +67,9 @@ class Conveyor:
         self._store: Store | None = None
         self._publisher: Publisher | None = None
         self._celery: Celery | None = None
-        from conveyor import diag
-
-        diag.register(self)
+        self._close_hooks: list[Callable[[], None]] = []
+        for name, max_attempts, fn in diag.BUILTINS:
+            self.task(name=name, max_attempts=max_attempts)(fn)
 
     # -- registry -------------------------------------------------------------
 
@@ -162,10 +164,10 @@ class Conveyor:
     def store(self) -> Store:
         self._check_fork()
         if self._store is None:
-            from conveyor.store import Store
-
             self._store = Store(
-                self.settings.resolved_database_url, pool_size=self.settings.store_pool_size
+                self.settings.resolved_database_url,
+                pool_size=self.settings.store_pool_size,
+                publish=self.publisher.publish,
             )
         return self._store
 
@@ -173,23 +175,24 @@ class Conveyor:
     def publisher(self) -> Publisher:
         self._check_fork()
         if self._publisher is None:
-            from conveyor.events import make_publisher
-
             self._publisher = make_publisher(self.settings)
         return self._publisher
 
     @property
     def celery(self) -> Celery:
         if self._celery is None:
-            from conveyor.broker import make_celery
-
-            self._celery = make_celery(self, self.settings)
+            self._celery = broker.make_celery(self.settings, self.queues)
         return self._celery
 
-    def close(self) -> None:
-        from conveyor.worker import ProcessMonitor
+    def on_close(self, hook: Callable[[], None]) -> None:
+        """Call ``hook`` when the app's resources close (before the store does): how
+        whatever runs on them in this process (a worker's monitor) is stopped."""
+        self._close_hooks.append(hook)
 
-        ProcessMonitor.forget(self)
+    def close(self) -> None:
+        hooks, self._close_hooks = self._close_hooks, []
+        for hook in hooks:
+            hook()
         if self._store is not None:
             self._store.dispose()
         if self._publisher is not None:
@@ -204,36 +207,53 @@ class Conveyor:
         self,
         task: str | Task[Any, Any],
         payload: BaseModel | Mapping[str, Any],
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        correlation_id: str | None = None,
-        max_attempts: int | None = None,
-        backoff_base: float | None = None,
-        backoff_cap: float | None = None,
-        idempotency_key: str | None = None,
+        **options: Unpack[SubmitOptions],
     ) -> Job:
         """Validate, record and enqueue a job; raises before recording anything invalid.
 
-        ``max_attempts``, ``backoff_base`` and ``backoff_cap`` override the task's
-        retry policy for this job. With an ``idempotency_key``, submitting the same
-        job again with the same key returns the job the first submit made instead
-        of making another (see :meth:`submit_once`).
+        ``queue``, ``priority``, ``max_attempts``, ``backoff_base`` and ``backoff_cap``
+        override the task's options for this job. With an ``idempotency_key``,
+        submitting the same job again with the same key returns the job the first
+        submit made instead of making another (see :meth:`submit_once`).
         """
-        options: dict[str, Any] = {
-            "queue": queue,
-            "priority": priority,
-            "correlation_id": correlation_id,
-            "max_attempts": max_attempts,
-            "backoff_base": backoff_base,
-            "backoff_cap": backoff_cap,
-        }
-        if idempotency_key is not None:
-            return self.submit_once(task, payload, key=idempotency_key, **options)[0]
-        job, event = self.store.create_job(**self._new_job(task, payload, **options))
-        self.publisher.publish(event)
+        key = options.pop("idempotency_key", None)
+        if key is not None:
+            return self.submit_once(task, payload, key=key, **cast(JobOptions, options))[0]
+        job = self.store.create_job(**self._new_job(task, payload, options))
         self.dispatch(job)
         return job
+
+    def submit_many(
+        self,
+        task: str | Task[Any, Any],
+        payloads: Iterable[BaseModel | Mapping[str, Any]],
+        **options: Unpack[JobOptions],
+    ) -> list[Job]:
+        """Submit one job per payload, all recorded in one transaction or none, and
+        published to the broker together; raises BatchInvalid naming every invalid
+        item before recording anything."""
+        return self.submit_batch([(task, payload, options) for payload in payloads])
+
+    def submit_batch(
+        self,
+        items: Sequence[tuple[str | Task[Any, Any], BaseModel | Mapping[str, Any], JobOptions]],
+    ) -> list[Job]:
+        """:meth:`submit_many` for jobs of different tasks or options: ``items`` are
+        ``(task, payload, options)``."""
+        fields: list[dict[str, Any]] = []
+        errors: list[tuple[int, ConveyorError]] = []
+        for index, (task, payload, options) in enumerate(items):
+            try:
+                fields.append(self._new_job(task, payload, options))
+            except (TaskNotFound, PayloadInvalid, ConfigurationError) as exc:
+                errors.append((index, exc))
+        if errors:
+            raise BatchInvalid(errors)
+        if not fields:
+            return []
+        jobs = self.store.create_jobs(fields)
+        self.dispatch_many(jobs)
+        return jobs
 
     def submit_once(
         self,
@@ -243,12 +263,7 @@ class Conveyor:
         key: str,
         scope: str = PYTHON_SCOPE,
         fingerprint: str | None = None,
-        queue: str | None = None,
-        priority: int | None = None,
-        correlation_id: str | None = None,
-        max_attempts: int | None = None,
-        backoff_base: float | None = None,
-        backoff_cap: float | None = None,
+        **options: Unpack[JobOptions],
     ) -> tuple[Job, bool]:
         """:meth:`submit` at most once per idempotency ``key`` in ``scope``; returns the
         job and whether this call made it.
@@ -261,26 +276,16 @@ class Conveyor:
         """
         check_key(key)
         check_scope(scope)
-        fields = self._new_job(
-            task,
-            payload,
-            queue=queue,
-            priority=priority,
-            correlation_id=correlation_id,
-            max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-        )
+        fields = self._new_job(task, payload, options)
         if fingerprint is None:
             fingerprint = idempotency.fingerprint(
                 {name: value for name, value in fields.items() if name != "correlation_id"}
             )
-        job, event, _ = self.store.create_job_once(scope, key, fingerprint, **fields)
-        if event is None:
+        job, created = self.store.create_job_once(scope, key, fingerprint, **fields)
+        if not created:
             log.info("job.submit_repeated", job_id=job.id, task=job.task)
             return job, False
         try:
-            self.publisher.publish(event)
             self.dispatch(job)
         finally:
             # Stored and dispatched (or left for recovery to dispatch): repeats may have it.
@@ -295,32 +300,32 @@ class Conveyor:
         self,
         task: str | Task[Any, Any],
         payload: BaseModel | Mapping[str, Any],
-        *,
-        queue: str | None,
-        priority: int | None,
-        correlation_id: str | None,
-        max_attempts: int | None,
-        backoff_base: float | None,
-        backoff_cap: float | None,
+        options: JobOptions,
     ) -> dict[str, Any]:
         """The arguments of ``Store.create_job`` for a submit; raises if anything is invalid."""
+        unknown = set(options) - set(JobOptions.__annotations__)
+        if unknown:
+            raise ConfigurationError(f"unknown job options: {', '.join(sorted(unknown))}")
         task = self.get_task(task) if isinstance(task, str) else task
         data = task.validate(payload)
-        options = task.options
+        defaults = task.options
+        queue, priority = options.get("queue"), options.get("priority")
+        max_attempts = options.get("max_attempts")
+        backoff_base, backoff_cap = options.get("backoff_base"), options.get("backoff_cap")
         policy = (
-            options.max_attempts if max_attempts is None else max_attempts,
-            options.backoff_base if backoff_base is None else backoff_base,
-            options.backoff_cap if backoff_cap is None else backoff_cap,
+            defaults.max_attempts if max_attempts is None else max_attempts,
+            defaults.backoff_base if backoff_base is None else backoff_base,
+            defaults.backoff_cap if backoff_cap is None else backoff_cap,
         )
         check_retry_policy(*policy)
         return {
             "task": task.name,
             "payload": data,
-            "queue": check_queue(queue) if queue else options.queue,
-            "priority": check_priority(priority) if priority is not None else options.priority,
+            "queue": check_queue(queue) if queue else defaults.queue,
+            "priority": check_priority(priority) if priority is not None else defaults.priority,
             "max_attempts": policy[0],
-            "timeout": options.timeout,
-            "correlation_id": correlation_id or uuid.uuid4().hex,
+            "timeout": defaults.timeout,
+            "correlation_id": options.get("correlation_id") or uuid.uuid4().hex,
             "backoff_base": policy[1],
             "backoff_cap": policy[2],
         }
@@ -328,13 +333,16 @@ class Conveyor:
     def dispatch(self, job: Job) -> bool:
         """Hand a stored job's attempt to the broker; if the broker is down, the job
         stays queued and is dispatched again once it is back (see ``conveyor.recovery``)."""
-        from conveyor.broker import dispatch
+        return self.dispatch_many([job])
 
+    def dispatch_many(self, jobs: Sequence[Job]) -> bool:
+        """:meth:`dispatch` for many jobs over one broker connection."""
         try:
-            dispatch(self.celery, job, hard_grace=self.settings.hard_timeout_grace)
+            broker.dispatch_many(self.celery, jobs, hard_grace=self.settings.hard_timeout_grace)
         except BrokerUnavailable as exc:
-            log.error("job.dispatch_failed", job_id=job.id, error=str(exc))
-            self.store.undispatched(job.id, job.attempt)
+            log.error("job.dispatch_failed", jobs=len(jobs), error=str(exc))
+            for job in jobs:
+                self.store.undispatched(job.id, job.attempt)
             return False
         return True
 
@@ -346,8 +354,6 @@ class Conveyor:
         Raises JobNotFound, JobNotDead, or ReplayRefused when its task is no longer
         registered or its payload no longer fits the task; the dead job stays as it is.
         """
-        from conveyor.jobs import JobStatus
-
         dead = self.store.get_job(job_id)
         if dead.status is not JobStatus.DEAD:
             raise JobNotDead(job_id, dead.status.value)
@@ -368,8 +374,6 @@ class Conveyor:
 
         Two bulk replays running at once may both replay the same dead job.
         """
-        from conveyor.store import DeadLetterFilter
-
         match = DeadLetterFilter(task=task, error_type=error_type, since=since, until=until)
         correlation_id = correlation_id or uuid.uuid4().hex
         done = Replays()
@@ -395,7 +399,7 @@ class Conveyor:
         except PayloadInvalid as exc:
             reason = f"its payload no longer fits the task: {exc}"
             raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
-        job, event = self.store.create_job(
+        job = self.store.create_job(
             task=dead.task,
             payload=dead.payload,
             queue=dead.queue,
@@ -408,7 +412,6 @@ class Conveyor:
             replay_of=dead.id,
         )
         log.info("job.replayed", job_id=job.id, replay_of=dead.id, task=job.task)
-        self.publisher.publish(event)
         self.dispatch(job)
         return job
 

@@ -1,9 +1,10 @@
-"""The Celery side: one Celery app per Conveyor app, and dispatching jobs to it.
+"""The Celery side: one Celery app per Conveyor app, and publishing attempts to it.
 
 Only ``(job_id, attempt)`` crosses the broker, as JSON; the payload stays in the
-store. Celery is configured for at-least-once delivery (late ack, reject on
-worker loss, prefetch 1); the store's conditional claim makes a duplicate
-delivery a no-op.
+store. Publishing needs no task body (``send_task`` by name): the worker process
+registers the one task, ``conveyor.run`` (see :mod:`conveyor.worker.process`).
+Celery is configured for at-least-once delivery (late ack, reject on worker loss,
+prefetch 1); the store's conditional claim makes a duplicate delivery a no-op.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import contextlib
 import os
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -22,18 +24,17 @@ from kombu.transport import filesystem
 from kombu.utils.json import dumps
 
 from conveyor.errors import BrokerUnavailable
+from conveyor.jobs import Job
 from conveyor.settings import Settings
-
-if TYPE_CHECKING:
-    from conveyor.app import Conveyor
-    from conveyor.jobs import Job
 
 RUN_TASK = "conveyor.run"
 #: Seconds a hard time limit allows beyond the task's own (soft) timeout.
 HARD_LIMIT_GRACE = 10.0
 
 
-def make_celery(app: Conveyor, settings: Settings) -> Celery:
+def make_celery(settings: Settings, queues: Iterable[str]) -> Celery:
+    """A Celery app configured for Conveyor's delivery guarantees; ``queues`` are
+    declared up front where the broker needs it (RabbitMQ priorities)."""
     celery = Celery("conveyor", set_as_current=False)
     broker_url = settings.resolved_broker_url
     scheme = broker_url.split(":", 1)[0]
@@ -61,24 +62,13 @@ def make_celery(app: Conveyor, settings: Settings) -> Celery:
         # RabbitMQ only honours priorities on queues declared with a maximum.
         conf["task_queues"] = [
             Queue(name, routing_key=name, queue_arguments={"x-max-priority": 10})
-            for name in sorted({"default", *app.queues})
+            for name in sorted({"default", *queues})
         ]
     if scheme == "filesystem":
         settings.broker_dir.mkdir(parents=True, exist_ok=True)
         conf["broker_transport"] = f"{__name__}:FileTransport"
         conf["worker_enable_remote_control"] = False
     celery.conf.update(conf)
-
-    from conveyor.worker import ConveyorRequest
-
-    request = type("Request", (ConveyorRequest,), {"app_ref": app})
-
-    @celery.task(name=RUN_TASK, acks_late=True, shared=False, Request=request)
-    def run(job_id: str, attempt: int) -> None:
-        from conveyor.worker import execute
-
-        execute(app, job_id, attempt)
-
     return celery
 
 
@@ -107,29 +97,32 @@ def celery_priority(priority: int, broker_url: str) -> int:
     return priority
 
 
-def dispatch(
-    celery: Celery,
-    job: Job,
-    *,
-    countdown: float | None = None,
-    hard_grace: float = HARD_LIMIT_GRACE,
-) -> None:
+def dispatch(celery: Celery, job: Job, *, hard_grace: float = HARD_LIMIT_GRACE) -> None:
     """Publish the job's current attempt; raises BrokerUnavailable if the broker is down."""
-    options: dict[str, Any] = {
-        "queue": job.queue,
-        "routing_key": job.queue,
-        "priority": celery_priority(job.priority, celery.conf.broker_url),
-        "headers": {"correlation_id": job.correlation_id},
-        "retry": True,
-        "retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
-    }
-    if countdown:
-        options["countdown"] = countdown
-    if job.timeout:
-        options["soft_time_limit"] = job.timeout
-        options["time_limit"] = job.timeout + hard_grace
+    dispatch_many(celery, [job], hard_grace=hard_grace)
+
+
+def dispatch_many(
+    celery: Celery, jobs: Sequence[Job], *, hard_grace: float = HARD_LIMIT_GRACE
+) -> None:
+    """Publish the current attempts of ``jobs`` over one broker connection; raises
+    BrokerUnavailable if the broker is down (some may have been published: their
+    claim drops a second delivery)."""
     try:
-        celery.tasks[RUN_TASK].apply_async(args=(job.id, job.attempt), **options)
+        with celery.producer_or_acquire() as producer:
+            for job in jobs:
+                options: dict[str, Any] = {
+                    "queue": job.queue,
+                    "routing_key": job.queue,
+                    "priority": celery_priority(job.priority, celery.conf.broker_url),
+                    "headers": {"correlation_id": job.correlation_id},
+                    "retry": True,
+                    "retry_policy": {"max_retries": 2, "interval_start": 0.2, "interval_step": 0.5},
+                }
+                if job.timeout:
+                    options["soft_time_limit"] = job.timeout
+                    options["time_limit"] = job.timeout + hard_grace
+                celery.send_task(RUN_TASK, args=(job.id, job.attempt), producer=producer, **options)
     except (KombuOperationalError, OSError) as exc:
         raise BrokerUnavailable(f"broker unreachable: {exc}") from exc
 

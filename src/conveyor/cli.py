@@ -20,6 +20,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 from urllib.parse import quote
@@ -203,7 +204,7 @@ def worker(
     """Run a worker that executes jobs until stopped."""
     from conveyor.app import load_app
     from conveyor.tasks import check_queue
-    from conveyor.worker import run_worker
+    from conveyor.worker.process import run_worker
 
     names = [check_queue(q.strip()) for q in queues.split(",") if q.strip()] if queues else None
     settings = load_settings()
@@ -313,10 +314,19 @@ def _job_path(job_id: str) -> str:
 # -- submit -------------------------------------------------------------------------
 
 
+#: Jobs sent per ``POST /v1/jobs/batch`` when submitting from standard input.
+BATCH_SIZE = 1000
+
+
 @cli.command()
 def submit(
-    task: Annotated[str, typer.Argument(help="Registered task name, e.g. diag.sleep.")],
-    payload: Annotated[str, typer.Option(help="The payload, a JSON object.")] = "{}",
+    task: Annotated[
+        str | None,
+        typer.Argument(help="Registered task name, e.g. diag.sleep; with --ndjson, optional."),
+    ] = None,
+    payload: Annotated[
+        str, typer.Option(help="The payload, a JSON object; - reads payloads as --ndjson does.")
+    ] = "{}",
     queue: Annotated[str | None, typer.Option(help="Queue; default the task's.")] = None,
     priority: Annotated[
         int | None, typer.Option(min=0, max=9, help="0 (lowest) to 9; default the task's.")
@@ -328,19 +338,35 @@ def submit(
         str | None,
         typer.Option(help="Submit at most once per key: a repeat prints the first job's id."),
     ] = None,
+    ndjson: Annotated[
+        bool,
+        typer.Option(
+            "--ndjson",
+            help="Bulk: read newline-delimited JSON from standard input, one job a line: a"
+            " payload for TASK, or without TASK an object with task, payload and options.",
+        ),
+    ] = False,
 ) -> None:
     """Submit a job and print its id; with --follow, exit 0 only if it succeeds."""
+    options: dict[str, Any] = {}
+    if queue is not None:
+        options["queue"] = queue
+    if priority is not None:
+        options["priority"] = priority
+    if ndjson or payload == "-":
+        if follow or idempotency_key is not None:
+            raise CliError("--follow and --idempotency-key take one job, not --ndjson", code=2)
+        _submit_lines(task, options, sys.stdin)
+        return
+    if task is None:
+        raise CliError("name the TASK to submit (or pass --ndjson)", code=2)
     try:
         data = json.loads(payload)
     except ValueError as exc:
         raise CliError(f"--payload is not valid JSON: {exc}", code=2) from None
     if not isinstance(data, dict):
         raise CliError("--payload must be a JSON object", code=2)
-    body: dict[str, Any] = {"task": task, "payload": data}
-    if queue is not None:
-        body["queue"] = queue
-    if priority is not None:
-        body["priority"] = priority
+    body: dict[str, Any] = {"task": task, "payload": data, **options}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     with ApiClient(load_settings()) as client:
         job = client.request("POST", "/v1/jobs", json=body, headers=headers)
@@ -354,6 +380,56 @@ def submit(
             raise typer.Exit(130) from None
         if status != "succeeded":
             raise typer.Exit(1)
+
+
+def _submit_lines(task: str | None, options: dict[str, Any], lines: Iterable[str]) -> None:
+    """Every line is read and checked before anything is sent; then the jobs go in
+    batches of ``BATCH_SIZE``, each recorded whole or not at all, and their ids are
+    printed in the order of the lines."""
+    jobs: list[tuple[int, dict[str, Any]]] = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except ValueError as exc:
+            raise CliError(f"line {number} is not valid JSON: {exc}", code=2) from None
+        if not isinstance(item, dict):
+            raise CliError(f"line {number} must be a JSON object", code=2)
+        if task is not None:
+            jobs.append((number, {"task": task, "payload": item, **options}))
+        elif "task" not in item:
+            raise CliError(f"line {number} has no task (or name the TASK)", code=2)
+        else:
+            jobs.append((number, {**options, **item}))
+    if not jobs:
+        raise CliError("no jobs on standard input", code=2)
+    with ApiClient(load_settings()) as client:
+        for start in range(0, len(jobs), BATCH_SIZE):
+            chunk = jobs[start : start + BATCH_SIZE]
+            try:
+                body = {"jobs": [job for _, job in chunk]}
+                made = client.request("POST", "/v1/jobs/batch", json=body)
+            except CliError as exc:
+                sent = f"; the {start} jobs before line {chunk[0][0]} were submitted"
+                raise CliError(
+                    _by_line(exc.message, chunk) + (sent if start else ""),
+                    code=exc.code,
+                    details=tuple(_by_line(detail, chunk) for detail in exc.details),
+                ) from None
+            for job in made["items"]:
+                out.print(job["id"], markup=False)
+
+
+def _by_line(text: str, chunk: list[tuple[int, Any]]) -> str:
+    """The API names items of a batch (``item 3``, ``body.jobs.3``); say which line each is."""
+
+    def line(match: re.Match[str]) -> str:
+        index = int(match[1])
+        return f"line {chunk[index][0]}" if index < len(chunk) else match[0]
+
+    text = re.sub(r"body\.jobs\.(\d+)", line, text)
+    return re.sub(r"item (\d+) of the batch", line, text)
 
 
 class Follower:

@@ -1,19 +1,19 @@
-"""Built-in diagnostic tasks, registered on every app: echo, sleep, fail."""
+"""Built-in diagnostic tasks, registered on every app: echo, sleep, fail.
+
+Plain functions and models: the app registers them (see ``BUILTINS``)."""
 
 from __future__ import annotations
 
 import os
 import signal
 import time
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.context import Context
 from conveyor.errors import PermanentError, RetryableError
-
-if TYPE_CHECKING:
-    from conveyor.app import Conveyor
-    from conveyor.context import Context
 
 
 class EchoPayload(BaseModel):
@@ -57,7 +57,9 @@ def fail(ctx: Context, payload: FailPayload) -> None:
     raise RetryableError(payload.message)
 
 
-def register(app: Conveyor) -> None:
-    app.task(name="diag.echo", max_attempts=1)(echo)
-    app.task(name="diag.sleep", max_attempts=1)(sleep)
-    app.task(name="diag.fail", max_attempts=3)(fail)
+#: (name, max_attempts, function) of every built-in task.
+BUILTINS: tuple[tuple[str, int, Callable[[Context, Any], Any]], ...] = (
+    ("diag.echo", 1, echo),
+    ("diag.sleep", 1, sleep),
+    ("diag.fail", 3, fail),
+)

@@ -4,6 +4,7 @@ ConveyorError
 ├── ConfigurationError      a setting or task definition is wrong
 ├── TaskNotFound            no task registered under that name
 ├── PayloadInvalid          a payload failed its task's schema
+├── BatchInvalid            items of a bulk submit are invalid; nothing was recorded
 ├── JobNotFound             no job with that id
 │   └── DeadLetterNotFound  no dead job with that id
 ├── IllegalTransition       a status change the state machine forbids
@@ -51,6 +52,17 @@ class PayloadInvalid(ConveyorError):
         first = errors[0] if errors else {}
         where = ".".join(str(p) for p in first.get("loc", ())) or "payload"
         super().__init__(f"invalid payload for {task!r}: {where}: {first.get('msg', 'invalid')}")
+
+
+class BatchInvalid(ConveyorError):
+    """Some items of a bulk submit are invalid; none of the batch was recorded."""
+
+    def __init__(self, errors: list[tuple[int, ConveyorError]]) -> None:
+        #: (index of the item in the batch, what is wrong with it), for every bad item.
+        self.errors = errors
+        index, first = errors[0]
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"item {index} of the batch: {first}{more}; nothing was recorded")
 
 
 class JobNotFound(ConveyorError):

@@ -22,6 +22,7 @@ from typing import Protocol
 import redis
 import redis.asyncio as aioredis
 import structlog
+from pydantic import TypeAdapter
 
 from conveyor.errors import ConveyorError, JobNotFound
 from conveyor.jobs import Event, JobStatus
@@ -34,7 +35,7 @@ log = structlog.get_logger("conveyor.events")
 
 
 class Publisher(Protocol):
-    def publish(self, event: Event) -> None: ...
+    def publish(self, events: Sequence[Event]) -> None: ...
     def close(self) -> None: ...
 
 
@@ -45,11 +46,18 @@ class RedisPublisher:
         self.client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
         self.channel = channel
 
-    def publish(self, event: Event) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
+        """One message per call: an event, or a JSON array of the events of a flush."""
+        if not events:
+            return
+        if len(events) == 1:
+            message = events[0].model_dump_json()
+        else:
+            message = _EVENTS.dump_json(list(events)).decode()
         try:
-            self.client.publish(self.channel, event.model_dump_json())
+            self.client.publish(self.channel, message)
         except redis.RedisError as exc:
-            log.warning("event.publish_failed", job_id=event.job_id, seq=event.seq, error=str(exc))
+            log.warning("event.publish_failed", events=len(events), error=str(exc))
 
     def close(self) -> None:
         self.client.close()
@@ -58,7 +66,7 @@ class RedisPublisher:
 class StorePublisher:
     """Embedded mode: the store is the bus, so publishing is the commit itself."""
 
-    def publish(self, event: Event) -> None:
+    def publish(self, events: Sequence[Event]) -> None:
         return None
 
     def close(self) -> None:
@@ -160,12 +168,13 @@ class EventHub:
                         if message is None:
                             continue
                         try:
-                            event = Event.model_validate_json(message["data"])
+                            events = _parse(message["data"])
                         except ValueError:
                             # A stray publisher must not stop the hub; the store has the truth.
                             log.warning("event_hub.bad_message", data=repr(message["data"])[:200])
                             continue
-                        self.deliver(event)
+                        for event in events:
+                            self.deliver(event)
             except aioredis.RedisError as exc:
                 self.healthy = False
                 log.warning("event_hub.redis_lost", error=str(exc), retry_in=delay)
@@ -214,6 +223,16 @@ class EventHub:
             if len(page) < PAGE:
                 return events
             cursor = page[-1].id
+
+
+_EVENTS = TypeAdapter(list[Event])
+
+
+def _parse(data: bytes | str) -> list[Event]:
+    """A channel message: one event, or a JSON array of events."""
+    if data[:1] in (b"[", "["):
+        return _EVENTS.validate_json(data)
+    return [Event.model_validate_json(data)]
 
 
 #: How long the PostgreSQL polling cursor waits for ids that commit out of order.

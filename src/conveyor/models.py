@@ -163,3 +163,11 @@ class ApiKeyRow(Base):
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+jobs_t = Base.metadata.tables[JobRow.__tablename__]
+events_t = Base.metadata.tables[EventRow.__tablename__]
+keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
+attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
+workers_t = Base.metadata.tables[WorkerRow.__tablename__]
+idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]

@@ -20,17 +20,14 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
 
 import structlog
 
+from conveyor.app import Conveyor
 from conveyor.broker import queue_depth
 from conveyor.errors import ConveyorError
 from conveyor.jobs import AttemptOutcome, Job
-from conveyor.worker import take_back
-
-if TYPE_CHECKING:
-    from conveyor.app import Conveyor
+from conveyor.worker.outcomes import take_back
 
 log = structlog.get_logger("conveyor.recovery")
 

@@ -5,16 +5,15 @@ from __future__ import annotations
 import inspect
 import re
 import typing
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Protocol, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar, Unpack, overload
 
 from pydantic import BaseModel, ValidationError
 
 from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
 
 if TYPE_CHECKING:
-    from conveyor.app import Conveyor
     from conveyor.context import Context
     from conveyor.jobs import Job
 
@@ -85,6 +84,42 @@ def check_priority(priority: int) -> int:
     return priority
 
 
+class JobOptions(TypedDict, total=False):
+    """How one job departs from its task's options; None (or leaving one out) keeps
+    the task's. Kept apart from the payload, so no field of a payload can collide."""
+
+    queue: str | None
+    priority: int | None
+    correlation_id: str | None
+    max_attempts: int | None
+    backoff_base: float | None
+    backoff_cap: float | None
+
+
+class SubmitOptions(JobOptions, total=False):
+    """:class:`JobOptions`, plus the key that makes a submit idempotent."""
+
+    idempotency_key: str | None
+
+
+class Submitter(Protocol):
+    """What a task submits its jobs through (the app)."""
+
+    def submit(
+        self,
+        task: str | Task[Any, Any],
+        payload: BaseModel | Mapping[str, Any],
+        **options: Unpack[SubmitOptions],
+    ) -> Job: ...
+
+    def submit_many(
+        self,
+        task: str | Task[Any, Any],
+        payloads: Iterable[BaseModel | Mapping[str, Any]],
+        **options: Unpack[JobOptions],
+    ) -> list[Job]: ...
+
+
 class TaskDecorator(Protocol):
     """What ``app.task(...)`` returns; the async overload comes first so that
     ``R`` is what the coroutine returns, not the coroutine."""
@@ -99,7 +134,7 @@ class Task(Generic[P, R]):
     """A registered task; call :meth:`submit` to enqueue a job."""
 
     def __init__(
-        self, app: Conveyor, fn: TaskFunction[P, R], *, name: str, options: TaskOptions
+        self, app: Submitter, fn: TaskFunction[P, R], *, name: str, options: TaskOptions
     ) -> None:
         if not NAME_PATTERN.match(name):
             raise ConfigurationError(f"invalid task name {name!r}")
@@ -129,29 +164,15 @@ class Task(Generic[P, R]):
     def parse(self, payload: Mapping[str, Any]) -> P:
         return self.payload_model.model_validate(payload)
 
-    def submit(
-        self,
-        payload: P | Mapping[str, Any],
-        *,
-        queue: str | None = None,
-        priority: int | None = None,
-        correlation_id: str | None = None,
-        max_attempts: int | None = None,
-        backoff_base: float | None = None,
-        backoff_cap: float | None = None,
-        idempotency_key: str | None = None,
-    ) -> Job:
-        return self.app.submit(
-            self,
-            payload,
-            queue=queue,
-            priority=priority,
-            correlation_id=correlation_id,
-            max_attempts=max_attempts,
-            backoff_base=backoff_base,
-            backoff_cap=backoff_cap,
-            idempotency_key=idempotency_key,
-        )
+    def submit(self, payload: P | Mapping[str, Any], **options: Unpack[SubmitOptions]) -> Job:
+        """Validate, record and enqueue a job of this task (see ``Conveyor.submit``)."""
+        return self.app.submit(self, payload, **options)
+
+    def submit_many(
+        self, payloads: Iterable[P | Mapping[str, Any]], **options: Unpack[JobOptions]
+    ) -> list[Job]:
+        """Record and enqueue many jobs at once, all or none (see ``Conveyor.submit_many``)."""
+        return self.app.submit_many(self, payloads, **options)
 
     def retries(self, exc: BaseException) -> bool:
         """Whether a failure with ``exc`` may be retried (attempts permitting)."""

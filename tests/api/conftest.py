@@ -188,7 +188,7 @@ class Worker:
     def _publish(self, recorded: tuple[Job, Event] | Event | None) -> Event:
         assert recorded is not None, "the store refused the transition"
         event = recorded if isinstance(recorded, Event) else recorded[1]
-        self.conveyor.publisher.publish(event)
+        self.conveyor.publisher.publish([event])
         return event
 
     def claim(self, job_id: str, attempt: int = 1) -> Event:

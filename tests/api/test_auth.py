@@ -12,7 +12,8 @@ from sqlalchemy import update
 
 from conveyor import Conveyor, Settings
 from conveyor.keys import KeyVerifier, bootstrap_admin_key
-from conveyor.store import Store, keys_t, utcnow
+from conveyor.models import keys_t
+from conveyor.store import Store, utcnow
 
 pytestmark = pytest.mark.anyio
 

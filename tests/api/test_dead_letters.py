@@ -11,7 +11,7 @@ from sqlalchemy import update
 
 from conveyor import Conveyor, Settings
 from conveyor.jobs import Job, JobError, JobStatus
-from conveyor.store import jobs_t
+from conveyor.models import jobs_t
 
 pytestmark = pytest.mark.anyio
 
@@ -36,7 +36,7 @@ def kill(
 ) -> Job:
     """A dead job of ``task`` whose every attempt raised ``kind``."""
     store = conveyor.store
-    job, _ = store.create_job(
+    job = store.create_job(
         task=task,
         payload=payload if payload is not None else {"a": 1, "b": 2},
         queue="math",

@@ -16,7 +16,8 @@ from sqlalchemy import func, select, update
 from conveyor import Conveyor, Settings
 from conveyor.api.schemas import JobRequest
 from conveyor.idempotency import IN_FLIGHT_SECONDS, fingerprint
-from conveyor.store import idempotency_t, jobs_t, utcnow
+from conveyor.models import idempotency_t, jobs_t
+from conveyor.store import utcnow
 from tests.api.conftest import MAX_BODY, Worker, bearer
 
 pytestmark = pytest.mark.anyio
@@ -126,7 +127,7 @@ async def test_a_repeat_while_the_first_is_in_flight_is_409(
     caller = conveyor.store.verify_api_key(admin_key)
     assert caller is not None
     # The first request has stored its job but not finished (not yet dispatched).
-    job, _, _ = conveyor.store.create_job_once(
+    job, _ = conveyor.store.create_job_once(
         caller.id,
         "order-1",
         fingerprint(JobRequest.model_validate(BODY).model_dump(mode="json")),

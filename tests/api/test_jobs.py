@@ -9,8 +9,10 @@ import json
 import httpx
 import pytest
 import redis.asyncio as aioredis
+from pydantic import ValidationError
 
 from conveyor import Conveyor
+from conveyor.api.schemas import JobBatchRequest
 from conveyor.jobs import Event
 from tests.api.conftest import Worker
 
@@ -329,3 +331,80 @@ async def test_cancel_publishes_its_event(
         await listener.aclose()
 
     assert statuses == ["queued", "cancelled"]
+
+
+# -- bulk submit ---------------------------------------------------------------
+
+
+async def test_a_batch_records_every_job_in_order(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    jobs = [{"task": "tests.add", "payload": {"a": i}} for i in range(50)]
+    jobs.append({"task": "diag.echo", "payload": {"x": 1}, "priority": 9})
+
+    response = await client.post(
+        "/v1/jobs/batch", json={"jobs": jobs}, headers={"X-Request-ID": "bulk-1"}
+    )
+
+    assert response.status_code == 202, response.text
+    items = response.json()["items"]
+    assert [item["payload"].get("a") for item in items] == [i for i in range(50)] + [None]
+    assert items[-1]["task"] == "diag.echo" and items[-1]["priority"] == 9
+    assert {item["status"] for item in items} == {"queued"}
+    assert {item["correlation_id"] for item in items} == {"bulk-1"}
+    for item in items:
+        stored = conveyor.store.get_job(item["id"])
+        assert stored.status.value == "queued"
+        assert [e.seq for e in conveyor.store.job_events(item["id"])] == [1]
+    # Every job was handed to the broker: one message each.
+    assert len(list(conveyor.settings.broker_dir.glob("*.msg"))) == len(jobs)
+
+
+async def test_a_batch_with_bad_items_records_nothing_and_names_them(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    jobs = [
+        {"task": "tests.add", "payload": {"a": 1}},
+        {"task": "tests.add", "payload": {"a": "many"}},
+        {"task": "no.such.task", "payload": {}},
+        {"task": "tests.add", "payload": {"a": 1}, "backoff_base": 9, "backoff_cap": 1},
+    ]
+
+    response = await client.post("/v1/jobs/batch", json={"jobs": jobs})
+
+    assert response.status_code == 422
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"].endswith("invalid-batch")
+    where = [tuple(e["loc"][:3]) for e in problem["errors"]]
+    assert where == [("body", "jobs", 1), ("body", "jobs", 2), ("body", "jobs", 3)]
+    assert problem["errors"][0]["loc"][3:] == ["payload", "a"]
+    assert problem["errors"][1]["loc"][3:] == ["task"]
+    assert conveyor.store.list_jobs()[0] == []
+    assert not list(conveyor.settings.broker_dir.glob("*.msg"))
+
+
+async def test_an_empty_batch_is_refused(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/jobs/batch", json={"jobs": []})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "jobs"]
+
+
+async def test_a_batch_over_the_body_limit_is_refused_whole(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    jobs = [{"task": "tests.add", "payload": {"a": i}} for i in range(200)]
+
+    response = await client.post("/v1/jobs/batch", json={"jobs": jobs})
+
+    assert response.status_code == 413
+    assert "bytes" in response.json()["detail"]
+    assert conveyor.store.list_jobs()[0] == []
+
+
+def test_a_batch_holds_at_most_a_thousand_jobs() -> None:
+    job = {"task": "tests.add", "payload": {}}
+    JobBatchRequest.model_validate({"jobs": [job] * 1000})
+    with pytest.raises(ValidationError, match="at most 1000"):
+        JobBatchRequest.model_validate({"jobs": [job] * 1001})

@@ -15,6 +15,7 @@ from tests.e2e.support import Processes, environment, run_cli, wait_ready
 from tests.servers import free_port
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+UUID_IN_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 @dataclass
@@ -155,3 +156,43 @@ def test_jobs_list_show_and_cancel(stack: Stack) -> None:
     missing = run_cli("jobs", "show", "no-such-job", env=stack.env)
     assert missing.returncode == 1, missing
     assert "not found" in missing.stderr
+
+
+def test_submit_ndjson_submits_every_line_in_bulk(stack: Stack) -> None:
+    lines = "\n".join(json.dumps({"n": i}) for i in range(25)) + "\n"
+
+    result = run_cli("submit", "diag.echo", "--ndjson", env=stack.env, stdin=lines)
+
+    assert result.returncode == 0, result
+    ids = result.stdout.split()
+    assert len(ids) == 25 and all(UUID.match(i) for i in ids)
+    last = run_cli("jobs", "show", ids[-1], env=stack.env)
+    assert '"n": 24' in last.stdout, last
+
+
+def test_submit_ndjson_of_whole_jobs_names_the_bad_line_and_records_nothing(
+    stack: Stack,
+) -> None:
+    def echo_jobs() -> int:
+        listed = run_cli("jobs", "list", "--task", "diag.echo", "--limit", "200", env=stack.env)
+        return len(UUID_IN_TEXT.findall(listed.stdout))
+
+    before = echo_jobs()
+    lines = [
+        json.dumps({"task": "diag.echo", "payload": {"n": 1}}),
+        json.dumps({"task": "diag.sleep", "payload": {"seconds": "long"}}),
+    ]
+
+    result = run_cli("submit", "--ndjson", env=stack.env, stdin="\n".join(lines))
+
+    assert result.returncode == 1, result
+    assert "line 2" in result.stderr, result.stderr
+    assert_no_traceback(result)
+    assert echo_jobs() == before
+
+
+def test_submit_ndjson_refuses_a_line_that_is_not_json_before_sending(stack: Stack) -> None:
+    result = run_cli("submit", "diag.echo", "--ndjson", env=stack.env, stdin='{"n": 1}\nnot json\n')
+
+    assert result.returncode == 2, result
+    assert "line 2" in result.stderr

@@ -67,7 +67,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 def kill(stack: Stack, task: str, kind: str = "KeyError", payload: Any = None) -> str:
     """A dead job of ``task``, recorded as a worker records one."""
-    job, _ = stack.store.create_job(
+    job = stack.store.create_job(
         task=task,
         payload=payload if payload is not None else {"sku": "A-1"},
         queue="default",

@@ -18,7 +18,8 @@ from conveyor.errors import (
     ReplayRefused,
 )
 from conveyor.jobs import AttemptOutcome, Job, JobError, JobStatus
-from conveyor.store import DeadLetterFilter, Store, attempts_t, events_t, jobs_t
+from conveyor.models import attempts_t, events_t, jobs_t
+from conveyor.store import DeadLetterFilter, Store
 
 
 def error(kind: str = "ValueError", message: str = "boom") -> JobError:
@@ -38,7 +39,7 @@ def submit(store: Store, task: str = "orders.handle", **overrides: Any) -> Job:
         "correlation_id": "corr-1",
         **overrides,
     }
-    job, _ = store.create_job(**fields)
+    job = store.create_job(**fields)
     return job
 
 

@@ -22,7 +22,8 @@ from conveyor.errors import (
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import Job, JobStatus
-from conveyor.store import Store, idempotency_t, jobs_t, utcnow
+from conveyor.models import idempotency_t, jobs_t
+from conveyor.store import Store, utcnow
 
 CONCURRENCY = 50
 
@@ -71,10 +72,10 @@ def run_together(n: int, call: Callable[[int], Any]) -> list[Any]:
 
 
 def test_first_use_creates_the_job_and_an_in_flight_key(store: Store) -> None:
-    job, event, created = store.create_job_once("s", "k-1", "f", **JOB)
+    job, created = store.create_job_once("s", "k-1", "f", **JOB)
 
     assert created
-    assert event is not None and event.job_id == job.id and event.seq == 1
+    assert [e.seq for e in store.job_events(job.id)] == [1]
     assert store.get_job(job.id) == job
     with store.engine.connect() as conn:
         row = conn.execute(select(idempotency_t)).mappings().one()
@@ -98,12 +99,12 @@ def test_a_repeat_while_in_flight_is_a_conflict(store: Store) -> None:
 
 
 def test_a_repeat_after_completion_returns_the_first_job(store: Store) -> None:
-    job, _, _ = store.create_job_once("s", "k-1", "f", **JOB)
+    job, _ = store.create_job_once("s", "k-1", "f", **JOB)
     store.complete_idempotency_key("s", "k-1")
 
-    again, event, created = store.create_job_once("s", "k-1", "f", **{**JOB, "correlation_id": "x"})
+    again, created = store.create_job_once("s", "k-1", "f", **{**JOB, "correlation_id": "x"})
 
-    assert (again, event, created) == (job, None, False)
+    assert (again, created) == (job, False)
     assert count(store, jobs_t) == 1
 
 
@@ -120,8 +121,8 @@ def test_the_key_with_another_request_is_refused(store: Store, completed: bool) 
 
 
 def test_keys_are_scoped(store: Store) -> None:
-    first, _, _ = store.create_job_once("caller-a", "k-1", "f", **JOB)
-    second, _, created = store.create_job_once("caller-b", "k-1", "f", **JOB)
+    first, _ = store.create_job_once("caller-a", "k-1", "f", **JOB)
+    second, created = store.create_job_once("caller-b", "k-1", "f", **JOB)
 
     assert created
     assert first.id != second.id
@@ -129,24 +130,24 @@ def test_keys_are_scoped(store: Store) -> None:
 
 
 def test_an_abandoned_in_flight_key_counts_as_completed(store: Store) -> None:
-    job, _, _ = store.create_job_once("s", "k-1", "f", **JOB)
+    job, _ = store.create_job_once("s", "k-1", "f", **JOB)
     age_key(store, "s", "k-1", IN_FLIGHT_SECONDS - 5)
     with pytest.raises(IdempotencyConflict):
         store.create_job_once("s", "k-1", "f", **JOB)
 
     age_key(store, "s", "k-1", IN_FLIGHT_SECONDS + 1)
 
-    again, event, created = store.create_job_once("s", "k-1", "f", **JOB)
-    assert (again.id, event, created) == (job.id, None, False)
+    again, created = store.create_job_once("s", "k-1", "f", **JOB)
+    assert (again.id, created) == (job.id, False)
 
 
 def test_the_key_outlives_the_request_and_the_job(store: Store) -> None:
-    job, _, _ = store.create_job_once("s", "k-1", "f", **JOB)
+    job, _ = store.create_job_once("s", "k-1", "f", **JOB)
     store.complete_idempotency_key("s", "k-1")
     assert store.claim(job.id, 1, "w") is not None
     assert store.succeed(job.id, 1, {"ok": True}) is not None
 
-    again, _, created = store.create_job_once("s", "k-1", "f", **JOB)
+    again, created = store.create_job_once("s", "k-1", "f", **JOB)
 
     assert not created
     assert again.id == job.id
@@ -174,7 +175,7 @@ def test_racing_first_uses_make_one_job(store: Store) -> None:
         lambda i: store.create_job_once("s", "race", "f", **{**JOB, "correlation_id": f"c{i}"}),
     )
 
-    made = [r for r in results if isinstance(r, tuple) and r[2]]
+    made = [r for r in results if isinstance(r, tuple) and r[1]]
     assert len(made) == 1, results
     job = made[0][0]
     for result in results:

@@ -31,7 +31,11 @@ from conveyor.jobs import AttemptOutcome, EventType, Job, JobStatus
 from conveyor.logs import configure_logging
 from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
-from conveyor.worker import ProcessMonitor, execute, take_back, worker_id
+from conveyor.worker.attempt import execute
+from conveyor.worker.identity import worker_id
+from conveyor.worker.monitor import ProcessMonitor
+from conveyor.worker.outcomes import take_back
+from conveyor.worker.process import executing_celery
 
 executions: Counter[str] = Counter()
 loops: dict[str, tuple[int, str]] = {}
@@ -171,7 +175,7 @@ def worker(app: Conveyor) -> Callable[..., Any]:
     @contextlib.contextmanager
     def start(concurrency: int = 2) -> Iterator[Any]:
         with start_worker(
-            app.celery,
+            executing_celery(app),
             pool="threads",
             concurrency=concurrency,
             perform_ping_check=False,
@@ -511,7 +515,7 @@ def test_a_job_the_store_says_this_process_runs_but_nothing_runs_is_handed_back(
     """An outcome that could not be recorded must not leave the job running for ever
     on a worker that keeps heart-beating."""
     add = app.get_task("t.add").options
-    job, _ = app.store.create_job(  # recorded but never dispatched: no delivery runs it
+    job = app.store.create_job(  # recorded but never dispatched: no delivery runs it
         task="t.add",
         payload={"a": 4, "b": 0},
         queue=add.queue,

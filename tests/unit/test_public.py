@@ -10,7 +10,7 @@ import pytest
 import conveyor
 from conveyor import errors
 from conveyor.context import Context
-from conveyor.store import decode_cursor
+from conveyor.store.pages import decode_cursor
 
 
 def test_all_is_importable_and_complete() -> None:

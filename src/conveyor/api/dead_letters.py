@@ -33,7 +33,8 @@ from conveyor.api.schemas import (
 )
 from conveyor.api.state import api_state
 from conveyor.jobs import Job
-from conveyor.store import Store, decode_cursor
+from conveyor.store import Store
+from conveyor.store.pages import decode_cursor
 
 MAX_PAGE = 200
 

@@ -15,11 +15,17 @@ from starlette.exceptions import HTTPException
 from conveyor import idempotency
 from conveyor.api.auth import Authenticated, require_key
 from conveyor.api.problems import problem_responses
-from conveyor.api.schemas import JobPage, JobRequest, JobResource
+from conveyor.api.schemas import (
+    JobBatch,
+    JobBatchRequest,
+    JobPage,
+    JobRequest,
+    JobResource,
+)
 from conveyor.api.state import api_state
 from conveyor.errors import ConfigurationError
 from conveyor.jobs import JobStatus
-from conveyor.store import decode_cursor
+from conveyor.store.pages import decode_cursor
 
 MAX_PAGE = 200
 
@@ -62,14 +68,7 @@ def submit_job(
 ) -> JobResource:
     """Validate the payload against the task's schema, record the job and enqueue it."""
     conveyor = api_state(request).conveyor
-    options = {
-        "queue": body.queue,
-        "priority": body.priority,
-        "correlation_id": request.state.correlation_id,
-        "max_attempts": body.max_attempts,
-        "backoff_base": body.backoff_base,
-        "backoff_cap": body.backoff_cap,
-    }
+    options = body.options(request.state.correlation_id)
     if idempotency_key is None:
         job = conveyor.submit(body.task, body.payload, **options)
         created = True
@@ -95,6 +94,24 @@ def submit_job(
         resource = JobResource.of(job, attempts=conveyor.store.attempts(job.id))
     response.headers["Location"] = resource.links.self
     return resource
+
+
+@router.post(
+    "/batch",
+    status_code=202,
+    response_model=JobBatch,
+    responses=problem_responses(413, 422),
+)
+def submit_jobs(body: JobBatchRequest, request: Request) -> JobBatch:
+    """Submit up to 1,000 jobs at once: each is validated, and all are recorded in one
+    transaction or none (a 422 lists every invalid item by its index), then published
+    to the broker together. Each job's correlation id is the request's."""
+    conveyor = api_state(request).conveyor
+    correlation_id = request.state.correlation_id
+    items = [(job.task, job.payload, job.options(correlation_id)) for job in body.jobs]
+    jobs = conveyor.submit_batch(items)
+    log.info("jobs.submitted", jobs=len(jobs))
+    return JobBatch(items=[JobResource.of(job) for job in jobs])
 
 
 @router.get("", response_model=JobPage, responses=problem_responses(400, 422))
@@ -131,6 +148,5 @@ def get_job(job_id: str, request: Request) -> JobResource:
 def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
     """Cancel a job that has not ended; a running one is asked to stop within a second."""
     state = api_state(request)
-    job, event = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
-    state.conveyor.publisher.publish(event)
+    job, _ = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
     return JobResource.of(job, state.store.attempts(job.id))

@@ -6,6 +6,7 @@
     IdempotencyConflict                    409   (``Retry-After``: the first request is under way)
     IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
+    BatchInvalid                           422   (``errors`` point at each bad item)
     RequestValidationError                 422   (``errors``)
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
@@ -31,6 +32,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.errors import (
+    BatchInvalid,
     BrokerUnavailable,
     ConfigurationError,
     ConveyorError,
@@ -95,6 +97,7 @@ KINDS: dict[type[ConveyorError], Kind] = {
         422, "idempotency-mismatch", "Idempotency key already used for another request"
     ),
     PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
+    BatchInvalid: Kind(422, "invalid-batch", "Items of the batch are invalid; none was recorded"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
@@ -140,6 +143,8 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
     if isinstance(exc, PayloadInvalid):
         # The task validated the payload alone; point into the request body instead.
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
+    if isinstance(exc, BatchInvalid):
+        errors = [e for index, item in exc.errors for e in _item_errors(index, item)]
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
@@ -168,6 +173,16 @@ def internal_error(exc: BaseException) -> JSONResponse:
         slug=INTERNAL.slug,
         title=INTERNAL.title,
     )
+
+
+def _item_errors(index: int, exc: ConveyorError) -> list[dict[str, Any]]:
+    """Where in a batch request an item is wrong: ``body.jobs.<index>...``."""
+    at = ("body", "jobs", index)
+    if isinstance(exc, PayloadInvalid):
+        return [_field_error((*at, "payload", *e.get("loc", ())), e) for e in exc.errors]
+    if isinstance(exc, TaskNotFound):
+        return [_field_error((*at, "task"), {"msg": str(exc), "type": "task_not_found"})]
+    return [_field_error(at, {"msg": str(exc), "type": "invalid_options"})]
 
 
 def _field_error(loc: Sequence[Any], error: Mapping[str, Any]) -> dict[str, Any]:

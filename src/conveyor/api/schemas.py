@@ -11,7 +11,10 @@ from pydantic_core import PydanticCustomError
 
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
 from conveyor.store import DeadLetterFilter
-from conveyor.tasks import MAX_ATTEMPTS, MAX_BACKOFF, MAX_PRIORITY, Task
+from conveyor.tasks import MAX_ATTEMPTS, MAX_BACKOFF, MAX_PRIORITY, JobOptions, Task
+
+#: Most jobs one ``POST /v1/jobs/batch`` may submit.
+MAX_BATCH = 1000
 
 
 class JobRequest(BaseModel):
@@ -32,6 +35,24 @@ class JobRequest(BaseModel):
     backoff_cap: float | None = Field(
         default=None, ge=0, le=MAX_BACKOFF, description="Seconds; at least backoff_base."
     )
+
+    def options(self, correlation_id: str) -> JobOptions:
+        return {
+            "queue": self.queue,
+            "priority": self.priority,
+            "correlation_id": correlation_id,
+            "max_attempts": self.max_attempts,
+            "backoff_base": self.backoff_base,
+            "backoff_cap": self.backoff_cap,
+        }
+
+
+class JobBatchRequest(BaseModel):
+    """Jobs to submit together: all are recorded, in one transaction, or none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[JobRequest] = Field(min_length=1, max_length=MAX_BATCH)
 
 
 class JobLinks(BaseModel):
@@ -78,6 +99,12 @@ class JobResource(Job):
         fields = {**dict(job), "error": error}
         ended = [AttemptInfo.of(a) for a in attempts]
         return cls(**fields, links=JobLinks(self=path, events=f"{path}/events"), attempts=ended)
+
+
+class JobBatch(BaseModel):
+    """The jobs a batch made, in the order they were given."""
+
+    items: list[JobResource]
 
 
 class JobPage(BaseModel):

@@ -2,20 +2,33 @@
 
 Every status change is a conditional UPDATE (the job must be in a status the
 state machine allows, and for worker writes, on the attempt the worker holds)
-followed by the event insert, in one transaction. A stale or duplicate worker
-therefore changes nothing. Each job's ``event_seq`` is bumped by the same
+that appends the job's event in the same transaction. A stale or duplicate
+worker therefore changes nothing. Each job's ``event_seq`` is bumped by the same
 UPDATE, so events of one job get gap-free increasing sequence numbers.
+
+The writes of the hot path (creates, claims, progress, outcomes, heartbeats) go
+through a group commit (:mod:`conveyor.store.batching`): whatever the threads
+of a process write while a flush is in flight goes out in the next flush, one
+statement per kind of change (:mod:`conveyor.store.statements`). On PostgreSQL
+those statements run on one connection of their own, through psycopg directly,
+where the server keeps them prepared. Committed events are handed to
+``publish`` once per flush.
+
+    store/__init__.py    Store: every query and write
+    store/statements.py  the write statements, single-row and batched
+    store/batching.py    the group commit
+    store/rows.py        rows to Job, Attempt, Event
+    store/pages.py       keyset pagination
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
-import json
 import secrets
+import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -23,32 +36,27 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from psycopg.rows import dict_row
+from psycopg.types.json import Json
 from sqlalchemy import (
-    JSON,
     ColumnElement,
     Connection,
     Engine,
-    Executable,
-    RowMapping,
-    and_,
     bindparam,
-    cast,
     create_engine,
     delete,
     event,
-    extract,
     func,
     insert,
-    literal_column,
     or_,
     select,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -63,33 +71,42 @@ from conveyor.errors import (
     StoreUnavailable,
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
-from conveyor.jobs import (
-    ALLOWED_FROM,
-    Attempt,
-    AttemptOutcome,
-    Event,
-    EventType,
-    Job,
-    JobError,
-    JobStatus,
-    Progress,
-)
+from conveyor.jobs import Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.models import (
-    ApiKeyRow,
-    AttemptRow,
-    Base,
-    EventRow,
-    IdempotencyKeyRow,
-    JobRow,
-    WorkerRow,
+    attempts_t,
+    events_t,
+    idempotency_t,
+    jobs_t,
+    keys_t,
+    workers_t,
+)
+from conveyor.store import pages, rows
+from conveyor.store.batching import GroupCommit, Write
+from conveyor.store.statements import (
+    CANCEL,
+    CLAIM,
+    CREATE,
+    DIE,
+    HEARTBEAT_SQL,
+    INSERT_ATTEMPT,
+    INSERT_EVENT,
+    PROGRESS,
+    RETRY,
+    SUCCEED,
+    WAITING,
+    Change,
+    batch_sql,
+    statement,
 )
 
-jobs_t = Base.metadata.tables[JobRow.__tablename__]
-events_t = Base.metadata.tables[EventRow.__tablename__]
-keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
-attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
-workers_t = Base.metadata.tables[WorkerRow.__tablename__]
-idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
+#: Receives the events of each flush, once committed (the event fan-out).
+Publish = Callable[[Sequence[Event]], None]
+
+#: The kind of a heartbeat write in a batch.
+HEARTBEAT = "heartbeat"
+
+#: Tries of :meth:`Store.create_job_once` to either record its key or read the one it hit.
+_ONCE_ATTEMPTS = 5
 
 #: Alembic's bookkeeping table, named so it cannot collide with an application's own.
 VERSION_TABLE = "conveyor_alembic_version"
@@ -129,186 +146,12 @@ class DeadLetterFilter:
         return all(v is None for v in (self.task, self.error_type, self.since, self.until))
 
 
-@dataclass(frozen=True)
-class Change:
-    """One kind of write to a job row, and the event appended with it.
-
-    Its statement is built once per dialect, so SQLAlchemy reuses the compiled
-    form. On PostgreSQL the row write and the event insert are one statement
-    (a data-modifying CTE): one round trip instead of four.
-    """
-
-    event_type: EventType
-    #: The status to set; None keeps the current one.
-    status: JobStatus | None
-    #: Statuses the row must be in; empty for a new row.
-    allowed: frozenset[JobStatus]
-    #: Further columns, each set from the parameter ``v_<column>``.
-    columns: tuple[str, ...]
-    #: Whether the writer must hold the row's current attempt (parameter ``held``).
-    by_attempt: bool = True
-    #: Whether the event records how long the attempt ran.
-    duration: bool = False
-    #: Whether the write ends the held attempt, recorded with outcome ``a_outcome``
-    #: and error ``a_error``.
-    ends_attempt: bool = False
-
-    def row_statement(self) -> Any:
-        """INSERT or conditional UPDATE of the job row, returning the whole row."""
-        now = bindparam("now", type_=jobs_t.c.updated_at.type)
-        values: dict[str, Any] = {
-            name: bindparam(f"v_{name}", type_=jobs_t.c[name].type) for name in self.columns
-        }
-        if self.status is not None:
-            values["status"] = self.status.value
-        if not self.allowed:
-            return (
-                insert(jobs_t)
-                .values(event_seq=1, created_at=now, updated_at=now, **values)
-                .returning(*jobs_t.c)
-            )
-        statement = update(jobs_t).where(
-            jobs_t.c.id == bindparam("job_id"),
-            jobs_t.c.status.in_(sorted(s.value for s in self.allowed)),
-        )
-        if self.by_attempt:
-            statement = statement.where(jobs_t.c.attempt == bindparam("held"))
-        return statement.values(
-            event_seq=jobs_t.c.event_seq + 1, updated_at=now, **values
-        ).returning(*jobs_t.c)
-
-    def statement(self, dialect: str) -> Executable:
-        if dialect != "postgresql":
-            return self.row_statement()  # type: ignore[no-any-return]
-        job = self.row_statement().cte("job")
-        ended = (
-            insert(attempts_t)
-            .from_select(
-                ["job_id", "attempt", "worker", "started_at", "finished_at", "outcome", "error"],
-                select(
-                    job.c.id,
-                    bindparam("held", type_=attempts_t.c.attempt.type),
-                    job.c.worker,
-                    job.c.started_at,
-                    bindparam("now", type_=attempts_t.c.finished_at.type),
-                    bindparam("a_outcome", type_=attempts_t.c.outcome.type),
-                    bindparam("a_error", type_=JSON),
-                ),
-            )
-            .cte("ended")
-        )
-        data: ColumnElement[Any] = bindparam("e_data", type_=JSON)
-        if self.duration:
-            elapsed = extract("epoch", job.c.updated_at - job.c.started_at)
-            duration = func.jsonb_build_object(literal_column("'duration'"), elapsed)
-            data = cast(cast(data, JSONB).op("||")(duration), JSON)
-        appended = (
-            insert(events_t)
-            .from_select(
-                ["job_id", "seq", "type", "task", "status", "data", "at"],
-                select(
-                    job.c.id,
-                    job.c.event_seq,
-                    bindparam("e_type", type_=events_t.c.type.type),
-                    job.c.task,
-                    job.c.status,
-                    data,
-                    job.c.updated_at,
-                ),
-            )
-            .returning(events_t.c.id, events_t.c.job_id, events_t.c.data)
-            .cte("event")
-        )
-        statement = select(
-            job, appended.c.id.label("event_id"), appended.c.data.label("event_data")
-        ).join_from(job, appended, appended.c.job_id == job.c.id)
-        # An unreferenced data-modifying CTE still runs, once, to completion.
-        return statement.add_cte(ended) if self.ends_attempt else statement
-
-
-CREATE = Change(
-    EventType.STATUS,
-    JobStatus.QUEUED,
-    frozenset(),
-    (
-        *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
-        *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
-    ),
-)
-CLAIM = Change(
-    EventType.STATUS,
-    JobStatus.RUNNING,
-    ALLOWED_FROM[JobStatus.RUNNING],
-    ("worker", "started_at", "next_attempt_at"),
-)
-PROGRESS = Change(
-    EventType.PROGRESS,
-    None,
-    frozenset({JobStatus.RUNNING}),
-    ("progress_percent", "progress_step", "progress_message"),
-)
-SUCCEED = Change(
-    EventType.STATUS,
-    JobStatus.SUCCEEDED,
-    ALLOWED_FROM[JobStatus.SUCCEEDED],
-    ("finished_at", "result"),
-    duration=True,
-    ends_attempt=True,
-)
-DIE = Change(
-    EventType.STATUS,
-    JobStatus.DEAD,
-    ALLOWED_FROM[JobStatus.DEAD],
-    ("finished_at", "error"),
-    duration=True,
-    ends_attempt=True,
-)
-RETRY = Change(
-    EventType.STATUS,
-    JobStatus.RETRYING,
-    ALLOWED_FROM[JobStatus.RETRYING],
-    ("attempt", "error", "next_attempt_at", "dispatched_at"),
-    ends_attempt=True,
-)
-CANCEL = Change(
-    EventType.STATUS,
-    JobStatus.CANCELLED,
-    ALLOWED_FROM[JobStatus.CANCELLED],
-    ("finished_at",),
-    by_attempt=False,
-)
-
-#: Statuses of a job waiting for its next attempt to start.
-_WAITING = (JobStatus.QUEUED.value, JobStatus.RETRYING.value)
-
-#: Tries of :meth:`Store.create_job_once` to either record its key or read the one it hit.
-_ONCE_ATTEMPTS = 5
-
-#: Built statements by (change, dialect).
-_STATEMENTS: dict[tuple[Change, str], Executable] = {}
-
-_EVENT_COLUMNS = ("job_id", "seq", "type", "task", "status", "data", "at")
-_INSERT_EVENT = (
-    insert(events_t)
-    .values({name: bindparam(f"e_{name}", type_=events_t.c[name].type) for name in _EVENT_COLUMNS})
-    .returning(events_t.c.id)
-)
-_INSERT_ATTEMPT = insert(attempts_t).values(
-    job_id=bindparam("job_id"),
-    attempt=bindparam("held"),
-    worker=bindparam("a_worker"),
-    started_at=bindparam("a_started_at", type_=attempts_t.c.started_at.type),
-    finished_at=bindparam("now", type_=attempts_t.c.finished_at.type),
-    outcome=bindparam("a_outcome"),
-    error=bindparam("a_error", type_=JSON),
-)
-
-
 class Store:
     """Jobs, events and API keys in PostgreSQL or SQLite (SQLAlchemy URL)."""
 
-    def __init__(self, url: str, *, pool_size: int = 5) -> None:
+    def __init__(self, url: str, *, pool_size: int = 5, publish: Publish | None = None) -> None:
         self.url = url
+        self.publish: Publish = publish or (lambda events: None)
         if url.startswith("sqlite"):
             database = make_url(url).database
             if database and database != ":memory:":
@@ -323,18 +166,32 @@ class Store:
                 connect_args={"timeout": 30, "check_same_thread": False},
             )
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self._batch = GroupCommit(self._flush_sqlite)
         else:
             self.engine = create_engine(
                 url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True
             )
+            self._batch = GroupCommit(self._flush_postgres)
         # For single statements, which are their own transaction: no BEGIN, no COMMIT.
         self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
+        #: The group commit's own PostgreSQL connection; only the flushing thread uses it.
+        self._hot: psycopg.Connection[dict[str, Any]] | None = None
+        self._hot_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
         return self.engine.dialect.name
 
+    @property
+    def batching(self) -> GroupCommit:
+        """The group commit, whose counters say how many writes each flush carried."""
+        return self._batch
+
     def dispose(self) -> None:
+        with self._hot_lock:
+            if self._hot is not None:
+                self._hot.close()
+                self._hot = None
         self.engine.dispose()
 
     @contextmanager
@@ -395,7 +252,7 @@ class Store:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         replay_of: str | None = None,
-    ) -> tuple[Job, Event]:
+    ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails."""
         now = utcnow()
@@ -414,18 +271,53 @@ class Store:
         )
         found = self._write(CREATE, now=now, values=values, data={"attempt": 1})
         assert found is not None
-        return found
+        return found[0]
+
+    def create_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> list[Job]:
+        """:meth:`create_job` for many jobs (each mapping its keyword arguments), in one
+        transaction: all are recorded, or none. Returns them in the order given."""
+        now = utcnow()
+        writes = [
+            Write(
+                CREATE,
+                "",
+                {
+                    "params": _params(CREATE, now, _new_job(now, **job), None, None, None, None),
+                    "data": {"attempt": 1},
+                },
+            )
+            for job in jobs
+        ]
+        if self.dialect == "postgresql":
+            with self._tx() as conn:
+                raw: Any = conn.connection.driver_connection
+                with raw.cursor(row_factory=dict_row) as cursor:
+                    cursor.execute(batch_sql(CREATE), _arrays(CREATE, writes))
+                    found = {row["id"]: row for row in cursor.fetchall()}
+            created = [
+                (
+                    rows.job(found[w.params["params"]["v_id"]]),
+                    rows.joined_event(CREATE.event_type, found[w.params["params"]["v_id"]]),
+                )
+                for w in writes
+            ]
+        else:
+            with self._tx() as conn:
+                made = [self._apply_write(conn, write) for write in writes]
+            created = [m for m in made if m is not None]
+        self.publish([event for _, event in created])
+        return [job for job, _ in created]
 
     def create_job_once(
         self, scope: str, key: str, fingerprint: str, **job: Any
-    ) -> tuple[Job, Event | None, bool]:
+    ) -> tuple[Job, bool]:
         """:meth:`create_job` (same keyword arguments) at most once per ``(scope, key)``.
 
-        Returns the new job, its event and True; or, when the key was used before
-        for a request with the same ``fingerprint``, the job made then, None and
-        False. Raises IdempotencyMismatch if it was used for another fingerprint,
-        and IdempotencyConflict while the request that used it is still under way:
-        until it calls :meth:`complete_idempotency_key`, or for at most
+        Returns the new job and True; or, when the key was used before for a request
+        with the same ``fingerprint``, the job made then and False. Raises
+        IdempotencyMismatch if it was used for another fingerprint, and
+        IdempotencyConflict while the request that used it is still under way: until
+        it calls :meth:`complete_idempotency_key`, or for at most
         ``IN_FLIGHT_SECONDS`` (its process is then presumed dead; its job stands).
 
         The job, its event and the key row are one transaction, so no job exists
@@ -440,18 +332,18 @@ class Store:
                 # with its job, or (in theory) is not visible yet. Look again.
                 time.sleep(0.01 * attempt)
             try:
-                return (*self._create_with_key(scope, key, fingerprint, job), True)
+                return self._create_with_key(scope, key, fingerprint, job), True
             except IntegrityError as exc:
                 failure = exc
             existing = self._keyed_job(scope, key, fingerprint)
             if existing is not None:
-                return existing, None, False
+                return existing, False
         assert failure is not None
         raise failure
 
     def _create_with_key(
         self, scope: str, key: str, fingerprint: str, job: Mapping[str, Any]
-    ) -> tuple[Job, Event]:
+    ) -> Job:
         now = utcnow()
         values = _new_job(now, **job)
         params = _params(CREATE, now, values, None, None, None, None)
@@ -469,7 +361,8 @@ class Store:
                     completed_at=None,
                 )
             )
-        return created
+        self.publish([created[1]])
+        return created[0]
 
     def _keyed_job(self, scope: str, key: str, fingerprint: str) -> Job | None:
         """The job recorded with this key, if the request is the same and has finished."""
@@ -492,7 +385,7 @@ class Store:
             raise IdempotencyMismatch(key)
         if row["key_completed_at"] is None and not row["key_abandoned"]:
             raise IdempotencyConflict(key)
-        return _job(row)
+        return rows.job(row)
 
     def complete_idempotency_key(self, scope: str, key: str) -> None:
         """The request that recorded this key has finished: repeats now get its job."""
@@ -513,7 +406,7 @@ class Store:
             row = conn.execute(select(jobs_t).where(jobs_t.c.id == job_id)).mappings().first()
         if row is None:
             raise JobNotFound(job_id)
-        return _job(row)
+        return rows.job(row)
 
     def list_jobs(
         self,
@@ -524,24 +417,14 @@ class Store:
         limit: int = 50,
     ) -> tuple[list[Job], str | None]:
         """Newest first; pass the returned cursor back for the next page."""
-        query = select(jobs_t).order_by(jobs_t.c.created_at.desc(), jobs_t.c.id.desc())
+        query = pages.newest_first(select(jobs_t), jobs_t.c.created_at, jobs_t.c.id, cursor)
         if status:
             query = query.where(jobs_t.c.status.in_([s.value for s in status]))
         if task:
             query = query.where(jobs_t.c.task == task)
-        if cursor:
-            created, job_id = decode_cursor(cursor)
-            query = query.where(
-                or_(
-                    jobs_t.c.created_at < created,
-                    and_(jobs_t.c.created_at == created, jobs_t.c.id < job_id),
-                )
-            )
         with self._tx() as conn:
-            rows = conn.execute(query.limit(limit + 1)).mappings().all()
-        page = [_job(r) for r in rows[:limit]]
-        next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
-        return page, next_cursor
+            found = [rows.job(r) for r in conn.execute(query.limit(limit + 1)).mappings()]
+        return pages.cut(found, limit, lambda job: (job.created_at, job.id))
 
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
@@ -651,22 +534,7 @@ class Store:
 
     def attempts(self, job_id: str) -> list[Attempt]:
         """The job's ended attempts, first to last."""
-        query = (
-            select(attempts_t).where(attempts_t.c.job_id == job_id).order_by(attempts_t.c.attempt)
-        )
-        with self._tx() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [
-            Attempt(
-                attempt=r["attempt"],
-                worker=r["worker"],
-                started_at=r["started_at"],
-                finished_at=r["finished_at"],
-                outcome=AttemptOutcome(r["outcome"]),
-                error=JobError(**r["error"]) if r["error"] else None,
-            )
-            for r in rows
-        ]
+        return self.attempts_of([job_id])[job_id]
 
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has. A running attempt is
@@ -695,7 +563,8 @@ class Store:
                     "a_outcome": AttemptOutcome.CANCELLED.value,
                     "a_error": None,
                 }
-                conn.execute(_INSERT_ATTEMPT, ended)
+                conn.execute(INSERT_ATTEMPT, ended)
+        self.publish([found[1]])
         return found
 
     def _write(
@@ -710,62 +579,153 @@ class Store:
         outcome: AttemptOutcome | None = None,
         error: JobError | None = None,
     ) -> tuple[Job, Event] | None:
-        """Apply ``change`` to a job row and append its event, atomically.
+        """Apply ``change`` to a job row and append its event, atomically, through the
+        group commit; returns once committed.
 
         None if the row is not in a state the change applies to (or, for a
         worker's write, no longer on the attempt the worker holds).
         """
         params = _params(change, now, values, job_id, held, outcome, error)
-        if self.dialect == "postgresql":
-            # One statement in autocommit: one round trip, one implicit transaction.
-            with self._tx(autocommit=True) as conn:
-                return self._apply(conn, change, params, data)
-        with self._tx() as conn:
-            return self._apply(conn, change, params, data)
+        key = job_id if job_id is not None else str(values["id"])
+        found: tuple[Job, Event] | None = self._batch.run(
+            Write(change, key, {"params": params, "data": data})
+        )
+        return found
 
     def _apply(
         self, conn: Connection, change: Change, params: dict[str, Any], data: dict[str, Any]
     ) -> tuple[Job, Event] | None:
-        """:meth:`_write`'s work on a connection (in the caller's transaction, if any)."""
+        """One change on a connection, in the caller's transaction (SQLAlchemy)."""
         if self.dialect == "postgresql":
-            row = conn.execute(self._statement(change), {**params, "e_data": data}).first()
+            row = conn.execute(statement(change, self.dialect), {**params, "e_data": data}).first()
             if row is None:
                 return None
-            return _job(row._mapping), _joined_event(change, row._mapping)
-        found = conn.execute(self._statement(change), params).mappings().first()
+            return rows.job(row._mapping), rows.joined_event(change.event_type, row._mapping)
+        found = conn.execute(statement(change, self.dialect), params).mappings().first()
         if found is None:
             return None
         if change.duration:
-            data = {**data, "duration": _duration(found)}
+            data = {**data, "duration": rows.duration(found)}
         if change.ends_attempt:
             ended = {"a_worker": found["worker"], "a_started_at": found["started_at"]}
-            conn.execute(_INSERT_ATTEMPT, {**params, **ended})
-        return _job(found), self._insert_event(conn, found, change.event_type, data)
-
-    def _statement(self, change: Change) -> Executable:
-        """The change's statement for this store's dialect, built once."""
-        key = (change, self.dialect)
-        statement = _STATEMENTS.get(key)
-        if statement is None:
-            statement = _STATEMENTS[key] = change.statement(self.dialect)
-        return statement
-
-    def _insert_event(
-        self, conn: Connection, job: RowMapping, type_: EventType, data: dict[str, Any]
-    ) -> Event:
+            conn.execute(INSERT_ATTEMPT, {**params, **ended})
         values = {
-            "job_id": job["id"],
-            "seq": job["event_seq"],
-            "type": type_.value,
-            "task": job["task"],
-            "status": job["status"],
+            "job_id": found["id"],
+            "seq": found["event_seq"],
+            "type": change.event_type.value,
+            "task": found["task"],
+            "status": found["status"],
             "data": data,
-            "at": job["updated_at"],
+            "at": found["updated_at"],
         }
-        params = {f"e_{name}": value for name, value in values.items()}
-        event_id = conn.execute(_INSERT_EVENT, params).scalar()
+        event_id = conn.execute(INSERT_EVENT, {f"e_{k}": v for k, v in values.items()}).scalar()
         assert event_id is not None
-        return Event(id=event_id, **values)
+        return rows.job(found), Event(id=event_id, **values)
+
+    # -- group commit ----------------------------------------------------------
+
+    def _flush_sqlite(self, batch: list[Write]) -> None:
+        """One transaction for the batch; if it fails, each write alone, so that one
+        bad write fails only itself."""
+        try:
+            with self._tx() as conn:
+                found = [self._apply_write(conn, write) for write in batch]
+        except StoreUnavailable:
+            raise
+        except Exception:
+            if len(batch) == 1:
+                raise
+            self._one_by_one(batch, self._flush_sqlite)
+            return
+        self._settle(batch, found)
+
+    def _apply_write(self, conn: Connection, write: Write) -> tuple[Job, Event] | None:
+        if write.kind == HEARTBEAT:
+            self._beat(conn, write.params["worker"])
+            return None
+        assert isinstance(write.kind, Change)
+        return self._apply(conn, write.kind, write.params["params"], write.params["data"])
+
+    def _flush_postgres(self, batch: list[Write]) -> None:
+        """One statement per kind of change, all in one transaction (autocommit for one
+        kind); if it fails for anything but the connection, each write alone."""
+        kinds: dict[Any, list[Write]] = {}
+        for write in batch:
+            kinds.setdefault(write.kind, []).append(write)
+        now = utcnow()
+        conn = self._hot_connection()
+        try:
+            if len(kinds) == 1:
+                found = self._execute_kinds(conn, kinds, now)
+            else:
+                with conn.transaction():
+                    found = self._execute_kinds(conn, kinds, now)
+        except psycopg.OperationalError as exc:
+            self._drop_hot_connection()
+            raise StoreUnavailable(f"store unreachable: {exc}") from exc
+        except psycopg.Error:
+            if conn.broken:
+                self._drop_hot_connection()
+                raise
+            if len(batch) == 1:
+                raise
+            self._one_by_one(batch, self._flush_postgres)
+            return
+        self._settle(batch, [found.get(id(write)) for write in batch])
+
+    def _execute_kinds(
+        self, conn: psycopg.Connection[dict[str, Any]], kinds: dict[Any, list[Write]], now: datetime
+    ) -> dict[int, tuple[Job, Event]]:
+        found: dict[int, tuple[Job, Event]] = {}
+        for kind, writes in kinds.items():
+            if kind == HEARTBEAT:
+                conn.execute(HEARTBEAT_SQL, {"worker": [w.params["worker"] for w in writes]})
+                continue
+            assert isinstance(kind, Change)
+            by_job = {w.key: w for w in writes}
+            for row in conn.execute(batch_sql(kind), _arrays(kind, writes)).fetchall():
+                write = by_job[row["id"]]
+                found[id(write)] = (rows.job(row), rows.joined_event(kind.event_type, row))
+        return found
+
+    @staticmethod
+    def _one_by_one(batch: list[Write], flush: Callable[[list[Write]], None]) -> None:
+        """After a batch failed: each write alone, so that only the bad one fails."""
+        for write in batch:
+            try:
+                flush([write])
+            except Exception as exc:
+                write.fail(exc)
+
+    def _settle(self, batch: list[Write], found: Sequence[tuple[Job, Event] | None]) -> None:
+        events = []
+        for write, result in zip(batch, found, strict=True):
+            write.succeed(result)
+            if result is not None:
+                events.append(result[1])
+        if events:
+            self.publish(events)
+
+    def _hot_connection(self) -> psycopg.Connection[dict[str, Any]]:
+        with self._hot_lock:
+            if self._hot is None or self._hot.closed:
+                url = make_url(self.url).set(drivername="postgresql")
+                try:
+                    self._hot = psycopg.connect(
+                        url.render_as_string(hide_password=False),
+                        autocommit=True,
+                        row_factory=dict_row,
+                        connect_timeout=10,
+                    )
+                except psycopg.OperationalError as exc:
+                    raise StoreUnavailable(f"store unreachable: {exc}") from exc
+            return self._hot
+
+    def _drop_hot_connection(self) -> None:
+        with self._hot_lock:
+            if self._hot is not None:
+                self._hot.close()
+                self._hot = None
 
     # -- dispatch bookkeeping -------------------------------------------------
 
@@ -775,7 +735,7 @@ class Store:
         query = (
             select(jobs_t)
             .where(
-                jobs_t.c.status.in_(_WAITING),
+                jobs_t.c.status.in_(WAITING),
                 jobs_t.c.dispatched_at.is_(None),
                 or_(jobs_t.c.next_attempt_at.is_(None), jobs_t.c.next_attempt_at <= now),
             )
@@ -783,7 +743,7 @@ class Store:
             .limit(limit)
         )
         with self._tx() as conn:
-            return [_job(r) for r in conn.execute(query).mappings()]
+            return [rows.job(r) for r in conn.execute(query).mappings()]
 
     def stale_dispatches(
         self, older_than: float, *, queue: str | None = None, limit: int = 100
@@ -791,20 +751,20 @@ class Store:
         """Waiting jobs handed to the broker more than ``older_than`` seconds ago,
         with the time they were handed over (for :meth:`mark_dispatched`)."""
         cutoff = self._db_now(ago=older_than)
-        query = select(jobs_t).where(jobs_t.c.status.in_(_WAITING), jobs_t.c.dispatched_at < cutoff)
+        query = select(jobs_t).where(jobs_t.c.status.in_(WAITING), jobs_t.c.dispatched_at < cutoff)
         if queue is not None:
             query = query.where(jobs_t.c.queue == queue)
         query = query.order_by(jobs_t.c.dispatched_at).limit(limit)
         with self._tx() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [(_job(r), r["dispatched_at"]) for r in rows]
+            found = conn.execute(query).mappings().all()
+        return [(rows.job(r), r["dispatched_at"]) for r in found]
 
     def waiting_queues(self, older_than: float) -> list[str]:
         """Queues with a job handed to the broker more than ``older_than`` seconds ago."""
         cutoff = self._db_now(ago=older_than)
         query = (
             select(jobs_t.c.queue)
-            .where(jobs_t.c.status.in_(_WAITING), jobs_t.c.dispatched_at < cutoff)
+            .where(jobs_t.c.status.in_(WAITING), jobs_t.c.dispatched_at < cutoff)
             .distinct()
         )
         with self._tx() as conn:
@@ -822,7 +782,7 @@ class Store:
             .where(
                 jobs_t.c.id == job_id,
                 jobs_t.c.attempt == attempt,
-                jobs_t.c.status.in_(_WAITING),
+                jobs_t.c.status.in_(WAITING),
                 same,
             )
             .values(dispatched_at=utcnow())
@@ -837,7 +797,7 @@ class Store:
             .where(
                 jobs_t.c.id == job_id,
                 jobs_t.c.attempt == attempt,
-                jobs_t.c.status.in_(_WAITING),
+                jobs_t.c.status.in_(WAITING),
             )
             .values(dispatched_at=None)
         )
@@ -848,15 +808,15 @@ class Store:
 
     def heartbeat(self, worker: str) -> None:
         """Record that ``worker`` is alive, by the database's clock."""
+        self._batch.run(Write(HEARTBEAT, f"worker:{worker}", {"worker": worker}))
+
+    def _beat(self, conn: Connection, worker: str) -> None:
         now = self._db_now()
-        with self._tx() as conn:
-            found = conn.execute(
-                update(workers_t)
-                .where(workers_t.c.id == worker)
-                .values(last_seen=now, stopped_at=None)
-            ).rowcount
-            if not found:
-                conn.execute(insert(workers_t).values(id=worker, started_at=now, last_seen=now))
+        found = conn.execute(
+            update(workers_t).where(workers_t.c.id == worker).values(last_seen=now, stopped_at=None)
+        ).rowcount
+        if not found:
+            conn.execute(insert(workers_t).values(id=worker, started_at=now, last_seen=now))
 
     def workers_stopped(self, *, prefix: str) -> None:
         """Mark the workers whose ids start with ``prefix`` as stopped; a job still
@@ -885,7 +845,7 @@ class Store:
             .limit(limit)
         )
         with self._tx() as conn:
-            return [_job(r) for r in conn.execute(query).mappings()]
+            return [rows.job(r) for r in conn.execute(query).mappings()]
 
     def running_jobs(self, *, prefix: str) -> list[Job]:
         """Running jobs of the workers whose ids start with ``prefix``."""
@@ -894,7 +854,7 @@ class Store:
             jobs_t.c.worker.like(_like_prefix(prefix), escape="\\"),
         )
         with self._tx() as conn:
-            return [_job(r) for r in conn.execute(query).mappings()]
+            return [rows.job(r) for r in conn.execute(query).mappings()]
 
     def _db_now(self, *, ago: float = 0.0) -> Any:
         """Now, or ``ago`` seconds before, by the database's clock: leases are judged
@@ -917,30 +877,19 @@ class Store:
 
         ``replayed`` keeps only those that have (True) or have not (False) been replayed.
         """
-        query = (
-            select(jobs_t)
-            .where(*_dead_letter_conditions(match or DeadLetterFilter()))
-            .order_by(jobs_t.c.finished_at.desc(), jobs_t.c.id.desc())
+        query = pages.newest_first(
+            select(jobs_t).where(*_dead_letter_conditions(match or DeadLetterFilter())),
+            jobs_t.c.finished_at,
+            jobs_t.c.id,
+            cursor,
         )
         if replayed is not None:
             replays = jobs_t.alias("replays")
             found = select(replays.c.id).where(replays.c.replay_of == jobs_t.c.id).exists()
             query = query.where(found if replayed else ~found)
-        if cursor:
-            finished, job_id = decode_cursor(cursor)
-            query = query.where(
-                or_(
-                    jobs_t.c.finished_at < finished,
-                    and_(jobs_t.c.finished_at == finished, jobs_t.c.id < job_id),
-                )
-            )
         with self._tx() as conn:
-            rows = conn.execute(query.limit(limit + 1)).mappings().all()
-        page = [_job(r) for r in rows[:limit]]
-        next_cursor = None
-        if len(rows) > limit and page[-1].finished_at is not None:
-            next_cursor = _keyset_cursor(page[-1].finished_at, page[-1].id)
-        return page, next_cursor
+            dead = [rows.job(r) for r in conn.execute(query.limit(limit + 1)).mappings()]
+        return pages.cut(dead, limit, lambda job: (job.finished_at, job.id))
 
     def dead_letter(self, job_id: str) -> Job:
         """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""
@@ -976,7 +925,7 @@ class Store:
         )
         with self._tx() as conn:
             for row in conn.execute(query).mappings():
-                found[row["job_id"]].append(_attempt(row))
+                found[row["job_id"]].append(rows.attempt(row))
         return found
 
     def purge_dead_letters(self, match: DeadLetterFilter) -> int:
@@ -1011,7 +960,7 @@ class Store:
             .limit(limit)
         )
         with self._tx() as conn:
-            return [_event(r) for r in conn.execute(query).mappings()]
+            return [rows.event(r) for r in conn.execute(query).mappings()]
 
     def events(
         self,
@@ -1028,8 +977,8 @@ class Store:
         if status:
             query = query.where(events_t.c.status.in_([s.value for s in status]))
         with self._tx() as conn:
-            rows = conn.execute(query.order_by(events_t.c.id).limit(limit)).mappings()
-            return [_event(r) for r in rows]
+            found = conn.execute(query.order_by(events_t.c.id).limit(limit)).mappings()
+            return [rows.event(r) for r in found]
 
     def last_event_id(self) -> int:
         with self._tx() as conn:
@@ -1134,61 +1083,6 @@ def _new_job(
     }
 
 
-def _joined_event(change: Change, row: RowMapping) -> Event:
-    """The event in a row of a PostgreSQL change statement (the job row plus ``event_*``)."""
-    return Event(
-        id=row["event_id"],
-        job_id=row["id"],
-        seq=row["event_seq"],
-        type=change.event_type,
-        task=row["task"],
-        status=row["status"],
-        data=row["event_data"],
-        at=row["updated_at"],
-    )
-
-
-def _job(row: RowMapping) -> Job:
-    return Job(
-        id=row["id"],
-        task=row["task"],
-        queue=row["queue"],
-        priority=row["priority"],
-        payload=row["payload"],
-        status=JobStatus(row["status"]),
-        attempt=row["attempt"],
-        max_attempts=row["max_attempts"],
-        timeout=row["timeout"],
-        progress=Progress(
-            percent=row["progress_percent"],
-            step=row["progress_step"],
-            message=row["progress_message"],
-        ),
-        result=row["result"],
-        error=JobError(**row["error"]) if row["error"] else None,
-        correlation_id=row["correlation_id"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        next_attempt_at=row["next_attempt_at"],
-        backoff_base=row["backoff_base"],
-        backoff_cap=row["backoff_cap"],
-        replay_of=row["replay_of"],
-        worker=row["worker"],
-    )
-
-
-def _attempt(row: RowMapping) -> Attempt:
-    return Attempt(
-        attempt=row["attempt"],
-        worker=row["worker"],
-        started_at=row["started_at"],
-        finished_at=row["finished_at"],
-        outcome=AttemptOutcome(row["outcome"]),
-        error=JobError(**row["error"]) if row["error"] else None,
-    )
-
-
 def _dead_letter_conditions(match: DeadLetterFilter) -> list[ColumnElement[bool]]:
     conditions = [jobs_t.c.status == JobStatus.DEAD.value]
     if match.task is not None:
@@ -1232,32 +1126,23 @@ def _like_prefix(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
 
 
-def _duration(row: RowMapping) -> float | None:
-    started: datetime | None = row["started_at"]
-    return (row["updated_at"] - started).total_seconds() if started else None
+def _arrays(change: Change, writes: Sequence[Write]) -> dict[str, Any]:
+    """The array parameters of ``change``'s batch statement (see ``batch_sql``)."""
+    each = [w.params["params"] for w in writes]
+    params: dict[str, Any] = {"now_": [p["now"] for p in each]}
+    if change.allowed:
+        params["job_id"] = [p["job_id"] for p in each]
+        params["held"] = [p["held"] for p in each]
+    for column in change.columns:
+        values = [p[f"v_{column}"] for p in each]
+        if column in _JSON_COLUMNS:
+            values = [None if v is None else Json(v) for v in values]
+        params[f"v_{column}"] = values
+    params["e_data"] = [Json(w.params["data"]) for w in writes]
+    if change.ends_attempt:
+        params["a_outcome"] = [p["a_outcome"] for p in each]
+        params["a_error"] = [None if p["a_error"] is None else Json(p["a_error"]) for p in each]
+    return params
 
 
-def _event(row: RowMapping) -> Event:
-    return Event.model_validate(dict(row))
-
-
-def encode_cursor(job: Job) -> str:
-    return _keyset_cursor(job.created_at, job.id)
-
-
-def _keyset_cursor(at: datetime, key: str) -> str:
-    raw = json.dumps([at.isoformat(), key]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    """Raises ValueError on anything that is not a cursor this store made."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        created, job_id = json.loads(raw)
-        at = datetime.fromisoformat(created)
-        if at.tzinfo is None:
-            raise ValueError("naive timestamp")
-        return at, str(job_id)
-    except Exception as exc:
-        raise ValueError("invalid cursor") from exc
+_JSON_COLUMNS = frozenset({"payload", "result", "error"})

@@ -1,0 +1,90 @@
+"""Rows of the store's tables as the models callers see: jobs, attempts, events."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from conveyor.jobs import (
+    Attempt,
+    AttemptOutcome,
+    Event,
+    EventType,
+    Job,
+    JobError,
+    JobStatus,
+    Progress,
+)
+
+
+def utc(value: datetime | None) -> datetime | None:
+    """Drivers return the session's zone (psycopg) or none (SQLite); callers get UTC."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def job(row: Mapping[Any, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        task=row["task"],
+        queue=row["queue"],
+        priority=row["priority"],
+        payload=row["payload"],
+        status=JobStatus(row["status"]),
+        attempt=row["attempt"],
+        max_attempts=row["max_attempts"],
+        timeout=row["timeout"],
+        progress=Progress(
+            percent=row["progress_percent"],
+            step=row["progress_step"],
+            message=row["progress_message"],
+        ),
+        result=row["result"],
+        error=JobError(**row["error"]) if row["error"] else None,
+        correlation_id=row["correlation_id"],
+        created_at=utc(row["created_at"]),
+        started_at=utc(row["started_at"]),
+        finished_at=utc(row["finished_at"]),
+        next_attempt_at=utc(row["next_attempt_at"]),
+        backoff_base=row["backoff_base"],
+        backoff_cap=row["backoff_cap"],
+        replay_of=row["replay_of"],
+        worker=row["worker"],
+    )
+
+
+def attempt(row: Mapping[Any, Any]) -> Attempt:
+    return Attempt(
+        attempt=row["attempt"],
+        worker=row["worker"],
+        started_at=utc(row["started_at"]),
+        finished_at=utc(row["finished_at"]),
+        outcome=AttemptOutcome(row["outcome"]),
+        error=JobError(**row["error"]) if row["error"] else None,
+    )
+
+
+def event(row: Mapping[Any, Any]) -> Event:
+    return Event.model_validate({**row, "at": utc(row["at"])})
+
+
+def joined_event(event_type: EventType, row: Mapping[Any, Any]) -> Event:
+    """The event in a row of a change statement: the job row plus ``event_id``/``event_data``."""
+    return Event(
+        id=row["event_id"],
+        job_id=row["id"],
+        seq=row["event_seq"],
+        type=event_type,
+        task=row["task"],
+        status=row["status"],
+        data=row["event_data"],
+        at=utc(row["updated_at"]),
+    )
+
+
+def duration(row: Mapping[Any, Any]) -> float | None:
+    """How long the row's attempt has run, up to its last update."""
+    started: datetime | None = row["started_at"]
+    return (row["updated_at"] - started).total_seconds() if started else None

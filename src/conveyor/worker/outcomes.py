@@ -1,0 +1,139 @@
+"""What an attempt's outcome does to its job: success, a retry after a backoff, the
+dead letters; and taking back an attempt its task did not end."""
+
+from __future__ import annotations
+
+import json
+import random
+import traceback
+from typing import Any
+
+import structlog
+from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel
+
+from conveyor.app import Conveyor
+from conveyor.errors import PermanentError, RetryableError, StoreUnavailable
+from conveyor.jobs import AttemptOutcome, Job, JobError, JobStatus
+from conveyor.tasks import Task
+
+log = structlog.get_logger("conveyor.worker")
+
+
+def backoff(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
+    """Exponential backoff with full jitter for the retry after ``attempt``."""
+    return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
+
+
+def record_success(app: Conveyor, job: Job, result: Any) -> None:
+    try:
+        recorded = app.store.succeed(job.id, job.attempt, result)
+    except StoreUnavailable:
+        raise
+    except Exception as exc:  # the store refused the result itself
+        log.exception("job.result_refused")
+        error = _error(PermanentError(f"the store refused the result: {type(exc).__name__}"))
+        end_attempt(app, job, error, retryable=False)
+        return
+    if recorded is None:
+        log.info("job.abandoned", reason="cancelled or taken over while running")
+        return
+    log.info("job.succeeded")
+
+
+def jsonable(result: Any) -> Any:
+    if isinstance(result, BaseModel):
+        result = result.model_dump(mode="json")
+    try:
+        json.dumps(result, allow_nan=False)  # what PostgreSQL's json type accepts
+    except (TypeError, ValueError) as exc:
+        raise PermanentError(f"result is not JSON-serialisable: {exc}") from exc
+    return result
+
+
+def record_failure(
+    app: Conveyor, job: Job, exc: BaseException, task: Task[Any, Any] | None
+) -> None:
+    timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
+    # A soft time limit counts as retryable, whatever the task's ``retry_on``.
+    retryable = timed_out or (task.retries(exc) if task else False)
+    delay = exc.delay if isinstance(exc, RetryableError) else None
+    end_attempt(app, job, _error(exc), retryable=retryable, delay=delay)
+
+
+def _error(exc: BaseException) -> JobError:
+    """What is stored of an exception; NUL characters, which PostgreSQL text refuses,
+    are written as ``\\x00``."""
+    timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
+    message = str(exc) or ("timed out" if timed_out else type(exc).__name__)
+    return JobError(
+        type="TimeoutError" if timed_out else _qualname(exc),
+        message=message.replace("\x00", "\\x00"),
+        traceback="".join(traceback.format_exception(exc)).replace("\x00", "\\x00"),
+    )
+
+
+def end_attempt(
+    app: Conveyor,
+    job: Job,
+    error: JobError,
+    *,
+    retryable: bool,
+    delay: float | None = None,
+    outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    dispatch_now: bool = True,
+) -> JobStatus | None:
+    """Record a failed attempt: retry it after a backoff while attempts remain,
+    else the job is dead. Returns the job's new status, None if the attempt was
+    no longer current (cancelled, or already ended elsewhere).
+
+    A retry due at once is dispatched here unless ``dispatch_now`` is false (the
+    old attempt may still be running for a moment): then the next sweep does it.
+    """
+    # A hand-back at shutdown is no failure of the job's: it never makes it dead.
+    exhausted = job.attempt >= job.max_attempts and outcome is not AttemptOutcome.INTERRUPTED
+    if not retryable or exhausted:
+        recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
+        if recorded is None:
+            log.info("job.abandoned", reason="cancelled or taken over while running")
+            return None
+        log.warning("job.dead", error_type=error.type, error=error.message, outcome=outcome.value)
+        return JobStatus.DEAD
+    if delay is None:
+        delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
+    now = delay == 0 and dispatch_now
+    scheduled = app.store.schedule_retry(
+        job.id, job.attempt, delay=delay, error=error, outcome=outcome, dispatched=now
+    )
+    if scheduled is None:
+        log.info("job.abandoned", reason="cancelled or taken over while running")
+        return None
+    next_job, _ = scheduled
+    log.warning(
+        "job.retrying", error_type=error.type, error=error.message, delay=delay, outcome=outcome
+    )
+    if now:
+        app.dispatch(next_job)  # otherwise the recovery sweep dispatches it when it is due
+    return JobStatus.RETRYING
+
+
+def take_back(
+    app: Conveyor,
+    job: Job,
+    outcome: AttemptOutcome,
+    error_type: str,
+    message: str,
+    *,
+    dispatch_now: bool = True,
+) -> JobStatus | None:
+    """End an attempt its task did not end (its process died, was stopped, or lost
+    track of it): the job runs again at once while attempts remain, else it is dead."""
+    error = JobError(type=error_type, message=message)
+    return end_attempt(
+        app, job, error, retryable=True, delay=0, outcome=outcome, dispatch_now=dispatch_now
+    )
+
+
+def _qualname(exc: BaseException) -> str:
+    cls = type(exc)
+    return cls.__name__ if cls.__module__ == "builtins" else f"{cls.__module__}.{cls.__name__}"

@@ -1,0 +1,176 @@
+"""The worker process: a Celery worker for the app's jobs, its recovery sweep, and
+its shutdown (running jobs get a grace period, then are handed back)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import threading
+import time
+import uuid
+from typing import Any, ClassVar
+
+import structlog
+from celery import Celery, signals
+from celery.worker.request import Request
+
+from conveyor.app import Conveyor
+from conveyor.broker import RUN_TASK
+from conveyor.errors import ConveyorError
+from conveyor.jobs import AttemptOutcome, JobStatus
+from conveyor.logs import configure_logging
+from conveyor.recovery import Sweeper
+from conveyor.worker.attempt import execute
+from conveyor.worker.identity import NODE_ENV
+from conveyor.worker.monitor import ProcessMonitor
+from conveyor.worker.outcomes import take_back
+
+log = structlog.get_logger("conveyor.worker")
+
+
+class ConveyorRequest(Request):
+    """Celery's request, plus recording a hard time limit in the store at once
+    (Celery has killed the pool process; without this the job would wait for the
+    recovery sweep to notice its silent worker)."""
+
+    app_ref: ClassVar[Conveyor | None] = None
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        super().on_timeout(soft, timeout)
+        app = type(self).app_ref
+        if soft or app is None:
+            return
+        job_id, attempt = self.args
+        try:
+            job = app.store.get_job(job_id)
+            if job.status is not JobStatus.RUNNING or job.attempt != attempt:
+                return
+            # The pool kills the process right after this call: let a sweep dispatch.
+            take_back(
+                app,
+                job,
+                AttemptOutcome.TIMED_OUT,
+                "TimeoutError",
+                f"hard time limit of {timeout:g} s exceeded; the process was stopped",
+                dispatch_now=False,
+            )
+        except ConveyorError as exc:
+            log.error("job.timeout_not_recorded", job_id=job_id, error=str(exc))
+
+
+def executing_celery(app: Conveyor) -> Celery:
+    """The app's Celery app, with the one task Conveyor runs registered: an attempt
+    of a job, by ``(job id, attempt)``. What a worker (or a test's worker) runs."""
+    celery = app.celery
+    if RUN_TASK not in celery.tasks:
+        request = type("Request", (ConveyorRequest,), {"app_ref": app})
+
+        @celery.task(name=RUN_TASK, acks_late=True, shared=False, Request=request)
+        def run(job_id: str, attempt: int) -> None:
+            execute(app, job_id, attempt)
+
+    return celery
+
+
+def run_worker(
+    app: Conveyor,
+    *,
+    queues: list[str] | None = None,
+    concurrency: int = 2,
+    pool: str = "prefork",
+) -> None:
+    """Run a Celery worker for the app's jobs in this process until it is stopped.
+
+    Besides Celery's worker, this process runs the recovery sweep, and on a warm
+    shutdown gives running jobs ``shutdown_grace`` seconds before handing them back.
+    """
+    settings = app.settings
+    app.store.check_schema()
+    app.close()  # forked pool processes must not inherit open database connections
+    node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
+    celery = executing_celery(app)
+    sweeper = Sweeper(app)
+    shutting_down = threading.Event()
+
+    @signals.setup_logging.connect(weak=False)
+    def _logging(**_: Any) -> None:
+        configure_logging(settings)
+
+    @signals.worker_process_init.connect(weak=False)
+    def _pool_process(**_: Any) -> None:
+        ProcessMonitor.in_pool_process = True
+
+    @signals.worker_ready.connect(weak=False)
+    def _ready(**_: Any) -> None:
+        sweeper.start()  # after the pool has forked: no thread is copied into it
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stopped(**_: Any) -> None:
+        with contextlib.suppress(ConveyorError):
+            app.store.workers_stopped(prefix=f"{node}/")
+
+    @signals.worker_shutting_down.connect(weak=False)
+    def _shutting_down(**_: Any) -> None:
+        if shutting_down.is_set():
+            return  # our own SIGQUIT after the grace announces a shutdown again
+        shutting_down.set()
+        sweeper.stop(wait=0)  # in a signal handler: do not wait for a sweep to end
+        threading.Thread(
+            target=_hand_back_after_grace, args=(app, node), name="conveyor-shutdown", daemon=True
+        ).start()
+
+    argv = [
+        "--quiet",  # a global option: no banner on stdout, where the logs are JSON lines
+        "worker",
+        f"--concurrency={concurrency}",
+        f"--pool={pool}",
+        f"--queues={','.join(queues or app.queues)}",
+        f"--loglevel={settings.log_level}",
+        f"--hostname=conveyor-{uuid.uuid4().hex[:8]}@%h",
+    ]
+    if settings.embedded:
+        argv += ["--without-mingle", "--without-gossip", "--without-heartbeat"]
+    receivers = [
+        (signals.setup_logging, _logging),
+        (signals.worker_process_init, _pool_process),
+        (signals.worker_ready, _ready),
+        (signals.worker_shutdown, _stopped),
+        (signals.worker_shutting_down, _shutting_down),
+    ]
+    try:
+        celery.worker_main(argv)
+    finally:  # a second run in this process must not also run this one's handlers
+        for signal_, receiver in receivers:
+            signal_.disconnect(receiver)
+
+
+def _hand_back_after_grace(app: Conveyor, node: str) -> None:
+    """Once the grace period is over, hand this node's running jobs back (a new
+    attempt, which a sweep dispatches once the pool is stopped) and stop the pool
+    with a cold shutdown."""
+    time.sleep(app.settings.shutdown_grace)
+    handed = 0
+    try:
+        for job in app.store.running_jobs(prefix=f"{node}/"):
+            try:
+                status = take_back(
+                    app,
+                    job,
+                    AttemptOutcome.INTERRUPTED,
+                    "WorkerShutdown",
+                    "the worker stopped before the job ended",
+                    dispatch_now=False,
+                )
+            except ConveyorError as exc:
+                log.error("worker.hand_back_failed", job_id=job.id, error=str(exc))
+            else:
+                handed += status is not None
+    except Exception:
+        log.exception("worker.hand_back_failed")
+    finally:
+        log.warning("worker.handed_back", jobs=handed)
+        os.kill(os.getpid(), signal.SIGQUIT)  # Celery's cold shutdown: stop the pool now
