@@ -15,6 +15,7 @@ a traceback.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import re
@@ -55,6 +56,12 @@ STATUS_STYLE = {
     "cancelled": "magenta",
     "dead": "red",
 }
+
+
+class Pool(enum.StrEnum):
+    PREFORK = "prefork"
+    THREADS = "threads"
+
 
 out = Console(soft_wrap=True, highlight=False)
 err = Console(stderr=True, soft_wrap=True, highlight=False)
@@ -198,8 +205,15 @@ def worker(
         typer.Option("--queues", "-Q", help="Comma-separated queues; default all the app uses."),
     ] = None,
     concurrency: Annotated[
-        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at once (processes).")
+        int, typer.Option("--concurrency", "-c", min=1, help="Jobs run at once.")
     ] = 2,
+    pool: Annotated[
+        Pool,
+        typer.Option(
+            help="prefork: a process per job slot (time limits, hard stops); threads: one"
+            " process, store writes of its jobs batched (I/O-bound or short tasks)."
+        ),
+    ] = Pool.PREFORK,
 ) -> None:
     """Run a worker that executes jobs until stopped."""
     from conveyor.app import load_app
@@ -211,7 +225,7 @@ def worker(
     _configure_logging(settings)
     app = load_app(settings.app)
     app.configure(settings)
-    run_worker(app, queues=names, concurrency=concurrency)
+    run_worker(app, queues=names, concurrency=concurrency, pool=pool.value)
 
 
 @cli.command()

@@ -4,6 +4,7 @@ its shutdown (running jobs get a grace period, then are handed back)."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import signal
@@ -99,6 +100,12 @@ def run_worker(
     @signals.setup_logging.connect(weak=False)
     def _logging(**_: Any) -> None:
         configure_logging(settings)
+        # Celery's two lines per task ("received", "succeeded in") say less than
+        # job.started and job.succeeded, which carry the job's context, and cost as much.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(
+                max(logging.WARNING, logging.getLevelName(settings.log_level))
+            )
 
     @signals.worker_process_init.connect(weak=False)
     def _pool_process(**_: Any) -> None:
