@@ -125,8 +125,15 @@ class Stack:
     def close(self) -> None:
         self.app.close()
 
-    def worker(self, name: str, *, concurrency: int = 2, queues: str | None = None) -> Process:
-        args = ["worker", "-c", str(concurrency)]
+    def worker(
+        self,
+        name: str,
+        *,
+        concurrency: int = 2,
+        queues: str | None = None,
+        pool: str = "prefork",
+    ) -> Process:
+        args = ["worker", "-c", str(concurrency), "--pool", pool]
         if queues:
             args += ["-Q", queues]
         return self.processes.start(name, *args)
