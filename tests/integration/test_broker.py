@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator
 
@@ -32,6 +33,10 @@ def test_queue_depth_counts_waiting_messages(app: Conveyor) -> None:
     assert queue_depth(app.celery, queue) == 0  # never declared: nothing waits in it
     jobs = [app.submit("diag.echo", {"i": i}, queue=queue) for i in range(3)]
     try:
+        # AMQP publishes are asynchronous: the server may count them a moment later.
+        deadline = time.monotonic() + 10
+        while queue_depth(app.celery, queue) != 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert queue_depth(app.celery, queue) == 3
     finally:
         if app.settings.resolved_broker_url.startswith("amqp"):
