@@ -233,6 +233,23 @@ def test_sync_and_async_jobs_succeed_with_their_event_log(app: Conveyor, worker:
     assert done_sync.created_at <= done_sync.started_at <= done_sync.finished_at
 
 
+@every_broker
+def test_bulk_submitted_jobs_all_run_once(app: Conveyor, worker: Any) -> None:
+    """A bulk submit of two tasks; the workers' threads share store flushes."""
+    with worker(concurrency=6):
+        sums = app.get_task("t.add").submit_many([{"a": i, "b": 1} for i in range(60)])
+        more = app.submit_batch(
+            [("t.async_add", {"a": i, "b": 2}, {"priority": 9}) for i in range(20)]
+        )
+        done = wait_terminal(app, *sums, *more, timeout=60)
+
+    assert [job.result for job in done[:60]] == [i + 1 for i in range(60)]
+    assert [job.result for job in done[60:]] == [{"sum": i + 2} for i in range(20)]
+    assert all(job.status is JobStatus.SUCCEEDED for job in done)
+    assert all(executions[job.id] == 1 for job in done)
+    assert {job.priority for job in done[60:]} == {9}
+
+
 def test_async_tasks_share_one_long_lived_loop(app: Conveyor, worker: Any) -> None:
     with worker(concurrency=2):
         jobs = [app.submit("t.async_add", {"a": i}) for i in range(6)]
