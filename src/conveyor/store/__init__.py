@@ -683,7 +683,11 @@ class Store:
                 continue
             assert isinstance(kind, Change)
             by_job = {w.key: w for w in writes}
-            for row in conn.execute(batch_sql(kind), _arrays(kind, writes)).fetchall():
+            if len(writes) == 1:
+                statement, params = batch_sql(kind, single=True), _scalars(kind, writes[0])
+            else:
+                statement, params = batch_sql(kind), _arrays(kind, writes)
+            for row in conn.execute(statement, params).fetchall():
                 write = by_job[row["id"]]
                 found[id(write)] = (rows.job(row), rows.joined_event(kind.event_type, row))
         return found
@@ -1143,6 +1147,11 @@ def _arrays(change: Change, writes: Sequence[Write]) -> dict[str, Any]:
         params["a_outcome"] = [p["a_outcome"] for p in each]
         params["a_error"] = [None if p["a_error"] is None else Json(p["a_error"]) for p in each]
     return params
+
+
+def _scalars(change: Change, write: Write) -> dict[str, Any]:
+    """The parameters of ``change``'s single-row statement (``batch_sql(single=True)``)."""
+    return {name: values[0] for name, values in _arrays(change, [write]).items()}
 
 
 _JSON_COLUMNS = frozenset({"payload", "result", "error"})

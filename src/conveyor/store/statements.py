@@ -241,7 +241,7 @@ def _pg_type(column: str) -> str:
     return "text"
 
 
-def batch_sql(change: Change) -> str:
+def batch_sql(change: Change, *, single: bool = False) -> str:
     """PostgreSQL: apply ``change`` to many rows in one statement, appending each row's
     event (and ended attempt), and return each changed row with its event.
 
@@ -251,8 +251,13 @@ def batch_sql(change: Change) -> str:
     change that ends the attempt, ``a_outcome`` and ``a_error``. Rows that are not in a
     state the change applies to are simply not returned: stale or duplicate writes
     change nothing, exactly as one at a time.
+
+    ``single`` makes the form for one row, with scalar parameters: a flush of one
+    write (the common case in a prefork pool process) then skips the arrays, whose
+    encoding costs the client more than the rest of the statement.
     """
-    found = _BATCH_SQL.get(change.name)
+    key = f"{change.name}:{'single' if single else 'batch'}"
+    found = _BATCH_SQL.get(key)
     if found is not None:
         return found
     inputs = [(f"v_{c}", _pg_type(c)) for c in change.columns]
@@ -261,8 +266,13 @@ def batch_sql(change: Change) -> str:
         inputs = [("job_id", "text"), ("held", "int4"), *inputs]
     if change.ends_attempt:
         inputs += [("a_outcome", "text"), ("a_error", "json")]
-    arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in inputs)
-    aliases = ", ".join(name for name, _ in inputs)
+    if single:
+        rows = "(SELECT " + ", ".join(f"%({n})s::{k} AS {n}" for n, k in inputs) + ")"
+    else:
+        arrays = ", ".join(f"%({name})s::{kind}[]" for name, kind in inputs)
+        aliases = ", ".join(name for name, _ in inputs)
+        rows = f"unnest({arrays})"
+    source_rows = f"{rows} AS i" + ("" if single else f"({aliases})")
     sets = [f"{c} = i.v_{c}" for c in change.columns]
     if change.status is not None:
         sets.append(f"status = '{change.status.value}'")
@@ -271,7 +281,7 @@ def batch_sql(change: Change) -> str:
         values = [f"i.v_{c}" for c in change.columns]
         status = f"'{change.status.value}'" if change.status else "NULL"
         values += [status, "1", "i.now_", "i.now_"]
-        prelude = f"input AS (SELECT * FROM unnest({arrays}) AS i({aliases})), "
+        prelude = f"input AS (SELECT * FROM {source_rows}), "
         job = (
             f"INSERT INTO {jobs_t.name} ({', '.join(columns)})"
             f" SELECT {', '.join(values)} FROM input AS i RETURNING *"
@@ -287,7 +297,7 @@ def batch_sql(change: Change) -> str:
         job = (
             f"UPDATE {jobs_t.name} AS j SET {', '.join(sets)},"
             " event_seq = j.event_seq + 1, updated_at = i.now_"
-            f" FROM unnest({arrays}) AS i({aliases}) WHERE {where}"
+            f" FROM {source_rows} WHERE {where}"
             f" RETURNING j.*, i.held AS held_, i.e_data AS e_data_{extra}"
         )
         source, data = "job", "job.e_data_"
@@ -311,7 +321,7 @@ def batch_sql(change: Change) -> str:
         " SELECT job.*, event.id AS event_id, event.data AS event_data"
         " FROM job JOIN event ON event.job_id = job.id"
     )
-    _BATCH_SQL[change.name] = sql
+    _BATCH_SQL[key] = sql
     return sql
 
 
