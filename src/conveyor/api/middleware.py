@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, the body size limit, request timing.
+"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
 pass straight through and the request body is never buffered here.
@@ -8,16 +8,25 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Sequence
 
 import structlog
 from prometheus_client import Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH = 200
+#: Metric label values for whatever a client invents, so that it cannot add series.
 UNMATCHED_ROUTE = "<unmatched>"
+OTHER_METHOD = "other"
+#: RFC 9110's methods and PATCH: the only ones that get a label value of their own.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 def valid_request_id(value: str | None) -> bool:
@@ -56,6 +65,89 @@ class CorrelationId:
 
         with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
             await self.app(scope, receive, send_with_id)
+
+
+class Methods:
+    """Answers for the router what it answers badly: HEAD, 405, and a misplaced slash.
+
+    - ``HEAD`` works wherever ``GET`` does: the request runs as a GET whose body
+      is dropped, and the response ends after its headers (a stream included).
+    - A method the path does not have gets 405 with an ``Allow`` listing every
+      method of every route on that path, not just the first route's.
+    - A path that only matches with or without its trailing slash gets a 307 to
+      the other spelling, as a *relative* ``Location``: the router's own redirect
+      is absolute, built from the client's ``Host`` header.
+
+    Routes are asked through Starlette's ``matches``, one method at a time, so
+    included routers and mounts answer for themselves.
+    """
+
+    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+        self.app = app
+        self.routes = routes  # the app's live list: routes added later count too
+
+    def matches(self, scope: Scope, method: str) -> bool:
+        probe = {**scope, "method": method}
+        return any(route.matches(probe)[0] is Match.FULL for route in self.routes)
+
+    def allowed(self, scope: Scope) -> set[str]:
+        allowed = {method for method in KNOWN_METHODS if self.matches(scope, method)}
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        return allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        if method != "HEAD" and self.matches(scope, method):
+            await self.app(scope, receive, send)  # the common case: one look, then route
+            return
+        if method == "HEAD" and self.matches(scope, "GET"):
+            if self.matches(scope, "HEAD"):  # a route of its own (static files) answers HEAD
+                await self.app(scope, receive, send)
+                return
+            scope["method"] = "GET"
+            await self.app(scope, *_headers_only(receive, send))
+            return
+        allowed = self.allowed(scope)
+        if allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+        await self._unmatched(scope, receive, send)
+
+    async def _unmatched(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        other = path.rstrip("/") if path.endswith("/") else f"{path}/"
+        # "//host" would be a redirect to another site; no route starts that way anyway.
+        redirectable = path != "/" and other and not other.startswith("//")
+        if redirectable and self.allowed({**scope, "path": other}):
+            query = scope.get("query_string", b"").decode("latin-1")
+            location = f"{other}?{query}" if query else other
+            response = Response(status_code=307, headers={"Location": location})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _headers_only(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """For HEAD: the response ends after its headers; then the app is told the client left."""
+    ended = False
+
+    async def head_send(message: Message) -> None:
+        nonlocal ended
+        if message["type"] == "http.response.start":
+            await send(message)
+        elif message["type"] == "http.response.body" and not ended:
+            ended = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def head_receive() -> Message:
+        if ended:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return head_receive, head_send
 
 
 class BodyLimit:
@@ -97,7 +189,11 @@ class BodyLimit:
 
 
 class RequestTimer:
-    """Observes each request's duration, labelled by route template to bound cardinality."""
+    """Observes each request's duration, labelled by route template to bound cardinality.
+
+    Methods outside :data:`KNOWN_METHODS` share one label value, and so do paths
+    no route matches, so invented requests cannot grow the exposition.
+    """
 
     def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
         self.app = app
@@ -109,6 +205,7 @@ class RequestTimer:
             return
         start = time.perf_counter()
         status = 500
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -121,6 +218,4 @@ class RequestTimer:
         finally:
             # The router records the matched route in the (shared) scope.
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
-            self.histogram.labels(scope["method"], route, str(status)).observe(
-                time.perf_counter() - start
-            )
+            self.histogram.labels(method, route, str(status)).observe(time.perf_counter() - start)
