@@ -15,12 +15,11 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import structlog
 from fastapi import FastAPI
 
-from conveyor.api import dead_letters, docs, events, health, jobs, problems, tasks
+from conveyor.api import dead_letters, docs, events, health, jobs, openapi, problems, tasks
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import BodyLimit, CorrelationId, Methods, RequestTimer
 from conveyor.api.state import ApiState
@@ -77,14 +76,14 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     # Added innermost first.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(Authentication, keys=state.keys)
-    app.add_middleware(Methods, routes=app.router.routes)
+    app.add_middleware(Methods, routes=app.router.routes, paths=lambda: app.openapi()["paths"])
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
     for module in (jobs, dead_letters, events, tasks, health):
         app.include_router(module.router)
     docs.install(app)
-    _document_problems(app)
+    openapi.install(app, conveyor)
     return app
 
 
@@ -102,24 +101,6 @@ def _prepare(conveyor: Conveyor) -> None:
     conveyor.store.check_schema()
     bootstrap_admin_key(conveyor.store, conveyor.settings)
     conveyor.celery  # noqa: B018 - built for its side effect
-
-
-def _document_problems(app: FastAPI) -> None:
-    """Error responses are ``application/problem+json``; FastAPI documents them as JSON."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            for operation in (op for path in schema["paths"].values() for op in path.values()):
-                for status, response in operation.get("responses", {}).items():
-                    content = response.get("content", {})
-                    if status[0] in "45" and "application/json" in content:
-                        content[problems.PROBLEM_JSON] = content.pop("application/json")
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

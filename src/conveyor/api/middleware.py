@@ -6,9 +6,11 @@ pass straight through and the request body is never buffered here.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
 from prometheus_client import Histogram
@@ -73,25 +75,48 @@ class Methods:
     - ``HEAD`` works wherever ``GET`` does: the request runs as a GET whose body
       is dropped, and the response ends after its headers (a stream included).
     - A method the path does not have gets 405 with an ``Allow`` listing every
-      method of every route on that path, not just the first route's.
+      method the path has, not just those of the first route that matched.
     - A path that only matches with or without its trailing slash gets a 307 to
       the other spelling, as a *relative* ``Location``: the router's own redirect
       is absolute, built from the client's ``Host`` header.
 
-    Routes are asked through Starlette's ``matches``, one method at a time, so
-    included routers and mounts answer for themselves.
+    Which methods a path has is read from the OpenAPI document, where a literal
+    segment beats a parameter: ``/v1/dead-letters/purge`` is POST only, though
+    ``/v1/dead-letters/{job_id}`` would take a GET for it. Paths the document
+    leaves out (the docs pages) are asked of the routes, one method at a time.
     """
 
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[BaseRoute],
+        paths: Callable[[], Mapping[str, Mapping[str, Any]]],
+    ) -> None:
         self.app = app
         self.routes = routes  # the app's live list: routes added later count too
+        self.paths = paths
+        self._templates: list[tuple[re.Pattern[str], int, frozenset[str]]] | None = None
 
-    def matches(self, scope: Scope, method: str) -> bool:
+    def documented(self, path: str) -> set[str] | None:
+        """The methods of the most specific documented templates matching ``path``."""
+        if self._templates is None:
+            self._templates = [_template(t, ops) for t, ops in self.paths().items()]
+        found = [
+            (literals, methods) for regex, literals, methods in self._templates if regex.match(path)
+        ]
+        if not found:
+            return None
+        best = max(literals for literals, _ in found)
+        return {m for literals, methods in found if literals == best for m in methods}
+
+    def routed(self, scope: Scope, method: str) -> bool:
         probe = {**scope, "method": method}
         return any(route.matches(probe)[0] is Match.FULL for route in self.routes)
 
     def allowed(self, scope: Scope) -> set[str]:
-        allowed = {method for method in KNOWN_METHODS if self.matches(scope, method)}
+        allowed = self.documented(scope["path"])
+        if allowed is None:
+            allowed = {m for m in KNOWN_METHODS if self.routed(scope, m)}
         if "GET" in allowed:
             allowed.add("HEAD")
         return allowed
@@ -101,20 +126,16 @@ class Methods:
             await self.app(scope, receive, send)
             return
         method = scope["method"]
-        if method != "HEAD" and self.matches(scope, method):
-            await self.app(scope, receive, send)  # the common case: one look, then route
-            return
-        if method == "HEAD" and self.matches(scope, "GET"):
-            if self.matches(scope, "HEAD"):  # a route of its own (static files) answers HEAD
-                await self.app(scope, receive, send)
-                return
-            scope["method"] = "GET"
-            await self.app(scope, *_headers_only(receive, send))
-            return
         allowed = self.allowed(scope)
-        if allowed:
+        if not allowed:
+            await self._unmatched(scope, receive, send)
+        elif method not in allowed:
             raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
-        await self._unmatched(scope, receive, send)
+        elif method == "HEAD" and not self.routed(scope, "HEAD"):
+            scope["method"] = "GET"  # static files answer HEAD themselves; routes do not
+            await self.app(scope, *_headers_only(receive, send))
+        else:
+            await self.app(scope, receive, send)
 
     async def _unmatched(self, scope: Scope, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
@@ -128,6 +149,15 @@ class Methods:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+def _template(
+    template: str, operations: Mapping[str, Any]
+) -> tuple[re.Pattern[str], int, frozenset[str]]:
+    """A path template's regex, its count of literal segments, and its methods."""
+    regex = re.compile("^" + re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)) + "$")
+    literals = sum(1 for part in template.split("/") if part and not part.startswith("{"))
+    return regex, literals, frozenset(m.upper() for m in operations if m.upper() in KNOWN_METHODS)
 
 
 def _headers_only(receive: Receive, send: Send) -> tuple[Receive, Send]:
