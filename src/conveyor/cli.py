@@ -21,9 +21,10 @@ import logging
 import re
 import sys
 import time
+import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
 import httpx
@@ -35,11 +36,15 @@ from rich.table import Table
 from rich.text import Text
 from typer.core import TyperGroup
 
+from conveyor import datadir
 from conveyor.embedded import STOP_GRACE, Stack, check_port, prepare
 from conveyor.errors import ConfigurationError, ConveyorError
 from conveyor.jobs import TERMINAL as TERMINAL_STATUSES
 from conveyor.jobs import JobStatus
 from conveyor.settings import Settings, load_settings
+
+if TYPE_CHECKING:
+    from conveyor.app import Conveyor
 
 #: How long ``submit --follow`` keeps trying to reach the API after losing the stream.
 RECONNECT_TIMEOUT = 60.0
@@ -105,6 +110,33 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _load_app(settings: Settings) -> Conveyor:
+    """``CONVEYOR_APP``, imported; a module that fails to import is a setting error, in a line.
+
+    ``load_app`` reports a missing module; anything else the module raises while
+    importing (a syntax error, a failing import inside it) would otherwise be a
+    traceback through this CLI's own frames.
+    """
+    from conveyor.app import load_app
+
+    try:
+        return load_app(settings.app)
+    except ConveyorError:
+        raise
+    except Exception as exc:
+        raise ConfigurationError(
+            f"CONVEYOR_APP: cannot import {settings.app!r}: {_import_failure(exc)}"
+        ) from None
+
+
+def _import_failure(exc: Exception) -> str:
+    if isinstance(exc, SyntaxError):
+        return f"{exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"
+
+
 def _configure_logging(settings: Settings) -> None:
     from conveyor.logs import configure_logging
 
@@ -152,6 +184,7 @@ def up(
     settings = load_settings()
     check_port(host, port)
     _configure_logging(settings)
+    _load_app(settings)  # a broken app module is one line here, before anything starts
     settings, key_path = prepare(settings)
     stack = Stack(settings, host=host, port=port, concurrency=workers, console=err, grace=grace)
 
@@ -177,12 +210,12 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the HTTP API (configured by CONVEYOR_* environment variables)."""
     import uvicorn
 
-    from conveyor.app import load_app
-
     # What the factory will do, checked here so that a problem is one line, not a traceback.
     settings = load_settings()
+    check_port(host, port)
     _configure_logging(settings)
-    app = load_app(settings.app)
+    datadir.prepare(settings)
+    app = _load_app(settings)
     app.configure(settings)
     try:
         app.store.check_schema()
@@ -216,14 +249,14 @@ def worker(
     ] = Pool.PREFORK,
 ) -> None:
     """Run a worker that executes jobs until stopped."""
-    from conveyor.app import load_app
     from conveyor.tasks import check_queue
     from conveyor.worker.process import run_worker
 
     names = [check_queue(q.strip()) for q in queues.split(",") if q.strip()] if queues else None
     settings = load_settings()
     _configure_logging(settings)
-    app = load_app(settings.app)
+    datadir.prepare(settings)
+    app = _load_app(settings)
     app.configure(settings)
     run_worker(app, queues=names, concurrency=concurrency, pool=pool.value)
 
@@ -236,6 +269,7 @@ def migrate() -> None:
     from conveyor.store import Store
 
     settings = load_settings()
+    datadir.prepare(settings)
     store = Store(settings.resolved_database_url)
     try:
         store.migrate()

@@ -5,7 +5,8 @@
                 └─ conveyor worker   child, own process group
 
 Children share this process's environment, with the data directory made
-absolute. The supervisor waits for the API's ``/readyz``, then watches: a child
+absolute. The supervisor waits for its own API's ``/readyz`` (the instance id it gave the
+API must come back: another server on the port does not count), then watches: a child
 that exits on its own stops the others (exit 1); SIGINT, SIGTERM or SIGHUP sends
 each child SIGTERM, and SIGKILL to the process group of whatever outlives the
 grace period (exit 0). On Linux children also get SIGTERM should the supervisor
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
+from conveyor import datadir
 from conveyor.app import load_app
 from conveyor.errors import ConveyorError
 from conveyor.keys import bootstrap_admin_key
@@ -52,10 +55,8 @@ _PR_SET_PDEATHSIG = 1
 
 def prepare(settings: Settings) -> tuple[Settings, Path | None]:
     """Make the data dir, migrate, ensure the admin key; returns settings and the key file."""
-
-    data_dir = settings.data_dir.expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    settings = settings.model_copy(update={"data_dir": data_dir})
+    datadir.prepare(settings)
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.expanduser().resolve()})
     app = load_app(settings.app)
     app.configure(settings)
     try:
@@ -127,6 +128,8 @@ class Stack:
     ) -> None:
         self.settings = settings
         self.url = local_url(host, port)
+        #: Given to the API child; ``/readyz`` answers with it, so we know whom we reach.
+        self.instance = uuid.uuid4().hex
         self.grace = grace
         self.console = console
         command = [sys.executable, "-m", "conveyor"]
@@ -165,6 +168,7 @@ class Stack:
             **os.environ,
             "CONVEYOR_DATA_DIR": str(self.settings.data_dir),
             "CONVEYOR_SHUTDOWN_GRACE": str(shutdown_grace),
+            "CONVEYOR_INSTANCE_ID": self.instance,
         }
         preexec = _die_with_parent(os.getpid())
         for child in self.children:
@@ -174,14 +178,15 @@ class Stack:
             self.console.print(f"[dim]started {child.name} (pid {child.pid})[/]")
 
     def wait_ready(self) -> bool:
-        """Poll ``/readyz``; False if a child died, time ran out or a stop was asked."""
+        """Poll our API's ``/readyz``; False if a child died, time ran out or a stop was asked."""
         deadline = time.monotonic() + READY_TIMEOUT
         with httpx.Client(timeout=2.0) as client:
             while not self._stop.is_set():
                 if self._check_children():
                     return False
-                with contextlib.suppress(httpx.HTTPError):
-                    if client.get(f"{self.url}/readyz").status_code == 200:
+                with contextlib.suppress(httpx.HTTPError, ValueError):
+                    response = client.get(f"{self.url}/readyz")
+                    if response.status_code == 200 and self._ours(response.json()):
                         return True
                 if time.monotonic() > deadline:
                     self.console.print(
@@ -191,6 +196,9 @@ class Stack:
                     return False
                 self._stop.wait(POLL_INTERVAL)
         return False
+
+    def _ours(self, ready: object) -> bool:
+        return isinstance(ready, dict) and ready.get("instance") == self.instance
 
     def supervise(self) -> int:
         while not self._stop.wait(POLL_INTERVAL):

@@ -60,7 +60,7 @@ def _create_secret_file(path: Path, content: str) -> bool:
     Written to a temporary name, then hard-linked into place, so a concurrent
     reader never sees a half-written key and a concurrent writer cannot replace it.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:

@@ -4,6 +4,8 @@
     conveyor_store_up                               1 if that count succeeded
     conveyor_job_duration_seconds{task,status}      histogram of terminal events seen live
     conveyor_http_request_duration_seconds{method,route,status}
+        method: other for anything outside RFC 9110's and PATCH; route: the template,
+        <unmatched> when no route handled the request (see api.middleware)
 
 Each app gets its own ``CollectorRegistry`` so that several apps in one process
 (tests, embedded servers) never register the same metric twice.

@@ -6,6 +6,7 @@ nothing here is read at import time.
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlsplit
@@ -18,6 +19,8 @@ from conveyor.errors import ConfigurationError
 DATABASE_SCHEMES = {"sqlite", "postgresql", "postgres"}
 BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem"}
 REDIS_SCHEMES = {"redis", "rediss", "unix"}
+#: Shorter admin keys are refused: a key is the only thing between the network and the API.
+MIN_ADMIN_KEY_LENGTH = 16
 
 
 class Settings(BaseSettings):
@@ -42,7 +45,9 @@ class Settings(BaseSettings):
         description="Redis pub/sub channel; pub/sub spans a server, so give each deployment one.",
     )
     app: str | None = Field(default=None, description="module[:attribute] of your Conveyor app.")
-    admin_key: SecretStr | None = Field(default=None, description="Bootstrap admin API key.")
+    admin_key: SecretStr | None = Field(
+        default=None, description=f"Bootstrap admin API key, {MIN_ADMIN_KEY_LENGTH}+ characters."
+    )
     api_url: str = Field(
         default="http://127.0.0.1:8000", description="Where CLI commands reach the API."
     )
@@ -89,6 +94,13 @@ class Settings(BaseSettings):
         le=3600,
         description="Seconds past a task's timeout before its process is stopped hard.",
     )
+    instance_id: str = Field(
+        default_factory=lambda: uuid.uuid4().hex,
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.-]+$",
+        description="Names this API process in /healthz; `conveyor up` sets it to know its own.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,
@@ -103,6 +115,17 @@ class Settings(BaseSettings):
                 "CONVEYOR_HEARTBEAT_TIMEOUT must exceed twice CONVEYOR_HEARTBEAT_INTERVAL"
             )
         return self
+
+    @field_validator("admin_key")
+    @classmethod
+    def _check_admin_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_ADMIN_KEY_LENGTH:
+            length = len(value.get_secret_value())
+            raise ValueError(
+                f"must be at least {MIN_ADMIN_KEY_LENGTH} characters, not {length};"
+                " unset it to have a key generated"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -138,6 +161,21 @@ class Settings(BaseSettings):
         if base in {"postgresql", "postgres"}:
             return f"postgresql+psycopg://{rest}"
         return f"sqlite+pysqlite://{rest}"
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite database file, made absolute; None on PostgreSQL.
+
+        ``sqlite:///name.db`` is relative to the working directory and
+        ``sqlite:////var/lib/name.db`` absolute, as in SQLAlchemy.
+        """
+        url = self.resolved_database_url
+        if not url.startswith("sqlite"):
+            return None
+        database = url.partition("://")[2].removeprefix("/").partition("?")[0]
+        if not database or database == ":memory:":
+            return None
+        return Path(database).expanduser().absolute()
 
     @property
     def resolved_broker_url(self) -> str:

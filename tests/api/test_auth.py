@@ -164,13 +164,13 @@ def test_bootstrap_uses_an_existing_key_file(conveyor: Conveyor, settings: Setti
 def test_bootstrap_prefers_the_configured_key_and_writes_no_file(
     conveyor: Conveyor, settings: Settings
 ) -> None:
-    configured = settings.model_copy(update={"admin_key": SecretStr("cvk_configured")})
+    configured = settings.model_copy(update={"admin_key": SecretStr("cvk_configured_admin_key")})
 
     key, path = bootstrap_admin_key(conveyor.store, configured)
 
-    assert (key, path) == ("cvk_configured", None)
+    assert (key, path) == ("cvk_configured_admin_key", None)
     assert not configured.admin_key_path.exists()
-    assert conveyor.store.verify_api_key("cvk_configured") is not None
+    assert conveyor.store.verify_api_key("cvk_configured_admin_key") is not None
 
 
 def test_bootstrap_keeps_a_file_another_process_wrote_first(

@@ -19,21 +19,22 @@ from tests.api.test_errors import make_store_unreachable
 pytestmark = pytest.mark.anyio
 
 
-async def test_healthz(anonymous: httpx.AsyncClient) -> None:
+async def test_healthz(anonymous: httpx.AsyncClient, settings: Settings) -> None:
     response = await anonymous.get("/healthz")
 
     assert response.status_code == 200
-    assert response.json() == {"status": "ok"}
+    assert response.json() == {"status": "ok", "instance": settings.instance_id}
 
 
 async def test_readyz_when_everything_is_up(
-    fanout: str | None, anonymous: httpx.AsyncClient
+    fanout: str | None, anonymous: httpx.AsyncClient, settings: Settings
 ) -> None:
     response = await anonymous.get("/readyz")
 
     assert response.status_code == 200
     assert response.json() == {
         "status": "ok",
+        "instance": settings.instance_id,
         "checks": {"store": "up", "broker": "up", "events": "up"},
     }
 

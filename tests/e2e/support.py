@@ -37,12 +37,17 @@ def environment(**conveyor: str) -> dict[str, str]:
 
 
 def run_cli(
-    *args: str, env: dict[str, str], timeout: float = 60, stdin: str | None = None
+    *args: str,
+    env: dict[str, str],
+    timeout: float = 60,
+    cwd: Path | None = None,
+    stdin: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Run one ``conveyor`` command to completion, capturing its output."""
     return subprocess.run(
         [*CONVEYOR, *args],
         env=env,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,

@@ -31,6 +31,8 @@ def test_up_runs_a_job_to_the_end_and_stops_cleanly_on_sigint(
     wait_for(lambda: "Press Ctrl-C" in up.output(), timeout=10, what="the banner")
     key_file = tmp_path / "data" / "admin.key"
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "data").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "data" / "conveyor.db").stat().st_mode) == 0o600
     printed = up.output()
     assert f"Conveyor is up at {url}" in printed
     assert f"API docs   {url}/docs" in printed

@@ -133,3 +133,44 @@ def test_event_channel_is_a_setting_with_a_default(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("CONVEYOR_EVENT_CHANNEL", "")
     with pytest.raises(ConfigurationError, match="CONVEYOR_EVENT_CHANNEL"):
         load_settings()
+
+
+@pytest.mark.parametrize("key", ["x", "", "cvk_15_chars_ab"])
+def test_an_admin_key_under_16_characters_is_refused_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, key: str
+) -> None:
+    monkeypatch.setenv("CONVEYOR_ADMIN_KEY", key)
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings()
+
+    assert str(caught.value) == (
+        f"CONVEYOR_ADMIN_KEY: must be at least 16 characters, not {len(key)};"
+        " unset it to have a key generated"
+    )
+
+
+def test_an_admin_key_of_16_characters_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CONVEYOR_ADMIN_KEY", "cvk_16_chars_abc")
+    settings = load_settings()
+    assert settings.admin_key is not None
+    assert settings.admin_key.get_secret_value() == "cvk_16_chars_abc"
+
+
+@pytest.mark.parametrize(
+    ("url", "path"),
+    [
+        ("sqlite:////var/lib/conveyor/c.db", "/var/lib/conveyor/c.db"),
+        ("sqlite:///relative/c.db", "{cwd}/relative/c.db"),
+        ("sqlite:///c.db?timeout=5", "{cwd}/c.db"),
+        ("sqlite://", None),
+        ("sqlite:///:memory:", None),
+        ("postgresql://user@host/db", None),
+    ],
+)
+def test_sqlite_path_is_absolute_as_sqlalchemy_reads_the_url(url: str, path: str | None) -> None:
+    expected = Path(path.format(cwd=Path.cwd())) if path else None
+    assert Settings(database_url=url).sqlite_path == expected
+
+
+def test_the_default_sqlite_path_is_in_the_data_dir(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path).sqlite_path == tmp_path / "conveyor.db"

@@ -5,7 +5,9 @@ jobs         /v1/jobs: submit, list, get, cancel
 events       /v1/jobs/{id}/events and /v1/events: server-sent event streams
 tasks        /v1/tasks: the registry and payload schemas
 health       /healthz, /readyz, /metrics
-auth         bearer keys and the bootstrap admin key
+auth         bearer keys, checked before any body is read
 problems     errors as RFC 9457 problem details, mapped in one place
-middleware   request ids, the body limit, request timing
+middleware   request ids, methods (HEAD, 405, slash redirects), the body limit, timing
+openapi      the document made to say what the API accepts and answers
+docs         /docs and /redoc, with their assets served here
 """

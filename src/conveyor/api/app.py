@@ -2,9 +2,11 @@
 
 Middleware, outermost first::
 
-    CorrelationId ─> RequestTimer ─> ErrorBoundary ─> BodyLimit ─> routes (+ problem handlers)
+    CorrelationId ─> RequestTimer ─> ErrorBoundary ─> Methods ─> Authentication ─> BodyLimit
+        ─> routes (+ problem handlers)
 
-so every response, a 500 included, carries its request id and is measured.
+so every response, a 500 included, carries its request id and is measured, and
+no body is read before the method, the path and the key have been checked.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
 
 import structlog
 from fastapi import FastAPI
 
-from conveyor.api import dead_letters, events, health, jobs, problems, tasks
-from conveyor.api.middleware import BodyLimit, CorrelationId, RequestTimer
+from conveyor.api import dead_letters, docs, events, health, jobs, openapi, problems, tasks
+from conveyor.api.auth import Authentication
+from conveyor.api.middleware import BodyLimit, CorrelationId, Methods, RequestTimer
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor, load_app
 from conveyor.events import EventHub
@@ -65,17 +67,23 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
         version=_version(),
         summary="Submit background jobs, follow their progress, read their results.",
         lifespan=lifespan,
+        docs_url=None,  # docs.install serves them without a CDN
+        redoc_url=None,
+        redirect_slashes=False,  # Methods redirects, relatively
     )
     app.state.conveyor = state
     problems.install(app)
     # Added innermost first.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(Authentication, keys=state.keys)
+    app.add_middleware(Methods, routes=app.router.routes, paths=lambda: app.openapi()["paths"])
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
     for module in (jobs, dead_letters, events, tasks, health):
         app.include_router(module.router)
-    _document_problems(app)
+    docs.install(app)
+    openapi.install(app, conveyor)
     return app
 
 
@@ -93,24 +101,6 @@ def _prepare(conveyor: Conveyor) -> None:
     conveyor.store.check_schema()
     bootstrap_admin_key(conveyor.store, conveyor.settings)
     conveyor.celery  # noqa: B018 - built for its side effect
-
-
-def _document_problems(app: FastAPI) -> None:
-    """Error responses are ``application/problem+json``; FastAPI documents them as JSON."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            for operation in (op for path in schema["paths"].values() for op in path.values()):
-                for status, response in operation.get("responses", {}).items():
-                    content = response.get("content", {})
-                    if status[0] in "45" and "application/json" in content:
-                        content[problems.PROBLEM_JSON] = content.pop("application/json")
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _version() -> str:

@@ -1,4 +1,11 @@
-"""Bearer API keys on each request: the dependency every ``/v1`` route has."""
+"""Bearer API keys: checked for every ``/v1`` request before its body is read.
+
+:class:`Authentication` checks the key as soon as the request arrives, so an
+anonymous caller learns nothing from how its body would have been parsed (a
+malformed body without a key is 401, not 422) and costs no parsing. The
+``require_key`` dependency every ``/v1`` router has hands the checked key to
+the routes and documents the scheme in the OpenAPI document.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +13,16 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from conveyor.api.state import api_state
+from conveyor.keys import KeyVerifier
 from conveyor.store import ApiKey
+
+#: Every path under this prefix needs a key, whether or not a route matches it.
+PROTECTED_PREFIX = "/v1"
 
 bearer = HTTPBearer(
     scheme_name="ApiKey",
@@ -23,16 +36,47 @@ def _unauthorized(detail: str, challenge: str) -> HTTPException:
     return HTTPException(401, detail, headers={"WWW-Authenticate": challenge})
 
 
+async def authenticate(keys: KeyVerifier, authorization: str | None) -> ApiKey:
+    """The key an ``Authorization`` header carries, or a 401 to raise."""
+    scheme, _, key = (authorization or "").partition(" ")
+    key = key.strip()
+    if scheme.lower() != "bearer" or not key:
+        raise _unauthorized("an API key is required: Authorization: Bearer <key>", "Bearer")
+    record = await keys.verify(key)
+    if record is None:
+        raise _unauthorized("the API key is invalid or revoked", 'Bearer error="invalid_token"')
+    return record
+
+
+class Authentication:
+    """Refuses a ``/v1`` request without a valid key before routing reads its body.
+
+    The key found is kept in ``request.state.api_key`` for :func:`require_key`.
+    """
+
+    def __init__(self, app: ASGIApp, keys: KeyVerifier) -> None:
+        self.app = app
+        self.keys = keys
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope.get("path", "")
+        if scope["type"] == "http" and (
+            path == PROTECTED_PREFIX or path.startswith(f"{PROTECTED_PREFIX}/")
+        ):
+            authorization = Headers(scope=scope).get("authorization")
+            scope.setdefault("state", {})["api_key"] = await authenticate(self.keys, authorization)
+        await self.app(scope, receive, send)
+
+
 async def require_key(
     request: Request,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> ApiKey:
-    """The dependency every ``/v1`` route has: a valid bearer key, or 401."""
-    if credentials is None:
-        raise _unauthorized("an API key is required: Authorization: Bearer <key>", "Bearer")
-    record = await api_state(request).keys.verify(credentials.credentials)
-    if record is None:
-        raise _unauthorized("the API key is invalid or revoked", 'Bearer error="invalid_token"')
+    """The dependency every ``/v1`` route has: the key :class:`Authentication` checked."""
+    record: ApiKey | None = getattr(request.state, "api_key", None)
+    if record is None:  # a route outside the protected prefix: check it here
+        authorization = request.headers.get("authorization")
+        record = await authenticate(api_state(request).keys, authorization)
     return record
 
 

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from conveyor.api.auth import Authenticated, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
+    Cursor,
     DeadLetter,
     DeadLetterPage,
     DeadLetterSelection,
@@ -55,7 +56,7 @@ def list_dead_letters(
     error_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     since: Annotated[Timestamp | None, Query(description="Died at or after this.")] = None,
     until: Annotated[Timestamp | None, Query(description="Died before this.")] = None,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> DeadLetterPage:
     """Dead jobs, the last to die first, filtered by task, error type and when they died."""

@@ -18,6 +18,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 
 from conveyor.api.auth import require_key
+from conveyor.api.openapi import digits_up_to
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import ApiState, api_state
 from conveyor.errors import StoreUnavailable
@@ -40,11 +41,15 @@ router = APIRouter(
     responses={**STREAM_RESPONSE, **problem_responses(400, 401, 422, 503)},
 )
 
-LastEventId = Annotated[
-    str | None, Header(description="Sent by a reconnecting EventSource; wins over `after`.")
-]
 #: Ids are 64-bit in the store; anything larger cannot be a position in a stream.
 MAX_ID = 2**63 - 1
+LastEventId = Annotated[
+    str | None,
+    Header(
+        description="Sent by a reconnecting EventSource; wins over `after`. Empty: absent.",
+        json_schema_extra={"pattern": f"^$|{digits_up_to(MAX_ID)}"},
+    ),
+]
 After = Annotated[
     int | None,
     Query(ge=0, le=MAX_ID, description="Resume after this position (a seq, or an event id)."),

@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Awaitable, Callable
+from typing import Literal
 
 import structlog
 from fastapi import APIRouter, Request
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 from starlette.responses import JSONResponse, Response
 
-from conveyor.api.problems import problem
+from conveyor.api.problems import Problem, problem
 from conveyor.api.state import ApiState, api_state
 from conveyor.errors import BrokerUnavailable
 
@@ -26,16 +28,36 @@ log = structlog.get_logger("conveyor.api")
 
 router = APIRouter(tags=["operations"])
 
+Instance = Field(description="This API process's id (``CONVEYOR_INSTANCE_ID``).")
 
-@router.get("/healthz")
-async def healthz() -> dict[str, str]:
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    instance: str = Instance
+
+
+class Readiness(BaseModel):
+    status: Literal["ok"]
+    instance: str = Instance
+    checks: dict[str, Literal["up", "down"]]
+
+
+class NotReady(Problem):
+    """A component is down; ``checks`` names it."""
+
+    checks: dict[str, Literal["up", "down"]]
+
+
+@router.get("/healthz", response_model=Health)
+async def healthz(request: Request) -> Health:
     """The process is up and serving."""
-    return {"status": "ok"}
+    return Health(status="ok", instance=api_state(request).settings.instance_id)
 
 
 @router.get(
     "/readyz",
-    responses={503: {"description": "A component is down; `checks` names it."}},
+    response_model=Readiness,
+    responses={503: {"model": NotReady, "description": "A component is down; `checks` names it."}},
 )
 async def readyz(request: Request) -> Response:
     """Whether the store, the broker and the event fan-out can be reached."""
@@ -56,10 +78,13 @@ async def readyz(request: Request) -> Response:
             title="Not ready",
             checks=states,
         )
-    return JSONResponse({"status": "ok", "checks": states})
+    ready = Readiness(status="ok", instance=state.settings.instance_id, checks=states)
+    return JSONResponse(ready.model_dump())
 
 
-async def _run(name: str, check: Callable[[ApiState], Awaitable[None]], state: ApiState) -> str:
+async def _run(
+    name: str, check: Callable[[ApiState], Awaitable[None]], state: ApiState
+) -> Literal["up", "down"]:
     try:
         await asyncio.wait_for(check(state), CHECK_TIMEOUT)
     except Exception as exc:
@@ -96,7 +121,11 @@ async def check_events(state: ApiState) -> None:
     await state.hub.check()
 
 
-@router.get("/metrics", response_class=Response)
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition."""
     body = await asyncio.to_thread(api_state(request).metrics.render)

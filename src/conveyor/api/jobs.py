@@ -6,16 +6,19 @@ them in its thread pool, off the event loop.
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from conveyor import idempotency
 from conveyor.api.auth import Authenticated, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
+    Cursor,
     JobBatch,
     JobBatchRequest,
     JobPage,
@@ -23,11 +26,18 @@ from conveyor.api.schemas import (
     JobResource,
 )
 from conveyor.api.state import api_state
-from conveyor.errors import ConfigurationError
+from conveyor.errors import BatchInvalid, ConfigurationError, ConveyorError, PayloadInvalid
 from conveyor.jobs import JobStatus
 from conveyor.store.pages import decode_cursor
+from conveyor.tasks import Task
 
 MAX_PAGE = 200
+#: As ``idempotency.parse_header`` reads it: bare (no surrounding spaces, which HTTP
+#: strips), or an RFC 8941 string whose unescaped content is 1 to 255 characters.
+IDEMPOTENCY_KEY_PATTERN = (
+    r"^(?:[\x21\x23-\x7e](?:[\x20-\x7e]{0,253}[\x21-\x7e])?"
+    r'|"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\["\\]){1,255}")$'
+)
 
 log = structlog.get_logger("conveyor.api")
 
@@ -57,6 +67,7 @@ def submit_job(
         str | None,
         Header(
             alias="Idempotency-Key",
+            json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
             description=(
                 "1 to 255 printable ASCII characters, bare or as a quoted string. A repeat"
                 " of the same request with the same key returns the first job (200,"
@@ -68,6 +79,8 @@ def submit_job(
 ) -> JobResource:
     """Validate the payload against the task's schema, record the job and enqueue it."""
     conveyor = api_state(request).conveyor
+    if body.task in conveyor.tasks:
+        check_json_types(conveyor.tasks[body.task], body.payload)
     options = body.options(request.state.correlation_id)
     if idempotency_key is None:
         job = conveyor.submit(body.task, body.payload, **options)
@@ -107,6 +120,15 @@ def submit_jobs(body: JobBatchRequest, request: Request) -> JobBatch:
     transaction or none (a 422 lists every invalid item by its index), then published
     to the broker together. Each job's correlation id is the request's."""
     conveyor = api_state(request).conveyor
+    wrong: list[tuple[int, ConveyorError]] = []
+    for index, job in enumerate(body.jobs):
+        try:
+            if job.task in conveyor.tasks:
+                check_json_types(conveyor.tasks[job.task], job.payload)
+        except PayloadInvalid as exc:
+            wrong.append((index, exc))
+    if wrong:
+        raise BatchInvalid(wrong)
     correlation_id = request.state.correlation_id
     items = [(job.task, job.payload, job.options(correlation_id)) for job in body.jobs]
     jobs = conveyor.submit_batch(items)
@@ -114,12 +136,42 @@ def submit_jobs(body: JobBatchRequest, request: Request) -> JobBatch:
     return JobBatch(items=[JobResource.of(job) for job in jobs])
 
 
+def check_json_types(task: Task[Any, Any], payload: dict[str, Any]) -> None:
+    """Refuse a payload whose JSON types differ from its schema's (PayloadInvalid, 422).
+
+    The task validates in pydantic's lax mode, which takes ``false`` or ``"1"`` for a
+    number; the OpenAPI document promises JSON Schema's types, where ``1.0`` is an
+    integer. So: pydantic's strict JSON mode, on a copy whose integral floats are ints.
+    """
+    try:
+        task.payload_model.model_validate(payload)
+    except ValidationError:
+        return  # the task's own validation refuses it, saying why in its own words
+    try:
+        task.payload_model.model_validate_json(json.dumps(_integral(payload)), strict=True)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise PayloadInvalid(task.name, [dict(e) for e in errors]) from None
+    except ValueError:
+        return  # not JSON at all: the task's own validation says why
+
+
+def _integral(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    return value
+
+
 @router.get("", response_model=JobPage, responses=problem_responses(400, 422))
 def list_jobs(
     request: Request,
     status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     task: str | None = None,
-    cursor: str | None = None,
+    cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> JobPage:
     """Jobs newest first, filtered by any of several statuses and by task."""

@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, the body size limit, request timing.
+"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
 pass straight through and the request body is never buffered here.
@@ -6,18 +6,29 @@ pass straight through and the request body is never buffered here.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import structlog
 from prometheus_client import Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH = 200
+#: Metric label values for whatever a client invents, so that it cannot add series.
 UNMATCHED_ROUTE = "<unmatched>"
+OTHER_METHOD = "other"
+#: RFC 9110's methods and PATCH: the only ones that get a label value of their own.
+KNOWN_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
+)
 
 
 def valid_request_id(value: str | None) -> bool:
@@ -56,6 +67,117 @@ class CorrelationId:
 
         with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
             await self.app(scope, receive, send_with_id)
+
+
+class Methods:
+    """Answers for the router what it answers badly: HEAD, 405, and a misplaced slash.
+
+    - ``HEAD`` works wherever ``GET`` does: the request runs as a GET whose body
+      is dropped, and the response ends after its headers (a stream included).
+    - A method the path does not have gets 405 with an ``Allow`` listing every
+      method the path has, not just those of the first route that matched.
+    - A path that only matches with or without its trailing slash gets a 307 to
+      the other spelling, as a *relative* ``Location``: the router's own redirect
+      is absolute, built from the client's ``Host`` header.
+
+    Which methods a path has is read from the OpenAPI document, where a literal
+    segment beats a parameter: ``/v1/dead-letters/purge`` is POST only, though
+    ``/v1/dead-letters/{job_id}`` would take a GET for it. Paths the document
+    leaves out (the docs pages) are asked of the routes, one method at a time.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        routes: Sequence[BaseRoute],
+        paths: Callable[[], Mapping[str, Mapping[str, Any]]],
+    ) -> None:
+        self.app = app
+        self.routes = routes  # the app's live list: routes added later count too
+        self.paths = paths
+        self._templates: list[tuple[re.Pattern[str], int, frozenset[str]]] | None = None
+
+    def documented(self, path: str) -> set[str] | None:
+        """The methods of the most specific documented templates matching ``path``."""
+        if self._templates is None:
+            self._templates = [_template(t, ops) for t, ops in self.paths().items()]
+        found = [
+            (literals, methods) for regex, literals, methods in self._templates if regex.match(path)
+        ]
+        if not found:
+            return None
+        best = max(literals for literals, _ in found)
+        return {m for literals, methods in found if literals == best for m in methods}
+
+    def routed(self, scope: Scope, method: str) -> bool:
+        probe = {**scope, "method": method}
+        return any(route.matches(probe)[0] is Match.FULL for route in self.routes)
+
+    def allowed(self, scope: Scope) -> set[str]:
+        allowed = self.documented(scope["path"])
+        if allowed is None:
+            allowed = {m for m in KNOWN_METHODS if self.routed(scope, m)}
+        if "GET" in allowed:
+            allowed.add("HEAD")
+        return allowed
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method = scope["method"]
+        allowed = self.allowed(scope)
+        if not allowed:
+            await self._unmatched(scope, receive, send)
+        elif method not in allowed:
+            raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
+        elif method == "HEAD" and not self.routed(scope, "HEAD"):
+            scope["method"] = "GET"  # static files answer HEAD themselves; routes do not
+            await self.app(scope, *_headers_only(receive, send))
+        else:
+            await self.app(scope, receive, send)
+
+    async def _unmatched(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path: str = scope["path"]
+        other = path.rstrip("/") if path.endswith("/") else f"{path}/"
+        # "//host" would be a redirect to another site; no route starts that way anyway.
+        redirectable = path != "/" and other and not other.startswith("//")
+        if redirectable and self.allowed({**scope, "path": other}):
+            query = scope.get("query_string", b"").decode("latin-1")
+            location = f"{other}?{query}" if query else other
+            response = Response(status_code=307, headers={"Location": location})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def _template(
+    template: str, operations: Mapping[str, Any]
+) -> tuple[re.Pattern[str], int, frozenset[str]]:
+    """A path template's regex, its count of literal segments, and its methods."""
+    regex = re.compile("^" + re.sub(r"\\\{[^/]*?\\\}", "[^/]+", re.escape(template)) + "$")
+    literals = sum(1 for part in template.split("/") if part and not part.startswith("{"))
+    return regex, literals, frozenset(m.upper() for m in operations if m.upper() in KNOWN_METHODS)
+
+
+def _headers_only(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """For HEAD: the response ends after its headers; then the app is told the client left."""
+    ended = False
+
+    async def head_send(message: Message) -> None:
+        nonlocal ended
+        if message["type"] == "http.response.start":
+            await send(message)
+        elif message["type"] == "http.response.body" and not ended:
+            ended = True
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def head_receive() -> Message:
+        if ended:
+            return {"type": "http.disconnect"}
+        return await receive()
+
+    return head_receive, head_send
 
 
 class BodyLimit:
@@ -97,7 +219,11 @@ class BodyLimit:
 
 
 class RequestTimer:
-    """Observes each request's duration, labelled by route template to bound cardinality."""
+    """Observes each request's duration, labelled by route template to bound cardinality.
+
+    Methods outside :data:`KNOWN_METHODS` share one label value, and so do paths
+    no route matches, so invented requests cannot grow the exposition.
+    """
 
     def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
         self.app = app
@@ -109,6 +235,7 @@ class RequestTimer:
             return
         start = time.perf_counter()
         status = 500
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else OTHER_METHOD
 
         async def send_with_status(message: Message) -> None:
             nonlocal status
@@ -121,6 +248,4 @@ class RequestTimer:
         finally:
             # The router records the matched route in the (shared) scope.
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
-            self.histogram.labels(scope["method"], route, str(status)).observe(
-                time.perf_counter() - start
-            )
+            self.histogram.labels(method, route, str(status)).observe(time.perf_counter() - start)

@@ -2,19 +2,59 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from fastapi import Query
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictBool,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
 from conveyor.store import DeadLetterFilter
-from conveyor.tasks import MAX_ATTEMPTS, MAX_BACKOFF, MAX_PRIORITY, JobOptions, Task
+from conveyor.tasks import (
+    MAX_ATTEMPTS,
+    MAX_BACKOFF,
+    MAX_PRIORITY,
+    NAME_PATTERN,
+    QUEUE_PATTERN,
+    JobOptions,
+    Task,
+)
 
 #: Most jobs one ``POST /v1/jobs/batch`` may submit.
 MAX_BATCH = 1000
+
+#: A ``next_cursor``, passed back unchanged; ``format`` names what JSON Schema cannot check.
+Cursor = Annotated[
+    str | None,
+    Query(
+        min_length=1,
+        max_length=1000,
+        json_schema_extra={"format": "cursor", "pattern": "^[A-Za-z0-9_-]+={0,2}$"},
+        description="A `next_cursor` from the previous page, unchanged; 400 if it is not one.",
+    ),
+]
+
+
+def _json_number(value: object) -> object:
+    """JSON numbers only: pydantic's lax mode would take ``true`` or ``"5"`` for a number."""
+    if isinstance(value, bool | str):
+        raise PydanticCustomError("number_type", "Input should be a JSON number")
+    return value
+
+
+#: A number as JSON writes it; ``46.0`` still counts as the integer 46, as in JSON Schema.
+Number = BeforeValidator(_json_number)
 
 
 class JobRequest(BaseModel):
@@ -22,18 +62,37 @@ class JobRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    task: str = Field(min_length=1, max_length=200, examples=["diag.echo"])
+    # Patterns documented, checked by the submit itself: 404 for a task name no task
+    # has (whatever its shape), 422 invalid-options for a queue name.
+    task: str = Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        examples=["diag.echo"],
+    )
     payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
-    queue: str | None = Field(default=None, min_length=1, max_length=200)
-    priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
-    max_attempts: int | None = Field(
+    queue: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": QUEUE_PATTERN.pattern},
+    )
+    priority: Annotated[int | None, Number] = Field(default=None, ge=0, le=MAX_PRIORITY)
+    max_attempts: Annotated[int | None, Number] = Field(
         default=None, ge=1, le=MAX_ATTEMPTS, description="Overrides the task's retry policy."
     )
-    backoff_base: float | None = Field(
-        default=None, ge=0, le=MAX_BACKOFF, description="Seconds; overrides the task's."
+    backoff_base: Annotated[float | None, Number] = Field(
+        default=None,
+        ge=0,
+        le=MAX_BACKOFF,
+        description="Seconds, overriding the task's; at most backoff_cap (given, or the"
+        " task's), else 422.",
     )
-    backoff_cap: float | None = Field(
-        default=None, ge=0, le=MAX_BACKOFF, description="Seconds; at least backoff_base."
+    backoff_cap: Annotated[float | None, Number] = Field(
+        default=None,
+        ge=0,
+        le=MAX_BACKOFF,
+        description="Seconds; at least backoff_base (given, or the task's), else 422.",
     )
 
     def options(self, correlation_id: str) -> JobOptions:
@@ -121,8 +180,21 @@ def _assume_utc(value: datetime) -> datetime:
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value
 
 
-#: A timestamp; one without a zone is taken as UTC.
-Timestamp = Annotated[datetime, AfterValidator(_assume_utc)]
+#: RFC 3339 (``format: date-time``), the offset optional: pydantic alone would also
+#: take epoch seconds ("0.5") and bare dates, which the document does not promise.
+_RFC_3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})?")
+
+
+def _rfc_3339(value: object) -> object:
+    if isinstance(value, datetime) or (isinstance(value, str) and _RFC_3339.fullmatch(value)):
+        return value
+    raise PydanticCustomError(
+        "datetime_type", "a timestamp is written 2025-05-01T12:00:00Z (RFC 3339)"
+    )
+
+
+#: A timestamp, written in RFC 3339; one without a zone is taken as UTC.
+Timestamp = Annotated[datetime, BeforeValidator(_rfc_3339), AfterValidator(_assume_utc)]
 
 
 class DeadLetterLinks(BaseModel):
@@ -190,7 +262,7 @@ class DeadLetterSelection(BaseModel):
 class ReplayRequest(DeadLetterSelection):
     """Replay the matching dead letters not replayed yet, at most ``limit`` of them."""
 
-    limit: int = Field(default=1000, ge=1, le=10_000)
+    limit: Annotated[int, Number] = Field(default=1000, ge=1, le=10_000)
 
 
 class SkippedReplay(BaseModel):
@@ -205,10 +277,34 @@ class ReplayReport(BaseModel):
     skipped: list[SkippedReplay]
 
 
+_FILTERS = ("task", "error_type", "since", "until")
+
+
 class PurgeRequest(DeadLetterSelection):
     """Delete the matching dead letters; an empty filter must say ``"all": true``."""
 
-    all: bool = False
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["all"],
+                    "properties": {
+                        "all": {"const": True},
+                        **{f: {"type": "null"} for f in _FILTERS},
+                    },
+                },
+                {
+                    "properties": {"all": {"const": False}},
+                    "anyOf": [
+                        {"required": [f], "properties": {f: {"not": {"type": "null"}}}}
+                        for f in _FILTERS
+                    ],
+                },
+            ]
+        }
+    )
+
+    all: StrictBool = False
 
     @model_validator(mode="after")
     def _explicit(self) -> PurgeRequest:

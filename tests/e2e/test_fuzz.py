@@ -1,0 +1,212 @@
+"""The whole API, fuzzed from its OpenAPI document against a real ``conveyor api`` process.
+
+Every operation the document lists is tested (examples, coverage and fuzzing
+phases), then sequences of them (the stateful phase, following the links the
+fuzzer infers: a submitted job is read, cancelled, streamed...). Every check is
+on: no 5xx, status codes, content types, headers and bodies as documented,
+errors as problem+json, schema-valid requests accepted and invalid ones
+refused, ``Allow`` headers, authentication not ignored. The test knows nothing
+of the routes: what the document lists is what is fuzzed.
+
+What the generator is told beyond the document, and why:
+- strings are UTF-8 (``codec``): JSON text on the wire is UTF-8 (RFC 8259), and
+  a lone surrogate, which UTF-8 cannot encode, is refused by the API on purpose;
+- a ``cursor`` (the document's ``format``) is one the store could have made
+  (the coverage phase ignores custom formats, so valid cases get one here too);
+- bodies that break the one rule JSON Schema cannot state (``backoff_base`` at
+  most ``backoff_cap``) are not sent as valid ones;
+- an idempotency key is not reused with another body (a 422 by design).
+
+The API runs on SQLite with the embedded broker and no worker: jobs stay queued
+unless cancelled, so job streams end only for cancelled jobs; the fuzzer reads
+a stream for at most ``STREAM_SECONDS``. A few dead letters are made before it
+starts, so that their routes have something to find.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+import schemathesis
+import schemathesis.engine
+from hypothesis import strategies as st
+from schemathesis import Case
+from schemathesis.engine import events
+
+from conveyor import idempotency
+from conveyor.jobs import JobError
+from conveyor.settings import Settings
+from conveyor.store import Store, decode_cursor
+from tests.e2e.support import Process, environment, run_cli, wait_ready
+from tests.servers import free_port
+
+#: Per operation and phase; the stateful phase runs scenarios of up to MAX_STEPS calls.
+MAX_EXAMPLES = int(os.environ.get("CONVEYOR_TEST_FUZZ_EXAMPLES", "25"))
+MAX_STEPS = 8
+STREAM_SECONDS = 1.0
+TASK_DEFAULTS = {"backoff_base": 1.0, "backoff_cap": 300.0}  # the built-in tasks'
+
+
+def _cursor(at: Any, key: str) -> str:
+    raw = json.dumps([at.isoformat(), key]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+schemathesis.openapi.format(
+    "cursor",
+    st.builds(_cursor, st.datetimes(timezones=st.just(UTC)), st.uuids().map(str)),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzzed_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    """A ``conveyor api`` on SQLite with some dead letters: (base URL, admin key)."""
+    root = tmp_path_factory.mktemp("fuzz")
+    key = f"cvk_fuzz_{secrets.token_urlsafe(16)}"
+    env = environment(
+        CONVEYOR_DATA_DIR=str(root / "data"), CONVEYOR_ADMIN_KEY=key, CONVEYOR_LOG_LEVEL="WARNING"
+    )
+    migrated = run_cli("migrate", env=env)
+    assert migrated.returncode == 0, migrated.stderr
+    _bury(Settings(data_dir=root / "data"), count=3)
+    port = free_port()
+    api = Process("api", ["api", "--port", str(port)], env=env, cwd=root).start()
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_ready(url, api)
+        yield url, key
+        assert api.running(), api.describe()
+    finally:
+        api.kill()
+        print(api.describe())
+
+
+def _bury(settings: Settings, *, count: int) -> None:
+    store = Store(settings.resolved_database_url)
+    try:
+        for n in range(count):
+            job, _ = store.create_job(
+                task="diag.fail",
+                payload={"mode": "permanent", "message": f"buried {n}"},
+                queue="default",
+                priority=5,
+                max_attempts=1,
+                timeout=None,
+                correlation_id=f"fuzz-{n}",
+            )
+            assert store.claim(job.id, 1, "fuzz-worker") is not None
+            error = JobError(type="conveyor.errors.PermanentError", message=f"buried {n}")
+            assert store.die(job.id, 1, error) is not None
+    finally:
+        store.dispose()
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzzed_api: tuple[str, str]) -> schemathesis.BaseSchema:
+    url, key = fuzzed_api
+    config = schemathesis.Config.from_dict(
+        {
+            "headers": {"Authorization": f"Bearer {key}"},
+            "workers": 1,
+            "request-timeout": 10,
+            "generation": {"max-examples": MAX_EXAMPLES, "codec": "utf-8", "database": "none"},
+            "checks": {"enabled": True},
+            "phases": {"stateful": {"max-steps": MAX_STEPS}},
+            "operations": [
+                {
+                    "include-path-regex": "/events$",
+                    "request-timeout": STREAM_SECONDS,
+                    "max-stream-events": 5,
+                }
+            ],
+        }
+    )
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
+    keys: dict[str, str] = {}
+
+    @schema.hook
+    def map_case(context: schemathesis.HookContext, case: Case) -> Case:
+        prepare(case, keys)
+        return case
+
+    return schema
+
+
+def prepare(case: Case, keys: dict[str, str]) -> None:
+    """Keep valid requests to what the document cannot say (see the module docstring).
+
+    Only cases generated as valid are touched, and they stay valid: a case meant
+    to be invalid must reach the API as it was made.
+    """
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    for name, value in (case.query or {}).items():
+        if name == "cursor" and not _is_cursor(value):
+            case.query[name] = _cursor(datetime.now(UTC), str(uuid.uuid4()))
+    if case.method != "POST" or case.path != "/v1/jobs" or not isinstance(case.body, dict):
+        return
+    options = {**TASK_DEFAULTS, **{k: v for k, v in case.body.items() if v is not None}}
+    base, cap = options["backoff_base"], options["backoff_cap"]
+    if _number(base) and _number(cap) and base > cap:
+        case.body["backoff_cap"] = case.body["backoff_base"] = base
+    header = next((h for h in case.headers or {} if h.lower() == "idempotency-key"), None)
+    if header is None:
+        return
+    key = idempotency.parse_header(str(case.headers[header]).strip(" \t"))
+    body = json.dumps(case.body, sort_keys=True, default=str)
+    if keys.setdefault(key, body) != body:
+        case.headers[header] = fresh = f"fuzz-{secrets.token_hex(8)}"
+        keys[fresh] = body
+
+
+def _is_cursor(value: object) -> bool:
+    try:
+        decode_cursor(str(value))
+    except ValueError:
+        return False
+    return True
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+@pytest.mark.timeout(900)
+def test_the_whole_api_as_documented(api_schema: schemathesis.BaseSchema) -> None:
+    failures: list[str] = []
+    phases: dict[str, str] = {}
+    for event in schemathesis.engine.from_schema(api_schema).execute():
+        if isinstance(event, events.FatalError):
+            raise event.exception
+        if isinstance(event, events.NonFatalError):
+            failures.append(f"{event.label}: error: {event.value!r}")
+        elif isinstance(event, events.PhaseFinished):
+            phases[event.phase.name.value] = event.status.value
+        elif isinstance(event, events.ScenarioFinished):
+            failures += [
+                f"{event.label}: {node.failure_info.failure.title}: "
+                f"{node.failure_info.failure.message}\n  {node.failure_info.code_sample}"
+                for nodes in event.recorder.checks.values()
+                for node in nodes
+                if node.failure_info is not None
+            ]
+
+    assert not failures, "\n".join(dict.fromkeys(failures))  # each distinct failure once
+    for phase in ("examples", "coverage", "fuzzing", "stateful"):
+        assert phases.get(phase) == "success", phases
+
+
+def test_the_fuzzer_sees_every_route(api_schema: schemathesis.BaseSchema) -> None:
+    """A route missing from the document would be missing from the fuzzing too."""
+    documented = {op.ok().label for op in api_schema.get_all_operations()}
+
+    assert {"POST /v1/jobs", "GET /v1/jobs/{job_id}/events", "GET /v1/events"} <= documented
+    assert len(documented) >= 16
