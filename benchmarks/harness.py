@@ -2,9 +2,10 @@
 
 Processes        workers started in process groups of their own, killed as groups
 CpuSample        CPU seconds by part (client, worker group, PostgreSQL, Redis)
+Servers          which PostgreSQL and Redis processes are the run's
 Round            one timed batch and what it cost
 paced            calls at a fixed rate, for latency at low load
-recreate_database, drop_database, check_redis_url
+recreate_database, drop_database, check_redis_url, check_unused
                  the scratch PostgreSQL database and Redis database a run may wipe
 """
 
@@ -173,11 +174,37 @@ def _machine_busy() -> tuple[float, float]:
 PARTS = ("client", "worker", "postgres", "redis")
 
 
+@dataclass(frozen=True)
+class Servers:
+    """The pids of the PostgreSQL postmaster and the Redis server the run talks to, when
+    they run on this machine; None where they could not be told apart, in which case
+    every process of that name counts (throwaway servers of other runs included)."""
+
+    postgres: int | None = None
+    redis: int | None = None
+
+    @classmethod
+    def find(cls, postgres_url: str, redis_url: str) -> Servers:
+        server = int(redis.Redis.from_url(redis_url).info("server").get("process_id", 0))
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            row = conn.execute("select pg_backend_pid()").fetchone()
+            backend = int(row[0]) if row else 0
+            by_pid = {s.pid: s for s in proc_stats()}  # while the backend is there
+        postmaster = by_pid[backend].parent if backend in by_pid else 0
+        found = by_pid.get(postmaster)
+        return cls(
+            postgres=postmaster if found and found.comm == "postgres" else None,
+            redis=server if server in by_pid and by_pid[server].comm == "redis-server" else None,
+        )
+
+
 @dataclass
 class CpuSample:
     """CPU seconds so far of: this process (the client); the worker's process group
     and its direct children wherever they are (RQ's work horses leave the group);
-    every ``postgres`` and ``redis-server`` process. Children that have exited count
+    the PostgreSQL server (its postmaster and the postmaster's children) and the Redis
+    server the run uses, or every ``postgres`` and ``redis-server`` process when they
+    could not be found (see ``Servers``). Children that have exited count
     through their parent's ``cutime``/``cstime`` once it has waited for them, so a
     process that ends between two samples is neither lost nor subtracted. The client's
     own children (the workers it started and stopped) are not counted for it.
@@ -188,19 +215,24 @@ class CpuSample:
     total: float
 
     @classmethod
-    def take(cls, worker_group: int) -> CpuSample:
+    def take(cls, worker_group: int, servers: Servers | None = None) -> CpuSample:
         parts = dict.fromkeys(PARTS, 0.0)
         me = os.getpid()
         stats = list(proc_stats())
         workers = {s.pid for s in stats if s.group == worker_group}
+        servers = servers or Servers()
+
+        def server(s: ProcStat, pid: int | None, comm: str) -> bool:
+            return s.comm == comm if pid is None else pid in (s.pid, s.parent)
+
         for s in stats:
             if s.pid == me:
                 parts["client"] += s.own
             elif s.pid in workers or s.parent in workers:
                 parts["worker"] += s.own + s.children
-            elif s.comm == "postgres":
+            elif server(s, servers.postgres, "postgres"):
                 parts["postgres"] += s.own + s.children
-            elif s.comm == "redis-server":
+            elif server(s, servers.redis, "redis-server"):
                 parts["redis"] += s.own + s.children
         busy, total = _machine_busy()
         return cls(parts, busy, total)

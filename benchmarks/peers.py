@@ -61,6 +61,7 @@ from harness import (
     CpuSample,
     Processes,
     Round,
+    Servers,
     check_redis_url,
     check_unused,
     describe_ms,
@@ -505,6 +506,7 @@ class Bench:
         self.procs = procs
         self.redis = redis.Redis.from_url(args.redis_url)
         self.db = psycopg.connect(args.postgres_url, autocommit=True)
+        self.servers = Servers.find(args.postgres_url, args.redis_url)
         self.checks: list[str] = []
         self.settings = Settings(
             database_url=args.postgres_url,
@@ -540,7 +542,7 @@ class Bench:
     def batch(self, system: System, workload: str, n: int, group: int) -> Round:
         """Enqueue ``n`` jobs as fast as one client can; time them to the last completion."""
         system.begin()
-        cpu_before = CpuSample.take(group)
+        cpu_before = CpuSample.take(group, self.servers)
         start = time.time()
         system.enqueue(workload, n)
         enqueued = time.time()
@@ -555,7 +557,7 @@ class Bench:
             what=f"{n} {workload} jobs on {system}",
             every=POLL_SECONDS,
         )
-        cpu_after = CpuSample.take(group)
+        cpu_after = CpuSample.take(group, self.servers)
         last = system.finish(n)
         result = Round(system.name, n, enqueued - start, last - start, workload=workload)
         result.measure(cpu_before, cpu_after)

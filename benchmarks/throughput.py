@@ -50,6 +50,7 @@ from harness import (
     CpuSample,
     Processes,
     Round,
+    Servers,
     check_redis_url,
     describe_ms,
     drop_database,
@@ -116,6 +117,7 @@ class Bench:
         self.procs = procs
         self.redis = redis.Redis.from_url(args.redis_url)
         self.db = psycopg.connect(args.postgres_url, autocommit=True)
+        self.servers = Servers.find(args.postgres_url, args.redis_url)
         self.settings = Settings(
             database_url=args.postgres_url,
             broker_url=args.redis_url,
@@ -204,7 +206,7 @@ class Bench:
         self, system: str, n: int, *, worker_group: int, measure_cpu: bool = True
     ) -> Round:
         before_count = self.celery_done()[0] if system == "celery" else 0
-        cpu_before = CpuSample.take(worker_group)
+        cpu_before = CpuSample.take(worker_group, self.servers)
         start = time.time()
         self.enqueue(system, n)
         enqueued = time.time()
@@ -228,7 +230,7 @@ class Bench:
             _, succeeded, last = self.conveyor_done(start)
             if succeeded != n:
                 raise RuntimeError(f"only {succeeded} of {n} diag.echo jobs succeeded")
-        cpu_after = CpuSample.take(worker_group)
+        cpu_after = CpuSample.take(worker_group, self.servers)
         result = Round(system, n, enqueued - start, last - start)
         if measure_cpu:
             result.measure(cpu_before, cpu_after)
