@@ -29,7 +29,7 @@ its own defaults otherwise. It DROPS AND RECREATES the PostgreSQL database named
 ``--postgres-url`` and FLUSHES the Redis database in ``--redis-url``, and starts every
 worker in a process group of its own, which it kills on the way out, error or not.
 
-    uv run --group bench python benchmarks/peers.py     # 5-8 minutes
+    uv run --group bench python benchmarks/peers.py     # 5-10 minutes
 
 The last line printed is ``throughput ratio conveyor/celery: X.XX``.
 """
