@@ -26,8 +26,8 @@ from pathlib import Path
 import psycopg
 import redis
 import structlog
+from harness import check_redis_url, drop_database, recreate_database
 from sqlalchemy import create_engine, text
-from throughput import check_redis_url, drop_database, recreate_database
 
 from conveyor.app import Conveyor
 from conveyor.broker import dispatch

@@ -30,159 +30,46 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import celery_baseline
+import completions
 import httpx
 import psycopg
 import redis
+from harness import (
+    CpuSample,
+    Processes,
+    Round,
+    Servers,
+    check_redis_url,
+    describe_ms,
+    drop_database,
+    free_port,
+    machine_line,
+    paced,
+    recreate_database,
+    wait_for,
+)
 
 from conveyor.app import Conveyor
 from conveyor.settings import Settings
 
 HERE = Path(__file__).resolve().parent
 TERMINAL = ("succeeded", "failed", "cancelled", "dead")
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 POLL_SECONDS = 0.1
 
 
-# -- processes ------------------------------------------------------------------
-
-
-class Processes:
-    """Subprocesses, each in its own process group, logging to files in ``log_dir``."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-        self._serial = 0
-
-    def start(
-        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None
-    ) -> subprocess.Popen[bytes]:
-        self._serial += 1
-        log = self.log_dir / f"{self._serial:02d}-{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(
-                argv, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-            )
-        self.running[name] = proc
-        return proc
-
-    def log_of(self, name: str) -> Path:
-        return sorted(self.log_dir.glob(f"*-{name}.log"))[-1]
-
-    def stop(self, name: str) -> None:
-        proc = self.running.pop(name, None)
-        if proc is None:
-            return
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, sig)
-            try:
-                proc.wait(wait)
-            except subprocess.TimeoutExpired:
-                continue
-            # The leader is gone; make sure the rest of its group is too.
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            return
-
-    def stop_all(self) -> None:
-        for name in list(self.running):
-            self.stop(name)
-
-
-def wait_for(check: Callable[[], bool], *, timeout: float, what: str, every: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(every)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-# -- CPU accounting -------------------------------------------------------------
-
-
-def _proc_stats() -> Iterator[tuple[int, str, int, float]]:
-    """(pid, comm, process group, CPU seconds) of every process we can read."""
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        comm = raw[raw.index("(") + 1 : raw.rindex(")")]
-        fields = raw[raw.rindex(")") + 2 :].split()
-        # fields[0] is state (field 3 of stat(5)); utime and stime are fields 14 and 15.
-        yield (
-            int(entry.name),
-            comm,
-            int(fields[2]),
-            (int(fields[11]) + int(fields[12])) / CLOCK_TICKS,
-        )
-
-
-def _machine_busy() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot."""
-    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = values[3] + values[4]
-    total = sum(values[:8])
-    return (total - idle) / CLOCK_TICKS, total / CLOCK_TICKS
-
-
-@dataclass
-class CpuSample:
-    by_part: dict[str, float]
-    busy: float
-    total: float
-
-    @classmethod
-    def take(cls, worker_group: int) -> CpuSample:
-        parts = {"client": 0.0, "worker": 0.0, "postgres": 0.0, "redis": 0.0}
-        me = os.getpid()
-        for pid, comm, group, seconds in _proc_stats():
-            if pid == me:
-                parts["client"] += seconds
-            elif group == worker_group:
-                parts["worker"] += seconds
-            elif comm == "postgres":
-                parts["postgres"] += seconds
-            elif comm == "redis-server":
-                parts["redis"] += seconds
-        busy, total = _machine_busy()
-        return cls(parts, busy, total)
-
-    def until(self, later: CpuSample) -> tuple[dict[str, float], float, float]:
-        """CPU seconds per part between the samples; machine busy and busy with others (0-1).
-
-        Other processes' queries to the same PostgreSQL or Redis count as ours.
-        """
-        spent = {k: later.by_part[k] - self.by_part[k] for k in self.by_part}
-        machine = max(later.total - self.total, 1e-9)
-        utilisation = (later.busy - self.busy) / machine
-        others = max(0.0, later.busy - self.busy - sum(spent.values())) / machine
-        return spent, utilisation, others
+# -- Redis commands ---------------------------------------------------------------
 
 
 class RedisCommands:
@@ -221,45 +108,6 @@ class RedisCommands:
         self._monitor.__exit__()
 
 
-# -- results --------------------------------------------------------------------
-
-
-@dataclass
-class Round:
-    system: str
-    jobs: int
-    enqueue_seconds: float
-    total_seconds: float
-    cpu: dict[str, float] = field(default_factory=dict)
-    utilisation: float = 0.0
-    others: float = 0.0
-
-    @property
-    def throughput(self) -> float:
-        return self.jobs / self.total_seconds
-
-    @property
-    def enqueue_rate(self) -> float:
-        return self.jobs / self.enqueue_seconds
-
-
-def percentile(values: list[float], p: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * p / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-
-
-def describe_ms(values: list[float]) -> str:
-    ms = [v * 1000 for v in values]
-    return (
-        f"n={len(ms):<5d} p50={percentile(ms, 50):7.1f} ms  p99={percentile(ms, 99):7.1f} ms"
-        f"  max={max(ms):7.1f} ms"
-    )
-
-
 # -- the two systems -------------------------------------------------------------
 
 
@@ -269,6 +117,7 @@ class Bench:
         self.procs = procs
         self.redis = redis.Redis.from_url(args.redis_url)
         self.db = psycopg.connect(args.postgres_url, autocommit=True)
+        self.servers = Servers.find(args.postgres_url, args.redis_url)
         self.settings = Settings(
             database_url=args.postgres_url,
             broker_url=args.redis_url,
@@ -288,7 +137,7 @@ class Bench:
             "CONVEYOR_DATA_DIR": str(data_dir),
             "CONVEYOR_LOG_LEVEL": args.conveyor_log_level,
         }
-        self.celery_env = base
+        self.celery_env = {**base, completions.URL_ENV: args.redis_url}
         self.commands: dict[str, dict[str, float]] = {}
 
     # workers
@@ -301,33 +150,28 @@ class Bench:
                 sys.executable, "-m", "celery", "-A", "celery_baseline", "-b", self.args.redis_url,
                 "worker", "-c", str(self.args.concurrency), "-P", "prefork",
             ]  # fmt: skip
-            proc = self.procs.start("celery-worker", argv, self.celery_env, cwd=HERE)
+            group = self.procs.start("celery-worker", argv, self.celery_env, cwd=HERE)
             control = self.celery.control
         else:
             argv = [sys.executable, "-m", "conveyor", "worker", "-c", str(self.args.concurrency)]
-            proc = self.procs.start("conveyor-worker", argv, self.conveyor_env)
+            group = self.procs.start("conveyor-worker", argv, self.conveyor_env)
             control = self.conveyor.celery.control
 
         def answers() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(
-                    f"{system} worker exited; see {self.procs.log_of(system + '-worker')}"
-                )
+            self.procs.check(f"{system}-worker")
             return bool(control.ping(timeout=0.5))
 
         wait_for(answers, timeout=60, what=f"the {system} worker")
         if self.args.warmup and system in self.commands:
-            self.throughput_round(
-                system, self.args.warmup, worker_group=proc.pid, measure_cpu=False
-            )
+            self.throughput_round(system, self.args.warmup, worker_group=group, measure_cpu=False)
         elif self.args.warmup:
             # The first warm-up of each system also counts the Redis commands per job.
             with RedisCommands(self.args.redis_url) as monitor:
                 self.throughput_round(
-                    system, self.args.warmup, worker_group=proc.pid, measure_cpu=False
+                    system, self.args.warmup, worker_group=group, measure_cpu=False
                 )
             self.commands[system] = {k: v / self.args.warmup for k, v in monitor.counts.items()}
-        return proc.pid
+        return group
 
     def stop_worker(self, system: str) -> None:
         self.procs.stop(f"{system}-worker")
@@ -344,11 +188,7 @@ class Bench:
 
     def celery_done(self) -> tuple[int, float]:
         """Completions so far and the time of the latest, over all pool processes."""
-        count, last = 0, 0.0
-        for value in self.redis.hgetall(celery_baseline.COUNTS_KEY).values():
-            done, at = value.split()
-            count += int(done)
-            last = max(last, float(at))
+        _, count, last = completions.read(self.redis)
         return count, last
 
     def conveyor_done(self, since: float) -> tuple[int, int, float]:
@@ -366,7 +206,7 @@ class Bench:
         self, system: str, n: int, *, worker_group: int, measure_cpu: bool = True
     ) -> Round:
         before_count = self.celery_done()[0] if system == "celery" else 0
-        cpu_before = CpuSample.take(worker_group)
+        cpu_before = CpuSample.take(worker_group, self.servers)
         start = time.time()
         self.enqueue(system, n)
         enqueued = time.time()
@@ -390,36 +230,29 @@ class Bench:
             _, succeeded, last = self.conveyor_done(start)
             if succeeded != n:
                 raise RuntimeError(f"only {succeeded} of {n} diag.echo jobs succeeded")
-        cpu_after = CpuSample.take(worker_group)
+        cpu_after = CpuSample.take(worker_group, self.servers)
         result = Round(system, n, enqueued - start, last - start)
         if measure_cpu:
-            result.cpu, result.utilisation, result.others = cpu_before.until(cpu_after)
+            result.measure(cpu_before, cpu_after)
         return result
 
     # enqueue-to-start latency
 
     def paced(self, submit: Callable[[], None]) -> float:
         """Call ``submit`` at --rate per second for --latency-seconds; returns the start."""
-        count = int(self.args.rate * self.args.latency_seconds)
-        start = time.time()
-        for i in range(count):
-            delay = start + i / self.args.rate - time.time()
-            if delay > 0:
-                time.sleep(delay)
-            submit()
-        return start
+        return paced(submit, rate=self.args.rate, seconds=self.args.latency_seconds)
 
     def start_latency(self, system: str) -> list[float]:
         count = int(self.args.rate * self.args.latency_seconds)
         if system == "celery":
-            self.redis.delete(celery_baseline.LATENCY_KEY)
+            self.redis.delete(completions.LATENCY_KEY)
             self.paced(lambda: celery_baseline.stamp.delay(time.time()))
             wait_for(
-                lambda: self.redis.llen(celery_baseline.LATENCY_KEY) >= count,
+                lambda: self.redis.llen(completions.LATENCY_KEY) >= count,
                 timeout=30,
                 what="celery stamp tasks",
             )
-            return [float(v) for v in self.redis.lrange(celery_baseline.LATENCY_KEY, 0, -1)]
+            return completions.latencies(self.redis)
 
         def submit() -> None:
             self.conveyor.submit("diag.echo", {})
@@ -442,12 +275,11 @@ class Bench:
             sys.executable, "-m", "uvicorn", "--factory", "conveyor.api.app:factory",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
         ]  # fmt: skip
-        proc = self.procs.start("api", argv, env)
+        self.procs.start("api", argv, env)
         base = f"http://127.0.0.1:{port}"
 
         def up() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the API exited; see {self.procs.log_of('api')}")
+            self.procs.check("api")
             try:
                 httpx.get(f"{base}/readyz", timeout=1).raise_for_status()
             except httpx.HTTPError:
@@ -517,32 +349,6 @@ class Bench:
 
 
 # -- set-up ---------------------------------------------------------------------
-
-
-def recreate_database(url: str) -> None:
-    parts = urlsplit(url)
-    name = parts.path.lstrip("/")
-    if not name or name in {"postgres", "template0", "template1"}:
-        raise SystemExit(f"--postgres-url must name a scratch database, not {name!r}")
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{name}" with (force)')
-        conn.execute(f'create database "{name}"')
-
-
-def drop_database(url: str) -> None:
-    parts = urlsplit(url)
-    admin = urlunsplit(parts._replace(path="/postgres"))
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'drop database if exists "{parts.path.lstrip("/")}" with (force)')
-
-
-def check_redis_url(url: str) -> None:
-    db = urlsplit(url).path.lstrip("/") or "0"
-    if db == "0":
-        raise SystemExit(
-            "--redis-url must name a scratch Redis database other than 0 (it is flushed)"
-        )
 
 
 def api_available() -> bool:
@@ -744,15 +550,9 @@ def machine() -> str:
     import celery
     import kombu
 
-    model = "unknown CPU"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            model = line.split(":", 1)[1].strip()
-            break
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
     return (
-        f"machine: {os.cpu_count()} CPUs ({model}), load average now {load}\n"
-        f"python {sys.version.split()[0]}, celery {celery.__version__}, kombu {kombu.__version__},"
+        f"{machine_line()}\n"
+        f"celery {celery.__version__}, kombu {kombu.__version__},"
         f" redis-py {redis.__version__}, psycopg {psycopg.__version__}"
     )
 
