@@ -8,6 +8,11 @@
 Streams read the store first, then follow the hub; any gap, overflow or quiet
 spell sends them back to the store, so a lost publish delays an event but never
 drops it, and sequence numbers keep them from repeating one.
+
+A replay of history reads the store a page at a time and gives the event loop
+a turn after every event: writing to a client rarely waits, so without that a
+replay would hold the loop for a whole page (starving every other request) and
+would not notice its client had gone until the page was written.
 """
 
 from __future__ import annotations
@@ -218,8 +223,10 @@ class EventHub:
 
 #: How long the PostgreSQL polling cursor waits for ids that commit out of order.
 POSTGRES_SETTLE_SECONDS = 2.0
-#: Rows per store read when replaying or polling.
+#: Rows per store read when polling.
 PAGE = 1000
+#: Rows per store read when replaying: each read holds the GIL while it maps its rows.
+REPLAY_PAGE = 200
 CATCH_UP_SECONDS = 2.0
 
 
@@ -230,11 +237,15 @@ async def job_stream(
     last = after_seq
     with hub.subscribe(job_id) as sub:
         while True:
-            page = await asyncio.to_thread(store.job_events, job_id, after_seq=last, limit=PAGE)
+            page = await asyncio.to_thread(
+                store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE
+            )
             if not page and await _ended(store, job_id):
                 # Its row says ended, so its terminal event was committed before this
                 # read: if the read has it, stream it; if not, the client had it already.
-                page = await asyncio.to_thread(store.job_events, job_id, after_seq=last)
+                page = await asyncio.to_thread(
+                    store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE
+                )
                 if not page:
                     return
             for event in page:
@@ -242,7 +253,8 @@ async def job_stream(
                 last = event.seq
                 if event.terminal:
                     return
-            if len(page) == PAGE:
+                await asyncio.sleep(0)  # a turn for the loop: see the module docstring
+            if len(page) == REPLAY_PAGE:
                 continue  # more history to replay before going live
             sub.lagged = False
             while not sub.lagged:
@@ -295,13 +307,14 @@ async def all_stream(
         while after_id is not None:
             sub.lagged = False
             page = await asyncio.to_thread(
-                store.events, after_id=after_id, task=task, status=status, limit=PAGE
+                store.events, after_id=after_id, task=task, status=status, limit=REPLAY_PAGE
             )
             for event in page:
                 recent.append(event.id)
                 after_id = event.id
                 yield event
-            if len(page) < PAGE and not sub.lagged:
+                await asyncio.sleep(0)  # a turn for the loop: see the module docstring
+            if len(page) < REPLAY_PAGE and not sub.lagged:
                 break
             if sub.lagged:  # the queue lost events during the replay: replay further
                 while not sub.queue.empty():

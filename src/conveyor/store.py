@@ -23,6 +23,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -52,6 +53,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from conveyor import payloads
 from conveyor.errors import (
     ConfigurationError,
     DeadLetterNotFound,
@@ -59,12 +61,15 @@ from conveyor.errors import (
     IdempotencyMismatch,
     IllegalTransition,
     JobNotDead,
+    JobNotEnded,
     JobNotFound,
+    NotStorable,
     StoreUnavailable,
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import (
     ALLOWED_FROM,
+    TERMINAL,
     Attempt,
     AttemptOutcome,
     Event,
@@ -96,6 +101,8 @@ VERSION_TABLE = "conveyor_alembic_version"
 
 #: Sequence numbers are 32-bit columns; a resume point past this has nothing after it.
 MAX_SEQ = 2**31 - 1
+
+log = structlog.get_logger("conveyor.store")
 
 
 def utcnow() -> datetime:
@@ -539,9 +546,9 @@ class Store:
             )
         with self._tx() as conn:
             rows = conn.execute(query.limit(limit + 1)).mappings().all()
-        page = [_job(r) for r in rows[:limit]]
-        next_cursor = encode_cursor(page[-1]) if len(rows) > limit else None
-        return page, next_cursor
+        page = _readable_jobs(rows[:limit])
+        last = rows[limit - 1] if len(rows) > limit else None
+        return page, _keyset_cursor(last["created_at"], last["id"]) if last else None
 
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
@@ -564,7 +571,12 @@ class Store:
         step: str | None = None,
         message: str | None = None,
     ) -> Event | None:
-        """Record progress of a running attempt; None if the attempt is no longer current."""
+        """Record progress of a running attempt; None if the attempt is no longer current.
+
+        Text the database cannot hold (lone surrogates, NUL) is recorded escaped.
+        """
+        step = payloads.escape_text(step) if step is not None else None
+        message = payloads.escape_text(message) if message is not None else None
         found = self._write(
             PROGRESS,
             now=utcnow(),
@@ -580,6 +592,11 @@ class Store:
         return found[1] if found else None
 
     def succeed(self, job_id: str, attempt: int, result: Any) -> tuple[Job, Event] | None:
+        """End the held attempt and the job with its result; raises NotStorable for a
+        result that could not be read back as it is (see ``conveyor.payloads``)."""
+        problems = payloads.check_storable(result)
+        if problems:
+            raise NotStorable("result", problems)
         now = utcnow()
         return self._write(
             SUCCEED,
@@ -600,6 +617,7 @@ class Store:
         outcome: AttemptOutcome = AttemptOutcome.FAILED,
     ) -> tuple[Job, Event] | None:
         """End the held attempt and the job: it goes to the dead letters."""
+        error = _storable_error(error)
         now = utcnow()
         return self._write(
             DIE,
@@ -627,6 +645,7 @@ class Store:
         The next attempt is dispatched when it is due (see :meth:`due_for_dispatch`),
         unless ``dispatched`` says the caller hands it to the broker itself.
         """
+        error = _storable_error(error)
         now = utcnow()
         at = now + timedelta(seconds=delay)
         return self._write(
@@ -936,11 +955,11 @@ class Store:
             )
         with self._tx() as conn:
             rows = conn.execute(query.limit(limit + 1)).mappings().all()
-        page = [_job(r) for r in rows[:limit]]
-        next_cursor = None
-        if len(rows) > limit and page[-1].finished_at is not None:
-            next_cursor = _keyset_cursor(page[-1].finished_at, page[-1].id)
-        return page, next_cursor
+        page = _readable_jobs(rows[:limit])
+        last = rows[limit - 1] if len(rows) > limit else None
+        if last is None or last["finished_at"] is None:
+            return page, None
+        return page, _keyset_cursor(last["finished_at"], last["id"])
 
     def dead_letter(self, job_id: str) -> Job:
         """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""
@@ -1086,6 +1105,64 @@ class Store:
             return None
         return ApiKey(id=row["id"], name=row["name"], scopes=tuple(row["scopes"]))
 
+    # -- deleting and replaying -----------------------------------------------
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a job that has ended, with its events, attempts and idempotency keys.
+
+        Raises JobNotFound, or JobNotEnded if it has not ended (a worker may hold it:
+        cancel it first). Jobs replaying it keep naming it in ``replay_of``.
+        """
+        ended = sorted(s.value for s in TERMINAL)
+        statement = delete(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ended))
+        with self._tx() as conn:
+            if conn.execute(statement).rowcount == 1:
+                return
+            status = conn.execute(
+                select(jobs_t.c.status).where(jobs_t.c.id == job_id)
+            ).scalar_one_or_none()
+        if status is None:
+            raise JobNotFound(job_id)
+        raise JobNotEnded(job_id, status)
+
+    def replay_once(self, dead_id: str, **job: Any) -> tuple[Job, Event | None]:
+        """:meth:`create_job` (same keyword arguments) for a job replaying the dead job
+        ``dead_id``, unless one replays it already: then the first of those, and None.
+
+        Raises JobNotFound, or JobNotDead if ``dead_id`` is not dead. Concurrent
+        replays of one dead job make one job: each first writes the dead row (a
+        no-op update), which takes its lock on PostgreSQL and the database's on
+        SQLite, so the later one waits for the earlier to commit and finds its job.
+        """
+        lock = (
+            update(jobs_t)
+            .where(jobs_t.c.id == dead_id, jobs_t.c.status == JobStatus.DEAD.value)
+            .values(event_seq=jobs_t.c.event_seq)
+        )
+        first = (
+            select(jobs_t)
+            .where(jobs_t.c.replay_of == dead_id)
+            .order_by(jobs_t.c.created_at, jobs_t.c.id)
+            .limit(1)
+        )
+        now = utcnow()
+        values = _new_job(now, **{**job, "replay_of": dead_id})
+        params = _params(CREATE, now, values, None, None, None, None)
+        with self._tx() as conn:
+            if conn.execute(lock).rowcount != 1:
+                status = conn.execute(
+                    select(jobs_t.c.status).where(jobs_t.c.id == dead_id)
+                ).scalar_one_or_none()
+                if status is None:
+                    raise JobNotFound(dead_id)
+                raise JobNotDead(dead_id, status)
+            found = conn.execute(first).mappings().first()
+            if found is not None:
+                return _job(found), None
+            created = self._apply(conn, CREATE, params, {"attempt": 1})
+        assert created is not None
+        return created
+
 
 def _alembic_config() -> Config:
     config = Config()
@@ -1178,6 +1255,28 @@ def _job(row: RowMapping) -> Job:
     )
 
 
+def _readable_jobs(rows: Sequence[RowMapping]) -> list[Job]:
+    """The jobs of a page; a row that does not even map to a Job (written by hand,
+    not by Conveyor) is left out and logged, so one bad row never fails a page."""
+    jobs = []
+    for row in rows:
+        try:
+            jobs.append(_job(row))
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            log.error("store.row_unreadable", job_id=row["id"], error=str(exc)[:500])
+    return jobs
+
+
+def _storable_error(error: JobError) -> JobError:
+    """``error`` with the text the database cannot hold (lone surrogates, NUL) escaped:
+    a failure must be recorded, whatever its message says."""
+    return JobError(
+        type=payloads.escape_text(error.type),
+        message=payloads.escape_text(error.message),
+        traceback=payloads.escape_text(error.traceback) if error.traceback else error.traceback,
+    )
+
+
 def _attempt(row: RowMapping) -> Attempt:
     return Attempt(
         attempt=row["attempt"],
@@ -1242,7 +1341,14 @@ def _event(row: RowMapping) -> Event:
 
 
 def encode_cursor(job: Job) -> str:
+    """The cursor after ``job`` in :meth:`Store.list_jobs`."""
     return _keyset_cursor(job.created_at, job.id)
+
+
+def dead_letter_cursor(job: Job) -> str:
+    """The cursor after the dead job ``job`` in :meth:`Store.dead_letters`."""
+    assert job.finished_at is not None, "a dead job has ended"
+    return _keyset_cursor(job.finished_at, job.id)
 
 
 def _keyset_cursor(at: datetime, key: str) -> str:

@@ -4,6 +4,10 @@ Each message carries ``id`` (the job's ``seq``, or the global event id on
 ``/v1/events``), ``event`` (``status`` or ``progress``) and the Event as JSON
 ``data``. A reconnecting client's ``Last-Event-ID`` resumes exactly after the
 last event it saw; ``?after=`` does the same for a first connection.
+
+A client that takes no data for ``CONVEYOR_SEND_TIMEOUT`` seconds is dropped:
+the server process aborts its connection (see ``conveyor.api.server``), and
+the stream itself gives up on a send that long overdue, under any server.
 """
 
 from __future__ import annotations
@@ -15,8 +19,11 @@ from typing import Annotated, Any
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
+from conveyor import payloads
 from conveyor.api.auth import require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import ApiState, api_state
@@ -62,11 +69,30 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
 
 
 def _message(event: Event, message_id: int) -> ServerSentEvent:
+    data, repaired = payloads.servable(event.data)  # recorded before text was escaped
+    if repaired:
+        event = event.model_copy(update={"data": data})
     return ServerSentEvent(data=event.model_dump_json(), event=event.type.value, id=str(message_id))
 
 
+class EventStream(EventSourceResponse):
+    """An SSE response that ends quietly when its client stops reading."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("stream.dropped", reason="the client took no data", after=self.send_timeout)
+
+
 def _respond(state: ApiState, messages: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    return EventSourceResponse(messages, ping=state.settings.sse_ping_seconds)
+    # The server process drops a client that stops reading after the send timeout; this
+    # one, twice as long, is for servers that do not (the stream still ends).
+    return EventStream(
+        messages,
+        ping=state.settings.sse_ping_seconds,
+        send_timeout=2 * state.settings.send_timeout,
+    )
 
 
 @router.get("/jobs/{job_id}/events", responses=problem_responses(404))
