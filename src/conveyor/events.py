@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Iterator, Sequence
 from typing import Protocol
 
 import redis
@@ -232,7 +232,7 @@ CATCH_UP_SECONDS = 2.0
 
 async def job_stream(
     hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """A job's events after ``after_seq``, in order, once each, ending at the terminal one."""
     last = after_seq
     with hub.subscribe(job_id) as sub:
@@ -287,7 +287,7 @@ async def all_stream(
     after_id: int | None = None,
     task: str | None = None,
     status: Sequence[JobStatus] = (),
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Every job's events, optionally filtered; resumes after ``after_id`` from the store.
 
     The stream ends when its subscriber falls behind, so that the client comes

@@ -13,6 +13,7 @@ the stream itself gives up on a send that long overdue, under any server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -105,12 +106,15 @@ async def job_events(
     await asyncio.to_thread(state.store.get_job, job_id)  # 404 before streaming
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
-        try:
-            async for event in job_stream(state.hub, state.store, job_id, after_seq=after_seq):
-                yield _message(event, event.seq)
-        except StoreUnavailable as exc:
-            # Ending the stream makes the client reconnect with Last-Event-ID.
-            log.warning("stream.store_lost", job_id=job_id, error=str(exc))
+        # Closed with the response, not when collected: it holds a hub subscription.
+        stream = job_stream(state.hub, state.store, job_id, after_seq=after_seq)
+        async with contextlib.aclosing(stream):
+            try:
+                async for event in stream:
+                    yield _message(event, event.seq)
+            except StoreUnavailable as exc:
+                # Ending the stream makes the client reconnect with Last-Event-ID.
+                log.warning("stream.store_lost", job_id=job_id, error=str(exc))
 
     return _respond(state, messages())
 
@@ -129,10 +133,11 @@ async def all_events(
 
     async def messages() -> AsyncIterator[ServerSentEvent]:
         stream = all_stream(state.hub, state.store, after_id=after_id, task=task, status=status)
-        try:
-            async for event in stream:
-                yield _message(event, event.id)
-        except StoreUnavailable as exc:
-            log.warning("stream.store_lost", error=str(exc))
+        async with contextlib.aclosing(stream):
+            try:
+                async for event in stream:
+                    yield _message(event, event.id)
+            except StoreUnavailable as exc:
+                log.warning("stream.store_lost", error=str(exc))
 
     return _respond(state, messages())
