@@ -9,10 +9,12 @@ Streams read the store first, then follow the hub; any gap, overflow or quiet
 spell sends them back to the store, so a lost publish delays an event but never
 drops it, and sequence numbers keep them from repeating one.
 
-A replay of history reads the store a page at a time and gives the event loop
-a turn after every event: writing to a client rarely waits, so without that a
-replay would hold the loop for a whole page (starving every other request) and
-would not notice its client had gone until the page was written.
+A replay of history reads the store a page at a time, hands each page over
+whole (an SSE response writes it at once: one write per event cost a send, a
+framing and a system call each), and gives the event loop a turn after each:
+writing to a client rarely waits, so without that a replay would hold the loop
+for all of its history (starving every other request) and would not notice its
+client had gone until it had written it all.
 """
 
 from __future__ import annotations
@@ -234,6 +236,17 @@ async def job_stream(
     hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
 ) -> AsyncGenerator[Event, None]:
     """A job's events after ``after_seq``, in order, once each, ending at the terminal one."""
+    async with contextlib.aclosing(job_pages(hub, store, job_id, after_seq=after_seq)) as pages:
+        async for page in pages:
+            for event in page:
+                yield event
+
+
+async def job_pages(
+    hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
+) -> AsyncGenerator[list[Event], None]:
+    """:func:`job_stream` a page at a time: a page of history as it was read, then
+    each live event alone. Streams send a page as one write."""
     last = after_seq
     with hub.subscribe(job_id) as sub:
         while True:
@@ -248,11 +261,13 @@ async def job_stream(
                 )
                 if not page:
                     return
-            for event in page:
-                yield event
-                last = event.seq
-                if event.terminal:
-                    return
+            end = next((i for i, event in enumerate(page) if event.terminal), None)
+            if end is not None:
+                yield page[: end + 1]
+                return
+            if page:
+                last = page[-1].seq
+                yield page
                 await asyncio.sleep(0)  # a turn for the loop: see the module docstring
             if len(page) == REPLAY_PAGE:
                 continue  # more history to replay before going live
@@ -266,7 +281,7 @@ async def job_stream(
                     continue
                 if event.seq != last + 1:
                     break
-                yield event
+                yield [event]
                 last = event.seq
                 if event.terminal:
                     return
@@ -295,6 +310,23 @@ async def all_stream(
     in the order they were published; on PostgreSQL a resumed stream may miss
     an event that committed out of id order in the moment of the reconnect.
     """
+    found = all_pages(hub, store, after_id=after_id, task=task, status=status)
+    async with contextlib.aclosing(found) as pages:
+        async for page in pages:
+            for event in page:
+                yield event
+
+
+async def all_pages(
+    hub: EventHub,
+    store: Store,
+    *,
+    after_id: int | None = None,
+    task: str | None = None,
+    status: Sequence[JobStatus] = (),
+) -> AsyncGenerator[list[Event], None]:
+    """:func:`all_stream` a page at a time: a page of history as it was read, then the
+    live events that were waiting together. Streams send a page as one write."""
 
     def wanted(event: Event) -> bool:
         return (not task or event.task == task) and (not status or event.status in status)
@@ -309,10 +341,10 @@ async def all_stream(
             page = await asyncio.to_thread(
                 store.events, after_id=after_id, task=task, status=status, limit=REPLAY_PAGE
             )
-            for event in page:
-                recent.append(event.id)
-                after_id = event.id
-                yield event
+            if page:
+                recent.extend(event.id for event in page)
+                after_id = page[-1].id
+                yield page
                 await asyncio.sleep(0)  # a turn for the loop: see the module docstring
             if len(page) < REPLAY_PAGE and not sub.lagged:
                 break
@@ -321,9 +353,14 @@ async def all_stream(
                     sub.queue.get_nowait()
         replayed = set(recent)
         while not sub.lagged:
-            event = await sub.queue.get()
-            if event.id in replayed:
-                replayed.discard(event.id)
-                continue
-            if event.id > floor and wanted(event):
-                yield event
+            waiting = [await sub.queue.get()]
+            while len(waiting) < REPLAY_PAGE and not sub.queue.empty():
+                waiting.append(sub.queue.get_nowait())
+            fresh = []
+            for event in waiting:
+                if event.id in replayed:
+                    replayed.discard(event.id)
+                elif event.id > floor and wanted(event):
+                    fresh.append(event)
+            if fresh:
+                yield fresh

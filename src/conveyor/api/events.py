@@ -29,7 +29,7 @@ from conveyor.api.auth import require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import ApiState, api_state
 from conveyor.errors import StoreUnavailable
-from conveyor.events import all_stream, job_stream
+from conveyor.events import all_pages, job_pages
 from conveyor.jobs import Event, JobStatus
 
 log = structlog.get_logger("conveyor.api")
@@ -69,11 +69,15 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
     return int(value)
 
 
-def _message(event: Event, message_id: int) -> ServerSentEvent:
+def _message(event: Event, message_id: int) -> bytes:
+    """One SSE message, encoded (CRLF line ends, like the response's own pings)."""
     data, repaired = payloads.servable(event.data)  # recorded before text was escaped
     if repaired:
         event = event.model_copy(update={"data": data})
-    return ServerSentEvent(data=event.model_dump_json(), event=event.type.value, id=str(message_id))
+    message = ServerSentEvent(
+        data=event.model_dump_json(), event=event.type.value, id=str(message_id)
+    )
+    return message.encode()
 
 
 class EventStream(EventSourceResponse):
@@ -86,7 +90,7 @@ class EventStream(EventSourceResponse):
             log.warning("stream.dropped", reason="the client took no data", after=self.send_timeout)
 
 
-def _respond(state: ApiState, messages: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
+def _respond(state: ApiState, messages: AsyncIterator[bytes]) -> EventSourceResponse:
     # The server process drops a client that stops reading after the send timeout; this
     # one, twice as long, is for servers that do not (the stream still ends).
     return EventStream(
@@ -105,13 +109,13 @@ async def job_events(
     after_seq = resume_point(last_event_id, after) or 0
     await asyncio.to_thread(state.store.get_job, job_id)  # 404 before streaming
 
-    async def messages() -> AsyncIterator[ServerSentEvent]:
+    async def messages() -> AsyncIterator[bytes]:
         # Closed with the response, not when collected: it holds a hub subscription.
-        stream = job_stream(state.hub, state.store, job_id, after_seq=after_seq)
-        async with contextlib.aclosing(stream):
+        pages = job_pages(state.hub, state.store, job_id, after_seq=after_seq)
+        async with contextlib.aclosing(pages):
             try:
-                async for event in stream:
-                    yield _message(event, event.seq)
+                async for page in pages:
+                    yield b"".join(_message(event, event.seq) for event in page)
             except StoreUnavailable as exc:
                 # Ending the stream makes the client reconnect with Last-Event-ID.
                 log.warning("stream.store_lost", job_id=job_id, error=str(exc))
@@ -131,12 +135,12 @@ async def all_events(
     state = api_state(request)
     after_id = resume_point(last_event_id, after)
 
-    async def messages() -> AsyncIterator[ServerSentEvent]:
-        stream = all_stream(state.hub, state.store, after_id=after_id, task=task, status=status)
-        async with contextlib.aclosing(stream):
+    async def messages() -> AsyncIterator[bytes]:
+        pages = all_pages(state.hub, state.store, after_id=after_id, task=task, status=status)
+        async with contextlib.aclosing(pages):
             try:
-                async for event in stream:
-                    yield _message(event, event.id)
+                async for page in pages:
+                    yield b"".join(_message(event, event.id) for event in page)
             except StoreUnavailable as exc:
                 log.warning("stream.store_lost", error=str(exc))
 
