@@ -173,3 +173,16 @@ def test_clients_hanging_up_mid_replay_cost_at_most_a_line_each(api: Api) -> Non
     assert not [line for line in logged if "socket.send() raised exception" in line], logged
     assert len(logged) <= clients, logged
     assert api.process.running()
+
+
+@pytest.mark.timeout(180)
+def test_a_slow_client_that_keeps_reading_is_not_dropped(api: Api) -> None:
+    slow = api.request("/v1/events?after=0", receive_buffer=4096)
+    with contextlib.closing(slow):
+        slow.settimeout(30)
+        until = time.monotonic() + 4 * SEND_TIMEOUT
+        while time.monotonic() < until:  # far slower than the server would send
+            assert slow.recv(2048), "the server closed the connection"
+            time.sleep(0.25)
+        assert not any("http.client_dropped" in line for line in api.log_lines())
+        assert slow.recv(2048)
