@@ -180,3 +180,29 @@ async def test_a_float_field_takes_an_integer(client: httpx.AsyncClient) -> None
     response = await client.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
     assert (response.json()["backoff_base"], response.json()["backoff_cap"]) == (2.0, 10.0)
+
+
+@pytest.mark.parametrize("idempotent", [False, True], ids=["plain", "idempotency-key"])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"task": "diag.echo\\ud800", "payload": {}}', "task"),
+        ('{"task": "diag.echo", "payload": {}, "queue": "q\\u0000"}', "queue"),
+    ],
+)
+async def test_other_text_of_a_submit_is_checked_too(
+    client: httpx.AsyncClient, conveyor: Conveyor, body: str, field: str, idempotent: bool
+) -> None:
+    headers = {"Idempotency-Key": "hostile-2"} if idempotent else {}
+    problem = await refused(client, conveyor, body.encode(), **headers)
+    assert problem["errors"][0]["loc"] == ["body", field]
+
+
+@pytest.mark.parametrize("path", ["/v1/dead-letters/replay", "/v1/dead-letters/purge"])
+async def test_filters_of_dead_letter_bodies_are_checked(
+    client: httpx.AsyncClient, path: str
+) -> None:
+    body = b'{"error_type": "Key\\udfffError"}'
+    response = await client.post(path, content=body, headers=JSON)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["body", "error_type"]

@@ -70,9 +70,9 @@ def submit_job(
     """
     conveyor = api_state(request).conveyor
     # Here already, before anything (the idempotency fingerprint included) encodes it.
-    problems = payloads.check_storable(body.payload)
-    if problems:
-        raise PayloadInvalid(body.task, problems)
+    unstorable = payloads.check_storable(body.payload)
+    if unstorable:
+        raise PayloadInvalid(body.task, unstorable)
     options = {
         "queue": body.queue,
         "priority": body.priority,

@@ -32,6 +32,17 @@ from conveyor.tasks import MAX_ATTEMPTS, MAX_BACKOFF, MAX_PRIORITY, Task
 STRICT = ConfigDict(extra="forbid", strict=True)
 
 
+def _storable_text(value: str) -> str:
+    problem = payloads.check_storable(value)
+    if problem:
+        raise PydanticCustomError(problem[0]["type"], problem[0]["msg"])
+    return value
+
+
+#: Text of a request that is stored or echoed: no lone surrogates, no NUL.
+Text = Annotated[str, AfterValidator(_storable_text)]
+
+
 def _repaired() -> Any:
     return Field(
         default_factory=list,
@@ -50,9 +61,9 @@ class JobRequest(BaseModel):
 
     model_config = STRICT
 
-    task: str = Field(min_length=1, max_length=200, examples=["diag.echo"])
+    task: Text = Field(min_length=1, max_length=200, examples=["diag.echo"])
     payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
-    queue: str | None = Field(default=None, min_length=1, max_length=200)
+    queue: Text | None = Field(default=None, min_length=1, max_length=200)
     priority: int | None = Field(default=None, ge=0, le=MAX_PRIORITY)
     max_attempts: int | None = Field(
         default=None, ge=1, le=MAX_ATTEMPTS, description="Overrides the task's retry policy."
@@ -235,8 +246,8 @@ class DeadLetterSelection(BaseModel):
 
     model_config = STRICT
 
-    task: str | None = Field(default=None, min_length=1, max_length=200)
-    error_type: str | None = Field(default=None, min_length=1, max_length=200)
+    task: Text | None = Field(default=None, min_length=1, max_length=200)
+    error_type: Text | None = Field(default=None, min_length=1, max_length=200)
     since: Timestamp | None = None
     until: Timestamp | None = None
 
