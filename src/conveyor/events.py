@@ -23,7 +23,8 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncGenerator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from functools import partial
 from typing import Protocol
 
 import redis
@@ -105,6 +106,7 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self.healthy = False
+        self._history = asyncio.Semaphore(HISTORY_READS)
 
     @property
     def source(self) -> str:
@@ -146,6 +148,15 @@ class EventHub:
             group.discard(sub)
             if job_id and not group:
                 self._by_job.pop(job_id, None)
+
+    async def history(self, read: Callable[[], list[Event]]) -> list[Event]:
+        """Run a stream's read of the store in a thread, a few at a time per process.
+
+        Each read holds the GIL while it maps its rows; a crowd of them (twenty
+        clients replaying from the start) would starve the event loop's thread.
+        """
+        async with self._history:
+            return await asyncio.to_thread(read)
 
     def deliver(self, event: Event) -> None:
         for sub in self._by_job.get(event.job_id, ()):
@@ -229,6 +240,8 @@ POSTGRES_SETTLE_SECONDS = 2.0
 PAGE = 1000
 #: Rows per store read when replaying: each read holds the GIL while it maps its rows.
 REPLAY_PAGE = 200
+#: Store reads of history running at once in an API process (see EventHub.history).
+HISTORY_READS = 2
 CATCH_UP_SECONDS = 2.0
 
 
@@ -250,15 +263,12 @@ async def job_pages(
     last = after_seq
     with hub.subscribe(job_id) as sub:
         while True:
-            page = await asyncio.to_thread(
-                store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE
-            )
+            read = partial(store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE)
+            page = await hub.history(read)
             if not page and await _ended(store, job_id):
                 # Its row says ended, so its terminal event was committed before this
                 # read: if the read has it, stream it; if not, the client had it already.
-                page = await asyncio.to_thread(
-                    store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE
-                )
+                page = await hub.history(read)
                 if not page:
                     return
             end = next((i for i, event in enumerate(page) if event.terminal), None)
@@ -338,8 +348,10 @@ async def all_pages(
         recent: deque[int] = deque(maxlen=SUBSCRIBER_BUFFER)
         while after_id is not None:
             sub.lagged = False
-            page = await asyncio.to_thread(
-                store.events, after_id=after_id, task=task, status=status, limit=REPLAY_PAGE
+            page = await hub.history(
+                partial(
+                    store.events, after_id=after_id, task=task, status=status, limit=REPLAY_PAGE
+                )
             )
             if page:
                 recent.extend(event.id for event in page)
