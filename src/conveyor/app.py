@@ -349,7 +349,13 @@ class Conveyor:
     # -- dead letters ---------------------------------------------------------
 
     def replay(self, job_id: str, *, correlation_id: str | None = None) -> Job:
-        """Run a dead job again, as a new job linked to it by ``replay_of``.
+        """Run a dead job again, as a new job linked to it by ``replay_of``; if it was
+        replayed before, the job that replayed it first (see :meth:`replay_once`)."""
+        return self.replay_once(job_id, correlation_id=correlation_id)[0]
+
+    def replay_once(self, job_id: str, *, correlation_id: str | None = None) -> tuple[Job, bool]:
+        """Run a dead job again, at most once: returns the new job and True, or, if it
+        was replayed before (concurrent calls included), the first replay and False.
 
         Raises JobNotFound, JobNotDead, or ReplayRefused when its task is no longer
         registered or its payload no longer fits the task; the dead job stays as it is.
@@ -370,9 +376,8 @@ class Conveyor:
         correlation_id: str | None = None,
     ) -> Replays:
         """Replay the dead jobs that match and have not been replayed yet, the last to die
-        first, handling at most ``limit`` of them; those that cannot be replayed are skipped.
-
-        Two bulk replays running at once may both replay the same dead job.
+        first, handling at most ``limit`` of them; those that cannot be replayed are skipped,
+        and so are those another replay got to first.
         """
         match = DeadLetterFilter(task=task, error_type=error_type, since=since, until=until)
         correlation_id = correlation_id or uuid.uuid4().hex
@@ -383,14 +388,22 @@ class Conveyor:
             page, cursor = self.store.dead_letters(match, replayed=False, cursor=cursor, limit=room)
             for dead in page:
                 try:
-                    done.jobs.append(self._replay(dead, correlation_id))
+                    job, created = self._replay(dead, correlation_id)
                 except ReplayRefused as exc:
                     done.skipped.append((dead.id, exc.reason))
+                    continue
+                if created:
+                    done.jobs.append(job)
+                else:
+                    done.skipped.append((dead.id, f"already replayed by {job.id}"))
             if cursor is None:
                 break
         return done
 
-    def _replay(self, dead: Job, correlation_id: str) -> Job:
+    def _replay(self, dead: Job, correlation_id: str) -> tuple[Job, bool]:
+        earlier = self.store.replays_of([dead.id])[dead.id]
+        if earlier:  # before the checks below: a repeat answers as the first call did
+            return self.store.get_job(earlier[0]), False
         task = self.tasks.get(dead.task)
         if task is None:
             raise ReplayRefused(dead.id, f"task {dead.task!r} is no longer registered")
@@ -399,7 +412,8 @@ class Conveyor:
         except PayloadInvalid as exc:
             reason = f"its payload no longer fits the task: {exc}"
             raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
-        job = self.store.create_job(
+        job, created = self.store.replay_once(
+            dead.id,
             task=dead.task,
             payload=dead.payload,
             queue=dead.queue,
@@ -409,11 +423,12 @@ class Conveyor:
             correlation_id=correlation_id,
             backoff_base=dead.backoff_base,
             backoff_cap=dead.backoff_cap,
-            replay_of=dead.id,
         )
+        if not created:  # another replay got there first
+            return job, False
         log.info("job.replayed", job_id=job.id, replay_of=dead.id, task=job.task)
         self.dispatch(job)
-        return job
+        return job, True
 
 
 #: Dead letters read per page by a bulk replay.

@@ -5,7 +5,7 @@
     worker    a Celery worker for the app's jobs
     migrate   bring the database schema up to date
     submit    create a job over HTTP, optionally following its events
-    jobs      list, show and cancel jobs over HTTP
+    jobs      list, show, cancel and delete jobs over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
@@ -153,7 +153,7 @@ cli = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-jobs_cli = typer.Typer(help="List, show and cancel jobs.", no_args_is_help=True)
+jobs_cli = typer.Typer(help="List, show, cancel and delete jobs.", no_args_is_help=True)
 cli.add_typer(jobs_cli, name="jobs")
 dlq_cli = typer.Typer(help="List, show, replay and purge dead jobs.", no_args_is_help=True)
 cli.add_typer(dlq_cli, name="dlq")
@@ -210,6 +210,8 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the HTTP API (configured by CONVEYOR_* environment variables)."""
     import uvicorn
 
+    from conveyor.api.server import protocol
+
     # What the factory will do, checked here so that a problem is one line, not a traceback.
     settings = load_settings()
     check_port(host, port)
@@ -228,6 +230,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
         port=port,
         log_config=None,
         timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT,
+        http=protocol(settings.send_timeout),  # drops clients that stop reading
     )
 
 
@@ -671,6 +674,22 @@ def cancel_job(job_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     with ApiClient(load_settings()) as client:
         job = client.request("POST", f"{_job_path(job_id)}/cancel")
     out.print(f"{job['id']} [{STATUS_STYLE.get(job['status'], '')}]{job['status']}[/]")
+
+
+@jobs_cli.command("delete")
+def delete_job(
+    job_id: Annotated[str, typer.Argument(metavar="ID")],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a job that has ended, with its events and attempts, for good (cancel it first
+    if it has not ended)."""
+    if not yes:
+        if not sys.stdin.isatty():
+            raise CliError(f"this deletes job {job_id}; add --yes to confirm", code=2)
+        typer.confirm(f"Delete job {job_id}, with its events and attempts?", abort=True)
+    with ApiClient(load_settings()) as client:
+        client.request("DELETE", _job_path(job_id))
+    out.print(f"deleted {job_id}", markup=False)
 
 
 # -- dead letters -------------------------------------------------------------------

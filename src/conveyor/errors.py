@@ -3,12 +3,14 @@
 ConveyorError
 ├── ConfigurationError      a setting or task definition is wrong
 ├── TaskNotFound            no task registered under that name
-├── PayloadInvalid          a payload failed its task's schema
+├── PayloadInvalid          a payload failed its task's schema, or cannot be stored
 ├── BatchInvalid            items of a bulk submit are invalid; nothing was recorded
+├── NotStorable             a value (a result) that JSON or the store cannot hold
 ├── JobNotFound             no job with that id
 │   └── DeadLetterNotFound  no dead job with that id
 ├── IllegalTransition       a status change the state machine forbids
 ├── JobNotDead              a dead-letter action on a job that is not dead
+├── JobNotEnded             deleting a job that has not ended
 ├── ReplayRefused           a dead letter that cannot run again as it stands
 ├── IdempotencyConflict     a submit with that idempotency key is still under way
 ├── IdempotencyMismatch     that idempotency key was used for a different request
@@ -44,7 +46,7 @@ class TaskNotFound(ConveyorError):
 
 
 class PayloadInvalid(ConveyorError):
-    """The payload does not match the task's schema."""
+    """The payload does not match the task's schema, or JSON or the store cannot hold it."""
 
     def __init__(self, task: str, errors: list[dict[str, Any]]) -> None:
         self.task = task
@@ -63,6 +65,18 @@ class BatchInvalid(ConveyorError):
         index, first = errors[0]
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         super().__init__(f"item {index} of the batch: {first}{more}; nothing was recorded")
+
+
+class NotStorable(ConveyorError):
+    """A value cannot be recorded as it is: JSON or the store cannot hold it."""
+
+    def __init__(self, what: str, errors: list[dict[str, Any]]) -> None:
+        self.what = what
+        self.errors = errors
+        first = errors[0] if errors else {}
+        where = ".".join(str(p) for p in (what, *first.get("loc", ())))
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        super().__init__(f"{where}: {first.get('msg', 'cannot be stored')}{more}")
 
 
 class JobNotFound(ConveyorError):
@@ -99,6 +113,15 @@ class JobNotDead(ConveyorError):
         self.job_id = job_id
         self.status = status
         super().__init__(f"job {job_id} is {status}, not dead")
+
+
+class JobNotEnded(ConveyorError):
+    """Only a job that has ended can be deleted: cancel it first."""
+
+    def __init__(self, job_id: str, status: str) -> None:
+        self.job_id = job_id
+        self.status = status
+        super().__init__(f"job {job_id} is {status}: cancel it before deleting it")
 
 
 class ReplayRefused(ConveyorError):

@@ -8,6 +8,13 @@
 Streams read the store first, then follow the hub; any gap, overflow or quiet
 spell sends them back to the store, so a lost publish delays an event but never
 drops it, and sequence numbers keep them from repeating one.
+
+A replay of history reads the store a page at a time, hands each page over
+whole (an SSE response writes it at once: one write per event cost a send, a
+framing and a system call each), and gives the event loop a turn after each:
+writing to a client rarely waits, so without that a replay would hold the loop
+for all of its history (starving every other request) and would not notice its
+client had gone until it had written it all.
 """
 
 from __future__ import annotations
@@ -16,7 +23,8 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from functools import partial
 from typing import Protocol
 
 import redis
@@ -115,6 +123,7 @@ class EventHub:
         self._task: asyncio.Task[None] | None = None
         self._redis: aioredis.Redis | None = None
         self.healthy = False
+        self._history = asyncio.Semaphore(HISTORY_READS)
 
     @property
     def source(self) -> str:
@@ -156,6 +165,15 @@ class EventHub:
             group.discard(sub)
             if job_id and not group:
                 self._by_job.pop(job_id, None)
+
+    async def history(self, read: Callable[[], list[Event]]) -> list[Event]:
+        """Run a stream's read of the store in a thread, a few at a time per process.
+
+        Each read holds the GIL while it maps its rows; a crowd of them (twenty
+        clients replaying from the start) would starve the event loop's thread.
+        """
+        async with self._history:
+            return await asyncio.to_thread(read)
 
     def deliver(self, event: Event) -> None:
         for sub in self._by_job.get(event.job_id, ()):
@@ -246,31 +264,50 @@ def _parse(data: bytes | str) -> list[Event]:
 
 #: How long the PostgreSQL polling cursor waits for ids that commit out of order.
 POSTGRES_SETTLE_SECONDS = 2.0
-#: Rows per store read when replaying or polling.
+#: Rows per store read when polling.
 PAGE = 1000
+#: Rows per store read when replaying: each read holds the GIL while it maps its rows.
+REPLAY_PAGE = 200
+#: Store reads of history running at once in an API process (see EventHub.history).
+HISTORY_READS = 2
 CATCH_UP_SECONDS = 2.0
 
 
 async def job_stream(
     hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """A job's events after ``after_seq``, in order, once each, ending at the terminal one."""
+    async with contextlib.aclosing(job_pages(hub, store, job_id, after_seq=after_seq)) as pages:
+        async for page in pages:
+            for event in page:
+                yield event
+
+
+async def job_pages(
+    hub: EventHub, store: Store, job_id: str, *, after_seq: int = 0
+) -> AsyncGenerator[list[Event], None]:
+    """:func:`job_stream` a page at a time: a page of history as it was read, then
+    each live event alone. Streams send a page as one write."""
     last = after_seq
     with hub.subscribe(job_id) as sub:
         while True:
-            page = await asyncio.to_thread(store.job_events, job_id, after_seq=last, limit=PAGE)
+            read = partial(store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE)
+            page = await hub.history(read)
             if not page and await _ended(store, job_id):
                 # Its row says ended, so its terminal event was committed before this
                 # read: if the read has it, stream it; if not, the client had it already.
-                page = await asyncio.to_thread(store.job_events, job_id, after_seq=last)
+                page = await hub.history(read)
                 if not page:
                     return
-            for event in page:
-                yield event
-                last = event.seq
-                if event.terminal:
-                    return
-            if len(page) == PAGE:
+            end = next((i for i, event in enumerate(page) if event.terminal), None)
+            if end is not None:
+                yield page[: end + 1]
+                return
+            if page:
+                last = page[-1].seq
+                yield page
+                await asyncio.sleep(0)  # a turn for the loop: see the module docstring
+            if len(page) == REPLAY_PAGE:
                 continue  # more history to replay before going live
             sub.lagged = False
             while not sub.lagged:
@@ -282,7 +319,7 @@ async def job_stream(
                     continue
                 if event.seq != last + 1:
                     break
-                yield event
+                yield [event]
                 last = event.seq
                 if event.terminal:
                     return
@@ -303,7 +340,7 @@ async def all_stream(
     after_id: int | None = None,
     task: str | None = None,
     status: Sequence[JobStatus] = (),
-) -> AsyncIterator[Event]:
+) -> AsyncGenerator[Event, None]:
     """Every job's events, optionally filtered; resumes after ``after_id`` from the store.
 
     The stream ends when its subscriber falls behind, so that the client comes
@@ -311,6 +348,23 @@ async def all_stream(
     in the order they were published; on PostgreSQL a resumed stream may miss
     an event that committed out of id order in the moment of the reconnect.
     """
+    found = all_pages(hub, store, after_id=after_id, task=task, status=status)
+    async with contextlib.aclosing(found) as pages:
+        async for page in pages:
+            for event in page:
+                yield event
+
+
+async def all_pages(
+    hub: EventHub,
+    store: Store,
+    *,
+    after_id: int | None = None,
+    task: str | None = None,
+    status: Sequence[JobStatus] = (),
+) -> AsyncGenerator[list[Event], None]:
+    """:func:`all_stream` a page at a time: a page of history as it was read, then the
+    live events that were waiting together. Streams send a page as one write."""
 
     def wanted(event: Event) -> bool:
         return (not task or event.task == task) and (not status or event.status in status)
@@ -322,23 +376,31 @@ async def all_stream(
         recent: deque[int] = deque(maxlen=SUBSCRIBER_BUFFER)
         while after_id is not None:
             sub.lagged = False
-            page = await asyncio.to_thread(
-                store.events, after_id=after_id, task=task, status=status, limit=PAGE
+            page = await hub.history(
+                partial(
+                    store.events, after_id=after_id, task=task, status=status, limit=REPLAY_PAGE
+                )
             )
-            for event in page:
-                recent.append(event.id)
-                after_id = event.id
-                yield event
-            if len(page) < PAGE and not sub.lagged:
+            if page:
+                recent.extend(event.id for event in page)
+                after_id = page[-1].id
+                yield page
+                await asyncio.sleep(0)  # a turn for the loop: see the module docstring
+            if len(page) < REPLAY_PAGE and not sub.lagged:
                 break
             if sub.lagged:  # the queue lost events during the replay: replay further
                 while not sub.queue.empty():
                     sub.queue.get_nowait()
         replayed = set(recent)
         while not sub.lagged:
-            event = await sub.queue.get()
-            if event.id in replayed:
-                replayed.discard(event.id)
-                continue
-            if event.id > floor and wanted(event):
-                yield event
+            waiting = [await sub.queue.get()]
+            while len(waiting) < REPLAY_PAGE and not sub.queue.empty():
+                waiting.append(sub.queue.get_nowait())
+            fresh = []
+            for event in waiting:
+                if event.id in replayed:
+                    replayed.discard(event.id)
+                elif event.id > floor and wanted(event):
+                    fresh.append(event)
+            if fresh:
+                yield fresh

@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         default=0.05, gt=0, le=5, description="Store polling period when there is no Redis."
     )
     sse_ping_seconds: float = Field(default=15.0, gt=0, description="SSE keep-alive period.")
+    send_timeout: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="An API client that takes none of its response for this long is dropped.",
+    )
     store_pool_size: int = Field(default=5, ge=1, le=100)
     worker_prefetch: int = Field(default=1, ge=1, le=100, description="Celery prefetch multiplier.")
     broker_visibility_timeout: int = Field(

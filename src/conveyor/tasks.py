@@ -10,7 +10,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar, Unpack, overload
 
 from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticSerializationError
 
+from conveyor import payloads
 from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
 
 if TYPE_CHECKING:
@@ -150,16 +152,31 @@ class Task(Generic[P, R]):
         return f"<Task {self.name}>"
 
     def validate(self, payload: P | Mapping[str, Any]) -> dict[str, Any]:
-        """Check a payload against the model; returns its JSON form."""
+        """Check a payload against the model, and that it can be stored and read back
+        unchanged (see :mod:`conveyor.payloads`); returns its JSON form."""
         if isinstance(payload, self.payload_model):
             model = payload
         else:
+            # Before the model: it would silently mangle some of these (a lone
+            # surrogate in a key, NaN in an ``Any`` field), and loop on a cyclic value.
+            self._refuse(payloads.check_input(payload))
             try:
                 model = self.payload_model.model_validate(payload)
             except ValidationError as exc:
                 errors = exc.errors(include_url=False, include_context=False, include_input=False)
                 raise PayloadInvalid(self.name, [dict(e) for e in errors]) from None
-        return model.model_dump(mode="json")
+        try:
+            data = model.model_dump(mode="json")
+        except (PydanticSerializationError, ValueError) as exc:  # bytes not UTF-8, too deep...
+            reason = payloads.escape_text(str(exc))[:200]
+            error = {"loc": (), "msg": f"cannot be written as JSON: {reason}", "type": "not_json"}
+            raise PayloadInvalid(self.name, [error]) from None
+        self._refuse(payloads.check_storable(data))
+        return data
+
+    def _refuse(self, errors: list[dict[str, Any]]) -> None:
+        if errors:
+            raise PayloadInvalid(self.name, errors)
 
     def parse(self, payload: Mapping[str, Any]) -> P:
         return self.payload_model.model_validate(payload)

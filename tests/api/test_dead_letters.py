@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -423,3 +424,159 @@ async def test_openapi_documents_the_routes(client: httpx.AsyncClient) -> None:
     assert set(paths["/v1/dead-letters/purge"]) == {"post"}
     replay = paths["/v1/dead-letters/{job_id}/replay"]["post"]["responses"]
     assert {"202", "404", "409"} <= set(replay)
+
+
+# -- replaying once -----------------------------------------------------------------
+
+
+async def test_a_second_replay_returns_the_first(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    dead = kill(conveyor)
+    first = await client.post(f"/v1/dead-letters/{dead.id}/replay")
+    assert first.status_code == 202, first.text
+
+    again = await client.post(f"/v1/dead-letters/{dead.id}/replay")
+
+    assert again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["id"] == first.json()["id"]
+    assert again.headers["Location"] == first.headers["Location"]
+    assert conveyor.store.replays_of([dead.id]) == {dead.id: [first.json()["id"]]}
+    # Then the bulk replay finds nothing left to do.
+    bulk = await client.post("/v1/dead-letters/replay", json={})
+    assert bulk.json() == {"replayed": [], "skipped": []}
+
+
+async def test_a_repeat_answers_even_once_the_task_is_gone(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    dead = kill(conveyor)
+    first = (await client.post(f"/v1/dead-letters/{dead.id}/replay")).json()
+    del conveyor.tasks["tests.add"]
+    again = await client.post(f"/v1/dead-letters/{dead.id}/replay")
+    assert (again.status_code, again.json()["id"]) == (200, first["id"])
+
+
+async def test_concurrent_replays_of_one_dead_letter_make_one_job(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    dead = kill(conveyor)
+
+    answers = await asyncio.gather(
+        *(client.post(f"/v1/dead-letters/{dead.id}/replay") for _ in range(12))
+    )
+
+    assert sorted(a.status_code for a in answers) == [200] * 11 + [202]
+    assert len({a.json()["id"] for a in answers}) == 1
+    assert len(conveyor.store.replays_of([dead.id])[dead.id]) == 1
+
+
+async def test_a_bulk_replay_racing_a_single_one_skips_it(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    letters = [kill(conveyor) for _ in range(30)]
+
+    answers = await asyncio.gather(
+        client.post("/v1/dead-letters/replay", json={}),
+        *(client.post(f"/v1/dead-letters/{d.id}/replay") for d in letters),
+    )
+
+    replays = conveyor.store.replays_of([d.id for d in letters])
+    assert all(len(found) == 1 for found in replays.values())
+    report = answers[0].json()
+    assert len(report["replayed"]) + len(report["skipped"]) == 30
+    assert all("already replayed" in s["reason"] for s in report["skipped"])
+
+
+# -- strict bodies ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["yes", "true", "on", 1, 1.0, [True], {"all": True}])
+async def test_purge_takes_only_the_json_true_as_all(
+    client: httpx.AsyncClient, conveyor: Conveyor, value: Any
+) -> None:
+    letters = [kill(conveyor) for _ in range(2)]
+
+    response = await client.post("/v1/dead-letters/purge", json={"all": value})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == ["body", "all"]
+    assert sorted(await listed(client)) == sorted(d.id for d in letters)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"limit": 1000, "until": 0}, "until"),
+        ({"since": 1700000000}, "since"),
+        ({"since": "1700000000"}, "since"),
+        ({"until": True}, "until"),
+        ({"limit": "5"}, "limit"),
+        ({"limit": True}, "limit"),
+        ({"task": 7}, "task"),
+    ],
+)
+async def test_bulk_replay_takes_no_value_of_the_wrong_type(
+    client: httpx.AsyncClient, conveyor: Conveyor, body: dict[str, Any], field: str
+) -> None:
+    kill(conveyor)
+
+    response = await client.post("/v1/dead-letters/replay", json=body)
+
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"][:2] == ["body", field]
+    assert len(conveyor.store.list_jobs()[0]) == 1
+
+
+async def test_a_timestamp_is_iso_text_in_queries_too(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    kill(conveyor)
+    for params in ({"until": "0"}, {"since": "1700000000"}):
+        response = await client.get("/v1/dead-letters", params=params)
+        assert response.status_code == 422, params
+    response = await client.get("/v1/dead-letters", params={"until": "2999-01-01T00:00:00Z"})
+    assert len(response.json()["items"]) == 1
+    purged = await client.post("/v1/dead-letters/purge", json={"since": "2000-01-01T00:00:00Z"})
+    assert purged.json() == {"purged": 1}
+
+
+# -- pages bounded in bytes ---------------------------------------------------------
+
+
+async def test_a_page_of_big_tracebacks_stops_at_a_mebibyte(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    store = conveyor.store
+    letters = []
+    for n in range(7):
+        job = store.create_job(
+            task="tests.add",
+            payload={"a": n},
+            queue="math",
+            priority=3,
+            max_attempts=1,
+            timeout=None,
+            correlation_id="c",
+        )
+        assert store.claim(job.id, 1, "w") is not None
+        error = JobError(type="ValueError", message="m", traceback="t" * 200_000)
+        assert store.die(job.id, 1, error) is not None
+        letters.append(job.id)
+
+    found: list[list[str]] = []
+    params: dict[str, Any] = {"limit": 200}
+    while True:
+        response = await client.get("/v1/dead-letters", params=params)
+        assert response.status_code == 200
+        assert len(response.content) <= 1024 * 1024
+        page = response.json()
+        found.append([item["id"] for item in page["items"]])
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+
+    # Each letter holds its traceback twice (the job's error and its attempt's).
+    assert [len(ids) for ids in found] == [2, 2, 2, 1]
+    assert sorted(job for ids in found for job in ids) == sorted(letters)

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from conveyor import Conveyor
 from conveyor.api.schemas import JobBatchRequest
-from conveyor.jobs import Event
+from conveyor.jobs import Event, JobError
 from tests.api.conftest import Worker
 
 pytestmark = pytest.mark.anyio
@@ -408,3 +408,102 @@ def test_a_batch_holds_at_most_a_thousand_jobs() -> None:
     JobBatchRequest.model_validate({"jobs": [job] * 1000})
     with pytest.raises(ValidationError, match="at most 1000"):
         JobBatchRequest.model_validate({"jobs": [job] * 1001})
+
+
+# -- deleting -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["succeed", "cancel", "die"])
+async def test_delete_an_ended_job_with_its_events_attempts_and_key(
+    client: httpx.AsyncClient, conveyor: Conveyor, worker: Worker, end: str
+) -> None:
+    body = {"task": "tests.add", "payload": {"a": 1}}
+    job = (await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})).json()
+    if end == "succeed":
+        worker.run(job["id"], 1)
+    elif end == "cancel":
+        assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 200
+    else:
+        worker.claim(job["id"])
+        assert conveyor.store.die(job["id"], 1, JobError(type="E", message="m")) is not None
+
+    response = await client.delete(f"/v1/jobs/{job['id']}")
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {"purged": 1}
+    assert (await client.get(f"/v1/jobs/{job['id']}")).status_code == 404
+    assert conveyor.store.job_events(job["id"]) == []
+    assert conveyor.store.attempts(job["id"]) == []
+    again = await client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"})
+    assert again.status_code == 202  # the key went with its job: a new one is made
+    assert again.json()["id"] != job["id"]
+
+
+@pytest.mark.parametrize("status", ["queued", "running"])
+async def test_delete_a_job_that_has_not_ended_is_409(
+    client: httpx.AsyncClient, worker: Worker, status: str
+) -> None:
+    job = await submit(client)
+    if status == "running":
+        worker.claim(job["id"])
+
+    response = await client.delete(f"/v1/jobs/{job['id']}")
+
+    assert response.status_code == 409
+    assert response.headers["content-type"] == PROBLEM
+    problem = response.json()
+    assert problem["type"] == "urn:conveyor:problem:job-not-ended"
+    assert "cancel it" in problem["detail"]
+    assert (await client.get(f"/v1/jobs/{job['id']}")).json()["status"] == status
+
+
+async def test_delete_an_unknown_job_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.delete("/v1/jobs/nope")
+    assert response.status_code == 404
+    assert response.json()["type"] == "urn:conveyor:problem:job-not-found"
+
+
+async def test_delete_needs_a_key(anonymous: httpx.AsyncClient) -> None:
+    assert (await anonymous.delete("/v1/jobs/nope")).status_code == 401
+
+
+# -- pages bounded in bytes -----------------------------------------------------------
+
+
+async def pages(client: httpx.AsyncClient, path: str, limit: int) -> list[tuple[int, list[str]]]:
+    """Every page of a listing as (bytes, ids)."""
+    found: list[tuple[int, list[str]]] = []
+    params: dict[str, str | int] = {"limit": limit}
+    while True:
+        response = await client.get(path, params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        found.append((len(response.content), [item["id"] for item in page["items"]]))
+        if page["next_cursor"] is None:
+            return found
+        params["cursor"] = page["next_cursor"]
+
+
+async def test_a_page_of_big_jobs_stops_at_a_mebibyte(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    """Not 200 jobs of 300 kB (60 MB): pages of three, each under 1 MiB, every job once."""
+    blob = "x" * 300_000
+    jobs = [conveyor.submit("diag.echo", {"blob": blob, "n": n}).id for n in range(8)]
+    jobs.append(conveyor.submit("diag.echo", {"blob": "y" * 1_500_000}).id)  # over the bound
+    jobs += [conveyor.submit("diag.echo", {"n": n}).id for n in range(5)]
+
+    found = await pages(client, "/v1/jobs", limit=200)
+
+    assert [len(ids) for _, ids in found] == [5, 1, 3, 3, 2]  # newest first; the big one alone
+    assert [job for _, ids in found for job in ids] == list(reversed(jobs))
+    assert all(size <= 1024 * 1024 for size, ids in found if len(ids) > 1)
+
+
+async def test_a_page_of_small_jobs_stops_at_its_limit(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    jobs = [conveyor.submit("diag.echo", {"n": n}).id for n in range(60)]
+    found = await pages(client, "/v1/jobs", limit=27)
+    assert [len(ids) for _, ids in found] == [27, 27, 6]
+    assert [job for _, ids in found for job in ids] == list(reversed(jobs))

@@ -310,10 +310,10 @@ def test_replay_is_a_new_linked_job_and_the_original_stays_dead(app: Conveyor) -
     # It went to the broker, like a submitted job.
     assert list(app.settings.broker_dir.iterdir())
     assert ids(app.store.due_for_dispatch()) == []
-    # A dead job can be replayed again on purpose; each replay is linked.
-    again = app.replay(original.id)
-    assert app.store.replays_of([original.id]) == {original.id: [replay.id, again.id]}
-    assert len(again.correlation_id) == 32
+    # A dead job is replayed once: asking again returns the first replay.
+    again, created = app.replay_once(original.id)
+    assert (again.id, created) == (replay.id, False)
+    assert app.store.replays_of([original.id]) == {original.id: [replay.id]}
 
 
 def test_replayed_filter(app: Conveyor) -> None:

@@ -97,3 +97,54 @@ def test_upgrade_from_0001_keeps_jobs_and_renames_failed_to_dead(empty_store: St
     assert queued.status.value == "queued"
     # It was dispatched when it was submitted: no sweep sends it again at once.
     assert empty_store.due_for_dispatch() == []
+
+
+def test_upgrade_escapes_errors_that_postgres_json_operators_refuse(empty_store: Store) -> None:
+    """A dead job whose error says ``caf\\udce9`` (an undecodable file name) failed every
+    dead-letter query filtered by error type on PostgreSQL; 0003 escapes it in place."""
+    from alembic import command
+    from sqlalchemy.exc import DBAPIError
+
+    from conveyor.store import DeadLetterFilter, _alembic_config
+
+    config = _alembic_config()
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0002")
+    now = "2026-11-01 12:00:00"
+    poisoned = '{"type": "OSError", "message": "caf\\udce9 \\u0000", "traceback": "tb\\ud800"}'
+    paired = '{"type": "OSError", "message": "fine \\ud83d\\ude00", "traceback": null}'
+    cast = "CAST(:error AS json)" if empty_store.dialect == "postgresql" else ":error"
+    with empty_store.engine.begin() as conn:
+        for job_id, error in [("j-poisoned", poisoned), ("j-paired", paired)]:
+            conn.execute(
+                text(
+                    "INSERT INTO conveyor_jobs (id, task, queue, priority, payload, status,"
+                    " attempt, max_attempts, correlation_id, event_seq, created_at, updated_at,"
+                    f" finished_at, error) VALUES (:id, 't', 'default', 5, '{{}}', 'dead', 1, 1,"
+                    f" 'c', 1, :now, :now, :now, {cast})"
+                ),
+                {"id": job_id, "now": now, "error": error},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO conveyor_job_attempts (job_id, attempt, finished_at, outcome,"
+                    f" error) VALUES (:id, 1, :now, 'failed', {cast})"
+                ),
+                {"id": job_id, "now": now, "error": error},
+            )
+    by_type = DeadLetterFilter(error_type="OSError")
+    if empty_store.dialect == "postgresql":
+        with pytest.raises(DBAPIError, match="Unicode"):
+            empty_store.dead_letters(by_type)
+
+    empty_store.migrate()
+
+    found, _ = empty_store.dead_letters(by_type)
+    assert sorted(job.id for job in found) == ["j-paired", "j-poisoned"]
+    error = empty_store.get_job("j-poisoned").error
+    assert error is not None
+    assert (error.message, error.traceback) == ("caf\\udce9 \\x00", "tb\\ud800")
+    assert empty_store.attempts("j-poisoned")[0].error == error
+    paired_error = empty_store.get_job("j-paired").error
+    assert paired_error is not None and paired_error.message == "fine 😀"  # a pair is no poison

@@ -117,6 +117,15 @@ def build_app(settings: Settings, queue: str) -> Conveyor:
         executions[ctx.job_id] += 1
         raise ValueError("a NUL \x00 in the message")
 
+    @app.task(name="t.surrogates", max_attempts=1, queue=queue)
+    def surrogates(ctx: Context, payload: Numbers) -> dict[str, str]:
+        """A file name Python could not decode, as a result or in an error."""
+        executions[ctx.job_id] += 1
+        ctx.progress(50, message="reading caf\udce9.txt")
+        if payload.a:
+            raise FileNotFoundError(f"no such file: caf\udce9.txt{chr(0)}")
+        return {"file": "caf\udce9.txt"}
+
     @app.task(name="t.until_cancelled", max_attempts=1, queue=queue)
     def until_cancelled(ctx: Context, payload: Numbers) -> str:
         executions[ctx.job_id] += 1
@@ -512,6 +521,27 @@ def test_results_and_errors_the_database_would_refuse_end_the_job_cleanly(
     assert done_nan.error is not None and "JSON-serialisable" in done_nan.error.message
     assert done_nul.status is JobStatus.DEAD
     assert done_nul.error is not None and done_nul.error.message == "a NUL \\x00 in the message"
+
+
+def test_results_errors_and_progress_with_lone_surrogates_end_the_job_readably(
+    app: Conveyor, worker: Any
+) -> None:
+    """The result is refused (the job is dead, saying why), the error and progress are
+    recorded escaped; and on PostgreSQL the dead letters can still be filtered by type."""
+    from conveyor.store import DeadLetterFilter
+
+    with worker():
+        result = app.submit("t.surrogates", {"a": 0})
+        error = app.submit("t.surrogates", {"a": 1})
+        done_result, done_error = wait_terminal(app, result, error)
+    assert done_result.status is JobStatus.DEAD
+    assert done_result.error is not None and "result" in done_result.error.message
+    assert done_error.status is JobStatus.DEAD
+    assert done_error.error is not None
+    assert done_error.error.message == "no such file: caf\\udce9.txt\\x00"
+    assert done_error.progress.message == "reading caf\\udce9.txt"
+    found, _ = app.store.dead_letters(DeadLetterFilter(error_type="FileNotFoundError"))
+    assert [job.id for job in found] == [error.id]
 
 
 def test_a_claim_whose_answer_was_lost_is_run_by_the_process_that_holds_it(

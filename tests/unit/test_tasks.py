@@ -167,6 +167,67 @@ def test_payload_invalid_names_the_field(
     assert caught.value.__cause__ is None
 
 
+class Loose(BaseModel):
+    """Fields that take anything: where a hostile value reaches the store unless refused."""
+
+    data: dict[str, Any] = {}
+    anything: Any = None
+    ratio: float = 0.0
+    counts: dict[int, str] = {}
+
+
+def loose(ctx: Context, payload: Loose) -> None:
+    return None
+
+
+def deep(levels: int) -> Any:
+    value: Any = 1
+    for _ in range(levels):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize(
+    ("payload", "loc", "kind"),
+    [
+        # pydantic would store a lone surrogate in a value as it is...
+        ({"data": {"x": "\ud800"}}, ("data", "x"), "string_surrogate"),
+        # ...and silently mangle one in a key into three replacement characters.
+        ({"data": {"\ud800": 1}}, ("data", "\\ud800"), "key_surrogate"),
+        ({"anything": "nul\x00"}, ("anything",), "string_nul"),
+        # NaN in an Any field would be dumped as null: data changed without a word.
+        ({"anything": float("nan")}, ("anything",), "float_not_finite"),
+        ({"ratio": float("inf")}, ("ratio",), "float_not_finite"),
+        ({"anything": 2**64}, ("anything",), "int_out_of_range"),
+        ({"anything": {(1, 2): "tuple key"}}, ("anything", "(1, 2)"), "key_type"),
+        ({"data": deep(64)}, ("data", *["a"] * 63), "too_deep"),
+        ({"anything": deep(300)}, ("anything", *["a"] * 63), "too_deep"),
+    ],
+)
+def test_a_payload_the_store_cannot_give_back_is_refused_naming_where(
+    app: Conveyor, payload: dict[str, Any], loc: tuple[Any, ...], kind: str
+) -> None:
+    task = app.task(name="t")(loose)
+    with pytest.raises(PayloadInvalid) as caught:
+        task.validate(payload)
+    assert [(tuple(e["loc"]), e["type"]) for e in caught.value.errors][:1] == [(loc, kind)]
+
+
+def test_a_model_instance_is_checked_as_it_dumps(app: Conveyor) -> None:
+    task = app.task(name="t")(loose)
+    with pytest.raises(PayloadInvalid, match=r"data\.x: lone surrogate"):
+        task.validate(Loose(data={"x": "\udc80"}))
+    with pytest.raises(PayloadInvalid, match="not be written as JSON"):
+        task.validate(Loose(anything=b"\xff"))  # bytes that are no UTF-8
+
+
+def test_what_a_model_converts_losslessly_is_accepted(app: Conveyor) -> None:
+    task = app.task(name="t")(loose)
+    data = task.validate({"counts": {1: "one"}, "data": {"deep": deep(62)}, "anything": "é😀"})
+    assert data["counts"] == {"1": "one"}
+    assert task.parse(data).counts == {1: "one"}
+
+
 def test_unknown_task(app: Conveyor) -> None:
     with pytest.raises(TaskNotFound, match="'nope'"):
         app.get_task("nope")

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.exceptions import HTTPException
 
 from conveyor.api.auth import Authenticated, require_key
+from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
     Cursor,
@@ -35,7 +36,7 @@ from conveyor.api.schemas import (
 from conveyor.api.state import api_state
 from conveyor.jobs import Job
 from conveyor.store import Store
-from conveyor.store.pages import decode_cursor
+from conveyor.store.pages import dead_letter_cursor, decode_cursor
 
 MAX_PAGE = 200
 
@@ -58,17 +59,30 @@ def list_dead_letters(
     until: Annotated[Timestamp | None, Query(description="Died before this.")] = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-) -> DeadLetterPage:
-    """Dead jobs, the last to die first, filtered by task, error type and when they died."""
+) -> Response:
+    """Dead jobs, the last to die first, filtered by task, error type and when they died.
+
+    A page holds at most ``limit`` dead letters and ends early once its items reach
+    1 MiB of JSON (one bigger than that comes alone); follow ``next_cursor``.
+    """
     if cursor is not None:
         try:
             decode_cursor(cursor)
         except ValueError:
             raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
-    selection = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until)
+    match = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until).match()
     store = api_state(request).store
-    jobs, next_cursor = store.dead_letters(selection.match(), cursor=cursor, limit=limit)
-    return DeadLetterPage(items=_dead_letters(store, jobs), next_cursor=next_cursor)
+
+    def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:
+        return store.dead_letters(match, cursor=after, limit=count)
+
+    return bounded_page(
+        fetch,
+        lambda jobs: _dead_letters(store, jobs),
+        dead_letter_cursor,
+        cursor=cursor,
+        limit=limit,
+    )
 
 
 @router.post(
@@ -115,19 +129,30 @@ def get_dead_letter(job_id: str, request: Request) -> DeadLetter:
     "/{job_id}/replay",
     status_code=202,
     response_model=JobResource,
-    responses=problem_responses(404, 409),
+    responses={
+        200: {"model": JobResource, "description": "It was replayed before: that job"},
+        **problem_responses(404, 409),
+    },
 )
 def replay_dead_letter(
     job_id: str, request: Request, response: Response, key: Authenticated
 ) -> JobResource:
     """Run a dead job again as a new job (``replay_of`` names the dead one, which stays dead).
 
-    409 if the job is not dead, its task is no longer registered, or its payload
-    no longer fits the task.
+    Once only: if it was replayed before, the answer is 200 with the job that replayed
+    it first (``Idempotent-Replayed: true``), and no new job is made, even for
+    concurrent calls. 409 if the job is not dead, its task is no longer registered,
+    or its payload no longer fits the task.
     """
-    job = api_state(request).conveyor.replay(job_id, correlation_id=request.state.correlation_id)
-    log.info("dead_letter.replayed", job_id=job.id, replay_of=job_id, by=key.name)
-    resource = JobResource.of(job)
+    conveyor = api_state(request).conveyor
+    job, created = conveyor.replay_once(job_id, correlation_id=request.state.correlation_id)
+    if created:
+        log.info("dead_letter.replayed", job_id=job.id, replay_of=job_id, by=key.name)
+        resource = JobResource.of(job)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
+        resource = JobResource.of(job, conveyor.store.attempts(job.id))
     response.headers["Location"] = resource.links.self
     return resource
 

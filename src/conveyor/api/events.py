@@ -4,25 +4,33 @@ Each message carries ``id`` (the job's ``seq``, or the global event id on
 ``/v1/events``), ``event`` (``status`` or ``progress``) and the Event as JSON
 ``data``. A reconnecting client's ``Last-Event-ID`` resumes exactly after the
 last event it saw; ``?after=`` does the same for a first connection.
+
+A client that takes no data for ``CONVEYOR_SEND_TIMEOUT`` seconds is dropped:
+the server process aborts its connection (see ``conveyor.api.server``), and
+the stream itself gives up on a send that long overdue, under any server.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 import structlog
 from fastapi import APIRouter, Depends, Header, Query, Request
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
+from conveyor import payloads
 from conveyor.api.auth import require_key
 from conveyor.api.openapi import digits_up_to
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import ApiState, api_state
 from conveyor.errors import StoreUnavailable
-from conveyor.events import all_stream, job_stream
+from conveyor.events import all_pages, job_pages
 from conveyor.jobs import Event, JobStatus
 
 log = structlog.get_logger("conveyor.api")
@@ -66,12 +74,35 @@ def resume_point(last_event_id: str | None, after: int | None) -> int | None:
     return int(value)
 
 
-def _message(event: Event, message_id: int) -> ServerSentEvent:
-    return ServerSentEvent(data=event.model_dump_json(), event=event.type.value, id=str(message_id))
+def _message(event: Event, message_id: int) -> bytes:
+    """One SSE message, encoded (CRLF line ends, like the response's own pings)."""
+    data, repaired = payloads.servable(event.data)  # recorded before text was escaped
+    if repaired:
+        event = event.model_copy(update={"data": data})
+    message = ServerSentEvent(
+        data=event.model_dump_json(), event=event.type.value, id=str(message_id)
+    )
+    return message.encode()
 
 
-def _respond(state: ApiState, messages: AsyncIterator[ServerSentEvent]) -> EventSourceResponse:
-    return EventSourceResponse(messages, ping=state.settings.sse_ping_seconds)
+class EventStream(EventSourceResponse):
+    """An SSE response that ends quietly when its client stops reading."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            log.warning("stream.dropped", reason="the client took no data", after=self.send_timeout)
+
+
+def _respond(state: ApiState, messages: AsyncIterator[bytes]) -> EventSourceResponse:
+    # The server process drops a client that stops reading after the send timeout; this
+    # one, twice as long, is for servers that do not (the stream still ends).
+    return EventStream(
+        messages,
+        ping=state.settings.sse_ping_seconds,
+        send_timeout=2 * state.settings.send_timeout,
+    )
 
 
 @router.get("/jobs/{job_id}/events", responses=problem_responses(404))
@@ -83,13 +114,16 @@ async def job_events(
     after_seq = resume_point(last_event_id, after) or 0
     await asyncio.to_thread(state.store.get_job, job_id)  # 404 before streaming
 
-    async def messages() -> AsyncIterator[ServerSentEvent]:
-        try:
-            async for event in job_stream(state.hub, state.store, job_id, after_seq=after_seq):
-                yield _message(event, event.seq)
-        except StoreUnavailable as exc:
-            # Ending the stream makes the client reconnect with Last-Event-ID.
-            log.warning("stream.store_lost", job_id=job_id, error=str(exc))
+    async def messages() -> AsyncIterator[bytes]:
+        # Closed with the response, not when collected: it holds a hub subscription.
+        pages = job_pages(state.hub, state.store, job_id, after_seq=after_seq)
+        async with contextlib.aclosing(pages):
+            try:
+                async for page in pages:
+                    yield b"".join(_message(event, event.seq) for event in page)
+            except StoreUnavailable as exc:
+                # Ending the stream makes the client reconnect with Last-Event-ID.
+                log.warning("stream.store_lost", job_id=job_id, error=str(exc))
 
     return _respond(state, messages())
 
@@ -106,12 +140,13 @@ async def all_events(
     state = api_state(request)
     after_id = resume_point(last_event_id, after)
 
-    async def messages() -> AsyncIterator[ServerSentEvent]:
-        stream = all_stream(state.hub, state.store, after_id=after_id, task=task, status=status)
-        try:
-            async for event in stream:
-                yield _message(event, event.id)
-        except StoreUnavailable as exc:
-            log.warning("stream.store_lost", error=str(exc))
+    async def messages() -> AsyncIterator[bytes]:
+        pages = all_pages(state.hub, state.store, after_id=after_id, task=task, status=status)
+        async with contextlib.aclosing(pages):
+            try:
+                async for page in pages:
+                    yield b"".join(_message(event, event.id) for event in page)
+            except StoreUnavailable as exc:
+                log.warning("stream.store_lost", error=str(exc))
 
     return _respond(state, messages())

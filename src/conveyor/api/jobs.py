@@ -1,4 +1,4 @@
-"""``/v1/jobs``: submit, list, read and cancel jobs.
+"""``/v1/jobs``: submit, list, read, cancel and delete jobs.
 
 Store calls are blocking, so these endpoints are plain ``def``: FastAPI runs
 them in its thread pool, off the event loop.
@@ -7,6 +7,7 @@ them in its thread pool, off the event loop.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 import structlog
@@ -14,8 +15,9 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from conveyor import idempotency
+from conveyor import idempotency, payloads
 from conveyor.api.auth import Authenticated, require_key
+from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
     Cursor,
@@ -24,11 +26,12 @@ from conveyor.api.schemas import (
     JobPage,
     JobRequest,
     JobResource,
+    Purged,
 )
 from conveyor.api.state import api_state
 from conveyor.errors import BatchInvalid, ConfigurationError, ConveyorError, PayloadInvalid
-from conveyor.jobs import JobStatus
-from conveyor.store.pages import decode_cursor
+from conveyor.jobs import Job, JobStatus
+from conveyor.store.pages import decode_cursor, job_cursor
 from conveyor.tasks import Task
 
 MAX_PAGE = 200
@@ -77,8 +80,17 @@ def submit_job(
         ),
     ] = None,
 ) -> JobResource:
-    """Validate the payload against the task's schema, record the job and enqueue it."""
+    """Validate the payload against the task's schema, record the job and enqueue it.
+
+    A payload the store could not give back as it is, is refused (422, naming where):
+    lone surrogates, NUL characters, NaN and infinities, integers outside
+    -2^63 .. 2^64-1, nesting deeper than 64 levels.
+    """
     conveyor = api_state(request).conveyor
+    # Here already, before anything (the idempotency fingerprint included) encodes it.
+    unstorable = payloads.check_storable(body.payload)
+    if unstorable:
+        raise PayloadInvalid(body.task, unstorable)
     if body.task in conveyor.tasks:
         check_json_types(conveyor.tasks[body.task], body.payload)
     options = body.options(request.state.correlation_id)
@@ -173,19 +185,27 @@ def list_jobs(
     task: str | None = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
-) -> JobPage:
-    """Jobs newest first, filtered by any of several statuses and by task."""
+) -> Response:
+    """Jobs newest first, filtered by any of several statuses and by task.
+
+    A page holds at most ``limit`` jobs and ends early once its items reach
+    1 MiB of JSON (a job bigger than that comes alone); follow ``next_cursor``.
+    """
     if cursor is not None:
         try:
             decode_cursor(cursor)
         except ValueError:
             raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
-    jobs, next_cursor = api_state(request).store.list_jobs(
-        status=status, task=task, cursor=cursor, limit=limit
-    )
-    attempts = api_state(request).store.attempts_of([j.id for j in jobs])
-    items = [JobResource.of(j, attempts[j.id]) for j in jobs]
-    return JobPage(items=items, next_cursor=next_cursor)
+    store = api_state(request).store
+
+    def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:
+        return store.list_jobs(status=status, task=task, cursor=after, limit=count)
+
+    def render(jobs: Sequence[Job]) -> list[JobResource]:
+        attempts = store.attempts_of([j.id for j in jobs])
+        return [JobResource.of(j, attempts[j.id]) for j in jobs]
+
+    return bounded_page(fetch, render, job_cursor, cursor=cursor, limit=limit)
 
 
 @router.get("/{job_id}", response_model=JobResource, responses=problem_responses(404))
@@ -202,3 +222,14 @@ def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource
     state = api_state(request)
     job, _ = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
     return JobResource.of(job, state.store.attempts(job.id))
+
+
+@router.delete("/{job_id}", response_model=Purged, responses=problem_responses(404, 409))
+def delete_job(job_id: str, request: Request, key: Authenticated) -> Purged:
+    """Delete a job that has ended, with its events, attempts and idempotency keys.
+
+    409 if it has not ended: cancel it first. Jobs replaying it keep naming it.
+    """
+    api_state(request).store.delete_job(job_id)
+    log.info("job.deleted", job_id=job_id, by=key.name)
+    return Purged(purged=1)

@@ -2,12 +2,15 @@
 
     TaskNotFound, JobNotFound              404   (DeadLetterNotFound: not dead)
     IllegalTransition, JobNotDead          409
+    JobNotEnded                            409   (delete: cancel it first)
     ReplayRefused                          409   (``errors`` point into the stored payload)
     IdempotencyConflict                    409   (``Retry-After``: the first request is under way)
     IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
     BatchInvalid                           422   (``errors`` point at each bad item)
+    NotStorable                            422
     RequestValidationError                 422   (``errors``)
+    a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
     anything else                          500, logged with its traceback, never shown
@@ -41,7 +44,9 @@ from conveyor.errors import (
     IdempotencyMismatch,
     IllegalTransition,
     JobNotDead,
+    JobNotEnded,
     JobNotFound,
+    NotStorable,
     PayloadInvalid,
     ReplayRefused,
     StoreUnavailable,
@@ -91,6 +96,7 @@ KINDS: dict[type[ConveyorError], Kind] = {
     DeadLetterNotFound: Kind(404, "dead-letter-not-found", "Dead letter not found"),
     IllegalTransition: Kind(409, "illegal-transition", "Job cannot make that change"),
     JobNotDead: Kind(409, "job-not-dead", "Job is not dead"),
+    JobNotEnded: Kind(409, "job-not-ended", "Job has not ended"),
     ReplayRefused: Kind(409, "replay-refused", "Dead letter cannot be replayed"),
     IdempotencyConflict: Kind(409, "idempotency-conflict", "A request with this key is under way"),
     IdempotencyMismatch: Kind(
@@ -98,6 +104,7 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ),
     PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
     BatchInvalid: Kind(422, "invalid-batch", "Items of the batch are invalid; none was recorded"),
+    NotStorable: Kind(422, "not-storable", "Value cannot be stored"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
@@ -154,7 +161,21 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
 
 
 def http_problem(exc: HTTPException) -> JSONResponse:
+    if exc.status_code == 400 and isinstance(exc.__cause__, RecursionError | ValueError):
+        # FastAPI answers 422 for a body that is not JSON, but 400 when its parser
+        # gives up on one that is: nested past its recursion limit, or holding an
+        # integer too long to convert. Both are invalid bodies: 422 as well.
+        error = {"loc": ("body",), "msg": _unparsable(exc.__cause__), "type": "json_invalid"}
+        return validation_problem(RequestValidationError([error]))
     return problem(exc.status_code, str(exc.detail), headers=exc.headers)
+
+
+def _unparsable(cause: BaseException) -> str:
+    if isinstance(cause, RecursionError):
+        return "JSON nested too deep to parse"
+    if isinstance(cause, UnicodeDecodeError):
+        return "the body is not UTF-8"
+    return "JSON with a number too long to parse"
 
 
 def validation_problem(exc: RequestValidationError) -> JSONResponse:

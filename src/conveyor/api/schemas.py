@@ -1,9 +1,15 @@
-"""The API's request and response bodies, beyond the core ``Job`` and ``Event`` models."""
+"""The API's request and response bodies, beyond the core ``Job`` and ``Event`` models.
+
+Request bodies are strict: a value of the wrong JSON type is refused, never
+converted (``"all": "yes"`` is no boolean, ``"until": 0`` no timestamp).
+Responses are made servable: values recorded before Conveyor refused what JSON
+cannot carry are repaired on the way out and named in ``repaired``.
+"""
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
@@ -19,6 +25,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from conveyor import payloads
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
 from conveyor.store import DeadLetterFilter
 from conveyor.tasks import (
@@ -50,28 +57,57 @@ def _json_number(value: object) -> object:
     """JSON numbers only: pydantic's lax mode would take ``true`` or ``"5"`` for a number."""
     if isinstance(value, bool | str):
         raise PydanticCustomError("number_type", "Input should be a JSON number")
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**63:
+        return int(value)  # so that strict models take it where an integer is due
     return value
 
 
 #: A number as JSON writes it; ``46.0`` still counts as the integer 46, as in JSON Schema.
 Number = BeforeValidator(_json_number)
 
+#: Request bodies: unknown fields refused, no conversions between JSON types.
+STRICT = ConfigDict(extra="forbid", strict=True)
+
+
+def _storable_text(value: str) -> str:
+    problem = payloads.check_storable(value)
+    if problem:
+        raise PydanticCustomError(problem[0]["type"], problem[0]["msg"])
+    return value
+
+
+#: Text of a request that is stored or echoed: no lone surrogates, no NUL.
+Text = Annotated[str, AfterValidator(_storable_text)]
+
+
+def _repaired() -> Any:
+    return Field(
+        default_factory=list,
+        description="Fields recorded with values JSON cannot carry as they are (before Conveyor"
+        " refused them), served repaired: lone surrogates escaped, NaN and infinities as null,"
+        " nesting past 128 levels cut.",
+    )
+
 
 class JobRequest(BaseModel):
-    """A job to submit; ``queue`` and ``priority`` default to the task's own."""
+    """A job to submit; ``queue`` and ``priority`` default to the task's own.
+
+    The payload must be storable as it is: no lone surrogates, no NUL characters,
+    no NaN or infinities, integers within -2^63 .. 2^64-1, at most 64 levels deep.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     # Patterns documented, checked by the submit itself: 404 for a task name no task
     # has (whatever its shape), 422 invalid-options for a queue name.
-    task: str = Field(
+    task: Text = Field(
         min_length=1,
         max_length=200,
         json_schema_extra={"pattern": NAME_PATTERN.pattern},
         examples=["diag.echo"],
     )
     payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
-    queue: str | None = Field(
+    queue: Text | None = Field(
         default=None,
         min_length=1,
         max_length=200,
@@ -138,9 +174,7 @@ class AttemptInfo(BaseModel):
 
     @classmethod
     def of(cls, attempt: Attempt) -> AttemptInfo:
-        error = attempt.error
-        info = ErrorInfo(type=error.type, message=error.message) if error else None
-        return cls(**{**dict(attempt), "error": info})
+        return cls(**_attempt_fields(attempt, traceback=False)[0])
 
 
 class JobResource(Job):
@@ -149,15 +183,24 @@ class JobResource(Job):
     error: ErrorInfo | None = None  # type: ignore[assignment]  # narrower than the stored one
     links: JobLinks
     attempts: list[AttemptInfo] = []
+    repaired: list[str] = _repaired()
 
     @classmethod
     def of(cls, job: Job, attempts: Sequence[Attempt] = ()) -> JobResource:
         """``attempts`` may be left out for a job that has just been created."""
         path = f"/v1/jobs/{job.id}"
-        error = ErrorInfo(type=job.error.type, message=job.error.message) if job.error else None
-        fields = {**dict(job), "error": error}
-        ended = [AttemptInfo.of(a) for a in attempts]
-        return cls(**fields, links=JobLinks(self=path, events=f"{path}/events"), attempts=ended)
+        fields = job.model_dump(exclude={"error"})
+        fields["error"] = job.error.model_dump(exclude={"traceback"}) if job.error else None
+        repaired = servable_fields(fields, ("payload", "result", "error", "progress"))
+        ended = [_attempt_fields(a, traceback=False) for a in attempts]
+        if any(changed for _, changed in ended):
+            repaired.append("attempts")
+        return cls(
+            **fields,
+            links=JobLinks(self=path, events=f"{path}/events"),
+            attempts=[AttemptInfo(**a) for a, _ in ended],
+            repaired=repaired,
+        )
 
 
 class JobBatch(BaseModel):
@@ -167,10 +210,31 @@ class JobBatch(BaseModel):
 
 
 class JobPage(BaseModel):
-    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page.
+
+    A page holds at most ``limit`` jobs and ends early once its items reach
+    1 MiB of JSON; a job bigger than that comes alone on its page.
+    """
 
     items: list[JobResource]
     next_cursor: str | None
+
+
+def servable_fields(fields: dict[str, Any], names: Iterable[str]) -> list[str]:
+    """Repair the named fields of a response in place (see ``payloads.servable``);
+    returns the names of those that needed it."""
+    repaired = []
+    for name in names:
+        value, changed = payloads.servable(fields[name])
+        if changed:
+            fields[name] = value
+            repaired.append(name)
+    return repaired
+
+
+def _attempt_fields(attempt: Attempt, *, traceback: bool) -> tuple[dict[str, Any], bool]:
+    fields = attempt.model_dump(exclude=None if traceback else {"error": {"traceback"}})
+    return fields, bool(servable_fields(fields, ("error",)))
 
 
 # -- dead letters ---------------------------------------------------------------
@@ -194,7 +258,9 @@ def _rfc_3339(value: object) -> object:
 
 
 #: A timestamp, written in RFC 3339; one without a zone is taken as UTC.
-Timestamp = Annotated[datetime, BeforeValidator(_rfc_3339), AfterValidator(_assume_utc)]
+Timestamp = Annotated[
+    datetime, BeforeValidator(_rfc_3339), AfterValidator(_assume_utc), Field(strict=False)
+]
 
 
 class DeadLetterLinks(BaseModel):
@@ -224,20 +290,32 @@ class DeadLetter(BaseModel):
     replay_of: str | None
     replayed_by: list[str]
     links: DeadLetterLinks
+    repaired: list[str] = _repaired()
 
     @classmethod
     def of(cls, job: Job, attempts: Sequence[Attempt], replayed_by: Sequence[str]) -> DeadLetter:
         path = f"/v1/dead-letters/{job.id}"
+        fields = job.model_dump(include=set(cls.model_fields) & set(Job.model_fields))
+        repaired = servable_fields(fields, ("payload", "error"))
+        ended = [_attempt_fields(a, traceback=True) for a in attempts]
+        if any(changed for _, changed in ended):
+            repaired.append("attempts")
         return cls(
-            **job.model_dump(include=set(cls.model_fields) & set(Job.model_fields)),
-            attempts=list(attempts),
+            **fields,
+            attempts=[Attempt(**a) for a, _ in ended],
             replayed_by=list(replayed_by),
             links=DeadLetterLinks(self=path, job=f"/v1/jobs/{job.id}", replay=f"{path}/replay"),
+            repaired=repaired,
         )
 
 
 class DeadLetterPage(BaseModel):
-    """The last to die first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+    """The last to die first; pass ``next_cursor`` back as ``cursor`` for the next page.
+
+    A page holds at most ``limit`` dead letters and ends early once its items
+    reach 1 MiB of JSON (tracebacks can be large); one bigger than that comes
+    alone on its page.
+    """
 
     items: list[DeadLetter]
     next_cursor: str | None
@@ -246,10 +324,10 @@ class DeadLetterPage(BaseModel):
 class DeadLetterSelection(BaseModel):
     """Which dead letters: ``since`` is inclusive, ``until`` exclusive (by when they died)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = STRICT
 
-    task: str | None = Field(default=None, min_length=1, max_length=200)
-    error_type: str | None = Field(default=None, min_length=1, max_length=200)
+    task: Text | None = Field(default=None, min_length=1, max_length=200)
+    error_type: Text | None = Field(default=None, min_length=1, max_length=200)
     since: Timestamp | None = None
     until: Timestamp | None = None
 
@@ -281,7 +359,8 @@ _FILTERS = ("task", "error_type", "since", "until")
 
 
 class PurgeRequest(DeadLetterSelection):
-    """Delete the matching dead letters; an empty filter must say ``"all": true``."""
+    """Delete the matching dead letters; an empty filter must say ``"all": true``
+    (the JSON ``true``: no other value purges everything)."""
 
     model_config = ConfigDict(
         json_schema_extra={

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import structlog
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -60,6 +61,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
+from conveyor import payloads
 from conveyor.errors import (
     ConfigurationError,
     DeadLetterNotFound,
@@ -67,11 +69,13 @@ from conveyor.errors import (
     IdempotencyMismatch,
     IllegalTransition,
     JobNotDead,
+    JobNotEnded,
     JobNotFound,
+    NotStorable,
     StoreUnavailable,
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
-from conveyor.jobs import Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
+from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.models import (
     attempts_t,
     events_t,
@@ -113,6 +117,8 @@ VERSION_TABLE = "conveyor_alembic_version"
 
 #: Sequence numbers are 32-bit columns; a resume point past this has nothing after it.
 MAX_SEQ = 2**31 - 1
+
+log = structlog.get_logger("conveyor.store")
 
 
 def utcnow() -> datetime:
@@ -423,8 +429,9 @@ class Store:
         if task:
             query = query.where(jobs_t.c.task == task)
         with self._tx() as conn:
-            found = [rows.job(r) for r in conn.execute(query.limit(limit + 1)).mappings()]
-        return pages.cut(found, limit, lambda job: (job.created_at, job.id))
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+        page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
+        return _readable_jobs(page), after
 
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
@@ -447,7 +454,12 @@ class Store:
         step: str | None = None,
         message: str | None = None,
     ) -> Event | None:
-        """Record progress of a running attempt; None if the attempt is no longer current."""
+        """Record progress of a running attempt; None if the attempt is no longer current.
+
+        Text the database cannot hold (lone surrogates, NUL) is recorded escaped.
+        """
+        step = payloads.escape_text(step) if step is not None else None
+        message = payloads.escape_text(message) if message is not None else None
         found = self._write(
             PROGRESS,
             now=utcnow(),
@@ -463,6 +475,11 @@ class Store:
         return found[1] if found else None
 
     def succeed(self, job_id: str, attempt: int, result: Any) -> tuple[Job, Event] | None:
+        """End the held attempt and the job with its result; raises NotStorable for a
+        result that could not be read back as it is (see ``conveyor.payloads``)."""
+        problems = payloads.check_storable(result)
+        if problems:
+            raise NotStorable("result", problems)
         now = utcnow()
         return self._write(
             SUCCEED,
@@ -483,6 +500,7 @@ class Store:
         outcome: AttemptOutcome = AttemptOutcome.FAILED,
     ) -> tuple[Job, Event] | None:
         """End the held attempt and the job: it goes to the dead letters."""
+        error = _storable_error(error)
         now = utcnow()
         return self._write(
             DIE,
@@ -510,6 +528,7 @@ class Store:
         The next attempt is dispatched when it is due (see :meth:`due_for_dispatch`),
         unless ``dispatched`` says the caller hands it to the broker itself.
         """
+        error = _storable_error(error)
         now = utcnow()
         at = now + timedelta(seconds=delay)
         return self._write(
@@ -892,8 +911,9 @@ class Store:
             found = select(replays.c.id).where(replays.c.replay_of == jobs_t.c.id).exists()
             query = query.where(found if replayed else ~found)
         with self._tx() as conn:
-            dead = [rows.job(r) for r in conn.execute(query.limit(limit + 1)).mappings()]
-        return pages.cut(dead, limit, lambda job: (job.finished_at, job.id))
+            dead = conn.execute(query.limit(limit + 1)).mappings().all()
+        page, after = pages.cut(dead, limit, lambda row: (rows.utc(row["finished_at"]), row["id"]))
+        return _readable_jobs(page), after
 
     def dead_letter(self, job_id: str) -> Job:
         """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""
@@ -1039,6 +1059,66 @@ class Store:
             return None
         return ApiKey(id=row["id"], name=row["name"], scopes=tuple(row["scopes"]))
 
+    # -- deleting and replaying -----------------------------------------------
+
+    def delete_job(self, job_id: str) -> None:
+        """Delete a job that has ended, with its events, attempts and idempotency keys.
+
+        Raises JobNotFound, or JobNotEnded if it has not ended (a worker may hold it:
+        cancel it first). Jobs replaying it keep naming it in ``replay_of``.
+        """
+        ended = sorted(s.value for s in TERMINAL)
+        statement = delete(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ended))
+        with self._tx() as conn:
+            if conn.execute(statement).rowcount == 1:
+                return
+            status = conn.execute(
+                select(jobs_t.c.status).where(jobs_t.c.id == job_id)
+            ).scalar_one_or_none()
+        if status is None:
+            raise JobNotFound(job_id)
+        raise JobNotEnded(job_id, status)
+
+    def replay_once(self, dead_id: str, **job: Any) -> tuple[Job, bool]:
+        """:meth:`create_job` (same keyword arguments) for a job replaying the dead job
+        ``dead_id``, and True; unless one replays it already: then the first of those,
+        and False.
+
+        Raises JobNotFound, or JobNotDead if ``dead_id`` is not dead. Concurrent
+        replays of one dead job make one job: each first writes the dead row (a
+        no-op update), which takes its lock on PostgreSQL and the database's on
+        SQLite, so the later one waits for the earlier to commit and finds its job.
+        """
+        lock = (
+            update(jobs_t)
+            .where(jobs_t.c.id == dead_id, jobs_t.c.status == JobStatus.DEAD.value)
+            .values(event_seq=jobs_t.c.event_seq)
+        )
+        first = (
+            select(jobs_t)
+            .where(jobs_t.c.replay_of == dead_id)
+            .order_by(jobs_t.c.created_at, jobs_t.c.id)
+            .limit(1)
+        )
+        now = utcnow()
+        values = _new_job(now, **{**job, "replay_of": dead_id})
+        params = _params(CREATE, now, values, None, None, None, None)
+        with self._tx() as conn:
+            if conn.execute(lock).rowcount != 1:
+                status = conn.execute(
+                    select(jobs_t.c.status).where(jobs_t.c.id == dead_id)
+                ).scalar_one_or_none()
+                if status is None:
+                    raise JobNotFound(dead_id)
+                raise JobNotDead(dead_id, status)
+            found = conn.execute(first).mappings().first()
+            if found is not None:
+                return rows.job(found), False
+            created = self._apply(conn, CREATE, params, {"attempt": 1})
+        assert created is not None
+        self.publish([created[1]])
+        return created[0], True
+
 
 def _alembic_config() -> Config:
     config = Config()
@@ -1085,6 +1165,28 @@ def _new_job(
         "replay_of": replay_of,
         "dispatched_at": now,
     }
+
+
+def _readable_jobs(found: Sequence[Mapping[Any, Any]]) -> list[Job]:
+    """The jobs of a page; a row that does not even map to a Job (written by hand,
+    not by Conveyor) is left out and logged, so one bad row never fails a page."""
+    jobs = []
+    for row in found:
+        try:
+            jobs.append(rows.job(row))
+        except (ValueError, TypeError) as exc:  # pydantic's ValidationError is a ValueError
+            log.error("store.row_unreadable", job_id=row["id"], error=str(exc)[:500])
+    return jobs
+
+
+def _storable_error(error: JobError) -> JobError:
+    """``error`` with the text the database cannot hold (lone surrogates, NUL) escaped:
+    a failure must be recorded, whatever its message says."""
+    return JobError(
+        type=payloads.escape_text(error.type),
+        message=payloads.escape_text(error.message),
+        traceback=payloads.escape_text(error.traceback) if error.traceback else error.traceback,
+    )
 
 
 def _dead_letter_conditions(match: DeadLetterFilter) -> list[ColumnElement[bool]]:

@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 
 from sqlalchemy import ColumnElement, Select, and_, or_
 
+from conveyor.jobs import Job
+
 T = TypeVar("T")
 
 
@@ -33,6 +35,17 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         return at, str(key)
     except Exception as exc:
         raise ValueError("invalid cursor") from exc
+
+
+def job_cursor(job: Job) -> str:
+    """The cursor after ``job`` in a list of jobs (newest created first)."""
+    return encode_cursor(job.created_at, job.id)
+
+
+def dead_letter_cursor(job: Job) -> str:
+    """The cursor after ``job`` in a list of dead letters (the last to die first)."""
+    assert job.finished_at is not None, "a dead job has ended"
+    return encode_cursor(job.finished_at, job.id)
 
 
 def newest_first(

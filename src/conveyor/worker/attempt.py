@@ -14,6 +14,7 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import ValidationError
 
+from conveyor import payloads
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import ConveyorError, PermanentError
@@ -78,6 +79,8 @@ def _finally(record: Callable[[], object]) -> None:
 
 
 def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
+    if payloads.servable(job.payload)[1]:  # recorded before submits were checked
+        raise PermanentError("the stored payload cannot be read back as it is")
     try:
         task = app.get_task(job.task)
         payload = task.parse(job.payload)

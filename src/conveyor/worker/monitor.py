@@ -15,7 +15,7 @@ import structlog
 
 from conveyor.app import Conveyor
 from conveyor.context import Context
-from conveyor.errors import ConveyorError
+from conveyor.errors import ConveyorError, JobNotFound
 from conveyor.jobs import AttemptOutcome, Job, JobStatus
 from conveyor.worker.identity import worker_id
 from conveyor.worker.outcomes import take_back
@@ -134,6 +134,9 @@ class ProcessMonitor:
         if running.stop_requested is None:
             try:
                 job = self.app.store.get_job(running.job.id)
+            except JobNotFound:  # deleted (after a cancel) before this watch saw it
+                running.stop()
+                return
             except ConveyorError:
                 return
             if job.status is JobStatus.RUNNING and job.attempt == running.job.attempt:

@@ -12,8 +12,9 @@ import structlog
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
+from conveyor import payloads
 from conveyor.app import Conveyor
-from conveyor.errors import PermanentError, RetryableError, StoreUnavailable
+from conveyor.errors import NotStorable, PermanentError, RetryableError, StoreUnavailable
 from conveyor.jobs import AttemptOutcome, Job, JobError, JobStatus
 from conveyor.tasks import Task
 
@@ -30,6 +31,11 @@ def record_success(app: Conveyor, job: Job, result: Any) -> None:
         recorded = app.store.succeed(job.id, job.attempt, result)
     except StoreUnavailable:
         raise
+    except NotStorable as exc:  # JSON or the store could not give it back as it is
+        end_attempt(
+            app, job, _error(PermanentError(f"the result cannot be stored: {exc}")), retryable=False
+        )
+        return
     except Exception as exc:  # the store refused the result itself
         log.exception("job.result_refused")
         error = _error(PermanentError(f"the store refused the result: {type(exc).__name__}"))
@@ -62,14 +68,14 @@ def record_failure(
 
 
 def _error(exc: BaseException) -> JobError:
-    """What is stored of an exception; NUL characters, which PostgreSQL text refuses,
-    are written as ``\\x00``."""
+    """What is stored of an exception; text the store cannot hold (NUL characters,
+    lone surrogates) is escaped."""
     timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
     message = str(exc) or ("timed out" if timed_out else type(exc).__name__)
     return JobError(
-        type="TimeoutError" if timed_out else _qualname(exc),
-        message=message.replace("\x00", "\\x00"),
-        traceback="".join(traceback.format_exception(exc)).replace("\x00", "\\x00"),
+        type="TimeoutError" if timed_out else payloads.escape_text(_qualname(exc)),
+        message=payloads.escape_text(message),
+        traceback=payloads.escape_text("".join(traceback.format_exception(exc))),
     )
 
 
