@@ -179,7 +179,8 @@ def logs() -> Iterator[list[dict[str, Any]]]:
 
 
 class Worker:
-    """Moves a job through its states with the store calls and publishes a worker makes."""
+    """Moves a job through its states with the store calls a worker makes (the store
+    publishes each committed event)."""
 
     def __init__(self, conveyor: Conveyor) -> None:
         self.conveyor = conveyor
@@ -187,9 +188,7 @@ class Worker:
 
     def _publish(self, recorded: tuple[Job, Event] | Event | None) -> Event:
         assert recorded is not None, "the store refused the transition"
-        event = recorded if isinstance(recorded, Event) else recorded[1]
-        self.conveyor.publisher.publish([event])
-        return event
+        return recorded if isinstance(recorded, Event) else recorded[1]
 
     def claim(self, job_id: str, attempt: int = 1) -> Event:
         return self._publish(self.store.claim(job_id, attempt, "test-worker"))
