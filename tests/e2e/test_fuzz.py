@@ -174,23 +174,26 @@ def prepare(case: Case, keys: dict[str, str]) -> None:
 
 def _keep_valid(job: dict[str, Any]) -> None:
     """A job request as generated valid stays valid where the document cannot say how:
-    ``backoff_base`` at most ``backoff_cap``; no NUL in payload text (refused as not
-    storable, a rule of the store, not of the task's schema)."""
+    ``backoff_base`` at most ``backoff_cap``; a payload the store can hold as it is
+    (no NUL in text, integers within -2^63 .. 2^64-1): rules of the store, not of the
+    task's schema, refused with 422 as documented."""
     options = {**TASK_DEFAULTS, **{k: v for k, v in job.items() if v is not None}}
     base, cap = options["backoff_base"], options["backoff_cap"]
     if _number(base) and _number(cap) and base > cap:
         job["backoff_cap"] = job["backoff_base"] = base
     if "payload" in job:
-        job["payload"] = _without_nul(job["payload"])
+        job["payload"] = _storable(job["payload"])
 
 
-def _without_nul(value: Any) -> Any:
+def _storable(value: Any) -> Any:
     if isinstance(value, str):
         return value.replace("\x00", "")
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if -(2**63) <= value < 2**64 else 0
     if isinstance(value, dict):
-        return {_without_nul(k): _without_nul(v) for k, v in value.items()}
+        return {_storable(k): _storable(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_without_nul(v) for v in value]
+        return [_storable(v) for v in value]
     return value
 
 

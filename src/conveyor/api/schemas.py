@@ -77,7 +77,12 @@ def _storable_text(value: str) -> str:
 
 
 #: Text of a request that is stored or echoed: no lone surrogates, no NUL.
-Text = Annotated[str, AfterValidator(_storable_text)]
+Text = Annotated[
+    str,
+    AfterValidator(_storable_text),
+    # What JSON Schema can say of it: no NUL (a lone surrogate is not valid UTF-8 anyway).
+    Field(json_schema_extra={"pattern": "^[^\\u0000]*$"}),
+]
 
 
 def _repaired() -> Any:
