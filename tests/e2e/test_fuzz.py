@@ -8,9 +8,14 @@ errors as problem+json, schema-valid requests accepted and invalid ones
 refused, ``Allow`` headers, authentication not ignored. The test knows nothing
 of the routes: what the document lists is what is fuzzed.
 
+It runs schemathesis's engine, the run its command line makes, on a schema
+loaded over HTTP from the process: its pytest integration needs the schema at
+import time, or (``from_fixture``) a pytest private that pytest 9 removed.
+
 What the generator is told beyond the document, and why:
-- strings are UTF-8 (``codec``): JSON text on the wire is UTF-8 (RFC 8259), and
-  a lone surrogate, which UTF-8 cannot encode, is refused by the API on purpose;
+- strings are UTF-8 (``codec``): JSON text on the wire is UTF-8 (RFC 8259); a
+  lone surrogate, which UTF-8 cannot encode, is refused by the payload checks,
+  which have tests of their own;
 - a ``cursor`` (the document's ``format``) is one the store could have made
   (the coverage phase ignores custom formats, so valid cases get one here too);
 - bodies that break the one rule JSON Schema cannot state (``backoff_base`` at
@@ -32,7 +37,6 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
 import pytest
 import schemathesis
@@ -56,11 +60,13 @@ STREAM_SECONDS = 1.0
 TASK_DEFAULTS = {"backoff_base": 1.0, "backoff_cap": 300.0}  # the built-in tasks'
 
 
-def _cursor(at: Any, key: str) -> str:
+def _cursor(at: datetime, key: str) -> str:
+    """As the store makes them: base64url of ``[created_at, id]``."""
     raw = json.dumps([at.isoformat(), key]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# Registered for the process; nothing else here uses the fuzzer.
 schemathesis.openapi.format(
     "cursor",
     st.builds(_cursor, st.datetimes(timezones=st.just(UTC)), st.uuids().map(str)),
