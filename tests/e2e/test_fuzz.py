@@ -37,6 +37,7 @@ import secrets
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import schemathesis
