@@ -29,7 +29,7 @@ from datetime import datetime
 import structlog
 
 from conveyor.app import Conveyor
-from conveyor.errors import ConveyorError, PayloadInvalid, StoreUnavailable
+from conveyor.errors import ConveyorError, PayloadInvalid, ScheduleInvalid, StoreUnavailable
 from conveyor.jobs import Job
 from conveyor.schedules import Origin, Schedule, plan
 
@@ -214,3 +214,24 @@ class Scheduler:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(wait)
+
+
+def trigger(app: Conveyor, name: str) -> Job:
+    """A job of schedule ``name`` now, outside its cadence, dispatched; raises
+    ScheduleNotFound, or ScheduleInvalid when its task is gone or its payload no
+    longer fits (nothing is recorded then)."""
+    schedule = app.store.get_schedule(name)
+    task = app.tasks.get(schedule.task)
+    if task is None:
+        raise ScheduleInvalid("task", f"task {schedule.task!r} is not registered")
+    try:
+        job = app._new_job(
+            task, schedule.payload, {"queue": schedule.queue, "priority": schedule.priority}
+        )
+    except PayloadInvalid as exc:
+        raise ScheduleInvalid("payload", f"the schedule's {exc}", errors=exc.errors) from None
+    made = app.store.trigger_schedule(name, job)
+    log.info("schedule.triggered", schedule=name, job_id=made.id)
+    if app.store.mark_dispatched(made.id, made.attempt, None):
+        app.dispatch(made)
+    return made

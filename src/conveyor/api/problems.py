@@ -7,6 +7,9 @@
     IdempotencyConflict                    409   (``Retry-After``: the first request is under way)
     IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
+    ScheduleInvalid                        422   (``errors`` name the field: cron, timezone...)
+    ScheduleNotFound                       404
+    ScheduleExists                         409
     BatchInvalid                           422   (``errors`` point at each bad item)
     NotStorable                            422
     RequestValidationError                 422   (``errors``)
@@ -49,6 +52,9 @@ from conveyor.errors import (
     NotStorable,
     PayloadInvalid,
     ReplayRefused,
+    ScheduleExists,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StoreUnavailable,
     TaskNotFound,
 )
@@ -106,6 +112,9 @@ KINDS: dict[type[ConveyorError], Kind] = {
     BatchInvalid: Kind(422, "invalid-batch", "Items of the batch are invalid; none was recorded"),
     NotStorable: Kind(422, "not-storable", "Value cannot be stored"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
+    ScheduleInvalid: Kind(422, "invalid-schedule", "Invalid schedule"),
+    ScheduleNotFound: Kind(404, "schedule-not-found", "Schedule not found"),
+    ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -152,6 +161,11 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
     if isinstance(exc, BatchInvalid):
         errors = [e for index, item in exc.errors for e in _item_errors(index, item)]
+    if isinstance(exc, ScheduleInvalid):
+        where = ("body", exc.field)
+        errors = [_field_error((*where, *e.get("loc", ())), e) for e in exc.errors] or [
+            _field_error(where, {"msg": str(exc), "type": f"invalid_{exc.field}"})
+        ]
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]

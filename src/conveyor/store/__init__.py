@@ -426,6 +426,14 @@ class Store:
             raise JobNotFound(job_id)
         return rows.job(row)
 
+    def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs of ``job_ids`` that exist, by id (one query)."""
+        if not job_ids:
+            return {}
+        with self._tx() as conn:
+            found = conn.execute(select(jobs_t).where(jobs_t.c.id.in_(list(job_ids)))).mappings()
+            return {job.id: job for job in _readable_jobs(list(found))}
+
     def list_jobs(
         self,
         *,
