@@ -95,7 +95,7 @@ class JobRow(Base):
         # Every worker asks for the earliest scheduled job several times a second.
         Index("ix_conveyor_jobs_status_run_at", "status", "run_at"),
         # One job per tick of a schedule, whatever races (NULL ticks: triggered by hand).
-        UniqueConstraint("schedule", "schedule_tick", name="uq_conveyor_jobs_schedule_tick"),
+        Index("uq_conveyor_jobs_schedule_tick", "schedule", "schedule_tick", unique=True),
     )
 
 

@@ -24,9 +24,14 @@ def upgrade() -> None:
         batch.add_column(sa.Column("run_at", UTCDateTime, nullable=True))
         batch.add_column(sa.Column("schedule", sa.String(200), nullable=True))
         batch.add_column(sa.Column("schedule_tick", UTCDateTime, nullable=True))
-        batch.create_unique_constraint(
-            "uq_conveyor_jobs_schedule_tick", ["schedule", "schedule_tick"]
-        )
+    # An index, not a constraint: adding a constraint makes SQLite copy the table, and
+    # dropping the old copy would cascade to every job's events and attempts.
+    op.create_index(
+        "uq_conveyor_jobs_schedule_tick",
+        "conveyor_jobs",
+        ["schedule", "schedule_tick"],
+        unique=True,
+    )
     op.create_index("ix_conveyor_jobs_status_run_at", "conveyor_jobs", ["status", "run_at"])
     op.create_table(
         "conveyor_schedules",
@@ -60,8 +65,8 @@ def downgrade() -> None:
     # Scheduled jobs cannot be told apart once run_at is gone: queue them now.
     op.execute("UPDATE conveyor_jobs SET status = 'queued' WHERE status = 'scheduled'")
     op.drop_index("ix_conveyor_jobs_status_run_at", "conveyor_jobs")
+    op.drop_index("uq_conveyor_jobs_schedule_tick", "conveyor_jobs")
     with op.batch_alter_table("conveyor_jobs") as batch:
-        batch.drop_constraint("uq_conveyor_jobs_schedule_tick", type_="unique")
         batch.drop_column("schedule_tick")
         batch.drop_column("schedule")
         batch.drop_column("run_at")
