@@ -145,3 +145,32 @@ def test_catchup_all_fires_every_missed_tick_and_skip_one(apps: list[Conveyor]) 
     for name in ("all", "skip"):
         nxt = store.get_schedule(name).next_fire_at
         assert nxt is not None and nxt > datetime.now(UTC) - timedelta(seconds=1)
+
+
+def test_code_schedules_sync_without_clobbering_an_operators_pause(apps: list[Conveyor]) -> None:
+    app, other = apps[0], apps[1]
+    app.schedule("nightly", "diag.echo", cron="0 3 * * *", payload={"n": 1})
+    store = app.store
+
+    Scheduler(app).sync()
+    made = store.get_schedule("nightly")
+    assert (made.origin.value, made.enabled, made.cron) == ("code", True, "0 3 * * *")
+    assert store.sync_schedule(app.schedules["nightly"])[1] == "kept"
+
+    store.update_schedule("nightly", enabled=False)  # an operator pauses it
+    Scheduler(app).sync()
+    assert store.get_schedule("nightly").enabled is False  # unchanged code: the pause stands
+
+    other.schedule("nightly", "diag.echo", cron="0 4 * * *", payload={"n": 1})
+    assert store.sync_schedule(other.schedules["nightly"])[1] == "replaced"
+    replaced = store.get_schedule("nightly")
+    assert (replaced.cron, replaced.enabled) == ("0 4 * * *", True)  # the code changed: it wins
+
+    Scheduler(apps[2]).sync()  # code that no longer defines it
+    gone = store.get_schedule("nightly")
+    assert gone.enabled is False
+    assert gone.paused_reason is not None and "no longer defined" in gone.paused_reason
+    Scheduler(other).sync()  # defined again, unchanged: Conveyor's pause is lifted
+    back = store.get_schedule("nightly")
+    assert (back.enabled, back.paused_reason) == (True, None)
+    assert back.next_fire_at is not None

@@ -520,11 +520,7 @@ Cron = Annotated[
         examples=["*/5 * * * *"],
     ),
 ]
-Every = Annotated[
-    int,
-    Number,
-    Field(ge=MIN_EVERY, le=MAX_EVERY, description="Seconds between ticks, aligned to the epoch."),
-]
+_EVERY = "Seconds between ticks (whole, at least 1), aligned to the Unix epoch."
 TimeZone = Annotated[
     str,
     Field(
@@ -539,15 +535,6 @@ _CATCHUP = (
     "Ticks missed while nothing could fire them: `skip`, one job now for the latest;"
     " `all`, one job for each (the latest 100)."
 )
-ScheduleName = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=200,
-        json_schema_extra={"pattern": NAME_PATTERN.pattern},
-        examples=["nightly-report"],
-    ),
-]
 
 
 class ScheduleRequest(BaseModel):
@@ -556,7 +543,12 @@ class ScheduleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", json_schema_extra=_cadence_rule(nullable=False))
 
-    name: Annotated[Text, ScheduleName]
+    name: Text = Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        examples=["nightly-report"],
+    )
     task: Text = Field(
         min_length=1,
         max_length=200,
@@ -565,7 +557,9 @@ class ScheduleRequest(BaseModel):
     )
     payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
     cron: Cron | None = None
-    every: Every | None = None
+    every: Annotated[int | None, Number] = Field(
+        default=None, ge=MIN_EVERY, le=MAX_EVERY, description=_EVERY
+    )
     timezone: TimeZone = "UTC"
     queue: Text | None = Field(
         default=None,
@@ -597,7 +591,9 @@ class SchedulePatch(BaseModel):
 
     payload: dict[str, Any] | None = None
     cron: Cron | None = None
-    every: Every | None = None
+    every: Annotated[int | None, Number] = Field(
+        default=None, ge=MIN_EVERY, le=MAX_EVERY, description=_EVERY
+    )
     timezone: TimeZone | None = None
     queue: Text | None = Field(
         default=None,
