@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -450,8 +451,10 @@ def load_app(spec: str | None) -> Conveyor:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"CONVEYOR_APP: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a syntax error or a failing import inside it: one line
+        raise ConfigurationError(
+            f"CONVEYOR_APP: cannot import {module_name!r}: {_import_failure(exc)}"
+        ) from None
     if attribute:
         app = getattr(module, attribute, None)
     else:
@@ -462,3 +465,13 @@ def load_app(spec: str | None) -> Conveyor:
             f"CONVEYOR_APP: {spec!r} names no Conveyor app; write module:attribute"
         )
     return app
+
+
+def _import_failure(exc: Exception) -> str:
+    if isinstance(exc, ModuleNotFoundError):
+        return str(exc)
+    if isinstance(exc, SyntaxError):
+        return f"{exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"

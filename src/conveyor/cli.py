@@ -21,7 +21,6 @@ import logging
 import re
 import sys
 import time
-import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
@@ -111,30 +110,9 @@ def _one_line(text: str) -> str:
 
 
 def _load_app(settings: Settings) -> Conveyor:
-    """``CONVEYOR_APP``, imported; a module that fails to import is a setting error, in a line.
-
-    ``load_app`` reports a missing module; anything else the module raises while
-    importing (a syntax error, a failing import inside it) would otherwise be a
-    traceback through this CLI's own frames.
-    """
     from conveyor.app import load_app
 
-    try:
-        return load_app(settings.app)
-    except ConveyorError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(
-            f"CONVEYOR_APP: cannot import {settings.app!r}: {_import_failure(exc)}"
-        ) from None
-
-
-def _import_failure(exc: Exception) -> str:
-    if isinstance(exc, SyntaxError):
-        return f"{exc.msg} ({exc.filename}, line {exc.lineno})"
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    return load_app(settings.app)
 
 
 def _configure_logging(settings: Settings) -> None:
