@@ -8,6 +8,7 @@ recovery and the HTTP API build on this module; it imports none of them.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
 import traceback
@@ -140,10 +141,11 @@ class Conveyor:
         return register(fn) if fn is not None else cast(TaskDecorator, register)
 
     def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered as ``name``; TaskNotFound suggests close names."""
         try:
             return self.tasks[name]
         except KeyError:
-            raise TaskNotFound(name) from None
+            raise TaskNotFound(name, close_names(name, self.tasks)) from None
 
     @property
     def queues(self) -> list[str]:
@@ -543,6 +545,15 @@ class Replays:
 
     jobs: list[Job] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+
+
+def close_names(name: str, names: Iterable[str], *, most: int = 3) -> list[str]:
+    """Registered names a mistyped or unqualified ``name`` may have meant: those it
+    ends (``count`` for ``myproject.tasks.count``), then those spelled alike."""
+    names = sorted(names)
+    tail = [n for n in names if n.endswith(f".{name}") or n.endswith(f":{name}")]
+    alike = difflib.get_close_matches(name, names, n=most, cutoff=0.6)
+    return list(dict.fromkeys([*tail, *alike]))[:most]
 
 
 def load_app(spec: str | None) -> Conveyor:

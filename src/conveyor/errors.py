@@ -25,6 +25,7 @@ ConveyorError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -42,9 +43,12 @@ class ConfigurationError(ConveyorError):
 class TaskNotFound(ConveyorError):
     """No task is registered under that name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, suggestions: Sequence[str] = ()) -> None:
         self.name = name
-        super().__init__(f"unknown task {name!r}")
+        #: Registered names close to it, the likeliest first.
+        self.suggestions = list(suggestions)
+        hint = f"; did you mean {' or '.join(map(repr, self.suggestions))}?" if suggestions else ""
+        super().__init__(f"unknown task {name!r}{hint}")
 
 
 class PayloadInvalid(ConveyorError):
