@@ -5,6 +5,7 @@
     worker    a Celery worker for the app's jobs
     migrate   bring the database schema up to date
     submit    create a job over HTTP, optionally following its events
+    tasks     the tasks the API's app registers
     jobs      list, show, cancel and delete jobs over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -138,6 +140,11 @@ cli.add_typer(dlq_cli, name="dlq")
 
 
 def main() -> None:
+    # As uvicorn (--app-dir) and celery -A do: CONVEYOR_APP is imported from the
+    # working directory, also when this runs as an installed script (uv run conveyor).
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
     cli(prog_name="conveyor")
 
 
@@ -584,6 +591,31 @@ class _Retry(Exception):
 
 
 # -- jobs ---------------------------------------------------------------------------
+
+
+@cli.command("tasks")
+def list_tasks() -> None:
+    """The tasks the API's app registers: the names to submit, and their options."""
+    with ApiClient(load_settings()) as client:
+        tasks = client.request("GET", "/v1/tasks")
+    table = Table(box=None, header_style="bold")
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("QUEUE", no_wrap=True)
+    table.add_column("PRIORITY", justify="right", no_wrap=True)
+    table.add_column("ATTEMPTS", justify="right", no_wrap=True)
+    table.add_column("TIMEOUT", justify="right", no_wrap=True)
+    table.add_column("DESCRIPTION")
+    for task in tasks:
+        timeout = task.get("timeout")
+        table.add_row(
+            task["name"],
+            task["queue"],
+            str(task["priority"]),
+            str(task["max_attempts"]),
+            f"{timeout:g} s" if timeout else "",
+            (task.get("description") or "").split("\n", 1)[0],
+        )
+    _print_page(table, {}, min_width=120)
 
 
 @jobs_cli.command("list")

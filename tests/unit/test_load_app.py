@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from conveyor.app import Conveyor, load_app
-from conveyor.errors import ConfigurationError
+from conveyor.app import Conveyor, close_names, load_app
+from conveyor.errors import ConfigurationError, TaskNotFound
 
 
 @pytest.fixture
@@ -46,3 +46,17 @@ def test_a_module_with_one_app_is_found_without_an_attribute(modules: Path) -> N
     assert isinstance(load_app("one_app"), Conveyor)
     with pytest.raises(ConfigurationError, match="names no Conveyor app"):
         load_app("one_app:other")
+
+
+def test_close_names_suggest_the_qualified_name_then_lookalikes() -> None:
+    names = ["myproject.tasks.count", "diag.echo", "diag.sleep", "reports:count"]
+
+    assert close_names("count", names) == ["myproject.tasks.count", "reports:count"]
+    assert close_names("diag.ecoh", names)[0] == "diag.echo"
+    assert close_names("zzz", names) == []
+
+
+def test_an_unknown_task_names_what_it_may_have_meant() -> None:
+    app = Conveyor()
+    with pytest.raises(TaskNotFound, match=r"unknown task 'echo'; did you mean 'diag.echo'\?"):
+        app.get_task("echo")

@@ -1,6 +1,7 @@
 """The one place errors become HTTP: RFC 9457 ``application/problem+json`` responses.
 
     TaskNotFound, JobNotFound              404   (DeadLetterNotFound: not dead)
+    TopicEventNotFound                     404
     IllegalTransition, JobNotDead          409
     JobNotEnded                            409   (delete: cancel it first)
     ReplayRefused                          409   (``errors`` point into the stored payload)
@@ -8,6 +9,7 @@
     IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
     BatchInvalid                           422   (``errors`` point at each bad item)
+    EventRefused                           422   (``errors`` name the refusing tasks)
     NotStorable                            422
     RequestValidationError                 422   (``errors``)
     a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
@@ -40,6 +42,7 @@ from conveyor.errors import (
     ConfigurationError,
     ConveyorError,
     DeadLetterNotFound,
+    EventRefused,
     IdempotencyConflict,
     IdempotencyMismatch,
     IllegalTransition,
@@ -51,6 +54,7 @@ from conveyor.errors import (
     ReplayRefused,
     StoreUnavailable,
     TaskNotFound,
+    TopicEventNotFound,
 )
 
 PROBLEM_JSON = "application/problem+json"
@@ -104,6 +108,8 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ),
     PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
     BatchInvalid: Kind(422, "invalid-batch", "Items of the batch are invalid; none was recorded"),
+    EventRefused: Kind(422, "event-refused", "Subscribers refused the event; nothing was recorded"),
+    TopicEventNotFound: Kind(404, "event-not-found", "Published event not found"),
     NotStorable: Kind(422, "not-storable", "Value cannot be stored"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
@@ -152,6 +158,13 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
     if isinstance(exc, BatchInvalid):
         errors = [e for index, item in exc.errors for e in _item_errors(index, item)]
+    if isinstance(exc, EventRefused):
+        # The whole body is the event's data; each error names the task that refused it.
+        errors = [
+            _field_error(("body", *e.get("loc", ())), {**e, "msg": f"{bad.task}: {e.get('msg')}"})
+            for bad in exc.errors
+            for e in bad.errors
+        ]
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]

@@ -16,6 +16,7 @@ from conveyor.jobs import (
     JobStatus,
     Progress,
 )
+from conveyor.topics import TopicEvent
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -88,3 +89,9 @@ def duration(row: Mapping[Any, Any]) -> float | None:
     """How long the row's attempt has run, up to its last update."""
     started: datetime | None = row["started_at"]
     return (row["updated_at"] - started).total_seconds() if started else None
+
+
+def topic_event(row: Mapping[Any, Any]) -> TopicEvent:
+    return TopicEvent.model_validate(
+        {**row, "jobs": row["job_ids"], "created_at": utc(row["created_at"])}
+    )
