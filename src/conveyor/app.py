@@ -8,8 +8,10 @@ recovery and the HTTP API build on this module; it imports none of them.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import os
+import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,13 +22,15 @@ import structlog
 from celery import Celery
 from pydantic import BaseModel
 
-from conveyor import broker, diag, idempotency
+from conveyor import broker, diag, idempotency, payloads
 from conveyor.errors import (
     BatchInvalid,
     BrokerUnavailable,
     ConfigurationError,
     ConveyorError,
+    EventRefused,
     JobNotDead,
+    NotStorable,
     PayloadInvalid,
     ReplayRefused,
     StoreUnavailable,
@@ -34,7 +38,7 @@ from conveyor.errors import (
 )
 from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
-from conveyor.jobs import Job, JobStatus
+from conveyor.jobs import Event, Job, JobStatus
 from conveyor.schedules import ScheduleSpec, define_schedule
 from conveyor.settings import Settings, load_settings
 from conveyor.store import DeadLetterFilter, Store
@@ -52,6 +56,8 @@ from conveyor.tasks import (
     check_retry_policy,
     start_time,
 )
+from conveyor.topics import TopicEvent, check_topic, check_topics, subscriptions
+from conveyor.transactions import CallerConnection, enlist, on_commit
 
 P = TypeVar("P", bound=BaseModel)
 R = TypeVar("R")
@@ -96,6 +102,7 @@ class Conveyor:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
+        on: str | Iterable[str] = (),
         schedule: str | None = None,
     ) -> TaskDecorator: ...
 
@@ -112,10 +119,12 @@ class Conveyor:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
+        on: str | Iterable[str] = (),
         schedule: str | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options
-        (see :class:`~conveyor.tasks.TaskOptions`).
+        (see :class:`~conveyor.tasks.TaskOptions`). ``on`` subscribes it to one topic
+        or several: each event published there makes a job of it (see :meth:`publish`).
 
         ``schedule``, a cron expression (UTC), also runs it on that cadence with an
         empty payload: a schedule named after the task (see :meth:`schedule`).
@@ -128,6 +137,7 @@ class Conveyor:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
             retry_on=retry_on,
+            on=check_topics(on),
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
@@ -182,10 +192,11 @@ class Conveyor:
         return spec
 
     def get_task(self, name: str) -> Task[Any, Any]:
+        """The task registered as ``name``; TaskNotFound suggests close names."""
         try:
             return self.tasks[name]
         except KeyError:
-            raise TaskNotFound(name) from None
+            raise TaskNotFound(name, close_names(name, self.tasks)) from None
 
     @property
     def queues(self) -> list[str]:
@@ -258,6 +269,8 @@ class Conveyor:
         self,
         task: str | Task[Any, Any],
         payload: BaseModel | Mapping[str, Any],
+        *,
+        connection: CallerConnection | None = None,
         **options: Unpack[SubmitOptions],
     ) -> Job:
         """Validate, record and enqueue a job; raises before recording anything invalid.
@@ -266,8 +279,19 @@ class Conveyor:
         override the task's options for this job. With an ``idempotency_key``,
         submitting the same job again with the same key returns the job the first
         submit made instead of making another (see :meth:`submit_once`).
+
+        With ``connection`` (your SQLAlchemy ``Connection`` or ``Session`` on
+        Conveyor's database), the job is written in your transaction: it runs once
+        you commit, and does not exist if you roll back (see :mod:`conveyor.transactions`).
         """
         key = options.pop("idempotency_key", None)
+        if connection is not None:
+            if key is not None:
+                raise ConfigurationError(
+                    "idempotency_key and connection do not go together: in your own"
+                    " transaction, make the job once the way you make your own rows once"
+                )
+            return self._enlist(connection, [self._new_job(task, payload, options)])[0]
         if key is not None:
             return self.submit_once(task, payload, key=key, **cast(JobOptions, options))[0]
         job = self.store.create_job(**self._new_job(task, payload, options))
@@ -279,16 +303,21 @@ class Conveyor:
         self,
         task: str | Task[Any, Any],
         payloads: Iterable[BaseModel | Mapping[str, Any]],
+        *,
+        connection: CallerConnection | None = None,
         **options: Unpack[JobOptions],
     ) -> list[Job]:
         """Submit one job per payload, all recorded in one transaction or none, and
         published to the broker together; raises BatchInvalid naming every invalid
-        item before recording anything."""
-        return self.submit_batch([(task, payload, options) for payload in payloads])
+        item before recording anything. ``connection``: as for :meth:`submit`."""
+        items = [(task, payload, options) for payload in payloads]
+        return self.submit_batch(items, connection=connection)
 
     def submit_batch(
         self,
         items: Sequence[tuple[str | Task[Any, Any], BaseModel | Mapping[str, Any], JobOptions]],
+        *,
+        connection: CallerConnection | None = None,
     ) -> list[Job]:
         """:meth:`submit_many` for jobs of different tasks or options: ``items`` are
         ``(task, payload, options)``."""
@@ -303,11 +332,86 @@ class Conveyor:
             raise BatchInvalid(errors)
         if not fields:
             return []
+        if connection is not None:
+            return self._enlist(connection, fields)
         jobs = self.store.create_jobs(fields)
         queued = [job for job in jobs if job.status is JobStatus.QUEUED]
         if queued:
             self.dispatch_many(queued)
         return jobs
+
+    def publish(
+        self,
+        topic: str,
+        data: BaseModel | Mapping[str, Any],
+        *,
+        correlation_id: str | None = None,
+        connection: CallerConnection | None = None,
+    ) -> TopicEvent:
+        """Publish a domain event: record it and, in the same transaction, one job for
+        each task subscribed to ``topic`` (``@app.task(on=topic)``), then enqueue them.
+
+        Each subscriber's payload model validates ``data`` first; if any refuses it,
+        EventRefused names them and nothing is recorded. An event no task subscribes
+        to is recorded with no job. ``connection``: as for :meth:`submit`.
+        """
+        check_topic(topic)
+        if isinstance(data, BaseModel):
+            data = data.model_dump(mode="json")
+        if not isinstance(data, Mapping):
+            raise ConfigurationError("an event's data must be a JSON object (a mapping)")
+        problems = payloads.check_input(data) or payloads.check_storable(data)
+        if problems:
+            raise NotStorable("the event's data", problems)
+        correlation_id = correlation_id or uuid.uuid4().hex
+        fields: list[dict[str, Any]] = []
+        refused: list[PayloadInvalid] = []
+        on = {task.name: task.options.on for task in self.tasks.values()}
+        for name in subscriptions(on).get(topic, []):
+            try:
+                fields.append(self._new_job(name, data, {"correlation_id": correlation_id}))
+            except PayloadInvalid as exc:
+                refused.append(exc)
+        if refused:
+            raise EventRefused(topic, refused)
+        stored = dict(data)
+        if connection is not None:
+            conn = enlist(connection, self.store.engine.url)
+            recorded, created = self.store.record_topic_event_in(
+                conn, topic, stored, fields, correlation_id=correlation_id
+            )
+            self._after_commit(connection, created)
+        else:
+            recorded, jobs = self.store.record_topic_event(
+                topic, stored, fields, correlation_id=correlation_id
+            )
+            if jobs:
+                self.dispatch_many(jobs)
+        log.info("event.published", topic=topic, event_id=recorded.id, jobs=len(recorded.jobs))
+        return recorded
+
+    def _enlist(self, connection: CallerConnection, fields: list[dict[str, Any]]) -> list[Job]:
+        """Record jobs in the caller's transaction; they are dispatched once it commits."""
+        conn = enlist(connection, self.store.engine.url)
+        created = self.store.create_jobs_in(conn, fields)
+        self._after_commit(connection, created)
+        return [job for job, _ in created]
+
+    def _after_commit(self, connection: CallerConnection, created: list[tuple[Job, Event]]) -> None:
+        """Once the caller commits: publish the jobs' events and dispatch them."""
+        if not created:
+            return
+        jobs = [job for job, _ in created]
+        ids = [job.id for job in jobs]
+        store = self.store
+
+        def committed() -> None:
+            store.committed([event for _, event in created])
+            taken = store.take_dispatches(jobs)
+            if taken:
+                self.dispatch_many(taken)
+
+        on_commit(connection, committed, visible=lambda: store.jobs_exist(ids))
 
     def submit_once(
         self,
@@ -507,6 +611,15 @@ class Replays:
     skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
+def close_names(name: str, names: Iterable[str], *, most: int = 3) -> list[str]:
+    """Registered names a mistyped or unqualified ``name`` may have meant: those it
+    ends (``count`` for ``myproject.tasks.count``), then those spelled alike."""
+    names = sorted(names)
+    tail = [n for n in names if n.endswith(f".{name}") or n.endswith(f":{name}")]
+    alike = difflib.get_close_matches(name, names, n=most, cutoff=0.6)
+    return list(dict.fromkeys([*tail, *alike]))[:most]
+
+
 def load_app(spec: str | None) -> Conveyor:
     """Import ``module`` or ``module:attribute``; without a spec, an app of built-ins."""
     if not spec:
@@ -514,8 +627,10 @@ def load_app(spec: str | None) -> Conveyor:
     module_name, _, attribute = spec.partition(":")
     try:
         module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise ConfigurationError(f"CONVEYOR_APP: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # a syntax error or a failing import inside it: one line
+        raise ConfigurationError(
+            f"CONVEYOR_APP: cannot import {module_name!r}: {_import_failure(exc)}"
+        ) from None
     if attribute:
         app = getattr(module, attribute, None)
     else:
@@ -526,3 +641,13 @@ def load_app(spec: str | None) -> Conveyor:
             f"CONVEYOR_APP: {spec!r} names no Conveyor app; write module:attribute"
         )
     return app
+
+
+def _import_failure(exc: Exception) -> str:
+    if isinstance(exc, ModuleNotFoundError):
+        return str(exc)
+    if isinstance(exc, SyntaxError):
+        return f"{exc.msg} ({exc.filename}, line {exc.lineno})"
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{where}"

@@ -5,6 +5,7 @@
     worker    a Celery worker for the app's jobs
     migrate   bring the database schema up to date
     submit    create a job over HTTP, optionally following its events
+    tasks     the tasks the API's app registers
     jobs      list, show, cancel and delete jobs over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
     schedules list, add, pause, resume, remove and trigger schedules over HTTP
@@ -19,10 +20,10 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import os
 import re
 import sys
 import time
-import traceback
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
@@ -113,30 +114,9 @@ def _one_line(text: str) -> str:
 
 
 def _load_app(settings: Settings) -> Conveyor:
-    """``CONVEYOR_APP``, imported; a module that fails to import is a setting error, in a line.
-
-    ``load_app`` reports a missing module; anything else the module raises while
-    importing (a syntax error, a failing import inside it) would otherwise be a
-    traceback through this CLI's own frames.
-    """
     from conveyor.app import load_app
 
-    try:
-        return load_app(settings.app)
-    except ConveyorError:
-        raise
-    except Exception as exc:
-        raise ConfigurationError(
-            f"CONVEYOR_APP: cannot import {settings.app!r}: {_import_failure(exc)}"
-        ) from None
-
-
-def _import_failure(exc: Exception) -> str:
-    if isinstance(exc, SyntaxError):
-        return f"{exc.msg} ({exc.filename}, line {exc.lineno})"
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" ({frames[-1].filename}, line {frames[-1].lineno})" if frames else ""
-    return f"{type(exc).__name__}: {exc}{where}"
+    return load_app(settings.app)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -166,6 +146,11 @@ cli.add_typer(schedules_cli, name="schedules")
 
 
 def main() -> None:
+    # As uvicorn (--app-dir) and celery -A do: CONVEYOR_APP is imported from the
+    # working directory, also when this runs as an installed script (uv run conveyor).
+    here = os.getcwd()
+    if here not in sys.path:
+        sys.path.insert(0, here)
     cli(prog_name="conveyor")
 
 
@@ -624,6 +609,31 @@ class _Retry(Exception):
 
 
 # -- jobs ---------------------------------------------------------------------------
+
+
+@cli.command("tasks")
+def list_tasks() -> None:
+    """The tasks the API's app registers: the names to submit, and their options."""
+    with ApiClient(load_settings()) as client:
+        tasks = client.request("GET", "/v1/tasks")
+    table = Table(box=None, header_style="bold")
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("QUEUE", no_wrap=True)
+    table.add_column("PRIORITY", justify="right", no_wrap=True)
+    table.add_column("ATTEMPTS", justify="right", no_wrap=True)
+    table.add_column("TIMEOUT", justify="right", no_wrap=True)
+    table.add_column("DESCRIPTION")
+    for task in tasks:
+        timeout = task.get("timeout")
+        table.add_row(
+            task["name"],
+            task["queue"],
+            str(task["priority"]),
+            str(task["max_attempts"]),
+            f"{timeout:g} s" if timeout else "",
+            (task.get("description") or "").split("\n", 1)[0],
+        )
+    _print_page(table, {}, min_width=120)
 
 
 @jobs_cli.command("list")

@@ -6,9 +6,11 @@ ConveyorError
 ├── TaskNotFound            no task registered under that name
 ├── PayloadInvalid          a payload failed its task's schema, or cannot be stored
 ├── BatchInvalid            items of a bulk submit are invalid; nothing was recorded
+├── EventRefused            subscribers refused a published event; nothing was recorded
 ├── NotStorable             a value (a result) that JSON or the store cannot hold
 ├── JobNotFound             no job with that id
 │   └── DeadLetterNotFound  no dead job with that id
+├── TopicEventNotFound      no published event with that id
 ├── IllegalTransition       a status change the state machine forbids
 ├── JobNotDead              a dead-letter action on a job that is not dead
 ├── JobNotEnded             deleting a job that has not ended
@@ -26,6 +28,7 @@ ConveyorError
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -43,9 +46,12 @@ class ConfigurationError(ConveyorError):
 class TaskNotFound(ConveyorError):
     """No task is registered under that name."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, suggestions: Sequence[str] = ()) -> None:
         self.name = name
-        super().__init__(f"unknown task {name!r}")
+        #: Registered names close to it, the likeliest first.
+        self.suggestions = list(suggestions)
+        hint = f"; did you mean {' or '.join(map(repr, self.suggestions))}?" if suggestions else ""
+        super().__init__(f"unknown task {name!r}{hint}")
 
 
 class PayloadInvalid(ConveyorError):
@@ -70,6 +76,17 @@ class BatchInvalid(ConveyorError):
         super().__init__(f"item {index} of the batch: {first}{more}; nothing was recorded")
 
 
+class EventRefused(ConveyorError):
+    """Subscribers of the topic refused the event's data; nothing was recorded."""
+
+    def __init__(self, topic: str, errors: list[PayloadInvalid]) -> None:
+        self.topic = topic
+        #: What each refusing subscriber said, by task (``PayloadInvalid.task``).
+        self.errors = errors
+        names = ", ".join(repr(e.task) for e in errors)
+        super().__init__(f"{names} refused the event on {topic!r}: {errors[0]}")
+
+
 class NotStorable(ConveyorError):
     """A value cannot be recorded as it is: JSON or the store cannot hold it."""
 
@@ -88,6 +105,14 @@ class JobNotFound(ConveyorError):
     def __init__(self, job_id: str) -> None:
         self.job_id = job_id
         super().__init__(f"job {job_id!r} not found")
+
+
+class TopicEventNotFound(ConveyorError):
+    """No published event exists with that id."""
+
+    def __init__(self, event_id: str) -> None:
+        self.event_id = event_id
+        super().__init__(f"no published event {event_id!r}")
 
 
 class IllegalTransition(ConveyorError):

@@ -1,4 +1,5 @@
-"""Structured logging: JSON lines through structlog, for Conveyor and stdlib loggers.
+"""Structured logging through structlog, for Conveyor and stdlib loggers: JSON lines,
+or readable lines on a terminal (``CONVEYOR_LOG_FORMAT=auto``, the default).
 
 Context such as ``correlation_id`` and ``job_id`` is bound with structlog's
 contextvars, so every line logged while handling a request or a job carries it.
@@ -22,10 +23,14 @@ def configure_logging(settings: Settings) -> None:
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
+    terminal = sys.stderr.isatty()
+    fmt = settings.log_format
+    if fmt == "auto":
+        fmt = "console" if terminal else "json"
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
-        if settings.log_format == "json"
-        else structlog.dev.ConsoleRenderer(colors=False)
+        if fmt == "json"
+        else structlog.dev.ConsoleRenderer(colors=terminal and settings.log_format == "auto")
     )
     structlog.configure(
         processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],

@@ -207,6 +207,21 @@ class ApiKeyRow(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
+class TopicEventRow(Base):
+    """A published domain event, with the ids of the jobs it made (one per subscriber)."""
+
+    __tablename__ = "conveyor_topic_events"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    topic: Mapped[str] = mapped_column(String(200))
+    data: Mapped[dict[str, Any]] = mapped_column(JSON)
+    job_ids: Mapped[list[str]] = mapped_column(JSON)
+    correlation_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_conveyor_topic_events_topic_created", "topic", "created_at"),)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -214,3 +229,4 @@ attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
 workers_t = Base.metadata.tables[WorkerRow.__tablename__]
 idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 schedules_t = Base.metadata.tables[ScheduleRow.__tablename__]
+topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]

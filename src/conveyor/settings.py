@@ -56,7 +56,10 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Request body limit.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    log_format: Literal["json", "console"] = "json"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="auto: readable lines on a terminal, JSON lines otherwise (files, collectors).",
+    )
     event_poll_interval: float = Field(
         default=0.05, gt=0, le=5, description="Store polling period when there is no Redis."
     )

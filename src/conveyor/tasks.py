@@ -15,6 +15,8 @@ from pydantic_core import PydanticSerializationError
 
 from conveyor import payloads
 from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
+from conveyor.topics import check_topics
+from conveyor.transactions import CallerConnection
 
 if TYPE_CHECKING:
     from conveyor.context import Context
@@ -55,6 +57,8 @@ class TaskOptions:
     backoff_base: float = 1.0
     backoff_cap: float = 300.0
     retry_on: tuple[type[BaseException], ...] = (Exception,)
+    #: The topics whose published events each make a job of this task.
+    on: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
@@ -64,6 +68,7 @@ class TaskOptions:
             raise ConfigurationError(f"timeout must be > 0 and <= {MAX_TIMEOUT:.0f} seconds")
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
             raise ConfigurationError("retry_on must be a tuple of exception classes")
+        object.__setattr__(self, "on", check_topics(self.on))
 
 
 def check_retry_policy(max_attempts: int, backoff_base: float, backoff_cap: float) -> None:
@@ -137,6 +142,8 @@ class Submitter(Protocol):
         self,
         task: str | Task[Any, Any],
         payload: BaseModel | Mapping[str, Any],
+        *,
+        connection: CallerConnection | None = None,
         **options: Unpack[SubmitOptions],
     ) -> Job: ...
 
@@ -144,6 +151,8 @@ class Submitter(Protocol):
         self,
         task: str | Task[Any, Any],
         payloads: Iterable[BaseModel | Mapping[str, Any]],
+        *,
+        connection: CallerConnection | None = None,
         **options: Unpack[JobOptions],
     ) -> list[Job]: ...
 
@@ -207,15 +216,25 @@ class Task(Generic[P, R]):
     def parse(self, payload: Mapping[str, Any]) -> P:
         return self.payload_model.model_validate(payload)
 
-    def submit(self, payload: P | Mapping[str, Any], **options: Unpack[SubmitOptions]) -> Job:
+    def submit(
+        self,
+        payload: P | Mapping[str, Any],
+        *,
+        connection: CallerConnection | None = None,
+        **options: Unpack[SubmitOptions],
+    ) -> Job:
         """Validate, record and enqueue a job of this task (see ``Conveyor.submit``)."""
-        return self.app.submit(self, payload, **options)
+        return self.app.submit(self, payload, connection=connection, **options)
 
     def submit_many(
-        self, payloads: Iterable[P | Mapping[str, Any]], **options: Unpack[JobOptions]
+        self,
+        payloads: Iterable[P | Mapping[str, Any]],
+        *,
+        connection: CallerConnection | None = None,
+        **options: Unpack[JobOptions],
     ) -> list[Job]:
         """Record and enqueue many jobs at once, all or none (see ``Conveyor.submit_many``)."""
-        return self.app.submit_many(self, payloads, **options)
+        return self.app.submit_many(self, payloads, connection=connection, **options)
 
     def retries(self, exc: BaseException) -> bool:
         """Whether a failure with ``exc`` may be retried (attempts permitting)."""

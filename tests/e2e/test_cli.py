@@ -114,6 +114,21 @@ def test_submit_unknown_task_prints_the_api_detail(stack: Stack) -> None:
     assert_no_traceback(result)
 
 
+def test_submit_unqualified_task_suggests_its_full_name(stack: Stack) -> None:
+    result = run_cli("submit", "echo", env=stack.env)
+    assert result.returncode == 1, result
+    assert "unknown task 'echo'; did you mean 'diag.echo'?" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_tasks_lists_what_can_be_submitted(stack: Stack) -> None:
+    result = run_cli("tasks", env=stack.env)
+    assert result.returncode == 0, result
+    rows = {line.split()[0]: line.split() for line in result.stdout.splitlines()[1:] if line}
+    assert {"diag.echo", "diag.sleep", "diag.fail"} <= set(rows)
+    assert rows["diag.echo"][1] == "default"
+
+
 def test_submit_invalid_payload_prints_the_detail_and_field_errors(stack: Stack) -> None:
     payload = '{"seconds": -1, "steps": 0}'
     result = run_cli("submit", "diag.sleep", "--payload", payload, env=stack.env)

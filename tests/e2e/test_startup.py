@@ -4,6 +4,8 @@ up`` says it is up only when its own API answers."""
 from __future__ import annotations
 
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -153,3 +155,25 @@ def test_two_up_at_once_on_one_port_only_the_winner_says_it_is_up(
     assert loser.wait(timeout=1) == 1
     assert "Conveyor is up" not in loser.output()
     assert "address already in use" in loser.output().lower()
+
+
+def test_the_app_module_is_imported_from_the_working_directory(tmp_path: Path) -> None:
+    # The installed script (what `uv run conveyor` runs), not `python -m`, which
+    # puts the working directory on the path by itself.
+    project = tmp_path / "project"
+    (project / "myproject").mkdir(parents=True)
+    (project / "myproject" / "__init__.py").write_text("")
+    (project / "myproject" / "tasks.py").write_text(
+        "from conveyor import Conveyor\napp = Conveyor()\n"
+    )
+    script = Path(sys.executable).with_name("conveyor")
+    env = environment(CONVEYOR_APP="myproject.tasks", CONVEYOR_DATA_DIR=str(tmp_path / "data"))
+
+    done = subprocess.run(
+        [str(script), "worker"], cwd=project, env=env, capture_output=True, text=True, timeout=60
+    )
+
+    # Found and imported: what stops the worker is the schema it needs, not the module.
+    assert done.returncode == 2, done.stderr
+    assert "cannot import" not in done.stderr
+    assert "run `conveyor migrate`" in done.stderr

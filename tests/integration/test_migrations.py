@@ -42,6 +42,7 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_workers",
         "conveyor_idempotency_keys",
         "conveyor_schedules",
+        "conveyor_topic_events",
         VERSION_TABLE,
     }
     empty_store.ping()

@@ -10,6 +10,7 @@ from pydantic import BaseModel, Field
 from conveyor import Context, Conveyor
 from conveyor.errors import ConfigurationError, PayloadInvalid, TaskNotFound
 from conveyor.tasks import MAX_TIMEOUT
+from conveyor.topics import subscriptions
 
 
 class Address(BaseModel):
@@ -299,3 +300,25 @@ def test_submit_refuses_a_retry_policy_out_of_bounds(app: Conveyor) -> None:
         task.submit(ORDER, backoff_base=10, backoff_cap=1)
     with pytest.raises(ConfigurationError, match="max_attempts"):
         task.submit(ORDER, max_attempts=0)
+
+
+@pytest.mark.parametrize("on", ["board.updated", ["a", "b:c", "a"], ("x_1",)])
+def test_topics_a_task_subscribes_to(app: Conveyor, on: Any) -> None:
+    task = app.task(name="t.sub", on=on)(handle)
+    expected = (on,) if isinstance(on, str) else tuple(dict.fromkeys(on))
+    assert task.options.on == expected
+
+
+@pytest.mark.parametrize("on", ["", ".starts-with-dot", "has space", "x" * 201, ["ok", "no/slash"]])
+def test_bad_topics_fail_at_definition(app: Conveyor, on: Any) -> None:
+    with pytest.raises(ConfigurationError, match="invalid topic"):
+        app.task(name="t.sub", on=on)(handle)
+    assert "t.sub" not in app.tasks
+
+
+def test_subscriptions_by_topic(app: Conveyor) -> None:
+    app.task(name="t.b", on=["x", "y"])(handle)
+    app.task(name="t.a", on="x")(handle)
+
+    on = {task.name: task.options.on for task in app.tasks.values()}
+    assert subscriptions(on) == {"x": ["t.a", "t.b"], "y": ["t.b"]}

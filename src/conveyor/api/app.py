@@ -2,8 +2,8 @@
 
 Middleware, outermost first::
 
-    CorrelationId ─> RequestTimer ─> ErrorBoundary ─> Methods ─> Authentication ─> BodyLimit
-        ─> routes (+ problem handlers)
+    SecurityHeaders ─> CorrelationId ─> RequestTimer ─> ErrorBoundary ─> Methods
+        ─> Authentication ─> BodyLimit ─> routes (+ problem handlers)
 
 so every response, a 500 included, carries its request id and is measured, and
 no body is read before the method, the path and the key have been checked.
@@ -29,9 +29,16 @@ from conveyor.api import (
     problems,
     schedules,
     tasks,
+    topics,
 )
 from conveyor.api.auth import Authentication
-from conveyor.api.middleware import BodyLimit, CorrelationId, Methods, RequestTimer
+from conveyor.api.middleware import (
+    BodyLimit,
+    CorrelationId,
+    Methods,
+    RequestTimer,
+    SecurityHeaders,
+)
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor, load_app
 from conveyor.events import EventHub
@@ -90,7 +97,8 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
-    for module in (jobs, dead_letters, schedules, events, tasks, health):
+    app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
+    for module in (jobs, dead_letters, schedules, events, tasks, topics, health):
         app.include_router(module.router)
     docs.install(app)
     openapi.install(app, conveyor)

@@ -1,4 +1,5 @@
-"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing.
+"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing,
+security headers.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
 pass straight through and the request body is never buffered here.
@@ -6,6 +7,8 @@ pass straight through and the request body is never buffered here.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import re
 import time
 import uuid
@@ -249,3 +252,74 @@ class RequestTimer:
             # The router records the matched route in the (shared) scope.
             route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
             self.histogram.labels(method, route, str(status)).observe(time.perf_counter() - start)
+
+
+#: On every response: no MIME sniffing, no referrer leaving the API, no framing.
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+}
+#: Pages may run only scripts served here, plus their own inline scripts by hash.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'{hashes}; style-src 'self' 'unsafe-inline';"
+    " img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:;"
+    " frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
+)
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+class SecurityHeaders:
+    """Security headers on every response; ``Cache-Control: no-store`` on all but the
+    static assets under ``cacheable`` (API answers hold jobs and keys: no cache may
+    keep them); and on HTML a strict Content-Security-Policy.
+
+    The docs pages (``/docs``, ``/redoc``) set themselves up with an inline
+    script. Rather than allow inline scripts, the policy names each of the page's
+    own inline scripts by its SHA-256, computed from the page as it is sent: an
+    injected script would not match. HTML responses are small and never streamed.
+    """
+
+    def __init__(self, app: ASGIApp, *, cacheable: str) -> None:
+        self.app = app
+        self.cacheable = cacheable
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        cache = not str(scope.get("path", "")).startswith(self.cacheable)
+        start: Message | None = None
+        body: list[bytes] = []
+
+        async def secure(message: Message) -> None:
+            nonlocal start
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers.setdefault(name, value)
+                if cache:
+                    headers["Cache-Control"] = "no-store"
+                if not headers.get("content-type", "").startswith("text/html"):
+                    await send(message)
+                    return
+                start = message  # held until the page is whole: its policy hashes it
+                return
+            if start is None or message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            page = b"".join(body)
+            MutableHeaders(scope=start)["Content-Security-Policy"] = _policy(page)
+            await send(start)
+            await send({"type": "http.response.body", "body": page})
+
+        await self.app(scope, receive, secure)
+
+
+def _policy(page: bytes) -> str:
+    digests = (hashlib.sha256(script).digest() for script in _INLINE_SCRIPT.findall(page))
+    hashes = "".join(f" 'sha256-{base64.b64encode(d).decode()}'" for d in digests)
+    return CONTENT_SECURITY_POLICY.format(hashes=hashes)

@@ -1,6 +1,7 @@
 """The one place errors become HTTP: RFC 9457 ``application/problem+json`` responses.
 
     TaskNotFound, JobNotFound              404   (DeadLetterNotFound: not dead)
+    TopicEventNotFound                     404
     IllegalTransition, JobNotDead          409
     JobNotEnded                            409   (delete: cancel it first)
     ReplayRefused                          409   (``errors`` point into the stored payload)
@@ -11,6 +12,7 @@
     ScheduleNotFound                       404
     ScheduleExists                         409
     BatchInvalid                           422   (``errors`` point at each bad item)
+    EventRefused                           422   (``errors`` name the refusing tasks)
     NotStorable                            422
     RequestValidationError                 422   (``errors``)
     a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
@@ -43,6 +45,7 @@ from conveyor.errors import (
     ConfigurationError,
     ConveyorError,
     DeadLetterNotFound,
+    EventRefused,
     IdempotencyConflict,
     IdempotencyMismatch,
     IllegalTransition,
@@ -57,6 +60,7 @@ from conveyor.errors import (
     ScheduleNotFound,
     StoreUnavailable,
     TaskNotFound,
+    TopicEventNotFound,
 )
 
 PROBLEM_JSON = "application/problem+json"
@@ -110,6 +114,8 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ),
     PayloadInvalid: Kind(422, "invalid-payload", "Payload does not match the task's schema"),
     BatchInvalid: Kind(422, "invalid-batch", "Items of the batch are invalid; none was recorded"),
+    EventRefused: Kind(422, "event-refused", "Subscribers refused the event; nothing was recorded"),
+    TopicEventNotFound: Kind(404, "event-not-found", "Published event not found"),
     NotStorable: Kind(422, "not-storable", "Value cannot be stored"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
     ScheduleInvalid: Kind(422, "invalid-schedule", "Invalid schedule"),
@@ -165,6 +171,13 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         where = ("body", exc.field)
         errors = [_field_error((*where, *e.get("loc", ())), e) for e in exc.errors] or [
             _field_error(where, {"msg": str(exc), "type": f"invalid_{exc.field}"})
+        ]
+    if isinstance(exc, EventRefused):
+        # The whole body is the event's data; each error names the task that refused it.
+        errors = [
+            _field_error(("body", *e.get("loc", ())), {**e, "msg": f"{bad.task}: {e.get('msg')}"})
+            for bad in exc.errors
+            for e in bad.errors
         ]
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.

@@ -75,6 +75,7 @@ from conveyor.errors import (
     ScheduleExists,
     ScheduleNotFound,
     StoreUnavailable,
+    TopicEventNotFound,
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
@@ -85,6 +86,7 @@ from conveyor.models import (
     jobs_t,
     keys_t,
     schedules_t,
+    topic_events_t,
     workers_t,
 )
 from conveyor.schedules import Origin, Schedule, ScheduleSpec
@@ -107,6 +109,7 @@ from conveyor.store.statements import (
     batch_sql,
     statement,
 )
+from conveyor.topics import TopicEvent
 
 #: Receives the events of each flush, once committed (the event fan-out).
 Publish = Callable[[Sequence[Event]], None]
@@ -324,6 +327,150 @@ class Store:
             created = [m for m in made if m is not None]
         self.publish([event for _, event in created])
         return [job for job, _ in created]
+
+    def create_jobs_in(
+        self, conn: Connection, jobs: Sequence[Mapping[str, Any]], *, dispatched: bool = False
+    ) -> list[tuple[Job, Event]]:
+        """:meth:`create_jobs` in the caller's transaction on ``conn`` (a connection to
+        this store's database), recorded as not dispatched yet and not published:
+        once the caller commits, whoever dispatches them takes each dispatch with
+        :meth:`take_dispatches` and hands the events to :meth:`committed`. Should the
+        caller commit without that, a recovery sweep dispatches them. (``dispatched``:
+        counted as dispatched, for a caller that dispatches them itself.)"""
+        now = utcnow()
+        created = []
+        for job in jobs:
+            values = _new_job(now, **job, dispatched=dispatched)
+            change = _creation(values)  # a job with a run_at waits, scheduled
+            params = _params(change, now, values, None, None, None, None)
+            found = self._apply(conn, change, params, _created_data(values))
+            assert found is not None
+            created.append(found)
+        return created
+
+    def committed(self, events: Sequence[Event]) -> None:
+        """Events written in a caller's transaction (:meth:`create_jobs_in`), now
+        committed: published as the store publishes its own."""
+        if events:
+            self.publish(list(events))
+
+    def take_dispatches(self, jobs: Sequence[Job]) -> list[Job]:
+        """Of ``jobs``, recorded as not dispatched, those whose dispatch this call took
+        (counted as dispatched now); a job another process took, or that does not
+        exist (its transaction rolled back), is left out."""
+        if not jobs:
+            return []
+        stmt = (
+            update(jobs_t)
+            .where(
+                jobs_t.c.id.in_([job.id for job in jobs]),
+                jobs_t.c.dispatched_at.is_(None),
+                jobs_t.c.status.in_(WAITING),
+            )
+            .values(dispatched_at=utcnow())
+            .returning(jobs_t.c.id)
+        )
+        with self._tx() as conn:
+            taken = set(conn.execute(stmt).scalars())
+        return [job for job in jobs if job.id in taken]
+
+    def jobs_exist(self, job_ids: Sequence[str]) -> bool:
+        """Whether every one of these jobs is recorded (visible to a new transaction)."""
+        query = select(func.count()).where(jobs_t.c.id.in_(list(job_ids)))
+        with self._tx() as conn:
+            return int(conn.execute(query).scalar_one()) == len(set(job_ids))
+
+    # -- domain events ---------------------------------------------------------
+
+    def record_topic_event(
+        self,
+        topic: str,
+        data: dict[str, Any],
+        jobs: Sequence[Mapping[str, Any]],
+        *,
+        correlation_id: str,
+    ) -> tuple[TopicEvent, list[Job]]:
+        """Record a published event and its jobs (:meth:`create_job`'s arguments, one per
+        subscriber) in one transaction; the jobs count as dispatched (the caller
+        dispatches them next) and their events are published on commit."""
+        with self._tx() as conn:
+            recorded, created = self._record_topic_event(
+                conn, topic, data, jobs, correlation_id, dispatched=True
+            )
+        self.publish([event_ for _, event_ in created])
+        return recorded, [job for job, _ in created]
+
+    def record_topic_event_in(
+        self,
+        conn: Connection,
+        topic: str,
+        data: dict[str, Any],
+        jobs: Sequence[Mapping[str, Any]],
+        *,
+        correlation_id: str,
+    ) -> tuple[TopicEvent, list[tuple[Job, Event]]]:
+        """:meth:`record_topic_event` in the caller's transaction on ``conn``, the jobs
+        as :meth:`create_jobs_in` records them."""
+        return self._record_topic_event(conn, topic, data, jobs, correlation_id)
+
+    def _record_topic_event(
+        self,
+        conn: Connection,
+        topic: str,
+        data: dict[str, Any],
+        jobs: Sequence[Mapping[str, Any]],
+        correlation_id: str,
+        *,
+        dispatched: bool = False,
+    ) -> tuple[TopicEvent, list[tuple[Job, Event]]]:
+        created = self.create_jobs_in(conn, jobs, dispatched=dispatched)
+        recorded = TopicEvent(
+            id=str(uuid.uuid4()),
+            topic=topic,
+            data=data,
+            jobs=[job.id for job, _ in created],
+            correlation_id=correlation_id,
+            created_at=utcnow(),
+        )
+        conn.execute(
+            insert(topic_events_t).values(
+                id=recorded.id,
+                topic=topic,
+                data=data,
+                job_ids=recorded.jobs,
+                correlation_id=correlation_id,
+                created_at=recorded.created_at,
+            )
+        )
+        return recorded, created
+
+    def topic_events(
+        self, topic: str, *, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[TopicEvent], str | None]:
+        """Events published on ``topic``, newest first, and the cursor after the page."""
+        t = topic_events_t.c
+        query = pages.newest_first(
+            select(topic_events_t).where(t.topic == topic), t.created_at, t.id, cursor
+        )
+        with self._tx() as conn:
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+        page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
+        return [rows.topic_event(row) for row in page], after
+
+    def topic_event(self, event_id: str) -> TopicEvent:
+        query = select(topic_events_t).where(topic_events_t.c.id == event_id)
+        with self._tx() as conn:
+            row = conn.execute(query).mappings().first()
+        if row is None:
+            raise TopicEventNotFound(event_id)
+        return rows.topic_event(row)
+
+    def topic_counts(self) -> dict[str, int]:
+        """How many events each topic that has any was given."""
+        t = topic_events_t.c
+        query = select(t.topic, func.count()).group_by(t.topic)
+        with self._tx() as conn:
+            return {topic: int(count) for topic, count in conn.execute(query)}
 
     def create_job_once(
         self, scope: str, key: str, fingerprint: str, **job: Any

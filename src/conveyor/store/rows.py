@@ -17,6 +17,7 @@ from conveyor.jobs import (
     Progress,
 )
 from conveyor.schedules import Schedule
+from conveyor.topics import TopicEvent
 
 
 def utc(value: datetime | None) -> datetime | None:
@@ -104,3 +105,9 @@ def duration(row: Mapping[Any, Any]) -> float | None:
     """How long the row's attempt has run, up to its last update."""
     started: datetime | None = row["started_at"]
     return (row["updated_at"] - started).total_seconds() if started else None
+
+
+def topic_event(row: Mapping[Any, Any]) -> TopicEvent:
+    return TopicEvent.model_validate(
+        {**row, "jobs": row["job_ids"], "created_at": utc(row["created_at"])}
+    )
