@@ -193,7 +193,7 @@ class Scheduler:
                 due_in = self.app.store.next_due()
                 if due_in is not None and due_in <= 0:
                     self.run_once()
-                    delay = 0.0 if self._stop.is_set() else min(self.poll, 0.05)
+                    delay = min(self.poll, 0.05)  # look again soon: more may be due
                 else:
                     delay = self.poll if due_in is None else min(self.poll, due_in)
                 failures = 0

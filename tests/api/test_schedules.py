@@ -3,6 +3,7 @@ naming the field, nothing recorded), and a scheduler pass firing what the API ma
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -259,7 +260,7 @@ async def test_a_due_schedule_fires_once_and_shows_its_last_job(
         due = conveyor.store.next_due()
         assert due is not None
         if due > 0:
-            await _sleep(due)
+            await asyncio.sleep(due)
         scheduler.run_once()
         fired = [j.id for j in conveyor.store.list_jobs()[0]]
 
@@ -285,9 +286,3 @@ async def test_a_schedule_whose_task_is_gone_is_paused_not_fired(
     assert conveyor.store.list_jobs() == ([], None)
     refused = await client.post("/v1/schedules/adder/trigger")
     assert refused.status_code == 409
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
