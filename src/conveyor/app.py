@@ -39,6 +39,7 @@ from conveyor.errors import (
 from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.jobs import Event, Job, JobStatus
+from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
 from conveyor.settings import Settings, load_settings
 from conveyor.store import DeadLetterFilter, Store
 from conveyor.tasks import (
@@ -51,7 +52,6 @@ from conveyor.tasks import (
     TaskFunction,
     TaskOptions,
     check_priority,
-    check_queue,
     check_retry_policy,
 )
 from conveyor.topics import TopicEvent, check_topic, check_topics, subscriptions
@@ -74,6 +74,8 @@ class Conveyor:
         self._publisher: Publisher | None = None
         self._celery: Celery | None = None
         self._close_hooks: list[Callable[[], None]] = []
+        #: Queue priorities declared in code (``queue``); the settings' win over them.
+        self._queue_priorities: dict[str, int] = {}
         for name, max_attempts, fn in diag.BUILTINS:
             self.task(name=name, max_attempts=max_attempts)(fn)
 
@@ -147,10 +149,22 @@ class Conveyor:
         except KeyError:
             raise TaskNotFound(name, close_names(name, self.tasks)) from None
 
+    def queue(self, name: str, *, priority: int = DEFAULT_PRIORITY) -> None:
+        """Declare a queue's priority: a worker consuming several queues takes from the
+        highest-priority one that has work (``CONVEYOR_QUEUES`` overrides this)."""
+        self._queue_priorities[check_queue(name)] = check_queue_priority(name, priority)
+
+    @property
+    def queue_priorities(self) -> dict[str, int]:
+        """Every known queue (declared, in the settings, or some task's) and its priority."""
+        known = {t.options.queue: DEFAULT_PRIORITY for t in self.tasks.values()}
+        return {**known, **self._queue_priorities, **self.settings.queues}
+
     @property
     def queues(self) -> list[str]:
-        """Every queue some registered task uses by default."""
-        return sorted({t.options.queue for t in self.tasks.values()})
+        """Every known queue, highest priority first: what a worker consumes by default."""
+        priorities = self.queue_priorities
+        return by_priority(priorities, priorities)
 
     # -- resources ------------------------------------------------------------
 

@@ -136,6 +136,8 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: For a worker's main process: the queues it consumes, highest priority first.
+    queues: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class IdempotencyKeyRow(Base):
