@@ -2,8 +2,9 @@
 
 Each message carries ``id`` (the job's ``seq``, or the global event id on
 ``/v1/events``), ``event`` (``status`` or ``progress``; ``breaker`` for a circuit
-breaker's transition, on ``/v1/events`` only) and the Event as JSON ``data``. A reconnecting client's ``Last-Event-ID`` resumes exactly after the
-last event it saw; ``?after=`` does the same for a first connection.
+breaker's transition, on ``/v1/events`` only) and the Event as JSON ``data``. A
+reconnecting client's ``Last-Event-ID`` resumes exactly after the last event it
+saw; ``?after=`` does the same for a first connection.
 
 A client that takes no data for ``CONVEYOR_SEND_TIMEOUT`` seconds is dropped:
 the server process aborts its connection (see ``conveyor.api.server``), and
