@@ -235,6 +235,8 @@ class _Seen:
     at: float
     #: Until when calls are refused without asking the store.
     refuse_until: float = 0.0
+    #: When a refused call should come back (the delay its CircuitOpenError carries).
+    retry_at: float = 0.0
 
 
 def check_name(name: str) -> str:
@@ -267,8 +269,11 @@ class Breakers:
     def define(self, name: str, **options: Unpack[BreakerOptions]) -> Breaker:
         """Configure breaker ``name``; raises ConfigurationError naming the breaker and the
         field that is unknown or out of range (nothing is registered then), or if ``name``
-        is configured differently already."""
+        is configured differently already. Without options, the guard of ``name`` as it
+        is configured (or with the defaults), configuring nothing."""
         check_name(name)
+        if not options:
+            return Breaker(self, name)
         unknown = sorted(set(options) - set(BreakerOptions.__annotations__))
         if unknown:
             raise ConfigurationError(f"breaker {name!r}: unknown option {unknown[0]!r}")
@@ -317,7 +322,7 @@ class Breakers:
             # Every probe place is taken: wait until the probes are presumed lost at
             # most (they close or re-open the breaker long before, as a rule).
             wait = snapshot.probe_lease_left or self.cache_seconds
-            self._remember(snapshot, refuse_for=min(wait, self.cache_seconds))
+            self._remember(snapshot, refuse_for=min(wait, self.cache_seconds), retry_in=wait)
             raise CircuitOpenError(name, delay=wait)
         # Three transitions under our feet in a row: the breaker is busy changing.
         raise CircuitOpenError(name, delay=self.cache_seconds)
@@ -330,7 +335,7 @@ class Breakers:
             return None
         now = time.monotonic()
         if now < seen.refuse_until:
-            raise CircuitOpenError(name, delay=seen.refuse_until - now)
+            raise CircuitOpenError(name, delay=seen.retry_at - now)
         fresh = now - seen.at < self.cache_seconds
         if fresh and seen.snapshot.state is BreakerState.CLOSED:
             return Permit(name, seen.snapshot.generation, probe=False)
@@ -385,12 +390,17 @@ class Breakers:
         with self._lock:
             return self._seen.get(name)
 
-    def _remember(self, snapshot: BreakerSnapshot, *, refuse_for: float = 0.0) -> None:
+    def _remember(
+        self, snapshot: BreakerSnapshot, *, refuse_for: float = 0.0, retry_in: float | None = None
+    ) -> None:
+        """Note what the store said; refuse calls for ``refuse_for`` seconds without asking
+        it, telling them to come back in ``retry_in`` (default: when the refusals end)."""
         self._after_fork()
         now = time.monotonic()
+        refuse_until = now + refuse_for if refuse_for else 0.0
+        retry_at = now + retry_in if retry_in is not None else refuse_until
         with self._lock:
-            refuse_until = now + refuse_for if refuse_for else 0.0
-            self._seen[snapshot.name] = _Seen(snapshot, now, refuse_until)
+            self._seen[snapshot.name] = _Seen(snapshot, now, refuse_until, retry_at)
 
     def _after_fork(self) -> None:
         """A forked process starts with what it sees itself, and a lock of its own."""

@@ -29,7 +29,7 @@ async def test_breakers_are_listed_with_state_and_configuration(
     client: httpx.AsyncClient, conveyor: Conveyor
 ) -> None:
     conveyor.breaker("llm", failure_threshold=2, window=30, open_for=60, half_open_probes=2)
-    conveyor.breaker("quiet")
+    conveyor.breaker("quiet", open_for=10)
     trip(conveyor.breakers.get("llm"), 2)
     trip(conveyor.breakers.get("adhoc"))  # used without configuration: the defaults
 
@@ -118,7 +118,7 @@ async def test_metrics_show_breaker_states_and_transitions(
     client: httpx.AsyncClient, conveyor: Conveyor
 ) -> None:
     conveyor.breaker("llm", failure_threshold=1, open_for=60)
-    conveyor.breaker("calm")
+    conveyor.breaker("calm", open_for=10)
     trip(conveyor.breakers.get("llm"))
 
     async def scraped() -> dict[Any, float]:

@@ -123,6 +123,10 @@ def test_a_name_configured_twice_must_agree() -> None:
     with pytest.raises(ConfigurationError, match="already configured differently"):
         app.breaker("llm", failure_threshold=4)
     assert app.breakers.config("llm").failure_threshold == 3
+    # Without options: the guard as configured, for decorating a function.
+    assert app.breaker("llm").config.failure_threshold == 3
+    assert app.breaker("other").config == BreakerConfig()
+    assert set(app.breakers.configs) == {"llm"}
 
 
 def test_a_name_used_without_configuration_gets_the_defaults() -> None:
