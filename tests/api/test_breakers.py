@@ -63,7 +63,7 @@ async def test_breakers_need_a_key(anonymous: httpx.AsyncClient) -> None:
 
 
 async def test_transitions_are_events_of_the_global_stream_only(
-    live_client: httpx.AsyncClient, conveyor: Conveyor, worker: Worker
+    fanout: str | None, live_client: httpx.AsyncClient, conveyor: Conveyor, worker: Worker
 ) -> None:
     guard = conveyor.breaker("dep", failure_threshold=1, open_for=0.2)
     job_id = await submit(live_client)
@@ -136,3 +136,24 @@ async def test_metrics_show_breaker_states_and_transitions(
         while value(metrics, "conveyor_breaker_transitions_total", breaker="llm", to="open") != 1:
             await asyncio.sleep(0.05)
             metrics = await scraped()
+
+
+async def test_a_live_stream_gets_transitions_as_they_happen(
+    fanout: str | None, live_client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    """Published by the store at commit: through Redis, or found by the hub's polling."""
+    guard = conveyor.breaker("live", failure_threshold=1, open_for=60)
+
+    async def trip_soon() -> None:
+        await asyncio.sleep(0.3)  # once the stream is listening
+        await asyncio.to_thread(trip, guard)
+
+    received: list[dict[str, Any]] = []
+    async with asyncio.timeout(STREAM_TIMEOUT):
+        tripping = asyncio.create_task(trip_soon())
+        async for message in messages(live_client, "/v1/events"):
+            assert message.event == "breaker"
+            received.append(json.loads(message.data))
+            break
+        await tripping
+    assert [(e["data"]["breaker"], e["data"]["to"]) for e in received] == [("live", "open")]
