@@ -23,6 +23,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from conveyor import broker, diag, idempotency, payloads
+from conveyor.breakers import Breaker, BreakerOptions, Breakers
 from conveyor.errors import (
     BatchInvalid,
     BrokerUnavailable,
@@ -76,6 +77,8 @@ class Conveyor:
         self._close_hooks: list[Callable[[], None]] = []
         #: Queue priorities declared in code (``queue``); the settings' win over them.
         self._queue_priorities: dict[str, int] = {}
+        #: Circuit breakers: configuration per name, shared state in the store.
+        self.breakers = Breakers(lambda: self.store.breakers)
         for name, max_attempts, fn in diag.BUILTINS:
             self.task(name=name, max_attempts=max_attempts)(fn)
 
@@ -141,6 +144,12 @@ class Conveyor:
             return task
 
         return register(fn) if fn is not None else cast(TaskDecorator, register)
+
+    def breaker(self, name: str, **options: Unpack[BreakerOptions]) -> Breaker:
+        """Configure the circuit breaker ``name`` and return its guard; tasks reach it as
+        ``ctx.breaker(name)``. Options and defaults: :class:`~conveyor.breakers.BreakerConfig`.
+        Raises ConfigurationError naming the breaker and the field that is wrong."""
+        return self.breakers.define(name, **options)
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; TaskNotFound suggests close names."""

@@ -59,6 +59,12 @@ def make_celery(settings: Settings, queues: Iterable[str]) -> Celery:
         "worker_send_task_events": False,
         "broker_pool_limit": 10,
     }
+    # Celery replaces a pool process only after its job has ended and been acknowledged,
+    # so recycling loses no job and fails none.
+    if settings.max_tasks_per_child is not None:
+        conf["worker_max_tasks_per_child"] = settings.max_tasks_per_child
+    if settings.max_memory_per_child is not None:
+        conf["worker_max_memory_per_child"] = settings.max_memory_per_child
     if scheme in {"amqp", "amqps", "pyamqp"}:
         # RabbitMQ only honours priorities on queues declared with a maximum.
         conf["task_queues"] = [

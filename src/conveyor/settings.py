@@ -115,6 +115,18 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Names this API process in /healthz; `conveyor up` sets it to know its own.",
     )
+    max_tasks_per_child: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="A prefork pool process is replaced after running this many jobs.",
+    )
+    max_memory_per_child: int | None = Field(
+        default=None,
+        ge=1,
+        description="KiB of resident memory after which a prefork pool process is replaced,"
+        " once its job has ended.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,

@@ -19,6 +19,7 @@ where the server keeps them prepared. Committed events are handed to
     store/batching.py    the group commit
     store/rows.py        rows to Job, Attempt, Event
     store/pages.py       keyset pagination
+    store/breakers.py    circuit breakers: their rows and transition events
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ from conveyor.models import (
 )
 from conveyor.store import pages, rows
 from conveyor.store.batching import GroupCommit, Write
+from conveyor.store.breakers import BreakerBook
 from conveyor.store.statements import (
     CANCEL,
     CLAIM,
@@ -166,7 +168,7 @@ class QueueDepth:
 
 
 class Store:
-    """Jobs, events and API keys in PostgreSQL or SQLite (SQLAlchemy URL)."""
+    """Jobs, events, API keys and breakers in PostgreSQL or SQLite (SQLAlchemy URL)."""
 
     def __init__(self, url: str, *, pool_size: int = 5, publish: Publish | None = None) -> None:
         self.url = url
@@ -196,6 +198,8 @@ class Store:
         #: The group commit's own PostgreSQL connection; only the flushing thread uses it.
         self._hot: psycopg.Connection[dict[str, Any]] | None = None
         self._hot_lock = threading.Lock()
+        #: Circuit breakers shared by every process on this store (``conveyor.breakers``).
+        self.breakers = BreakerBook(self, utcnow)
 
     @property
     def dialect(self) -> str:
