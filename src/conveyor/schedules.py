@@ -30,7 +30,8 @@ from croniter import CroniterError, croniter
 from pydantic import BaseModel
 
 from conveyor.errors import PayloadInvalid, ScheduleInvalid
-from conveyor.tasks import MAX_PRIORITY, NAME_PATTERN, QUEUE_PATTERN, Task
+from conveyor.queues import QUEUE_PATTERN
+from conveyor.tasks import MAX_PRIORITY, NAME_PATTERN, Task
 
 #: Shortest interval: ticks are claimed in the store, which is no sub-second timer.
 MIN_EVERY = 1

@@ -43,6 +43,7 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_idempotency_keys",
         "conveyor_schedules",
         "conveyor_topic_events",
+        "conveyor_breakers",
         VERSION_TABLE,
     }
     empty_store.ping()
@@ -152,3 +153,42 @@ def test_upgrade_escapes_errors_that_postgres_json_operators_refuse(empty_store:
     assert empty_store.attempts("j-poisoned")[0].error == error
     paired_error = empty_store.get_job("j-paired").error
     assert paired_error is not None and paired_error.message == "fine 😀"  # a pair is no poison
+
+
+def test_breakers_migration_keeps_job_events_and_downgrades_cleanly(empty_store: Store) -> None:
+    """0008 makes room for events of no job (breaker transitions); going back deletes
+    those, and job events stay as they were both ways."""
+    from alembic import command
+
+    from conveyor.breakers import Breakers
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+    empty_store.migrate()
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+    )
+    guard = Breakers(lambda: empty_store.breakers).define("dep", failure_threshold=1)
+    with pytest.raises(ValueError), guard:
+        raise ValueError("down")
+    kinds = [(e.type.value, e.job_id) for e in empty_store.events(after_id=0)]
+    assert kinds == [("status", job.id), ("breaker", None)]
+
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    assert "conveyor_breakers" not in inspect(empty_store.engine).get_table_names()
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()  # and up again
+    assert [e.job_id for e in empty_store.events(after_id=0)] == [job.id]

@@ -28,6 +28,7 @@ from pydantic_core import PydanticCustomError
 
 from conveyor import payloads
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError, JobStatus
+from conveyor.queues import QUEUE_PATTERN
 from conveyor.schedules import MAX_EVERY, MIN_EVERY, TIMEZONE_PATTERN, Schedule
 from conveyor.store import DeadLetterFilter
 from conveyor.tasks import (
@@ -36,7 +37,6 @@ from conveyor.tasks import (
     MAX_DELAY,
     MAX_PRIORITY,
     NAME_PATTERN,
-    QUEUE_PATTERN,
     JobOptions,
     Task,
 )

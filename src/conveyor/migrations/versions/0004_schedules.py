@@ -2,7 +2,7 @@
 ``conveyor_schedules`` table. Jobs of the ``scheduled`` status wait in the store.
 
 Revision ID: 0004
-Revises: 0003
+Revises: 0008
 Create Date: 2026-11-29
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 from conveyor.models import UTCDateTime
 
 revision = "0004"
-down_revision = "0003"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
@@ -66,7 +66,7 @@ def downgrade() -> None:
     op.execute("UPDATE conveyor_jobs SET status = 'queued' WHERE status = 'scheduled'")
     op.drop_index("ix_conveyor_jobs_status_run_at", "conveyor_jobs")
     op.drop_index("uq_conveyor_jobs_schedule_tick", "conveyor_jobs")
-    with op.batch_alter_table("conveyor_jobs") as batch:
-        batch.drop_column("schedule_tick")
-        batch.drop_column("schedule")
-        batch.drop_column("run_at")
+    # Not a batch: SQLite would copy the jobs table, and dropping the old copy would
+    # cascade to every job's events and attempts. SQLite drops columns itself (3.35+).
+    for column in ("schedule_tick", "schedule", "run_at"):
+        op.execute(sa.text(f"ALTER TABLE conveyor_jobs DROP COLUMN {column}"))
