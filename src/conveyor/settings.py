@@ -107,6 +107,15 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Names this API process in /healthz; `conveyor up` sets it to know its own.",
     )
+    pipeline_max_steps: int = Field(
+        default=100, ge=1, le=10_000, description="Most steps one pipeline may have."
+    )
+    pipeline_max_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most items a mapped step may fan out to; more fails the step.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,
