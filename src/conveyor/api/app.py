@@ -19,7 +19,17 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 from fastapi import FastAPI
 
-from conveyor.api import dead_letters, docs, events, health, jobs, openapi, problems, tasks
+from conveyor.api import (
+    dead_letters,
+    docs,
+    events,
+    health,
+    jobs,
+    openapi,
+    pipelines,
+    problems,
+    tasks,
+)
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import BodyLimit, CorrelationId, Methods, RequestTimer
 from conveyor.api.state import ApiState
@@ -80,7 +90,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
-    for module in (jobs, dead_letters, events, tasks, health):
+    for module in (jobs, pipelines, dead_letters, events, tasks, health):
         app.include_router(module.router)
     docs.install(app)
     openapi.install(app, conveyor)
