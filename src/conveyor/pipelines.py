@@ -383,6 +383,10 @@ class Pipeline(BaseModel):
     progress: PipelineProgress
     steps: list[Step]
 
+    @property
+    def steps_by_name(self) -> dict[str, Step]:
+        return {step.name: step for step in self.steps}
+
 
 def progress(steps: Iterable[Step]) -> PipelineProgress:
     done = total = 0
