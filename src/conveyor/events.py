@@ -433,9 +433,11 @@ async def pipeline_pages(
     first_seen: dict[int, float] = {}
     with hub.subscribe() as sub:
         while True:
-            read = partial(store.pipeline_events, pipeline_id, after_id=last, limit=REPLAY_PAGE)
-            page = await hub.history(read)
-            ready = await _settled(store, page, last, first_seen, settle) if settle else page
+            read = partial(
+                store.pipeline_events_seen, pipeline_id, after_id=last, limit=REPLAY_PAGE
+            )
+            page, whole = await hub.history(read)
+            ready = page if whole or not settle else _settled(page, first_seen, settle)
             for i, event in enumerate(ready):
                 if event.terminal and not await asyncio.to_thread(
                     store.pipeline_reopened, pipeline_id, event.id
@@ -462,19 +464,11 @@ async def pipeline_pages(
             sub.lagged = False
 
 
-async def _settled(
-    store: Store,
-    page: list[PipelineEvent],
-    last: int,
-    first_seen: dict[int, float],
-    settle: float,
+def _settled(
+    page: list[PipelineEvent], first_seen: dict[int, float], settle: float
 ) -> list[PipelineEvent]:
-    """The first events of ``page`` that no event committing late can come before."""
-    if not page:
-        return page
-    span = page[-1].id - last
-    if await asyncio.to_thread(store.event_ids_between, last, page[-1].id) == span:
-        return page  # every id up to the last one is visible: none is in flight below it
+    """The first events of ``page`` that no event committing late can come before, when
+    an id below the last one was not visible: those old enough to trust."""
     now, wall = time.monotonic(), time.time()
     ready = []
     for event in page:

@@ -1223,6 +1223,15 @@ class Store:
         self, pipeline_id: str, *, after_id: int = 0, limit: int = 200
     ) -> list[PipelineEvent]:
         """The pipeline's events and its jobs' events, in id order, after ``after_id``."""
+        return self.pipeline_events_seen(pipeline_id, after_id=after_id, limit=limit)[0]
+
+    def pipeline_events_seen(
+        self, pipeline_id: str, *, after_id: int = 0, limit: int = 200
+    ) -> tuple[list[PipelineEvent], bool]:
+        """:meth:`pipeline_events`, and whether every id from ``after_id`` to the last one
+        returned was visible in the same snapshot (of any job or pipeline): if so, no event
+        below the last one returned can still commit, on PostgreSQL where ids are taken
+        at insert and become visible at commit."""
         j = jobs_t
         columns = (
             *events_t.c,
@@ -1242,8 +1251,24 @@ class Store:
         )
         both = own.union_all(of_jobs).subquery()
         query = select(both).order_by(both.c.id).limit(limit)
-        with self._tx() as conn:
-            return [pipeline_event(row) for row in conn.execute(query).mappings()]
+        # One snapshot for both reads (SQLite's transactions are serializable anyway).
+        engine = self.engine
+        if self.dialect == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        try:
+            with engine.begin() as conn:
+                found = [pipeline_event(row) for row in conn.execute(query).mappings()]
+                if not found:
+                    return found, True
+                up_to = found[-1].id
+                visible = conn.execute(
+                    select(func.count()).where(events_t.c.id > after_id, events_t.c.id <= up_to)
+                ).scalar_one()
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise StoreUnavailable(f"store unreachable: {exc.orig}") from exc
+            raise
+        return found, int(visible) == up_to - after_id
 
     def pipeline_reopened(self, pipeline_id: str, after_id: int) -> bool:
         """Whether the pipeline has an event of its own after ``after_id`` (it ran again
@@ -1255,12 +1280,6 @@ class Store:
         )
         with self._tx() as conn:
             return conn.execute(query.limit(1)).first() is not None
-
-    def event_ids_between(self, after_id: int, up_to: int) -> int:
-        """How many events (of any job or pipeline) have ids in ``(after_id, up_to]``."""
-        query = select(func.count()).where(events_t.c.id > after_id, events_t.c.id <= up_to)
-        with self._tx() as conn:
-            return int(conn.execute(query).scalar_one())
 
     # -- dead letters ---------------------------------------------------------
 
