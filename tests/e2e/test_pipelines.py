@@ -282,6 +282,38 @@ def test_cancelling_mid_run_starts_nothing_downstream(stack: Stack) -> None:
 
 
 @pytest.mark.timeout(300)
+def test_the_cli_submits_lists_shows_and_cancels_pipelines(stack: Stack, tmp_path: Path) -> None:
+    env = {**stack.processes.env, "CONVEYOR_API_URL": stack.url, "CONVEYOR_API_KEY": stack.key}
+    body = json.dumps({"name": "from-cli", "steps": squares(3)})
+    submitted = run_cli("pipelines", "submit", "-", stdin=body, env=env)
+    assert submitted.returncode == 0, submitted.stderr
+    pipeline_id = submitted.stdout.split()[0]
+    assert "split running" in submitted.stdout and "square pending" in submitted.stdout
+    with stack.client() as client:
+        wait_status(client, pipeline_id, "succeeded")
+
+    shown = run_cli("pipelines", "show", pipeline_id, env=env)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout)["status"] == "succeeded"
+    listed = run_cli("pipelines", "list", "--status", "succeeded", env=env)
+    assert listed.returncode == 0 and pipeline_id in listed.stdout and "from-cli" in listed.stdout
+
+    (tmp_path / "slow.json").write_text(json.dumps({"steps": squares(4, seconds=5.0)}))
+    slow = run_cli("pipelines", "submit", str(tmp_path / "slow.json"), env=env)
+    assert slow.returncode == 0, slow.stderr
+    cancelled = run_cli("pipelines", "cancel", slow.stdout.split()[0], env=env)
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert "cancelled" in cancelled.stdout.splitlines()[0]
+    again = run_cli("pipelines", "cancel", slow.stdout.split()[0], env=env)
+    assert again.returncode == 1 and "has ended" in again.stderr
+
+    cyclic = [{"name": "a", "task": "pipes.sum", "after": ["a"]}]
+    refused = run_cli("pipelines", "submit", "-", stdin=json.dumps({"steps": cyclic}), env=env)
+    assert refused.returncode == 1
+    assert "the steps form a cycle: 'a' -> 'a' (422)" in refused.stderr
+
+
+@pytest.mark.timeout(300)
 def test_a_worker_killed_mid_pipeline_the_pipeline_still_succeeds(stack: Stack) -> None:
     with stack.client() as client:
         pipeline = submit(client, squares(30, seconds=0.3))
