@@ -175,7 +175,7 @@ def cancel_pipeline(pipeline_id: str, request: Request, key: Authenticated) -> P
     return PipelineResource.of(pipeline)
 
 
-@router.get("/{pipeline_id}/events", responses={**PIPELINE_STREAM, **problem_responses(404)})
+@router.get("/{pipeline_id}/events", responses={**PIPELINE_STREAM, **problem_responses(400, 404)})
 async def pipeline_events(
     pipeline_id: str, request: Request, after: After = None, last_event_id: LastEventId = None
 ) -> EventSourceResponse:
