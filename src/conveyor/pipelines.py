@@ -304,18 +304,22 @@ def plain_items(max_items: int) -> MapItems:
 
     def items(task: str, result: Any) -> list[dict[str, Any]]:
         if not isinstance(result, list):
-            raise ItemsInvalid(f"it maps over a {_json_type(result)}, not a list")
+            raise ItemsInvalid(f"it maps over {_a(_json_type(result))}, not a list")
         if len(result) > max_items:
             raise ItemsInvalid(f"{len(result)} items; a step may map over at most {max_items}")
         for i, item in enumerate(result):
             if not isinstance(item, dict):
-                raise ItemsInvalid(f"item {i} is a {_json_type(item)}, not an object (a payload)")
+                raise ItemsInvalid(f"item {i} is {_a(_json_type(item))}, not an object (a payload)")
             problems = payloads.check_storable(item)
             if problems:
                 raise ItemsInvalid(f"item {i}: {problems[0]['msg']}")
         return list(result)
 
     return items
+
+
+def _a(word: str) -> str:
+    return f"an {word}" if word[0] in "aeiou" else f"a {word}"
 
 
 def _json_type(value: Any) -> str:
