@@ -141,8 +141,7 @@ class ReplayRefused(ConveyorError):
 
 
 class PipelineInvalid(ConveyorError):
-    """A pipeline definition is refused (a cycle, an unknown step or task, a bad payload,
-    too many steps); nothing of it was recorded."""
+    """A pipeline definition is refused; nothing of it was recorded."""
 
     def __init__(
         self,
@@ -165,8 +164,7 @@ class PipelineInvalid(ConveyorError):
 
 
 class ItemsInvalid(ConveyorError):
-    """A mapped step cannot run over what it maps: not a list, too many items, or an
-    item its task refuses. Recorded as the step's error; the step fails."""
+    """A mapped step cannot run over what it maps; the step fails with the reason."""
 
 
 class PipelineNotFound(ConveyorError):
