@@ -94,6 +94,10 @@ class Job(BaseModel):
     replay_of: str | None = None
     #: The worker process running (or that last ran) the job.
     worker: str | None = None
+    #: The pipeline and step the job runs, and its item when the step is mapped.
+    pipeline_id: str | None = None
+    step: str | None = None
+    item: int | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

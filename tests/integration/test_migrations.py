@@ -43,6 +43,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_idempotency_keys",
         "conveyor_topic_events",
         "conveyor_breakers",
+        "conveyor_pipelines",
+        "conveyor_pipeline_steps",
         VERSION_TABLE,
     }
     empty_store.ping()
@@ -137,8 +139,9 @@ def test_upgrade_escapes_errors_that_postgres_json_operators_refuse(empty_store:
             )
     by_type = DeadLetterFilter(error_type="OSError")
     if empty_store.dialect == "postgresql":
-        with pytest.raises(DBAPIError, match="Unicode"):
-            empty_store.dead_letters(by_type)
+        # The query dead_letters(by_type) makes, in SQL: the models have newer columns.
+        with pytest.raises(DBAPIError, match="Unicode"), empty_store.engine.connect() as conn:
+            conn.execute(text("SELECT id FROM conveyor_jobs WHERE error ->> 'type' = 'OSError'"))
 
     empty_store.migrate()
 

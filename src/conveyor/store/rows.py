@@ -53,6 +53,9 @@ def job(row: Mapping[Any, Any]) -> Job:
         backoff_cap=row["backoff_cap"],
         replay_of=row["replay_of"],
         worker=row["worker"],
+        pipeline_id=row["pipeline_id"],
+        step=row["step"],
+        item=row["item"],
     )
 
 

@@ -146,6 +146,14 @@ CREATE = Change(
         *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
     ),
 )
+#: CREATE for a job of a pipeline's step (and its item, when the step is mapped).
+PIPELINE_CREATE = Change(
+    "pipeline_create",
+    EventType.STATUS,
+    JobStatus.QUEUED,
+    frozenset(),
+    (*CREATE.columns, "pipeline_id", "step", "item"),
+)
 CLAIM = Change(
     "claim",
     EventType.STATUS,
