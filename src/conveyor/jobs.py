@@ -107,6 +107,10 @@ class Job(BaseModel):
     #: schedule was triggered by hand).
     schedule: str | None = None
     schedule_tick: datetime | None = None
+    #: The pipeline and step the job runs, and its item when the step is mapped.
+    pipeline_id: str | None = None
+    step: str | None = None
+    item: int | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

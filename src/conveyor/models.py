@@ -86,6 +86,10 @@ class JobRow(Base):
     #: The schedule that made the job and the tick it was for.
     schedule: Mapped[str | None] = mapped_column(String(200))
     schedule_tick: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The pipeline, step and item (its index in a mapped step) the job runs, if any.
+    pipeline_id: Mapped[str | None] = mapped_column(String(36))
+    step: Mapped[str | None] = mapped_column(String(200))
+    item: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
@@ -96,18 +100,26 @@ class JobRow(Base):
         Index("ix_conveyor_jobs_status_run_at", "status", "run_at"),
         # One job per tick of a schedule, whatever races (NULL ticks: triggered by hand).
         Index("uq_conveyor_jobs_schedule_tick", "schedule", "schedule_tick", unique=True),
+        Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
     )
 
 
 class EventRow(Base):
-    """The event log: a job's events, and events of no job (breaker transitions), which
-    have no ``job_id``, ``task`` or ``status`` and ``seq`` 0. One id space orders both."""
+    """The event log: a job's events; a pipeline's or a step's (``job_id`` NULL,
+    ``pipeline_id`` set); and events of nothing stored here (breaker transitions: no
+    ``job_id``, ``task`` or ``status``, ``seq`` 0). One id space orders them all."""
 
     __tablename__ = "conveyor_job_events"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("conveyor_jobs.id", ondelete="CASCADE")
+    )
+    pipeline_id: Mapped[str | None] = mapped_column(
+        String(36),
+        ForeignKey(
+            "conveyor_pipelines.id", ondelete="CASCADE", name="fk_conveyor_job_events_pipeline_id"
+        ),
     )
     seq: Mapped[int] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(16))
@@ -116,7 +128,10 @@ class EventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
-    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_conveyor_job_events_job_seq"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_conveyor_job_events_job_seq"),
+        Index("ix_conveyor_job_events_pipeline_id", "pipeline_id"),
+    )
 
 
 class AttemptRow(Base):
@@ -222,6 +237,59 @@ class BreakerRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class PipelineRow(Base):
+    """A DAG of steps submitted together; its steps are ``conveyor_pipeline_steps``."""
+
+    __tablename__ = "conveyor_pipelines"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    steps: Mapped[int] = mapped_column(Integer)
+    correlation_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The submit's ``Idempotency-Key``, per caller, and the request's fingerprint.
+    idempotency_scope: Mapped[str | None] = mapped_column(String(100))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_conveyor_pipelines_created", "created_at"),
+        UniqueConstraint(
+            "idempotency_scope", "idempotency_key", name="uq_conveyor_pipelines_idempotency"
+        ),
+    )
+
+
+class PipelineStepRow(Base):
+    """One step of a pipeline: what it runs, what it waits for, how far it got."""
+
+    __tablename__ = "conveyor_pipeline_steps"
+
+    pipeline_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("conveyor_pipelines.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: Where the step was given in the definition (steps are shown in that order).
+    position: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[list[str]] = mapped_column(JSON)
+    map: Mapped[str | None] = mapped_column(String(200))
+    #: The job options its jobs get (queue, priority, retry policy, timeout).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    #: Jobs the step runs (its items when mapped), known once it starts.
+    items: Mapped[int | None] = mapped_column(Integer)
+    #: Of those, how many succeeded.
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class ApiKeyRow(Base):
     __tablename__ = "conveyor_api_keys"
 
@@ -257,3 +325,5 @@ idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 schedules_t = Base.metadata.tables[ScheduleRow.__tablename__]
 topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
 breakers_t = Base.metadata.tables[BreakerRow.__tablename__]
+pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]
+steps_t = Base.metadata.tables[PipelineStepRow.__tablename__]

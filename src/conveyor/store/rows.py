@@ -57,6 +57,9 @@ def job(row: Mapping[Any, Any]) -> Job:
         run_at=utc(row["run_at"]),
         schedule=row["schedule"],
         schedule_tick=utc(row["schedule_tick"]),
+        pipeline_id=row["pipeline_id"],
+        step=row["step"],
+        item=row["item"],
     )
 
 

@@ -144,6 +144,14 @@ _NEW_JOB_COLUMNS = (
 CREATE = Change("create", EventType.STATUS, JobStatus.QUEUED, frozenset(), _NEW_JOB_COLUMNS)
 #: A new job that waits in the store until its ``run_at`` (see ``Store.promote_due``).
 DEFER = Change("defer", EventType.STATUS, JobStatus.SCHEDULED, frozenset(), _NEW_JOB_COLUMNS)
+#: CREATE for a job of a pipeline's step (and its item, when the step is mapped).
+PIPELINE_CREATE = Change(
+    "pipeline_create",
+    EventType.STATUS,
+    JobStatus.QUEUED,
+    frozenset(),
+    (*CREATE.columns, "pipeline_id", "step", "item"),
+)
 CLAIM = Change(
     "claim",
     EventType.STATUS,

@@ -2,7 +2,7 @@
 ``conveyor_schedules`` table. Jobs of the ``scheduled`` status wait in the store.
 
 Revision ID: 0004
-Revises: 0008
+Revises: 0003
 Create Date: 2026-11-29
 """
 
@@ -14,7 +14,7 @@ from alembic import op
 from conveyor.models import UTCDateTime
 
 revision = "0004"
-down_revision = "0008"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 
