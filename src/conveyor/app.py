@@ -15,7 +15,7 @@ import traceback
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar, Unpack, cast, overload
 
 import structlog
@@ -44,6 +44,7 @@ from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.jobs import Event, Job, JobStatus
 from conveyor.pipelines import Flow, Pipeline, PipelineSpec, StepRecord, StepSpec
 from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
+from conveyor.schedules import ScheduleSpec, define_schedule
 from conveyor.settings import Settings, load_settings
 from conveyor.store import DeadLetterFilter, Store
 from conveyor.tasks import (
@@ -57,6 +58,7 @@ from conveyor.tasks import (
     TaskOptions,
     check_priority,
     check_retry_policy,
+    start_time,
 )
 from conveyor.topics import TopicEvent, check_topic, check_topics, subscriptions
 from conveyor.transactions import CallerConnection, enlist, on_commit
@@ -82,6 +84,8 @@ class Conveyor:
         self._queue_priorities: dict[str, int] = {}
         #: Circuit breakers: configuration per name, shared state in the store.
         self.breakers = Breakers(lambda: self.store.breakers)
+        #: Schedules defined in code, by name: synchronised into the store at worker start.
+        self.schedules: dict[str, ScheduleSpec] = {}
         for name, max_attempts, fn in diag.BUILTINS:
             self.task(name=name, max_attempts=max_attempts)(fn)
 
@@ -107,6 +111,7 @@ class Conveyor:
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
+        schedule: str | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -123,10 +128,15 @@ class Conveyor:
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
+        schedule: str | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options
         (see :class:`~conveyor.tasks.TaskOptions`). ``on`` subscribes it to one topic
-        or several: each event published there makes a job of it (see :meth:`publish`)."""
+        or several: each event published there makes a job of it (see :meth:`publish`).
+
+        ``schedule``, a cron expression (UTC), also runs it on that cadence with an
+        empty payload: a schedule named after the task (see :meth:`schedule`).
+        """
         options = TaskOptions(
             queue=queue,
             priority=priority,
@@ -144,6 +154,8 @@ class Conveyor:
                 raise ConfigurationError(f"task {task_name!r} is already registered")
             task: Task[Any, Any] = Task(self, fn, name=task_name, options=options)
             self.tasks[task_name] = task
+            if schedule is not None:
+                self.schedule(task_name, task, cron=schedule)
             return task
 
         return register(fn) if fn is not None else cast(TaskDecorator, register)
@@ -153,6 +165,45 @@ class Conveyor:
         ``ctx.breaker(name)``. Options and defaults: :class:`~conveyor.breakers.BreakerConfig`.
         Raises ConfigurationError naming the breaker and the field that is wrong."""
         return self.breakers.define(name, **options)
+
+    def schedule(
+        self,
+        name: str,
+        task: str | Task[Any, Any],
+        *,
+        cron: str | None = None,
+        every: int | None = None,
+        payload: BaseModel | Mapping[str, Any] | None = None,
+        timezone: str = "UTC",
+        queue: str | None = None,
+        priority: int | None = None,
+        catchup: str = "skip",
+    ) -> ScheduleSpec:
+        """Run ``task`` on a cadence: ``cron`` (five fields, in ``timezone``) or ``every``
+        so many seconds. Workers write it into the store when they start; each tick
+        makes one job, however many workers run (see ``conveyor.scheduler``).
+
+        Checked here, payload included: a ConfigurationError names the schedule and task.
+        """
+        task_name = task if isinstance(task, str) else task.name
+        try:
+            spec = define_schedule(
+                name,
+                self.get_task(task_name),
+                cron=cron,
+                every=every,
+                payload=payload,
+                timezone=timezone,
+                queue=queue,
+                priority=priority,
+                catchup=catchup,
+            )
+        except (ConfigurationError, TaskNotFound) as exc:
+            raise ConfigurationError(f"schedule {name!r} of task {task_name!r}: {exc}") from None
+        if name in self.schedules:
+            raise ConfigurationError(f"schedule {name!r} is already defined")
+        self.schedules[name] = spec
+        return spec
 
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; TaskNotFound suggests close names."""
@@ -271,7 +322,8 @@ class Conveyor:
         if key is not None:
             return self.submit_once(task, payload, key=key, **cast(JobOptions, options))[0]
         job = self.store.create_job(**self._new_job(task, payload, options))
-        self.dispatch(job)
+        if job.status is JobStatus.QUEUED:  # a scheduled one is dispatched when it is due
+            self.dispatch(job)
         return job
 
     def submit_many(
@@ -310,7 +362,9 @@ class Conveyor:
         if connection is not None:
             return self._enlist(connection, fields)
         jobs = self.store.create_jobs(fields)
-        self.dispatch_many(jobs)
+        queued = [job for job in jobs if job.status is JobStatus.QUEUED]
+        if queued:
+            self.dispatch_many(queued)
         return jobs
 
     def publish(
@@ -409,15 +463,21 @@ class Conveyor:
         check_scope(scope)
         fields = self._new_job(task, payload, options)
         if fingerprint is None:
-            fingerprint = idempotency.fingerprint(
-                {name: value for name, value in fields.items() if name != "correlation_id"}
-            )
+            # The request as made: a delay, not the start time it gives at this moment.
+            request = {k: v for k, v in fields.items() if k not in {"correlation_id", "run_at"}}
+            run_at, delay = options.get("run_at"), options.get("delay")
+            if run_at is not None:
+                request["run_at"] = run_at.isoformat()
+            if delay is not None:
+                request["delay"] = delay
+            fingerprint = idempotency.fingerprint(request)
         job, created = self.store.create_job_once(scope, key, fingerprint, **fields)
         if not created:
             log.info("job.submit_repeated", job_id=job.id, task=job.task)
             return job, False
         try:
-            self.dispatch(job)
+            if job.status is JobStatus.QUEUED:
+                self.dispatch(job)
         finally:
             # Stored and dispatched (or left for recovery to dispatch): repeats may have it.
             try:
@@ -456,7 +516,7 @@ class Conveyor:
             defaults.backoff_cap if backoff_cap is None else backoff_cap,
         )
         check_retry_policy(*policy)
-        return {
+        fields = {
             "queue": check_queue(queue) if queue else defaults.queue,
             "priority": check_priority(priority) if priority is not None else defaults.priority,
             "max_attempts": policy[0],
@@ -465,6 +525,10 @@ class Conveyor:
             "backoff_base": policy[1],
             "backoff_cap": policy[2],
         }
+        run_at = start_time(options.get("run_at"), options.get("delay"), datetime.now(UTC))
+        if run_at is not None:
+            fields["run_at"] = run_at
+        return fields
 
     # -- pipelines ------------------------------------------------------------
 

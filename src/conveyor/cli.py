@@ -10,6 +10,7 @@
     jobs      list, show, cancel and delete jobs over HTTP
     pipelines submit, list, show and cancel pipelines over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
+    schedules list, add, pause, resume, remove and trigger schedules over HTTP
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
 setting or argument, 1 for anything the server or the job did. Neither prints
@@ -58,6 +59,7 @@ STREAM_READ_TIMEOUT = 60.0
 API_SHUTDOWN_TIMEOUT = 5
 TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 STATUS_STYLE = {
+    "scheduled": "dim cyan",
     "queued": "cyan",
     "running": "blue",
     "retrying": "yellow",
@@ -144,6 +146,10 @@ pipelines_cli = typer.Typer(
     help="Submit, list, show and cancel pipelines of dependent steps.", no_args_is_help=True
 )
 cli.add_typer(pipelines_cli, name="pipelines")
+schedules_cli = typer.Typer(
+    help="List, add, pause, resume, remove and trigger schedules.", no_args_is_help=True
+)
+cli.add_typer(schedules_cli, name="schedules")
 
 
 def main() -> None:
@@ -381,6 +387,14 @@ def submit(
         str | None,
         typer.Option(help="Submit at most once per key: a repeat prints the first job's id."),
     ] = None,
+    delay: Annotated[
+        float | None,
+        typer.Option(min=0, help="Start no earlier than this many seconds from now."),
+    ] = None,
+    run_at: Annotated[
+        str | None,
+        typer.Option(help="Start no earlier than this time (RFC 3339, with its time zone)."),
+    ] = None,
     ndjson: Annotated[
         bool,
         typer.Option(
@@ -396,6 +410,10 @@ def submit(
         options["queue"] = queue
     if priority is not None:
         options["priority"] = priority
+    if delay is not None:
+        options["delay"] = delay
+    if run_at is not None:
+        options["run_at"] = run_at
     if ndjson or payload == "-":
         if follow or idempotency_key is not None:
             raise CliError("--follow and --idempotency-key take one job, not --ndjson", code=2)
@@ -675,6 +693,8 @@ def list_jobs(
     table.add_column("PROGRESS", justify="right", no_wrap=True)
     table.add_column("ATTEMPT", justify="right", no_wrap=True)
     table.add_column("CREATED", no_wrap=True)
+    table.add_column("RUN AT", no_wrap=True)
+    table.add_column("SCHEDULE", no_wrap=True)
     for job in page["items"]:
         percent = (job.get("progress") or {}).get("percent")
         table.add_row(
@@ -684,8 +704,10 @@ def list_jobs(
             f"{percent:.0f}%" if percent is not None else "",
             f"{job['attempt']}/{job['max_attempts']}",
             _when(job["created_at"]),
+            _when(job.get("run_at")),
+            job.get("schedule") or "",
         )
-    _print_page(table, page, min_width=140)
+    _print_page(table, page, min_width=180)
 
 
 def _when(timestamp: str | None) -> str:
@@ -1027,6 +1049,140 @@ def purge_dead_letters(
             body: dict[str, Any] = {"all": True} if everything else selected
             result = client.request("POST", "/v1/dead-letters/purge", json=body)
     out.print(f"purged {result['purged']}")
+
+
+# -- schedules ----------------------------------------------------------------------
+
+
+def _schedule_path(name: str) -> str:
+    return f"/v1/schedules/{quote(name, safe='')}"
+
+
+def _cadence(schedule: dict[str, Any]) -> str:
+    if schedule.get("every") is not None:
+        return f"every {schedule['every']}s"
+    return f"{schedule.get('cron')} ({schedule.get('timezone')})"
+
+
+@schedules_cli.command("list")
+def list_schedules(
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Schedules per page.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """Schedules, the newest first, with their next and last fire times."""
+    params: dict[str, str | int] = {"limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/schedules", params=params)
+    table = Table(box=None, header_style="bold")
+    table.add_column("NAME", no_wrap=True)
+    table.add_column("TASK", no_wrap=True)
+    table.add_column("CADENCE", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("NEXT", no_wrap=True)
+    table.add_column("LAST", no_wrap=True)
+    table.add_column("LAST JOB", no_wrap=True)
+    for schedule in page["items"]:
+        if schedule["enabled"]:
+            state = Text("enabled", style="green")
+        else:
+            reason = schedule.get("paused_reason")
+            state = Text(f"paused: {reason}" if reason else "paused", style="yellow")
+        last = schedule.get("last_job") or {}
+        table.add_row(
+            schedule["name"],
+            schedule["task"],
+            _cadence(schedule),
+            state,
+            _when(schedule.get("next_fire_at")),
+            _when(schedule.get("last_fire_at")),
+            f"{last['id']} {last['status']}" if last else "",
+        )
+    _print_page(table, page, min_width=180)
+
+
+@schedules_cli.command("add")
+def add_schedule(
+    name: Annotated[str, typer.Argument(help="The schedule's name, e.g. nightly-report.")],
+    task: Annotated[str, typer.Argument(help="The task it runs.")],
+    cron: Annotated[
+        str | None, typer.Option(help="Five fields: minute hour day-of-month month day-of-week.")
+    ] = None,
+    every: Annotated[int | None, typer.Option(min=1, help="Seconds between runs.")] = None,
+    payload: Annotated[str, typer.Option(help="The payload of each job, a JSON object.")] = "{}",
+    timezone: Annotated[str, typer.Option(help="Time zone of the cron expression.")] = "UTC",
+    queue: Annotated[str | None, typer.Option(help="Queue; default the task's.")] = None,
+    priority: Annotated[
+        int | None, typer.Option(min=0, max=9, help="0 (lowest) to 9; default the task's.")
+    ] = None,
+    catchup: Annotated[
+        str, typer.Option(help="Missed ticks: skip (one run now) or all (one run each).")
+    ] = "skip",
+    paused: Annotated[bool, typer.Option("--paused", help="Create it paused.")] = False,
+) -> None:
+    """Create a schedule; the payload is checked against the task."""
+    if (cron is None) == (every is None):
+        raise CliError("give --cron EXPRESSION or --every SECONDS, one of them", code=2)
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        raise CliError(f"--payload is not valid JSON: {exc}", code=2) from None
+    if not isinstance(data, dict):
+        raise CliError("--payload must be a JSON object", code=2)
+    body: dict[str, Any] = {
+        "name": name,
+        "task": task,
+        "payload": data,
+        "timezone": timezone,
+        "catchup": catchup,
+        "enabled": not paused,
+    }
+    body.update({k: v for k, v in {"cron": cron, "every": every}.items() if v is not None})
+    body.update({k: v for k, v in {"queue": queue, "priority": priority}.items() if v is not None})
+    with ApiClient(load_settings()) as client:
+        made = client.request("POST", "/v1/schedules", json=body)
+    out.print(f"{made['name']}: {_cadence(made)}, next {_when(made.get('next_fire_at'))}")
+
+
+def _set_enabled(name: str, enabled: bool) -> None:
+    with ApiClient(load_settings()) as client:
+        made = client.request("PATCH", _schedule_path(name), json={"enabled": enabled})
+    state = f"next {_when(made.get('next_fire_at'))}" if made["enabled"] else "paused"
+    out.print(f"{made['name']}: {state}")
+
+
+@schedules_cli.command("pause")
+def pause_schedule(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
+    """Stop a schedule firing until it is resumed."""
+    _set_enabled(name, False)
+
+
+@schedules_cli.command("resume")
+def resume_schedule(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
+    """Fire a paused schedule again, from its next tick."""
+    _set_enabled(name, True)
+
+
+@schedules_cli.command("remove")
+def remove_schedule(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
+    """Delete a schedule (the jobs it made stay)."""
+    with ApiClient(load_settings()) as client:
+        try:
+            client.http.delete(_schedule_path(name)).raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise problem(exc.response) from None
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the API at {client.url} ({exc})") from None
+    out.print(f"removed {name}", markup=False)
+
+
+@schedules_cli.command("trigger")
+def trigger_schedule(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
+    """Run a schedule's job now, outside its cadence; prints the job's id."""
+    with ApiClient(load_settings()) as client:
+        job = client.request("POST", f"{_schedule_path(name)}/trigger")
+    out.print(job["id"], markup=False)
 
 
 if __name__ == "__main__":

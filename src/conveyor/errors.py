@@ -2,6 +2,7 @@
 
 ConveyorError
 ├── ConfigurationError      a setting or task definition is wrong
+│   └── ScheduleInvalid     a schedule's definition is wrong (cron, time zone, interval...)
 ├── TaskNotFound            no task registered under that name
 ├── PayloadInvalid          a payload failed its task's schema, or cannot be stored
 ├── BatchInvalid            items of a bulk submit are invalid; nothing was recorded
@@ -20,6 +21,8 @@ ConveyorError
 ├── PipelineEnded           cancelling a pipeline that has ended
 ├── IdempotencyConflict     a submit with that idempotency key is still under way
 ├── IdempotencyMismatch     that idempotency key was used for a different request
+├── ScheduleNotFound        no schedule with that name
+├── ScheduleExists          a schedule with that name exists already
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
@@ -229,6 +232,35 @@ class IdempotencyMismatch(ConveyorError):
             f"idempotency key {key!r} was already used for a different request;"
             " use a new key for a new request"
         )
+
+
+class ScheduleInvalid(ConfigurationError):
+    """A schedule's definition is invalid: its cron, time zone, interval, task or payload."""
+
+    def __init__(
+        self, field: str, message: str, *, errors: list[dict[str, Any]] | None = None
+    ) -> None:
+        #: The field at fault (``cron``, ``every``, ``timezone``, ``task``, ``payload``...).
+        self.field = field
+        #: For a payload: where in it, as PayloadInvalid has them.
+        self.errors = errors or []
+        super().__init__(message)
+
+
+class ScheduleNotFound(ConveyorError):
+    """No schedule exists with that name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"schedule {name!r} not found")
+
+
+class ScheduleExists(ConveyorError):
+    """A schedule with that name exists already."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"a schedule named {name!r} exists already")
 
 
 class StoreUnavailable(ConveyorError):

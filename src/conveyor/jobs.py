@@ -1,10 +1,13 @@
 """What a job is: its status machine and the views of a job and its events.
 
-    queued ──> running ──> succeeded
-      │          │ ├────> dead       (failed for good: the dead letters)
-      │          │ ├────> cancelled
-      │          │ └────> retrying ──> running (next attempt)
-      └──────────┴──────> cancelled          └─> cancelled
+    scheduled ──> queued ──> running ──> succeeded
+        │           │          │ ├────> dead       (failed for good: the dead letters)
+        │           │          │ ├────> cancelled
+        │           │          │ └────> retrying ──> running (next attempt)
+        └───────────┴──────────┴──────> cancelled          └─> cancelled
+
+A job submitted with ``run_at`` (or ``delay``) waits ``scheduled`` in the store
+until it is due, then is queued and dispatched (``conveyor.scheduler``).
 
 Terminal statuses never change again; a replay of a dead job is a new job.
 """
@@ -19,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 
 class JobStatus(enum.StrEnum):
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     RUNNING = "running"
     RETRYING = "retrying"
@@ -35,11 +39,14 @@ TERMINAL = frozenset({JobStatus.SUCCEEDED, JobStatus.CANCELLED, JobStatus.DEAD})
 
 #: For each target status, the statuses a job may be in to move there.
 ALLOWED_FROM: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset(),
+    JobStatus.SCHEDULED: frozenset(),
+    JobStatus.QUEUED: frozenset({JobStatus.SCHEDULED}),
     JobStatus.RUNNING: frozenset({JobStatus.QUEUED, JobStatus.RETRYING}),
     JobStatus.RETRYING: frozenset({JobStatus.RUNNING}),
     JobStatus.SUCCEEDED: frozenset({JobStatus.RUNNING}),
-    JobStatus.CANCELLED: frozenset({JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING}),
+    JobStatus.CANCELLED: frozenset(
+        {JobStatus.SCHEDULED, JobStatus.QUEUED, JobStatus.RETRYING, JobStatus.RUNNING}
+    ),
     JobStatus.DEAD: frozenset({JobStatus.RUNNING}),
 }
 
@@ -94,6 +101,12 @@ class Job(BaseModel):
     replay_of: str | None = None
     #: The worker process running (or that last ran) the job.
     worker: str | None = None
+    #: Not before then: a job submitted with ``run_at`` or ``delay`` is ``scheduled`` until it.
+    run_at: datetime | None = None
+    #: The schedule that made the job, and the tick it was made for (None when the
+    #: schedule was triggered by hand).
+    schedule: str | None = None
+    schedule_tick: datetime | None = None
     #: The pipeline and step the job runs, and its item when the step is mapped.
     pipeline_id: str | None = None
     step: str | None = None

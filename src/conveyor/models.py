@@ -8,6 +8,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
     Float,
@@ -80,6 +81,11 @@ class JobRow(Base):
     #: When the current attempt was last handed to the broker; None: it must be (again).
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     replay_of: Mapped[str | None] = mapped_column(String(36))
+    #: A scheduled job starts no earlier than this.
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The schedule that made the job and the tick it was for.
+    schedule: Mapped[str | None] = mapped_column(String(200))
+    schedule_tick: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: The pipeline, step and item (its index in a mapped step) the job runs, if any.
     pipeline_id: Mapped[str | None] = mapped_column(String(36))
     step: Mapped[str | None] = mapped_column(String(200))
@@ -90,6 +96,10 @@ class JobRow(Base):
         Index("ix_conveyor_jobs_task_created", "task", "created_at"),
         Index("ix_conveyor_jobs_replay_of", "replay_of"),
         Index("ix_conveyor_jobs_status_finished", "status", "finished_at"),
+        # Every worker asks for the earliest scheduled job several times a second.
+        Index("ix_conveyor_jobs_status_run_at", "status", "run_at"),
+        # One job per tick of a schedule, whatever races (NULL ticks: triggered by hand).
+        Index("uq_conveyor_jobs_schedule_tick", "schedule", "schedule_tick", unique=True),
         Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
     )
 
@@ -172,6 +182,38 @@ class IdempotencyKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     #: None while the request that made it is still being answered.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ScheduleRow(Base):
+    """A schedule: a task fired on a cron expression or an interval (``conveyor.schedules``).
+
+    ``next_fire_at`` is the tick to fire next; firing claims it with a conditional
+    update on it, so one process makes the tick's job however many race.
+    """
+
+    __tablename__ = "conveyor_schedules"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    task: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON)
+    cron: Mapped[str | None] = mapped_column(String(200))
+    every: Mapped[int | None] = mapped_column(Integer)
+    timezone: Mapped[str] = mapped_column(String(64))
+    queue: Mapped[str | None] = mapped_column(String(200))
+    priority: Mapped[int | None] = mapped_column(Integer)
+    catchup: Mapped[str] = mapped_column(String(16))
+    enabled: Mapped[bool] = mapped_column(Boolean)
+    paused_reason: Mapped[str | None] = mapped_column(Text)
+    origin: Mapped[str] = mapped_column(String(16))
+    #: SHA-256 of the definition: a code definition that changed replaces the row.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    next_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_fire_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_job_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_conveyor_schedules_enabled_next", "enabled", "next_fire_at"),)
 
 
 class BreakerRow(Base):
@@ -280,6 +322,7 @@ keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
 attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
 workers_t = Base.metadata.tables[WorkerRow.__tablename__]
 idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
+schedules_t = Base.metadata.tables[ScheduleRow.__tablename__]
 topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
 breakers_t = Base.metadata.tables[BreakerRow.__tablename__]
 pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]

@@ -12,6 +12,11 @@ Every worker's main process runs a :class:`Sweeper`. Each sweep
 
 Sweepers on many machines may race: every step is a conditional write, and a
 second delivery of an attempt is dropped by the worker's claim.
+
+Delayed jobs and schedules are started by the scheduler that runs beside the
+sweeper (``conveyor.scheduler``), which wakes when something is due rather than
+each second; it records what it queues undispatched, so a dispatch it loses (its
+process died) is this sweep's "attempts no broker holds yet".
 """
 
 from __future__ import annotations

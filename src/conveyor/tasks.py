@@ -7,6 +7,7 @@ import re
 import typing
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Generic, Protocol, TypedDict, TypeVar, Unpack, overload
 
 from pydantic import BaseModel, ValidationError
@@ -34,6 +35,8 @@ MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT = 7 * 24 * 3600.0
 MAX_BACKOFF = 7 * 24 * 3600.0
+#: Furthest ahead a job may be delayed (``run_at`` or ``delay``): a year.
+MAX_DELAY = 365 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,25 @@ def check_retry_policy(max_attempts: int, backoff_base: float, backoff_cap: floa
         )
 
 
+def start_time(run_at: datetime | None, delay: float | None, now: datetime) -> datetime | None:
+    """When a job may start: ``run_at``, or ``delay`` seconds after ``now``; None for at
+    once. Refuses both together, a ``run_at`` without a time zone, and either more than
+    :data:`MAX_DELAY` ahead (a ``run_at`` in the past is fine: the job is due at once)."""
+    if run_at is not None and delay is not None:
+        raise ConfigurationError("give run_at or delay, not both")
+    if delay is not None:
+        if isinstance(delay, bool) or not 0 <= delay <= MAX_DELAY:
+            raise ConfigurationError(f"delay must be between 0 and {MAX_DELAY:.0f} seconds")
+        return now + timedelta(seconds=delay)
+    if run_at is None:
+        return None
+    if not isinstance(run_at, datetime) or run_at.tzinfo is None or run_at.utcoffset() is None:
+        raise ConfigurationError("run_at must be a datetime with a time zone")
+    if (run_at - now).total_seconds() > MAX_DELAY:
+        raise ConfigurationError(f"run_at must be at most {MAX_DELAY:.0f} seconds (a year) ahead")
+    return run_at.astimezone(UTC)
+
+
 def check_priority(priority: int) -> int:
     if not 0 <= priority <= MAX_PRIORITY:
         raise ConfigurationError(f"priority must be between 0 and {MAX_PRIORITY}")
@@ -95,6 +117,10 @@ class JobOptions(TypedDict, total=False):
     max_attempts: int | None
     backoff_base: float | None
     backoff_cap: float | None
+    #: Not before then (an aware datetime): the job waits ``scheduled`` in the store.
+    run_at: datetime | None
+    #: Not before this many seconds from now (instead of ``run_at``).
+    delay: float | None
 
 
 class SubmitOptions(JobOptions, total=False):

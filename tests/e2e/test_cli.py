@@ -261,3 +261,35 @@ def test_a_job_poisoned_before_the_checks_lists_shows_and_deletes(stack: Stack) 
     assert (job["payload"], job["repaired"][0]) == ({"a": "\\ud800"}, "payload")
     deleted = run_cli("jobs", "delete", job_id, "--yes", env=stack.env)
     assert deleted.returncode == 0, deleted
+
+
+def test_delayed_jobs_and_schedules_run_under_conveyor_up(stack: Stack) -> None:
+    """Embedded (SQLite, file broker): a delayed job waits, then runs; a schedule fires."""
+    delayed = run_cli(
+        "submit",
+        "diag.echo",
+        "--payload",
+        '{"later": true}',
+        "--delay",
+        "1",
+        "--follow",
+        env=stack.env,
+    )
+    assert delayed.returncode == 0, delayed
+    assert "scheduled" in delayed.stdout and "succeeded" in delayed.stdout
+
+    added = run_cli("schedules", "add", "up-tick", "diag.echo", "--every", "1", env=stack.env)
+    assert added.returncode == 0, added
+    store = Store(Settings(data_dir=Path(stack.env["CONVEYOR_DATA_DIR"])).resolved_database_url)
+    try:
+
+        def ran() -> bool:
+            last = store.get_schedule("up-tick").last_job_id
+            return last is not None and store.get_job(last).status.value == "succeeded"
+
+        wait_for(ran, timeout=30, what="a job of the schedule to run")
+    finally:
+        store.dispose()
+    listed = run_cli("jobs", "list", "--task", "diag.echo", env=stack.env)
+    assert "up-tick" in listed.stdout
+    assert run_cli("schedules", "remove", "up-tick", env=stack.env).returncode == 0

@@ -18,8 +18,11 @@ What the generator is told beyond the document, and why:
   which have tests of their own;
 - a ``cursor`` (the document's ``format``) is one the store could have made
   (the coverage phase ignores custom formats, so valid cases get one here too);
-- bodies that break the one rule JSON Schema cannot state (``backoff_base`` at
-  most ``backoff_cap``) are not sent as valid ones;
+- bodies that break the rules JSON Schema cannot state (``backoff_base`` at
+  most ``backoff_cap``; ``run_at`` at most a year ahead) are not sent as valid ones;
+- a schedule's ``cron`` and ``timezone`` (the document's ``format``s) are ones that
+  exist, and a change to a schedule sent as valid carries no payload (it is checked
+  against the schedule's task, which the request does not name);
 - an idempotency key is not reused with another body (a 422 by design);
 - a pipeline's steps refer only to steps before them, under names of their own, and a
   mapped step has no payload: a DAG is more than JSON Schema can say.
@@ -33,12 +36,13 @@ starts, so that their routes have something to find.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -49,7 +53,9 @@ from schemathesis import Case
 from schemathesis.engine import events
 
 from conveyor import idempotency
+from conveyor.errors import ScheduleInvalid
 from conveyor.jobs import JobError
+from conveyor.schedules import Cadence, zone
 from conveyor.settings import Settings
 from conveyor.store import Store
 from conveyor.store.pages import decode_cursor
@@ -74,6 +80,10 @@ schemathesis.openapi.format(
     "cursor",
     st.builds(_cursor, st.datetimes(timezones=st.just(UTC)), st.uuids().map(str)),
 )
+CRONS = ("*/5 * * * *", "0 3 * * *", "30 2 * * 1-5", "0 0 1 * *")
+ZONES = ("UTC", "Europe/Paris", "America/New_York", "Asia/Kolkata")
+schemathesis.openapi.format("cron", st.sampled_from(CRONS))
+schemathesis.openapi.format("timezone", st.sampled_from(ZONES))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +171,12 @@ def prepare(case: Case, keys: dict[str, str]) -> None:
     for name, value in (case.query or {}).items():
         if name == "cursor" and not _is_cursor(value):
             case.query[name] = _cursor(datetime.now(UTC), str(uuid.uuid4()))
-    if case.method != "POST" or not isinstance(case.body, dict):
+    if not isinstance(case.body, dict):
+        return
+    if case.path.startswith("/v1/schedules") and case.method in {"POST", "PATCH"}:
+        _keep_valid_schedule(case.body, patch=case.method == "PATCH")
+        return
+    if case.method != "POST":
         return
     if case.path == "/v1/topics/{topic}/events":
         case.body = _storable(case.body)  # an event's data, held as a payload is
@@ -189,15 +204,41 @@ def prepare(case: Case, keys: dict[str, str]) -> None:
 
 def _keep_valid(job: dict[str, Any]) -> None:
     """A job request as generated valid stays valid where the document cannot say how:
-    ``backoff_base`` at most ``backoff_cap``; a payload the store can hold as it is
-    (no NUL in text, integers within -2^63 .. 2^64-1): rules of the store, not of the
-    task's schema, refused with 422 as documented."""
+    ``backoff_base`` at most ``backoff_cap``; ``run_at`` at most a year ahead; a payload
+    the store can hold as it is (no NUL in text, integers within -2^63 .. 2^64-1): rules
+    of the store, not of the task's schema, refused with 422 as documented."""
+    run_at = job.get("run_at")
+    if isinstance(run_at, str):
+        with contextlib.suppress(ValueError):
+            if datetime.fromisoformat(run_at) > datetime.now(UTC) + timedelta(days=364):
+                job["run_at"] = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
     options = {**TASK_DEFAULTS, **{k: v for k, v in job.items() if v is not None}}
     base, cap = options["backoff_base"], options["backoff_cap"]
     if _number(base) and _number(cap) and base > cap:
         job["backoff_cap"] = job["backoff_base"] = base
     if "payload" in job:
         job["payload"] = _storable(job["payload"])
+
+
+def _keep_valid_schedule(body: dict[str, Any], *, patch: bool) -> None:
+    """A schedule as generated valid stays valid where the document cannot say how: a
+    cron expression that fires (its ``format``), a time zone that exists, and, in a
+    change, no payload (it is checked against the schedule's task, which the request
+    does not name)."""
+    if isinstance(body.get("cron"), str):
+        try:
+            Cadence(cron=body["cron"])
+        except ScheduleInvalid:
+            body["cron"] = CRONS[0]
+    if isinstance(body.get("timezone"), str):
+        try:
+            zone(body["timezone"])
+        except ScheduleInvalid:
+            body["timezone"] = ZONES[0]
+    if patch:
+        body.pop("payload", None)
+    elif "payload" in body:
+        body["payload"] = _storable(body["payload"])
 
 
 def _keep_pipeline_valid(body: dict[str, Any]) -> None:
@@ -277,4 +318,5 @@ def test_the_fuzzer_sees_every_route(api_schema: schemathesis.BaseSchema) -> Non
     documented = {op.ok().label for op in api_schema.get_all_operations()}
 
     assert {"POST /v1/jobs", "GET /v1/jobs/{job_id}/events", "GET /v1/events"} <= documented
-    assert len(documented) >= 16
+    assert {"POST /v1/schedules", "PATCH /v1/schedules/{name}"} <= documented
+    assert len(documented) >= 22

@@ -54,6 +54,27 @@ def test_an_app_module_that_raises_on_import_is_one_line(tmp_path: Path) -> None
     assert "failing_app.py, line 1" in line
 
 
+def test_a_bad_schedule_in_code_stops_the_worker_naming_the_task(tmp_path: Path) -> None:
+    (tmp_path / "scheduled_app.py").write_text(
+        "from conveyor import Conveyor\n"
+        "app = Conveyor()\n"
+        "app.schedule('nightly', 'diag.echo', cron='0 25 * * *', payload={})\n"
+    )
+    env = environment(
+        CONVEYOR_APP="scheduled_app",
+        CONVEYOR_DATA_DIR=str(tmp_path / "data"),
+        PYTHONPATH=str(tmp_path),
+    )
+
+    done = run_cli("worker", env=env)
+
+    assert done.returncode == 2, done.stderr
+    [line] = error_lines(done.stderr)
+    assert "schedule 'nightly' of task 'diag.echo'" in line
+    assert "'0 25 * * *' is not a valid cron expression" in line
+    assert "Traceback" not in done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("command", [["up"], ["migrate"]])
 def test_a_database_in_a_missing_directory_is_refused_where_the_user_looks(
     tmp_path: Path, command: list[str]

@@ -41,6 +41,7 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_job_attempts",
         "conveyor_workers",
         "conveyor_idempotency_keys",
+        "conveyor_schedules",
         "conveyor_topic_events",
         "conveyor_breakers",
         "conveyor_pipelines",

@@ -165,3 +165,16 @@ def test_an_idempotency_key_does_not_go_with_a_connection(
 ) -> None:
     with Session(engine) as session, pytest.raises(ConfigurationError, match="idempotency_key"):
         conveyor.submit("orders.ship", {"order_id": 1}, connection=session, idempotency_key="k")
+
+
+def test_a_delayed_job_in_a_session_waits_scheduled(conveyor: Conveyor, engine: Engine) -> None:
+    with Session(engine) as session:
+        session.execute(text("INSERT INTO orders (id) VALUES (1)"))
+        job = conveyor.submit("orders.ship", {"order_id": 1}, delay=60, connection=session)
+        session.commit()
+
+    stored = conveyor.store.get_job(job.id)
+    assert stored.status == "scheduled"
+    assert stored.run_at is not None
+    assert messages(conveyor) == 0  # handed over when it is due, not at the commit
+    assert conveyor.store.due_for_dispatch() == []

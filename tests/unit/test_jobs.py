@@ -9,7 +9,8 @@ import pytest
 
 from conveyor.jobs import Event, EventType, JobStatus, can_transition
 
-Q, RUN, RETRY, OK, CANCEL, DEAD = (
+SCHED, Q, RUN, RETRY, OK, CANCEL, DEAD = (
+    JobStatus.SCHEDULED,
     JobStatus.QUEUED,
     JobStatus.RUNNING,
     JobStatus.RETRYING,
@@ -19,6 +20,8 @@ Q, RUN, RETRY, OK, CANCEL, DEAD = (
 )
 
 ALLOWED = {
+    (SCHED, Q),
+    (SCHED, CANCEL),
     (Q, RUN),
     (Q, CANCEL),
     (RUN, OK),
@@ -48,8 +51,12 @@ def test_terminal_statuses_never_change(status: JobStatus) -> None:
     assert not [t for t in JobStatus if can_transition(status, t)]
 
 
-def test_nothing_returns_to_queued() -> None:
-    assert not [s for s in JobStatus if can_transition(s, Q)]
+def test_only_a_scheduled_job_becomes_queued() -> None:
+    assert [s for s in JobStatus if can_transition(s, Q)] == [SCHED]
+
+
+def test_nothing_returns_to_scheduled() -> None:
+    assert not [s for s in JobStatus if can_transition(s, SCHED)]
 
 
 @pytest.mark.parametrize(

@@ -30,6 +30,7 @@ from conveyor.api import (
     pipelines,
     problems,
     queues,
+    schedules,
     tasks,
     topics,
 )
@@ -102,7 +103,10 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
-    routers = (jobs, pipelines, dead_letters, events, tasks, queues, topics, breakers, health)
+    routers = (
+        *(jobs, pipelines, dead_letters, schedules, events, tasks),
+        *(queues, topics, breakers, health),
+    )
     for module in routers:
         app.include_router(module.router)
     docs.install(app)

@@ -178,10 +178,15 @@ def event_schema(event_ref: str, types: tuple[str, ...] | None = None) -> Schema
 
 
 def _task_payloads(components: Schema, conveyor: Conveyor) -> None:
-    """``JobRequest`` as one variant per task: its name, and its payload model's schema."""
-    request = components.get("JobRequest")
-    if request is None:
-        return
+    """``JobRequest`` and ``ScheduleRequest`` as one variant per task: its name, and its
+    payload model's schema."""
+    for name in ("JobRequest", "ScheduleRequest"):
+        request = components.get(name)
+        if request is not None:
+            _variants(request, components, conveyor)
+
+
+def _variants(request: Schema, components: Schema, conveyor: Conveyor) -> None:
     variants = []
     for name in sorted(conveyor.tasks):
         model = conveyor.tasks[name].payload_model

@@ -11,6 +11,9 @@
     IdempotencyConflict                    409   (``Retry-After``: the first request is under way)
     IdempotencyMismatch                    422
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
+    ScheduleInvalid                        422   (``errors`` name the field: cron, timezone...)
+    ScheduleNotFound                       404
+    ScheduleExists                         409
     BatchInvalid                           422   (``errors`` point at each bad item)
     EventRefused                           422   (``errors`` name the refusing tasks)
     NotStorable                            422
@@ -58,6 +61,9 @@ from conveyor.errors import (
     PipelineInvalid,
     PipelineNotFound,
     ReplayRefused,
+    ScheduleExists,
+    ScheduleInvalid,
+    ScheduleNotFound,
     StoreUnavailable,
     TaskNotFound,
     TopicEventNotFound,
@@ -121,6 +127,9 @@ KINDS: dict[type[ConveyorError], Kind] = {
     TopicEventNotFound: Kind(404, "event-not-found", "Published event not found"),
     NotStorable: Kind(422, "not-storable", "Value cannot be stored"),
     ConfigurationError: Kind(422, "invalid-options", "Invalid job options"),
+    ScheduleInvalid: Kind(422, "invalid-schedule", "Invalid schedule"),
+    ScheduleNotFound: Kind(404, "schedule-not-found", "Schedule not found"),
+    ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -167,6 +176,11 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
     if isinstance(exc, BatchInvalid):
         errors = [e for index, item in exc.errors for e in _item_errors(index, item)]
+    if isinstance(exc, ScheduleInvalid):
+        where = ("body", exc.field)
+        errors = [_field_error((*where, *e.get("loc", ())), e) for e in exc.errors] or [
+            _field_error(where, {"msg": str(exc), "type": f"invalid_{exc.field}"})
+        ]
     if isinstance(exc, EventRefused):
         # The whole body is the event's data; each error names the task that refused it.
         errors = [

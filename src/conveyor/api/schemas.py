@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from fastapi import Query
 from pydantic import (
@@ -26,13 +27,15 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from conveyor import payloads
-from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
+from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError, JobStatus
 from conveyor.pipelines import STEP_NAME, Pipeline, PipelineSpec, StepSpec
 from conveyor.queues import QUEUE_PATTERN
+from conveyor.schedules import MAX_EVERY, MIN_EVERY, TIMEZONE_PATTERN, Schedule
 from conveyor.store import DeadLetterFilter
 from conveyor.tasks import (
     MAX_ATTEMPTS,
     MAX_BACKOFF,
+    MAX_DELAY,
     MAX_PRIORITY,
     NAME_PATTERN,
     JobOptions,
@@ -86,6 +89,36 @@ Text = Annotated[
 ]
 
 
+#: RFC 3339 with its offset (``Z`` or ``+02:00``): a start time must say which zone.
+_RFC_3339_AWARE = re.compile(
+    r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})"
+)
+
+
+def _rfc_3339_aware(value: object) -> object:
+    if isinstance(value, str) and _RFC_3339_AWARE.fullmatch(value):
+        return value
+    raise PydanticCustomError(
+        "datetime_type",
+        "a start time is written 2025-05-01T12:00:00Z (RFC 3339, with its time zone)",
+    )
+
+
+def _not_too_far(value: datetime) -> datetime:
+    if (value - datetime.now(UTC)).total_seconds() > MAX_DELAY:
+        raise PydanticCustomError("run_at_too_far", "run_at is at most a year ahead")
+    return value
+
+
+#: A start time: RFC 3339 with a time zone, at most a year ahead.
+StartTime = Annotated[
+    datetime,
+    BeforeValidator(_rfc_3339_aware),
+    AfterValidator(_not_too_far),
+    Field(strict=False),
+]
+
+
 def _repaired() -> Any:
     return Field(
         default_factory=list,
@@ -102,7 +135,15 @@ class JobRequest(BaseModel):
     no NaN or infinities, integers within -2^63 .. 2^64-1, at most 64 levels deep.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "not": {
+                "required": ["run_at", "delay"],
+                "properties": {"run_at": {"type": "string"}, "delay": {"type": "number"}},
+            }
+        },
+    )
 
     # Patterns documented, checked by the submit itself: 404 for a task name no task
     # has (whatever its shape), 422 invalid-options for a queue name.
@@ -136,6 +177,24 @@ class JobRequest(BaseModel):
         le=MAX_BACKOFF,
         description="Seconds; at least backoff_base (given, or the task's), else 422.",
     )
+    run_at: StartTime | None = Field(
+        default=None,
+        description="Start no earlier than this (RFC 3339 with a time zone), at most a year"
+        " ahead, else 422; the job waits `scheduled` until then. Not with `delay`.",
+    )
+    delay: Annotated[float | None, Number] = Field(
+        default=None,
+        ge=0,
+        le=MAX_DELAY,
+        description="Start no earlier than this many seconds from now (at most a year);"
+        " the job waits `scheduled` until then. Not with `run_at`.",
+    )
+
+    @model_validator(mode="after")
+    def _one_start(self) -> JobRequest:
+        if self.run_at is not None and self.delay is not None:
+            raise PydanticCustomError("run_at_and_delay", "give run_at or delay, not both")
+        return self
 
     def options(self, correlation_id: str) -> JobOptions:
         return {
@@ -145,6 +204,8 @@ class JobRequest(BaseModel):
             "max_attempts": self.max_attempts,
             "backoff_base": self.backoff_base,
             "backoff_cap": self.backoff_cap,
+            "run_at": self.run_at,
+            "delay": self.delay,
         }
 
 
@@ -430,6 +491,197 @@ class TaskInfo(BaseModel):
             description=task.description,
             payload_schema=task.payload_model.model_json_schema(),
         )
+
+
+# -- schedules ------------------------------------------------------------------
+
+
+def _cadence_rule(*, nullable: bool) -> dict[str, Any]:
+    """``cron`` or ``every``: one of them (``nullable``: or neither), never both."""
+    cron, every = {"type": "string"}, {"type": "integer"}
+    both = {"not": {"required": ["cron", "every"], "properties": {"cron": cron, "every": every}}}
+    if nullable:
+        return both
+    return {
+        "anyOf": [
+            {"required": ["cron"], "properties": {"cron": cron, "every": {"type": "null"}}},
+            {"required": ["every"], "properties": {"every": every, "cron": {"type": "null"}}},
+        ]
+    }
+
+
+Cron = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"format": "cron"},
+        description="Five fields (minute hour day-of-month month day-of-week), read in"
+        " `timezone`; one that does not parse, or never fires, is a 422.",
+        examples=["*/5 * * * *"],
+    ),
+]
+_EVERY = "Seconds between ticks (whole, at least 1), aligned to the Unix epoch."
+TimeZone = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        json_schema_extra={"format": "timezone", "pattern": TIMEZONE_PATTERN.pattern},
+        description="An IANA time zone (`Europe/Paris`); an unknown one is a 422.",
+    ),
+]
+Catchup = Literal["skip", "all"]
+_CATCHUP = (
+    "Ticks missed while nothing could fire them: `skip`, one job now for the latest;"
+    " `all`, one job for each (the latest 100)."
+)
+
+
+class ScheduleRequest(BaseModel):
+    """A schedule to create: ``task`` with ``payload`` on a ``cron`` expression or
+    ``every`` so many seconds (one of them). The payload is checked against the task."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_cadence_rule(nullable=False))
+
+    name: Text = Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        examples=["nightly-report"],
+    )
+    task: Text = Field(
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        examples=["diag.echo"],
+    )
+    payload: dict[str, Any] = Field(examples=[{"hello": "world"}])
+    cron: Cron | None = None
+    every: Annotated[int | None, Number] = Field(
+        default=None, ge=MIN_EVERY, le=MAX_EVERY, description=_EVERY
+    )
+    timezone: TimeZone = "UTC"
+    queue: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": QUEUE_PATTERN.pattern},
+        description="Default: the task's.",
+    )
+    priority: Annotated[int | None, Number] = Field(
+        default=None, ge=0, le=MAX_PRIORITY, description="Default: the task's."
+    )
+    enabled: StrictBool = True
+    catchup: Catchup = Field(default="skip", description=_CATCHUP)
+
+    @model_validator(mode="after")
+    def _one_cadence(self) -> ScheduleRequest:
+        if (self.cron is None) == (self.every is None):
+            raise PydanticCustomError("cadence", "give cron or every (seconds), one of them")
+        return self
+
+
+class SchedulePatch(BaseModel):
+    """Changes to a schedule; a field left out (or null) stays as it is. A new ``cron``
+    replaces an ``every`` and the other way round; a new cadence, or enabling a
+    paused schedule, starts from the first tick after now. A ``payload`` is checked
+    against the schedule's task (422 if it does not fit)."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_cadence_rule(nullable=True))
+
+    payload: dict[str, Any] | None = None
+    cron: Cron | None = None
+    every: Annotated[int | None, Number] = Field(
+        default=None, ge=MIN_EVERY, le=MAX_EVERY, description=_EVERY
+    )
+    timezone: TimeZone | None = None
+    queue: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": QUEUE_PATTERN.pattern},
+    )
+    priority: Annotated[int | None, Number] = Field(default=None, ge=0, le=MAX_PRIORITY)
+    enabled: StrictBool | None = None
+    catchup: Catchup | None = Field(default=None, description=_CATCHUP)
+
+    @model_validator(mode="after")
+    def _one_cadence(self) -> SchedulePatch:
+        if self.cron is not None and self.every is not None:
+            raise PydanticCustomError("cadence", "give cron or every (seconds), not both")
+        return self
+
+
+class ScheduleJob(BaseModel):
+    """The last job a schedule made: on a tick, or triggered (``schedule_tick`` null)."""
+
+    id: str
+    status: JobStatus
+    schedule_tick: datetime | None
+    created_at: datetime
+    link: str
+
+
+class ScheduleLinks(BaseModel):
+    self: str
+    trigger: str
+
+
+class ScheduleResource(BaseModel):
+    """A schedule, when it fires next and last, and its last job (null once deleted)."""
+
+    name: str
+    task: str
+    payload: dict[str, Any]
+    cron: str | None
+    every: int | None
+    timezone: str
+    queue: str | None
+    priority: int | None
+    catchup: Catchup
+    enabled: bool
+    paused_reason: str | None = Field(
+        description="Why Conveyor paused it (its task is gone, its payload no longer fits);"
+        " null when it is enabled or an operator paused it."
+    )
+    origin: Literal["code", "api"]
+    next_fire_at: datetime | None
+    last_fire_at: datetime | None
+    last_job_id: str | None
+    last_job: ScheduleJob | None
+    created_at: datetime
+    updated_at: datetime
+    links: ScheduleLinks
+    repaired: list[str] = _repaired()
+
+    @classmethod
+    def of(cls, schedule: Schedule, last_job: Job | None) -> ScheduleResource:
+        path = f"/v1/schedules/{quote(schedule.name, safe='')}"
+        fields = schedule.model_dump(mode="json")
+        repaired = servable_fields(fields, ("payload",))
+        job = None
+        if last_job is not None:
+            job = ScheduleJob(
+                id=last_job.id,
+                status=last_job.status,
+                schedule_tick=last_job.schedule_tick,
+                created_at=last_job.created_at,
+                link=f"/v1/jobs/{last_job.id}",
+            )
+        return cls(
+            **fields,
+            last_job=job,
+            links=ScheduleLinks(self=path, trigger=f"{path}/trigger"),
+            repaired=repaired,
+        )
+
+
+class SchedulePage(BaseModel):
+    """The newest schedules first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    items: list[ScheduleResource]
+    next_cursor: str | None
 
 
 # -- pipelines ------------------------------------------------------------------

@@ -81,6 +81,8 @@ from conveyor.errors import (
     PipelineEnded,
     PipelineNotFound,
     ReplayRefused,
+    ScheduleExists,
+    ScheduleNotFound,
     StoreUnavailable,
     TopicEventNotFound,
 )
@@ -93,6 +95,7 @@ from conveyor.models import (
     jobs_t,
     keys_t,
     pipelines_t,
+    schedules_t,
     steps_t,
     topic_events_t,
     workers_t,
@@ -106,6 +109,7 @@ from conveyor.pipelines import (
     StepStatus,
     plain_items,
 )
+from conveyor.schedules import Origin, Schedule, ScheduleSpec
 from conveyor.store import pages, rows
 from conveyor.store.batching import GroupCommit, Write
 from conveyor.store.breakers import BreakerBook
@@ -122,6 +126,7 @@ from conveyor.store.statements import (
     CANCEL,
     CLAIM,
     CREATE,
+    DEFER,
     DIE,
     HEARTBEAT_SQL,
     INSERT_ATTEMPT,
@@ -316,9 +321,14 @@ class Store:
         backoff_base: float = 1.0,
         backoff_cap: float = 300.0,
         replay_of: str | None = None,
+        run_at: datetime | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
-        and calls :meth:`undispatched` if that fails."""
+        and calls :meth:`undispatched` if that fails.
+
+        With ``run_at`` the job is ``scheduled`` instead, not dispatched: it waits in
+        the store until :meth:`promote_due` queues it.
+        """
         now = utcnow()
         values = _new_job(
             now,
@@ -332,8 +342,10 @@ class Store:
             backoff_base=backoff_base,
             backoff_cap=backoff_cap,
             replay_of=replay_of,
+            run_at=run_at,
         )
-        found = self._write(CREATE, now=now, values=values, data={"attempt": 1})
+        change = _creation(values)
+        found = self._write(change, now=now, values=values, data=_created_data(values))
         assert found is not None
         return found[0]
 
@@ -341,23 +353,22 @@ class Store:
         """:meth:`create_job` for many jobs (each mapping its keyword arguments), in one
         transaction: all are recorded, or none. Returns them in the order given."""
         now = utcnow()
-        writes = [
-            Write(
-                CREATE,
-                "",
-                {
-                    "params": _params(CREATE, now, _new_job(now, **job), None, None, None, None),
-                    "data": {"attempt": 1},
-                },
-            )
-            for job in jobs
-        ]
+        writes = []
+        for job in jobs:
+            values = _new_job(now, **job)
+            change = _creation(values)
+            params = _params(change, now, values, None, None, None, None)
+            writes.append(Write(change, "", {"params": params, "data": _created_data(values)}))
         if self.dialect == "postgresql":
+            found = {}
             with self._tx() as conn:
                 raw: Any = conn.connection.driver_connection
                 with raw.cursor(row_factory=dict_row) as cursor:
-                    cursor.execute(batch_sql(CREATE), _arrays(CREATE, writes))
-                    found = {row["id"]: row for row in cursor.fetchall()}
+                    for change in (CREATE, DEFER):
+                        kind = [w for w in writes if w.kind is change]
+                        if kind:
+                            cursor.execute(batch_sql(change), _arrays(change, kind))
+                            found.update({row["id"]: row for row in cursor.fetchall()})
             created = [
                 (
                     rows.job(found[w.params["params"]["v_id"]]),
@@ -384,9 +395,10 @@ class Store:
         now = utcnow()
         created = []
         for job in jobs:
-            values = {**_new_job(now, **job), "dispatched_at": now if dispatched else None}
-            params = _params(CREATE, now, values, None, None, None, None)
-            found = self._apply(conn, CREATE, params, {"attempt": 1})
+            values = _new_job(now, **job, dispatched=dispatched)
+            change = _creation(values)  # a job with a run_at waits, scheduled
+            params = _params(change, now, values, None, None, None, None)
+            found = self._apply(conn, change, params, _created_data(values))
             assert found is not None
             created.append(found)
         return created
@@ -553,10 +565,11 @@ class Store:
     ) -> Job:
         now = utcnow()
         values = _new_job(now, **job)
-        params = _params(CREATE, now, values, None, None, None, None)
+        change = _creation(values)
+        params = _params(change, now, values, None, None, None, None)
         with self._tx() as conn:
             # The job first: the key row refers to it, and the foreign key is not deferrable.
-            created = self._apply(conn, CREATE, params, {"attempt": 1})
+            created = self._apply(conn, change, params, _created_data(values))
             assert created is not None
             conn.execute(
                 insert(idempotency_t).values(
@@ -614,6 +627,14 @@ class Store:
         if row is None:
             raise JobNotFound(job_id)
         return rows.job(row)
+
+    def get_jobs(self, job_ids: Sequence[str]) -> dict[str, Job]:
+        """The jobs of ``job_ids`` that exist, by id (one query)."""
+        if not job_ids:
+            return {}
+        with self._tx() as conn:
+            found = conn.execute(select(jobs_t).where(jobs_t.c.id.in_(list(job_ids)))).mappings()
+            return {job.id: job for job in _readable_jobs(list(found))}
 
     def list_jobs(
         self,
@@ -1043,6 +1064,322 @@ class Store:
         )
         with self._tx() as conn:
             conn.execute(stmt)
+
+    # -- delayed jobs -----------------------------------------------------------
+
+    def promote_due(self, *, limit: int = 100) -> list[Job]:
+        """Queue the scheduled jobs whose ``run_at`` has come, by the database's clock,
+        and return them, to be dispatched (they are left undispatched, so that
+        :meth:`due_for_dispatch` picks up any whose dispatch is lost).
+
+        One conditional UPDATE, with the jobs' events in the same transaction: of
+        processes racing to promote a job, one does (``status = 'scheduled'`` is
+        checked again on the locked row).
+        """
+        due = (
+            select(jobs_t.c.id)
+            .where(jobs_t.c.status == JobStatus.SCHEDULED.value, jobs_t.c.run_at <= self._db_now())
+            .order_by(jobs_t.c.run_at)
+            .limit(limit)
+        )
+        if self.dialect == "postgresql":
+            due = due.with_for_update(skip_locked=True)
+        now = self._db_now()
+        promote = (
+            update(jobs_t)
+            .where(jobs_t.c.id.in_(due.scalar_subquery()), jobs_t.c.status == "scheduled")
+            .values(
+                status=JobStatus.QUEUED.value,
+                event_seq=jobs_t.c.event_seq + 1,
+                updated_at=now,
+                dispatched_at=None,
+            )
+            .returning(*jobs_t.c)
+        )
+        promoted: list[tuple[Job, Event]] = []
+        with self._tx() as conn:
+            for row in conn.execute(promote).mappings().all():
+                job = rows.job(row)
+                assert job.run_at is not None
+                values = {
+                    "job_id": job.id,
+                    "seq": row["event_seq"],
+                    "type": "status",
+                    "task": job.task,
+                    "status": job.status.value,
+                    "data": {"attempt": job.attempt, "run_at": job.run_at.isoformat()},
+                    "at": row["updated_at"],
+                }
+                event_id = conn.execute(
+                    INSERT_EVENT, {f"e_{k}": v for k, v in values.items()}
+                ).scalar_one()
+                promoted.append((job, Event(id=event_id, **{**values, "at": _updated_at(row)})))
+        if promoted:
+            self.publish([event for _, event in promoted])
+        return [job for job, _ in promoted]
+
+    def next_due(self) -> float | None:
+        """Seconds until the earliest scheduled job or enabled schedule is due, by the
+        database's clock (zero or less: one is due now); None if nothing waits.
+
+        Cheap enough to ask several times a second from every worker: both minimums
+        are read from an index.
+        """
+        job = select(func.min(jobs_t.c.run_at)).where(jobs_t.c.status == JobStatus.SCHEDULED.value)
+        schedule = select(func.min(schedules_t.c.next_fire_at)).where(
+            schedules_t.c.enabled.is_(True)
+        )
+        query = select(
+            job.scalar_subquery().label("job"),
+            schedule.scalar_subquery().label("schedule"),
+            self._db_now().label("now"),
+        )
+        with self._tx() as conn:
+            found = conn.execute(query).one()
+        now = rows.utc(_as_datetime(found.now))
+        due = [rows.utc(_as_datetime(at)) for at in (found.job, found.schedule) if at is not None]
+        if not due or now is None:
+            return None
+        return (min(d for d in due if d is not None) - now).total_seconds()
+
+    def clock(self) -> datetime:
+        """Now, by the database's clock (the machine's for SQLite)."""
+        with self._tx() as conn:
+            found = conn.execute(select(self._db_now().label("now"))).scalar_one()
+        now = rows.utc(_as_datetime(found))
+        assert now is not None
+        return now
+
+    # -- schedules -------------------------------------------------------------
+
+    def create_schedule(
+        self, spec: ScheduleSpec, *, enabled: bool = True, origin: Origin = Origin.API
+    ) -> Schedule:
+        """Record a schedule, its first tick the first after now; raises ScheduleExists."""
+        now = self.clock()
+        values = _schedule_values(spec)
+        values.update(
+            name=spec.name,
+            enabled=enabled,
+            paused_reason=None,
+            origin=origin.value,
+            next_fire_at=spec.cadence.next_after(now) if enabled else None,
+            last_fire_at=None,
+            last_job_id=None,
+            created_at=now,
+            updated_at=now,
+        )
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(schedules_t).values(**values))
+        except IntegrityError:
+            raise ScheduleExists(spec.name) from None
+        return self.get_schedule(spec.name)
+
+    def get_schedule(self, name: str) -> Schedule:
+        with self._tx() as conn:
+            row = (
+                conn.execute(select(schedules_t).where(schedules_t.c.name == name))
+                .mappings()
+                .first()
+            )
+        if row is None:
+            raise ScheduleNotFound(name)
+        return rows.schedule(row)
+
+    def list_schedules(
+        self, *, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[Schedule], str | None]:
+        """Newest first; pass the returned cursor back for the next page."""
+        query = pages.newest_first(
+            select(schedules_t), schedules_t.c.created_at, schedules_t.c.name, cursor
+        )
+        with self._tx() as conn:
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+        page, after = pages.cut(
+            found, limit, lambda row: (rows.utc(row["created_at"]), row["name"])
+        )
+        return [rows.schedule(row) for row in page], after
+
+    def update_schedule(
+        self,
+        name: str,
+        *,
+        spec: ScheduleSpec | None = None,
+        enabled: bool | None = None,
+        paused_reason: str | None = None,
+    ) -> Schedule:
+        """Change a schedule's definition and whether it fires. A new cadence, or
+        enabling a paused schedule, starts it again from the first tick after now."""
+        values: dict[str, Any] = {}
+        restart = False
+        current = self.get_schedule(name)
+        if spec is not None:
+            values.update(_schedule_values(spec))
+            restart = spec.cadence != current.cadence
+        if enabled is not None:
+            values["enabled"] = enabled
+            values["paused_reason"] = None if enabled else paused_reason
+            restart = restart or (enabled and not current.enabled)
+        is_enabled = current.enabled if enabled is None else enabled
+        now = self.clock()
+        if not is_enabled:
+            values["next_fire_at"] = None
+        elif restart or current.next_fire_at is None:
+            cadence = spec.cadence if spec is not None else current.cadence
+            values["next_fire_at"] = cadence.next_after(now)
+        values["updated_at"] = now
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(schedules_t).where(schedules_t.c.name == name).values(**values)
+            ).rowcount
+        if not changed:
+            raise ScheduleNotFound(name)
+        return self.get_schedule(name)
+
+    def delete_schedule(self, name: str) -> None:
+        """Delete a schedule; the jobs it made stay, still naming it."""
+        with self._tx() as conn:
+            if conn.execute(delete(schedules_t).where(schedules_t.c.name == name)).rowcount:
+                return
+        raise ScheduleNotFound(name)
+
+    def pause_schedule(self, name: str, reason: str) -> bool:
+        """Pause an enabled schedule with the reason Conveyor had; False if it was not enabled."""
+        stmt = (
+            update(schedules_t)
+            .where(schedules_t.c.name == name, schedules_t.c.enabled.is_(True))
+            .values(enabled=False, paused_reason=reason, next_fire_at=None, updated_at=utcnow())
+        )
+        with self._tx() as conn:
+            return bool(conn.execute(stmt).rowcount)
+
+    def sync_schedule(self, spec: ScheduleSpec) -> tuple[Schedule, str]:
+        """Make a schedule defined in code what the store holds; returns it and what was
+        done: ``created``, ``kept`` (same definition), ``replaced`` (the definition
+        changed, or it was made over HTTP: the code's wins, enabled again), or
+        ``resumed`` (same definition, paused by Conveyor, not by an operator).
+
+        An operator's pause of an unchanged definition stands. Safe to race: every
+        worker starting at once syncs the same definitions.
+        """
+        try:
+            return self.create_schedule(spec, origin=Origin.CODE), "created"
+        except ScheduleExists:
+            pass
+        current = self.get_schedule(spec.name)
+        fingerprint = spec.fingerprint
+        with self._tx() as conn:
+            stored = conn.execute(
+                select(schedules_t.c.fingerprint).where(schedules_t.c.name == spec.name)
+            ).scalar_one_or_none()
+        if stored == fingerprint and current.origin is Origin.CODE:
+            if current.enabled or current.paused_reason is None:
+                return current, "kept"
+            return self.update_schedule(spec.name, enabled=True), "resumed"
+        now = self.clock()
+        values = _schedule_values(spec)
+        values.update(
+            origin=Origin.CODE.value,
+            enabled=True,
+            paused_reason=None,
+            next_fire_at=spec.cadence.next_after(now),
+            updated_at=now,
+        )
+        # Only over the row read above: of processes racing, one replaces it.
+        stmt = (
+            update(schedules_t)
+            .where(schedules_t.c.name == spec.name, schedules_t.c.fingerprint == stored)
+            .values(**values)
+        )
+        with self._tx() as conn:
+            conn.execute(stmt)
+        return self.get_schedule(spec.name), "replaced"
+
+    def due_schedules(self, *, limit: int = 100) -> tuple[list[Schedule], datetime]:
+        """Enabled schedules whose next tick has come, and now, both by the database's clock."""
+        now = self.clock()
+        query = (
+            select(schedules_t)
+            .where(schedules_t.c.enabled.is_(True), schedules_t.c.next_fire_at <= now)
+            .order_by(schedules_t.c.next_fire_at)
+            .limit(limit)
+        )
+        with self._tx() as conn:
+            found = conn.execute(query).mappings().all()
+        return [rows.schedule(row) for row in found], now
+
+    def fire_schedule(
+        self,
+        name: str,
+        *,
+        due: datetime,
+        ticks: Sequence[datetime],
+        next_fire_at: datetime,
+        job: Mapping[str, Any],
+    ) -> list[Job]:
+        """Claim the tick ``due`` of a schedule and make one job per tick of ``ticks``
+        (each made from ``job``, the keyword arguments of :meth:`create_job`), in one
+        transaction; returns the jobs, or none if another process claimed the tick first.
+
+        The claim is a conditional update of the schedule's ``next_fire_at`` from
+        ``due`` to ``next_fire_at``; the unique (schedule, tick) of jobs guards the
+        same once more. The jobs are queued but left undispatched, so that the
+        sweep dispatches any whose dispatch is lost: dispatch them next.
+        """
+        now = utcnow()
+        made = [
+            _new_job(now, **job, schedule=name, schedule_tick=tick, dispatched=False)
+            for tick in ticks
+        ]
+        claim = (
+            update(schedules_t)
+            .where(
+                schedules_t.c.name == name,
+                schedules_t.c.next_fire_at == due,
+                schedules_t.c.enabled.is_(True),
+            )
+            .values(
+                next_fire_at=next_fire_at,
+                last_fire_at=ticks[-1],
+                last_job_id=made[-1]["id"],
+                updated_at=now,
+            )
+        )
+        created: list[tuple[Job, Event]] = []
+        try:
+            with self._tx() as conn:
+                if conn.execute(claim).rowcount != 1:
+                    return []
+                for values in made:
+                    params = _params(CREATE, now, values, None, None, None, None)
+                    found = self._apply(conn, CREATE, params, _created_data(values))
+                    assert found is not None
+                    created.append(found)
+        except IntegrityError:  # a job for one of these ticks exists: another process fired it
+            log.warning("schedule.tick_taken", schedule=name, tick=due.isoformat())
+            return []
+        self.publish([event for _, event in created])
+        return [job for job, _ in created]
+
+    def trigger_schedule(self, name: str, job: Mapping[str, Any]) -> Job:
+        """Make a job of the schedule now, outside its cadence (no tick), recorded as its
+        last job; queued but undispatched, as :meth:`fire_schedule` makes them."""
+        now = utcnow()
+        values = _new_job(now, **job, schedule=name, dispatched=False)
+        params = _params(CREATE, now, values, None, None, None, None)
+        with self._tx() as conn:
+            changed = conn.execute(
+                update(schedules_t)
+                .where(schedules_t.c.name == name)
+                .values(last_job_id=values["id"], updated_at=now)
+            ).rowcount
+            if not changed:
+                raise ScheduleNotFound(name)
+            found = self._apply(conn, CREATE, params, _created_data(values))
+        assert found is not None
+        self.publish([found[1]])
+        return found[0]
 
     # -- workers --------------------------------------------------------------
 
@@ -1761,8 +2098,13 @@ def _new_job(
     backoff_base: float = 1.0,
     backoff_cap: float = 300.0,
     replay_of: str | None = None,
+    run_at: datetime | None = None,
+    schedule: str | None = None,
+    schedule_tick: datetime | None = None,
+    dispatched: bool = True,
 ) -> dict[str, Any]:
-    """The values of :data:`CREATE` for a new job."""
+    """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
+    ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
     return {
         "id": str(uuid.uuid4()),
         "task": task,
@@ -1776,8 +2118,56 @@ def _new_job(
         "backoff_base": backoff_base,
         "backoff_cap": backoff_cap,
         "replay_of": replay_of,
-        "dispatched_at": now,
+        "dispatched_at": now if dispatched and run_at is None else None,
+        "run_at": run_at,
+        "schedule": schedule,
+        "schedule_tick": schedule_tick,
     }
+
+
+def _schedule_values(spec: ScheduleSpec) -> dict[str, Any]:
+    """The columns of a schedule that its definition sets."""
+    return {
+        "task": spec.task,
+        "payload": spec.payload,
+        "cron": spec.cadence.cron,
+        "every": spec.cadence.every,
+        "timezone": spec.cadence.timezone,
+        "queue": spec.queue,
+        "priority": spec.priority,
+        "catchup": spec.catchup.value,
+        "fingerprint": spec.fingerprint,
+    }
+
+
+def _as_datetime(value: Any) -> datetime | None:
+    """A timestamp from a bare expression: SQLite gives text where no column type applies."""
+    if value is None or isinstance(value, datetime):
+        return value
+    return datetime.fromisoformat(str(value))
+
+
+def _updated_at(row: Mapping[Any, Any]) -> datetime:
+    at = rows.utc(row["updated_at"])
+    assert at is not None
+    return at
+
+
+def _creation(values: Mapping[str, Any]) -> Change:
+    """How a new job is recorded: queued, or scheduled when it has a ``run_at``."""
+    return DEFER if values["run_at"] is not None else CREATE
+
+
+def _created_data(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The data of a new job's first event."""
+    data: dict[str, Any] = {"attempt": 1}
+    if values["run_at"] is not None:
+        data["run_at"] = values["run_at"].astimezone(UTC).isoformat()
+    if values["schedule"] is not None:
+        data["schedule"] = values["schedule"]
+        tick = values["schedule_tick"]
+        data["schedule_tick"] = tick.astimezone(UTC).isoformat() if tick else None
+    return data
 
 
 def _readable_jobs(found: Sequence[Mapping[Any, Any]]) -> list[Job]:

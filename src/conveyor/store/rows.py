@@ -16,6 +16,7 @@ from conveyor.jobs import (
     JobStatus,
     Progress,
 )
+from conveyor.schedules import Schedule
 from conveyor.topics import TopicEvent
 
 
@@ -53,9 +54,24 @@ def job(row: Mapping[Any, Any]) -> Job:
         backoff_cap=row["backoff_cap"],
         replay_of=row["replay_of"],
         worker=row["worker"],
+        run_at=utc(row["run_at"]),
+        schedule=row["schedule"],
+        schedule_tick=utc(row["schedule_tick"]),
         pipeline_id=row["pipeline_id"],
         step=row["step"],
         item=row["item"],
+    )
+
+
+def schedule(row: Mapping[Any, Any]) -> Schedule:
+    return Schedule.model_validate(
+        {
+            **row,
+            "next_fire_at": utc(row["next_fire_at"]),
+            "last_fire_at": utc(row["last_fire_at"]),
+            "created_at": utc(row["created_at"]),
+            "updated_at": utc(row["updated_at"]),
+        }
     )
 
 

@@ -136,16 +136,14 @@ class Change:
         return statement.add_cte(ended) if self.ends_attempt else statement
 
 
-CREATE = Change(
-    "create",
-    EventType.STATUS,
-    JobStatus.QUEUED,
-    frozenset(),
-    (
-        *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
-        *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
-    ),
+_NEW_JOB_COLUMNS = (
+    *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
+    *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
+    *("run_at", "schedule", "schedule_tick"),
 )
+CREATE = Change("create", EventType.STATUS, JobStatus.QUEUED, frozenset(), _NEW_JOB_COLUMNS)
+#: A new job that waits in the store until its ``run_at`` (see ``Store.promote_due``).
+DEFER = Change("defer", EventType.STATUS, JobStatus.SCHEDULED, frozenset(), _NEW_JOB_COLUMNS)
 #: CREATE for a job of a pipeline's step (and its item, when the step is mapped).
 PIPELINE_CREATE = Change(
     "pipeline_create",

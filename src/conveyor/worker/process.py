@@ -1,5 +1,6 @@
-"""The worker process: a Celery worker for the app's jobs, its recovery sweep, and
-its shutdown (running jobs get a grace period, then are handed back)."""
+"""The worker process: a Celery worker for the app's jobs, its recovery sweep, its
+scheduler (delayed jobs and schedules), and its shutdown (running jobs get a grace
+period, then are handed back)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from conveyor.jobs import AttemptOutcome, JobStatus
 from conveyor.logs import configure_logging
 from conveyor.queues import by_priority
 from conveyor.recovery import Sweeper
+from conveyor.scheduler import Scheduler
 from conveyor.worker.arbiter import arbiter
 from conveyor.worker.attempt import execute
 from conveyor.worker.identity import NODE_ENV
@@ -92,6 +94,8 @@ def run_worker(
     """
     settings = app.settings
     app.store.check_schema()
+    scheduler = Scheduler(app)
+    scheduler.sync()  # the app's schedules into the store, before any tick is fired
     app.close()  # forked pool processes must not inherit open database connections
     node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
@@ -121,6 +125,7 @@ def run_worker(
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         sweeper.start()  # after the pool has forked: no thread is copied into it
+        scheduler.start()
 
     @signals.worker_shutdown.connect(weak=False)
     def _stopped(**_: Any) -> None:
@@ -133,6 +138,7 @@ def run_worker(
             return  # our own SIGQUIT after the grace announces a shutdown again
         shutting_down.set()
         sweeper.stop(wait=0)  # in a signal handler: do not wait for a sweep to end
+        scheduler.stop(wait=0)
         threading.Thread(
             target=_hand_back_after_grace, args=(app, node), name="conveyor-shutdown", daemon=True
         ).start()

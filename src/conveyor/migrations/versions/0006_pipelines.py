@@ -5,7 +5,7 @@ gain ``pipeline_id`` for the events of a pipeline and of its steps, which have
 no job (``job_id`` becomes nullable). Additive: older code keeps working on it.
 
 Revision ID: 0006
-Revises: 0003
+Revises: 0004
 Create Date: 2026-12-04
 """
 
@@ -17,7 +17,7 @@ from alembic import op
 from conveyor.models import UTCDateTime
 
 revision = "0006"
-down_revision = "0003"
+down_revision = "0004"
 branch_labels = None
 depends_on = None
 
