@@ -99,6 +99,9 @@ class Conveyor:
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -115,10 +118,15 @@ class Conveyor:
         backoff_cap: float = 300.0,
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options
         (see :class:`~conveyor.tasks.TaskOptions`). ``on`` subscribes it to one topic
-        or several: each event published there makes a job of it (see :meth:`publish`)."""
+        or several: each event published there makes a job of it (see :meth:`publish`).
+        ``rate_limit``, ``concurrency`` and ``concurrency_key`` limit its starts across
+        every worker (see :mod:`conveyor.limits`)."""
         options = TaskOptions(
             queue=queue,
             priority=priority,
@@ -128,6 +136,9 @@ class Conveyor:
             backoff_cap=backoff_cap,
             retry_on=retry_on,
             on=check_topics(on),
+            rate_limit=rate_limit,
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
@@ -432,6 +443,7 @@ class Conveyor:
             "correlation_id": options.get("correlation_id") or uuid.uuid4().hex,
             "backoff_base": policy[1],
             "backoff_cap": policy[2],
+            "limit_key": task.limit_key(data),
         }
 
     def dispatch(self, job: Job) -> bool:
@@ -516,6 +528,11 @@ class Conveyor:
         except PayloadInvalid as exc:
             reason = f"its payload no longer fits the task: {exc}"
             raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
+        try:
+            limit_key = task.limit_key(dead.payload)
+        except PayloadInvalid as exc:
+            reason = f"its payload lacks the task's concurrency key: {exc}"
+            raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
         job, created = self.store.replay_once(
             dead.id,
             task=dead.task,
@@ -527,6 +544,7 @@ class Conveyor:
             correlation_id=correlation_id,
             backoff_base=dead.backoff_base,
             backoff_cap=dead.backoff_cap,
+            limit_key=limit_key,
         )
         if not created:  # another replay got there first
             return job, False

@@ -7,6 +7,8 @@
       └──────────┴──────> cancelled          └─> cancelled
 
 Terminal statuses never change again; a replay of a dead job is a new job.
+A job held back by its task's rate or concurrency limit stays queued (or
+retrying) and gets a ``throttled`` event saying why and until when.
 """
 
 from __future__ import annotations
@@ -51,6 +53,8 @@ def can_transition(current: JobStatus, target: JobStatus) -> bool:
 class EventType(enum.StrEnum):
     STATUS = "status"
     PROGRESS = "progress"
+    #: Held back by a rate or concurrency limit; ``data``: ``reason``, ``until``.
+    THROTTLED = "throttled"
 
 
 class Progress(BaseModel):
@@ -92,6 +96,9 @@ class Job(BaseModel):
     replay_of: str | None = None
     #: The worker process running (or that last ran) the job.
     worker: str | None = None
+    #: What the task's rate and concurrency limits count the job under (see
+    #: :mod:`conveyor.limits`); None for a task without limits.
+    limit_key: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

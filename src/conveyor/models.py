@@ -80,12 +80,17 @@ class JobRow(Base):
     #: When the current attempt was last handed to the broker; None: it must be (again).
     dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     replay_of: Mapped[str | None] = mapped_column(String(36))
+    #: What the task's limits count the job under; None for a task without limits.
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    #: Why the waiting job is held back (``concurrency``, ``rate_limit``); None if it is not.
+    throttled: Mapped[str | None] = mapped_column(String(16))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
         Index("ix_conveyor_jobs_task_created", "task", "created_at"),
         Index("ix_conveyor_jobs_replay_of", "replay_of"),
         Index("ix_conveyor_jobs_status_finished", "status", "finished_at"),
+        Index("ix_conveyor_jobs_limit_key_status", "limit_key", "status"),
     )
 
 
@@ -180,6 +185,28 @@ class TopicEventRow(Base):
     __table_args__ = (Index("ix_conveyor_topic_events_topic_created", "topic", "created_at"),)
 
 
+class LimitRow(Base):
+    """One per limit key (or task, for its rate): the row a limited claim locks, so
+    that claims under one key take turns."""
+
+    __tablename__ = "conveyor_limits"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LimitStartRow(Base):
+    """A recent start of a rate-limited task: the sliding window, pruned as it slides."""
+
+    __tablename__ = "conveyor_limit_starts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_conveyor_limit_starts_key_at", "key", "at"),)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -187,3 +214,5 @@ attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
 workers_t = Base.metadata.tables[WorkerRow.__tablename__]
 idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
+limits_t = Base.metadata.tables[LimitRow.__tablename__]
+limit_starts_t = Base.metadata.tables[LimitStartRow.__tablename__]

@@ -53,6 +53,7 @@ def job(row: Mapping[Any, Any]) -> Job:
         backoff_cap=row["backoff_cap"],
         replay_of=row["replay_of"],
         worker=row["worker"],
+        limit_key=row.get("limit_key"),
     )
 
 
