@@ -1,0 +1,96 @@
+"""Limits through the worker's own code paths (claim, outcomes, recovery sweep), in
+this process: a held-back delivery runs nothing, a finished job wakes the next
+one, and a lost worker's concurrency slot comes back when its job is taken back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from conveyor import Context, Conveyor
+from conveyor.jobs import EventType, JobStatus
+from conveyor.recovery import Sweeper
+from conveyor.settings import Settings
+from conveyor.worker.attempt import execute
+from conveyor.worker.outcomes import record_success
+
+ran: list[str] = []
+
+
+class Work(BaseModel):
+    n: int
+
+
+@pytest.fixture
+def app(make_settings: Callable[..., Settings]) -> Iterator[Conveyor]:
+    """On PostgreSQL when the test asks for ``database_url``'s backend, else embedded."""
+    application = Conveyor(settings=make_settings(heartbeat_timeout=0.6, heartbeat_interval=0.2))
+
+    @application.task(name="t.one", concurrency=1, max_attempts=3)
+    def one(ctx: Context, payload: Work) -> int:
+        ran.append(ctx.job_id)
+        return payload.n
+
+    application.store.migrate()
+    yield application
+    application.close()
+
+
+def _events(app: Conveyor, job_id: str) -> list[Any]:
+    return [e for e in app.store.job_events(job_id) if e.type is EventType.THROTTLED]
+
+
+def test_a_held_back_delivery_runs_nothing_and_the_finished_job_wakes_it(
+    app: Conveyor, database_url: str
+) -> None:
+    limits = app.get_task("t.one").limits
+    first = app.submit("t.one", {"n": 1})
+    second = app.submit("t.one", {"n": 2})
+    assert app.store.claim_limited(first.id, 1, "node:1:aa/1:aa", limits) is not None
+    execute(app, second.id, 1)  # delivered while the one slot is taken
+    assert second.id not in ran
+    held = app.store.get_job(second.id)
+    assert held.status is JobStatus.QUEUED
+    [throttled] = _events(app, second.id)
+    assert throttled.data["reason"] == "concurrency"
+    assert held.next_attempt_at is not None
+    assert held.next_attempt_at.isoformat() == throttled.data["until"]
+    # The first job ends through the worker's outcome path: the held one is woken.
+    record_success(app, app.store.get_job(first.id), 1)
+    woken = app.store.get_job(second.id)
+    assert woken.next_attempt_at is not None
+    assert woken.next_attempt_at < held.next_attempt_at
+    execute(app, second.id, 1)
+    done = app.store.get_job(second.id)
+    assert (done.status, done.result) == (JobStatus.SUCCEEDED, 2)
+
+
+def test_a_lost_worker_gives_its_slot_back_when_its_job_is_taken_back(
+    app: Conveyor, database_url: str
+) -> None:
+    limits = app.get_task("t.one").limits
+    lost = app.submit("t.one", {"n": 1})
+    waiting = app.submit("t.one", {"n": 2})
+    # A worker that claims the job, then dies: it never heart-beats again.
+    assert app.store.claim_limited(lost.id, 1, "node:9:dead/1:dead", limits) is not None
+    execute(app, waiting.id, 1)
+    assert waiting.id not in ran
+    assert app.store.get_job(waiting.id).status is JobStatus.QUEUED
+    sweeper = Sweeper(app)
+    deadline = time.monotonic() + 30
+    while app.store.get_job(lost.id).status is JobStatus.RUNNING:
+        assert time.monotonic() < deadline, "the lost job was never taken back"
+        sweeper.sweep()
+        time.sleep(0.1)
+    retaken = app.store.get_job(lost.id)
+    assert (retaken.status, retaken.attempt) == (JobStatus.RETRYING, 2)
+    # The slot is free: the held-back job, woken by the take-back, runs now.
+    execute(app, waiting.id, 1)
+    assert app.store.get_job(waiting.id).status is JobStatus.SUCCEEDED
+    # And the taken-back job waits for the slot like any other, then runs.
+    execute(app, lost.id, 2)
+    assert app.store.get_job(lost.id).status is JobStatus.SUCCEEDED
