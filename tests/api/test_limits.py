@@ -50,3 +50,21 @@ async def test_a_limited_job_shows_its_limit_key(
     assert response.status_code in (201, 202), response.text
     assert response.json()["limit_key"] == "tests.mail:tenant_id=acme"
     assert response.json()["status"] == "queued"
+
+
+async def test_tasks_list_their_limits(conveyor: Conveyor, client: httpx.AsyncClient) -> None:
+    conveyor.task(
+        name="tests.mail", rate_limit="10 / m", concurrency=2, concurrency_key="tenant_id"
+    )(send)
+
+    response = await client.get("/v1/tasks")
+
+    assert response.status_code == 200, response.text
+    found = {task["name"]: task for task in response.json()}
+    mail = found["tests.mail"]
+    assert (mail["rate_limit"], mail["concurrency"], mail["concurrency_key"]) == (
+        "10/m",
+        2,
+        "tenant_id",
+    )
+    assert found["tests.add"]["concurrency"] is None
