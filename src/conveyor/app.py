@@ -393,8 +393,10 @@ class Conveyor:
         check_scope(scope)
         fields = self._new_job(task, payload, options)
         if fingerprint is None:
+            # The limit key follows from the task and payload: left out, so that
+            # fingerprints made before tasks had limits still match.
             fingerprint = idempotency.fingerprint(
-                {name: value for name, value in fields.items() if name != "correlation_id"}
+                {n: v for n, v in fields.items() if n not in ("correlation_id", "limit_key")}
             )
         job, created = self.store.create_job_once(scope, key, fingerprint, **fields)
         if not created:
