@@ -16,6 +16,7 @@ from conveyor.jobs import EventType, JobStatus
 from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
 from conveyor.worker.attempt import execute
+from conveyor.worker.identity import worker_id
 from conveyor.worker.outcomes import record_success
 
 ran: list[str] = []
@@ -94,3 +95,15 @@ def test_a_lost_worker_gives_its_slot_back_when_its_job_is_taken_back(
     # And the taken-back job waits for the slot like any other, then runs.
     execute(app, lost.id, 2)
     assert app.store.get_job(lost.id).status is JobStatus.SUCCEEDED
+
+
+def test_a_limited_claim_whose_answer_was_lost_is_run_by_the_process_that_holds_it(
+    app: Conveyor, database_url: str
+) -> None:
+    job = app.submit("t.one", {"n": 5})
+    limits = app.get_task("t.one").limits
+    assert app.store.claim_limited(job.id, 1, worker_id(), limits) is not None  # answer lost
+    execute(app, job.id, 1)  # the same process, trying again, finds it holds the job
+    done = app.store.get_job(job.id)
+    assert (done.status, done.result) == (JobStatus.SUCCEEDED, 5)
+    assert ran.count(job.id) == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import structlog
 
 from conveyor.app import Conveyor
+from conveyor.errors import ConveyorError
 from conveyor.jobs import Job, JobStatus
 from conveyor.limits import Limits
 from conveyor.store import Throttled
@@ -33,7 +34,16 @@ def claim_limited(app: Conveyor, job: Job, attempt: int, worker: str) -> Job | N
             until=found.until.isoformat(),
         )
         return None
-    return None if found is None else found[0]
+    if found is not None:
+        return found[0]
+    # Stale, a duplicate, or this very claim, committed but its answer lost with the
+    # connection and then made again: then this process holds it and runs it.
+    try:
+        now = app.store.get_job(job.id)
+    except ConveyorError:
+        return None
+    mine = now.status is JobStatus.RUNNING and now.attempt == attempt and now.worker == worker
+    return now if mine else None
 
 
 def release(app: Conveyor, job: Job) -> None:
