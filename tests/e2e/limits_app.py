@@ -34,3 +34,15 @@ def per_tenant(ctx: Context, payload: Work) -> int:
     """One at a time per tenant."""
     time.sleep(0.5)
     return payload.n
+
+
+class Hold(BaseModel):
+    seconds: float
+
+
+@app.task(name="limits.hold", concurrency=1)
+def hold(ctx: Context, payload: Hold) -> int:
+    """One at a time; its first attempt takes ``seconds``, later ones none."""
+    if ctx.attempt == 1:
+        time.sleep(payload.seconds)
+    return ctx.attempt

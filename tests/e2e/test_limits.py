@@ -27,18 +27,25 @@ def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
     return most
 
 
-@pytest.mark.timeout(300)
-def test_limits_hold_across_two_workers(
-    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
-) -> None:
+def setup(processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path) -> None:
     processes.env |= {
         "CONVEYOR_APP": "tests.e2e.limits_app:app",
         "CONVEYOR_DATABASE_URL": postgres_url,
         "CONVEYOR_BROKER_URL": redis_url,
         "CONVEYOR_REDIS_URL": redis_url,
+        "CONVEYOR_HEARTBEAT_INTERVAL": "0.5",
+        "CONVEYOR_HEARTBEAT_TIMEOUT": "3",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
-    assert run_cli("migrate", env=processes.env).returncode == 0
+    migrated = run_cli("migrate", env=processes.env, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
+
+
+@pytest.mark.timeout(300)
+def test_limits_hold_across_two_workers(
+    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    setup(processes, postgres_url, redis_url, tmp_path)
     workers = [processes.start(f"worker-{n}", "worker", "--concurrency", "4") for n in (1, 2)]
     app.configure(
         Settings(
@@ -95,3 +102,45 @@ def spans(jobs: list[Job]) -> list[tuple[datetime, datetime]]:
             assert attempt.started_at is not None
             found.append((attempt.started_at, attempt.finished_at))
     return found
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_worker_gives_its_concurrency_slot_back(
+    processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    setup(processes, postgres_url, redis_url, tmp_path)
+    doomed = processes.start("doomed", "worker", "--concurrency", "1")
+    app.configure(
+        Settings(
+            database_url=postgres_url, broker_url=redis_url, redis_url=redis_url, data_dir=tmp_path
+        )
+    )
+    try:
+        holder = app.submit("limits.hold", {"seconds": 600})
+        wait_for(
+            lambda: app.store.get_job(holder.id).status is JobStatus.RUNNING,
+            timeout=90,
+            what="the first job to hold the only slot",
+        )
+        survivor = processes.start("survivor", "worker", "--concurrency", "2")
+        waiting = app.submit("limits.hold", {"seconds": 0})
+        wait_for(
+            lambda: any(e.type is EventType.THROTTLED for e in app.store.job_events(waiting.id)),
+            timeout=90,
+            what="the second job to be held back",
+        )
+        doomed.kill()  # with its pool process, mid-job: the slot's holder is gone
+
+        def both_ended() -> bool:
+            assert survivor.running(), survivor.describe()
+            return all(app.store.get_job(j.id).status.terminal for j in (holder, waiting))
+
+        wait_for(both_ended, timeout=120, what="the lost job to be taken back and both to run")
+        assert app.store.get_job(waiting.id).status is JobStatus.SUCCEEDED
+        assert app.store.get_job(holder.id).status is JobStatus.SUCCEEDED
+        lost, rerun = app.store.attempts(holder.id)
+        assert (lost.outcome.value, rerun.outcome.value) == ("lost", "succeeded")
+        # One at a time throughout: the lost attempt counted until it was taken back.
+        assert max_overlap(spans([holder, waiting])) == 1
+    finally:
+        app.close()
