@@ -3,6 +3,7 @@
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import (
+    CircuitOpenError,
     ConveyorError,
     PermanentError,
     RetryableError,
@@ -12,6 +13,7 @@ from conveyor.jobs import Job, JobStatus
 from conveyor.settings import Settings
 
 __all__ = [
+    "CircuitOpenError",
     "Context",
     "Conveyor",
     "ConveyorError",

@@ -23,6 +23,7 @@ from celery import Celery
 from pydantic import BaseModel
 
 from conveyor import broker, diag, idempotency, payloads
+from conveyor.breakers import Breaker, BreakerOptions, Breakers
 from conveyor.errors import (
     BatchInvalid,
     BrokerUnavailable,
@@ -39,6 +40,7 @@ from conveyor.errors import (
 from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.jobs import Event, Job, JobStatus
+from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
 from conveyor.settings import Settings, load_settings
 from conveyor.store import DeadLetterFilter, Store
 from conveyor.tasks import (
@@ -51,7 +53,6 @@ from conveyor.tasks import (
     TaskFunction,
     TaskOptions,
     check_priority,
-    check_queue,
     check_retry_policy,
 )
 from conveyor.topics import TopicEvent, check_topic, check_topics, subscriptions
@@ -74,6 +75,10 @@ class Conveyor:
         self._publisher: Publisher | None = None
         self._celery: Celery | None = None
         self._close_hooks: list[Callable[[], None]] = []
+        #: Queue priorities declared in code (``queue``); the settings' win over them.
+        self._queue_priorities: dict[str, int] = {}
+        #: Circuit breakers: configuration per name, shared state in the store.
+        self.breakers = Breakers(lambda: self.store.breakers)
         for name, max_attempts, fn in diag.BUILTINS:
             self.task(name=name, max_attempts=max_attempts)(fn)
 
@@ -151,6 +156,12 @@ class Conveyor:
 
         return register(fn) if fn is not None else cast(TaskDecorator, register)
 
+    def breaker(self, name: str, **options: Unpack[BreakerOptions]) -> Breaker:
+        """Configure the circuit breaker ``name`` and return its guard; tasks reach it as
+        ``ctx.breaker(name)``. Options and defaults: :class:`~conveyor.breakers.BreakerConfig`.
+        Raises ConfigurationError naming the breaker and the field that is wrong."""
+        return self.breakers.define(name, **options)
+
     def get_task(self, name: str) -> Task[Any, Any]:
         """The task registered as ``name``; TaskNotFound suggests close names."""
         try:
@@ -158,10 +169,22 @@ class Conveyor:
         except KeyError:
             raise TaskNotFound(name, close_names(name, self.tasks)) from None
 
+    def queue(self, name: str, *, priority: int = DEFAULT_PRIORITY) -> None:
+        """Declare a queue's priority: a worker consuming several queues takes from the
+        highest-priority one that has work (``CONVEYOR_QUEUES`` overrides this)."""
+        self._queue_priorities[check_queue(name)] = check_queue_priority(name, priority)
+
+    @property
+    def queue_priorities(self) -> dict[str, int]:
+        """Every known queue (declared, in the settings, or some task's) and its priority."""
+        known = {t.options.queue: DEFAULT_PRIORITY for t in self.tasks.values()}
+        return {**known, **self._queue_priorities, **self.settings.queues}
+
     @property
     def queues(self) -> list[str]:
-        """Every queue some registered task uses by default."""
-        return sorted({t.options.queue for t in self.tasks.values()})
+        """Every known queue, highest priority first: what a worker consumes by default."""
+        priorities = self.queue_priorities
+        return by_priority(priorities, priorities)
 
     # -- resources ------------------------------------------------------------
 

@@ -59,6 +59,12 @@ def make_celery(settings: Settings, queues: Iterable[str]) -> Celery:
         "worker_send_task_events": False,
         "broker_pool_limit": 10,
     }
+    # Celery replaces a pool process only after its job has ended and been acknowledged,
+    # so recycling loses no job and fails none.
+    if settings.max_tasks_per_child is not None:
+        conf["worker_max_tasks_per_child"] = settings.max_tasks_per_child
+    if settings.max_memory_per_child is not None:
+        conf["worker_max_memory_per_child"] = settings.max_memory_per_child
     if scheme in {"amqp", "amqps", "pyamqp"}:
         # RabbitMQ only honours priorities on queues declared with a maximum.
         conf["task_queues"] = [
@@ -185,13 +191,39 @@ class FileTransport(filesystem.Transport):
 
 
 class _RedisChannel(kombu_redis.Channel):
-    """kombu's Redis channel, keeping its Redis client instead of making one for
-    every command: publishing a message, and the bookkeeping of each delivery and
-    acknowledgement, each built a new client (redis-py 8 sets some 170 response
-    callbacks per client), which cost more CPU than the commands themselves.
-    A client is a thin, thread-safe handle on the channel's connection pool."""
+    """kombu's Redis channel, with two changes.
+
+    It keeps its Redis client instead of making one for every command: publishing
+    a message, and the bookkeeping of each delivery and acknowledgement, each
+    built a new client (redis-py 8 sets some 170 response callbacks per client),
+    which cost more CPU than the commands themselves. A client is a thin,
+    thread-safe handle on the channel's connection pool.
+
+    And it serves queues by priority: kombu asks BRPOP for the keys of every
+    queue's most urgent messages first, then the next message priority across
+    all queues, and rotates the queues after each delivery (fairness). Redis
+    answers BRPOP from the first listed key that holds a message, so listing
+    the keys queue by queue in the order the worker consumes them (highest
+    priority first, see :mod:`conveyor.queues`), each queue's message priorities
+    in turn, without rotation, makes a worker always take from its
+    highest-priority queue that has work, most urgent job first.
+    """
 
     _client: Any = None
+    queue_order_strategy = "priority"  # kombu's cycle that keeps the order, unrotated
+
+    def _brpop_start(self, timeout: float | None = None) -> None:
+        channel: Any = self  # kombu's own attributes, untyped
+        queues = channel._queue_cycle.consume(len(self.active_queues))
+        if not queues:
+            return
+        keys = [channel._q_for_pri(queue, pri) for queue in queues for pri in self.priority_steps]
+        self._in_poll = self.client.connection
+        self._brpop_sent_at = time.monotonic()  # what kombu's read side expects
+        command = ["BRPOP", *keys, self.brpop_timeout if timeout is None else timeout or 0]
+        if self.global_keyprefix:
+            command = self.client._prefix_args(command)
+        self.client.connection.send_command(*command)
 
     def _create_client(self, asynchronous: bool = False) -> Any:
         if asynchronous:

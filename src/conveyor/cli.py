@@ -6,6 +6,7 @@
     migrate   bring the database schema up to date
     submit    create a job over HTTP, optionally following its events
     tasks     the tasks the API's app registers
+    queues    queues by priority, their jobs and their workers
     jobs      list, show, cancel and delete jobs over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
 
@@ -237,7 +238,7 @@ def worker(
     ] = Pool.PREFORK,
 ) -> None:
     """Run a worker that executes jobs until stopped."""
-    from conveyor.tasks import check_queue
+    from conveyor.queues import check_queue
     from conveyor.worker.process import run_worker
 
     names = [check_queue(q.strip()) for q in queues.split(",") if q.strip()] if queues else None
@@ -614,6 +615,30 @@ def list_tasks() -> None:
             str(task["max_attempts"]),
             f"{timeout:g} s" if timeout else "",
             (task.get("description") or "").split("\n", 1)[0],
+        )
+    _print_page(table, {}, min_width=120)
+
+
+@cli.command("queues")
+def list_queues() -> None:
+    """Queues by priority, with their jobs by status and the workers consuming each."""
+    with ApiClient(load_settings()) as client:
+        queues = client.request("GET", "/v1/queues")
+    table = Table(box=None, header_style="bold")
+    table.add_column("QUEUE", no_wrap=True)
+    table.add_column("PRIORITY", justify="right", no_wrap=True)
+    table.add_column("QUEUED", justify="right", no_wrap=True)
+    table.add_column("SCHEDULED", justify="right", no_wrap=True)
+    table.add_column("RUNNING", justify="right", no_wrap=True)
+    table.add_column("WORKERS")
+    for queue in queues:
+        table.add_row(
+            queue["name"],
+            str(queue["priority"]),
+            str(queue["queued"]),
+            str(queue["scheduled"]),
+            str(queue["running"]),
+            ", ".join(queue["workers"]) or "-",
         )
     _print_page(table, {}, min_width=120)
 

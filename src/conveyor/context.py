@@ -9,6 +9,9 @@ from typing import Any
 
 import structlog
 
+from conveyor.breakers import Breaker, Breakers
+from conveyor.errors import ConfigurationError
+
 ProgressReporter = Callable[[float | None, str | None, str | None], None]
 
 
@@ -24,6 +27,7 @@ class Context:
         max_attempts: int,
         correlation_id: str,
         report: ProgressReporter,
+        breakers: Breakers | None = None,
     ) -> None:
         self.job_id = job_id
         self.task = task
@@ -35,6 +39,7 @@ class Context:
         )
         self._report = report
         self._cancel = threading.Event()
+        self._breakers = breakers
 
     @property
     def cancelled(self) -> bool:
@@ -54,3 +59,11 @@ class Context:
     ) -> None:
         """:meth:`progress` for async tasks, without blocking the event loop."""
         await asyncio.to_thread(self.progress, percent, step=step, message=message)
+
+    def breaker(self, name: str) -> Breaker:
+        """The circuit breaker ``name``, shared by every worker: ``with ctx.breaker("llm"):``
+        (or ``async with``) around calls to a dependency. While it is open, entering
+        raises CircuitOpenError, which retries the job once the breaker may let it in."""
+        if self._breakers is None:
+            raise ConfigurationError("this context has no circuit breakers")
+        return self._breakers.get(name)

@@ -20,6 +20,7 @@ ConveyorError
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
+    │   └── CircuitOpenError  a circuit breaker refused the call; retry once it may close
     └── PermanentError      do not try again
 """
 
@@ -200,6 +201,18 @@ class RetryableError(TaskError):
     def __init__(self, message: str | None = None, *, delay: float | None = None) -> None:
         self.delay = delay
         super().__init__(message)
+
+
+class CircuitOpenError(RetryableError):
+    """A circuit breaker is open: the call was refused without being made."""
+
+    def __init__(self, breaker: str, *, delay: float) -> None:
+        #: The breaker's name.
+        self.breaker = breaker
+        delay = max(0.0, delay)
+        super().__init__(
+            f"circuit breaker {breaker!r} is open; try again in {delay:.2f} s", delay=delay
+        )
 
 
 class PermanentError(TaskError):

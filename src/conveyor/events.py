@@ -176,8 +176,9 @@ class EventHub:
             return await asyncio.to_thread(read)
 
     def deliver(self, event: Event) -> None:
-        for sub in self._by_job.get(event.job_id, ()):
-            sub.offer(event)
+        if event.job_id is not None:  # a breaker event belongs to no job's stream
+            for sub in self._by_job.get(event.job_id, ()):
+                sub.offer(event)
         for sub in self._all:
             sub.offer(event)
 

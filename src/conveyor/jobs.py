@@ -55,6 +55,8 @@ class EventType(enum.StrEnum):
     PROGRESS = "progress"
     #: Held back by a rate or concurrency limit; ``data``: ``reason``, ``until``.
     THROTTLED = "throttled"
+    #: A circuit breaker changed state: an event of no job (see ``conveyor.breakers``).
+    BREAKER = "breaker"
 
 
 class Progress(BaseModel):
@@ -122,17 +124,22 @@ class Attempt(BaseModel):
 
 
 class Event(BaseModel):
-    """One entry of a job's event log; ``seq`` increases by one per job."""
+    """One entry of the event log; ``seq`` increases by one per job.
+
+    A ``breaker`` event belongs to no job: its ``job_id``, ``task`` and ``status``
+    are null, its ``seq`` 0, and its ``data`` says which breaker went from which
+    state to which. It appears on the global stream only.
+    """
 
     id: int
-    job_id: str
+    job_id: str | None
     seq: int
     type: EventType
-    task: str
-    status: JobStatus
+    task: str | None
+    status: JobStatus | None
     data: dict[str, Any]
     at: datetime
 
     @property
     def terminal(self) -> bool:
-        return self.type is EventType.STATUS and self.status.terminal
+        return self.type is EventType.STATUS and self.status is not None and self.status.terminal

@@ -6,6 +6,10 @@
     conveyor_http_request_duration_seconds{method,route,status}
         method: other for anything outside RFC 9110's and PATCH; route: the template,
         <unmatched> when no route handled the request (see api.middleware)
+    conveyor_breaker_state{breaker,state}           gauge, 1 for the state each breaker is in,
+                                                    read from the store at scrape
+    conveyor_breaker_failures{breaker}              gauge, failures in the current window
+    conveyor_breaker_transitions_total{breaker,to}  counter of breaker events seen live
 
 Each app gets its own ``CollectorRegistry`` so that several apps in one process
 (tests, embedded servers) never register the same metric twice.
@@ -16,13 +20,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 
 import structlog
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from conveyor.breakers import BreakerState
 from conveyor.errors import ConveyorError
 from conveyor.events import EventHub
-from conveyor.jobs import Event, JobStatus
+from conveyor.jobs import Event, EventType, JobStatus
 from conveyor.store import Store
 
 JOBS, JOBS_HELP = "conveyor_jobs", "Jobs in the store, by task and status."
@@ -72,12 +77,65 @@ class JobCountCollector(Collector):
         yield jobs
 
 
+class BreakerCollector(Collector):
+    """Every breaker's state and failures, read from the store at scrape time."""
+
+    def __init__(self, store: Store, names: Callable[[], Iterable[str]]) -> None:
+        self.store = store
+        self.names = names
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def _families(self) -> tuple[GaugeMetricFamily, GaugeMetricFamily]:
+        return (
+            GaugeMetricFamily(
+                "conveyor_breaker_state",
+                "1 for the state each circuit breaker is in, 0 for the others.",
+                labels=["breaker", "state"],
+            ),
+            GaugeMetricFamily(
+                "conveyor_breaker_failures",
+                "Failures counted in each circuit breaker's current window.",
+                labels=["breaker"],
+            ),
+        )
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            found = {b.name: b for b in self.store.breakers.read_all()}
+        except ConveyorError as exc:  # conveyor_store_up says so already
+            log.warning("metrics.breakers_failed", error=str(exc))
+            return
+        state, failures = self._families()
+        for name in sorted(set(found) | set(self.names())):
+            breaker = found.get(name)
+            current = breaker.state if breaker else BreakerState.CLOSED
+            for each in BreakerState:
+                state.add_metric([name, each.value], int(each is current))
+            failures.add_metric([name], breaker.failures if breaker else 0)
+        yield state
+        yield failures
+
+
 class Metrics:
     """The metrics an API process exposes at ``/metrics``."""
 
-    def __init__(self, store: Store, task_names: Callable[[], Iterable[str]]) -> None:
+    def __init__(
+        self,
+        store: Store,
+        task_names: Callable[[], Iterable[str]],
+        breaker_names: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(JobCountCollector(store, task_names))
+        self.registry.register(BreakerCollector(store, breaker_names))
+        self.breaker_transitions = Counter(
+            "conveyor_breaker_transitions_total",
+            "Circuit breaker transitions, from the events this process saw, by new state.",
+            ["breaker", "to"],
+            registry=self.registry,
+        )
         self.job_duration = Histogram(
             "conveyor_job_duration_seconds",
             "Run time of finished attempts, from terminal events this process saw.",
@@ -93,8 +151,14 @@ class Metrics:
         )
 
     def observe_event(self, event: Event) -> None:
-        """Record a terminal event's duration; cancellations of queued jobs have none."""
-        if not event.terminal:
+        """Record a terminal event's duration (cancellations of queued jobs have none),
+        or count a breaker's transition."""
+        if event.type is EventType.BREAKER:
+            breaker, to = event.data.get("breaker"), event.data.get("to")
+            if isinstance(breaker, str) and to in set(BreakerState):
+                self.breaker_transitions.labels(breaker, to).inc()
+            return
+        if not event.terminal or event.status is None:
             return
         duration = event.data.get("duration")
         if isinstance(duration, int | float) and duration >= 0:

@@ -95,16 +95,19 @@ class JobRow(Base):
 
 
 class EventRow(Base):
+    """The event log: a job's events, and events of no job (breaker transitions), which
+    have no ``job_id``, ``task`` or ``status`` and ``seq`` 0. One id space orders both."""
+
     __tablename__ = "conveyor_job_events"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
-    job_id: Mapped[str] = mapped_column(
+    job_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("conveyor_jobs.id", ondelete="CASCADE")
     )
     seq: Mapped[int] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(16))
-    task: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16))
+    task: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str | None] = mapped_column(String(16))
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
@@ -141,6 +144,8 @@ class WorkerRow(Base):
     started_at: Mapped[datetime] = mapped_column(UTCDateTime)
     last_seen: Mapped[datetime] = mapped_column(UTCDateTime)
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: For a worker's main process: the queues it consumes, highest priority first.
+    queues: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class IdempotencyKeyRow(Base):
@@ -157,6 +162,27 @@ class IdempotencyKeyRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     #: None while the request that made it is still being answered.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class BreakerRow(Base):
+    """A circuit breaker shared by every process (see ``conveyor.breakers``); its times
+    are the database's clock."""
+
+    __tablename__ = "conveyor_breakers"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))
+    #: Failures counted in the window that started at ``window_started_at``.
+    failures: Mapped[int] = mapped_column(Integer)
+    window_started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    opened_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    probes_in_flight: Mapped[int] = mapped_column(Integer)
+    probe_successes: Mapped[int] = mapped_column(Integer)
+    #: When the newest probe is presumed lost, its place given to another call.
+    probe_lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Bumped by every transition.
+    generation: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
 class ApiKeyRow(Base):
@@ -216,3 +242,4 @@ idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
 limits_t = Base.metadata.tables[LimitRow.__tablename__]
 limit_starts_t = Base.metadata.tables[LimitStartRow.__tablename__]
+breakers_t = Base.metadata.tables[BreakerRow.__tablename__]

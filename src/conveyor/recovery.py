@@ -42,8 +42,10 @@ class SweepReport:
 
 
 class Sweeper:
-    def __init__(self, app: Conveyor) -> None:
+    def __init__(self, app: Conveyor, *, node: str | None = None) -> None:
         self.app = app
+        #: The worker process this sweeper runs in, heart-beating at each sweep.
+        self.node = node
         #: Since when the store has answered without a break (monotonic clock).
         self._store_up_since: float | None = None
         self._stop = threading.Event()
@@ -55,6 +57,8 @@ class Sweeper:
         store = self.app.store
         settings = self.app.settings
         try:
+            if self.node is not None:
+                store.heartbeat(self.node)
             lost = store.lost_jobs(settings.heartbeat_timeout, limit=BATCH)
         except ConveyorError:
             self._store_up_since = None

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.errors import ConfigurationError
+from conveyor.queues import check_queue_priority, parse_queues
 
 DATABASE_SCHEMES = {"sqlite", "postgresql", "postgres"}
 BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem"}
@@ -53,6 +54,10 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None, description="Key for CLI commands; default the admin key file."
+    )
+    queues: Annotated[dict[str, int], NoDecode] = Field(
+        default_factory=dict,
+        description="Queue priorities, highest served first: ai:10,sync:7,maintenance:1.",
     )
     max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Request body limit.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -110,6 +115,18 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z0-9_.-]+$",
         description="Names this API process in /healthz; `conveyor up` sets it to know its own.",
     )
+    max_tasks_per_child: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="A prefork pool process is replaced after running this many jobs.",
+    )
+    max_memory_per_child: int | None = Field(
+        default=None,
+        ge=1,
+        description="KiB of resident memory after which a prefork pool process is replaced,"
+        " once its job has ended.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,
@@ -134,6 +151,18 @@ class Settings(BaseSettings):
                 f"must be at least {MIN_ADMIN_KEY_LENGTH} characters, not {length};"
                 " unset it to have a key generated"
             )
+        return value
+
+    @field_validator("queues", mode="before")
+    @classmethod
+    def _parse_queues(cls, value: object) -> object:
+        try:
+            if isinstance(value, str):
+                return parse_queues(value)
+            if isinstance(value, dict):
+                return {str(k): check_queue_priority(str(k), v) for k, v in value.items()}
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("log_level", mode="before")

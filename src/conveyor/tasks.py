@@ -15,6 +15,7 @@ from pydantic_core import PydanticSerializationError
 from conveyor import payloads
 from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
 from conveyor.limits import Limits, check_limits, limit_key
+from conveyor.queues import check_queue
 from conveyor.topics import check_topics
 from conveyor.transactions import CallerConnection
 
@@ -30,7 +31,6 @@ AsyncTaskFunction = Callable[["Context", P], Awaitable[R]]
 TaskFunction = SyncTaskFunction[P, R] | AsyncTaskFunction[P, R]
 
 NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_.:-]{0,199}$")
-QUEUE_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,200}$")
 MAX_PRIORITY = 9
 MAX_ATTEMPTS = 100
 MAX_TIMEOUT = 7 * 24 * 3600.0
@@ -85,12 +85,6 @@ def check_retry_policy(max_attempts: int, backoff_base: float, backoff_cap: floa
         raise ConfigurationError(
             f"backoff_cap must be between backoff_base and {MAX_BACKOFF:.0f} seconds"
         )
-
-
-def check_queue(queue: str) -> str:
-    if not QUEUE_PATTERN.match(queue):
-        raise ConfigurationError(f"invalid queue name {queue!r}: use letters, digits, _ . -")
-    return queue
 
 
 def check_priority(priority: int) -> int:

@@ -44,6 +44,7 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_topic_events",
         "conveyor_limits",
         "conveyor_limit_starts",
+        "conveyor_breakers",
         VERSION_TABLE,
     }
     empty_store.ping()
@@ -155,3 +156,78 @@ def test_upgrade_escapes_errors_that_postgres_json_operators_refuse(empty_store:
     assert empty_store.attempts("j-poisoned")[0].error == error
     paired_error = empty_store.get_job("j-paired").error
     assert paired_error is not None and paired_error.message == "fine 😀"  # a pair is no poison
+
+
+def test_breakers_migration_keeps_job_events_and_downgrades_cleanly(empty_store: Store) -> None:
+    """0008 makes room for events of no job (breaker transitions); going back deletes
+    those, and job events stay as they were both ways."""
+    from alembic import command
+
+    from conveyor.breakers import Breakers
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "0003")
+    empty_store.migrate()
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+    )
+    guard = Breakers(lambda: empty_store.breakers).define("dep", failure_threshold=1)
+    with pytest.raises(ValueError), guard:
+        raise ValueError("down")
+    kinds = [(e.type.value, e.job_id) for e in empty_store.events(after_id=0)]
+    assert kinds == [("status", job.id), ("breaker", None)]
+
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0003")
+    assert "conveyor_breakers" not in inspect(empty_store.engine).get_table_names()
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()  # and up again
+    assert [e.job_id for e in empty_store.events(after_id=0)] == [job.id]
+
+
+def test_limits_migration_downgrades_without_touching_jobs(empty_store: Store) -> None:
+    """0005 adds and drops its columns in place: no table is recreated, so no job
+    loses its events or attempts (SQLite would cascade a recreated table's drop)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    before = ScriptDirectory.from_config(config).get_revision("0005").down_revision
+    assert isinstance(before, str)
+    empty_store.migrate()
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+        limit_key="t",
+    )
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, before)
+    tables = inspect(empty_store.engine)
+    assert "conveyor_limits" not in tables.get_table_names()
+    assert "limit_key" not in {c["name"] for c in tables.get_columns("conveyor_jobs")}
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()  # and up again: the job is there, with no limit key
+    assert empty_store.get_job(job.id).limit_key is None
+    assert [e.job_id for e in empty_store.job_events(job.id)] == [job.id]

@@ -20,6 +20,7 @@ import structlog
 from fastapi import FastAPI
 
 from conveyor.api import (
+    breakers,
     dead_letters,
     docs,
     events,
@@ -27,6 +28,7 @@ from conveyor.api import (
     jobs,
     openapi,
     problems,
+    queues,
     tasks,
     topics,
 )
@@ -56,7 +58,9 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     """
     settings = conveyor.settings
     hub = EventHub(conveyor.store, settings)
-    metrics = Metrics(conveyor.store, lambda: list(conveyor.tasks))
+    metrics = Metrics(
+        conveyor.store, lambda: list(conveyor.tasks), lambda: list(conveyor.breakers.configs)
+    )
     state = ApiState(
         conveyor=conveyor,
         hub=hub,
@@ -97,7 +101,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
-    for module in (jobs, dead_letters, events, tasks, topics, health):
+    for module in (jobs, dead_letters, events, tasks, queues, topics, breakers, health):
         app.include_router(module.router)
     docs.install(app)
     openapi.install(app, conveyor)

@@ -1,9 +1,10 @@
 """Server-sent event streams: one job's events, or every job's.
 
 Each message carries ``id`` (the job's ``seq``, or the global event id on
-``/v1/events``), ``event`` (``status`` or ``progress``) and the Event as JSON
-``data``. A reconnecting client's ``Last-Event-ID`` resumes exactly after the
-last event it saw; ``?after=`` does the same for a first connection.
+``/v1/events``), ``event`` (``status`` or ``progress``; ``breaker`` for a circuit
+breaker's transition, on ``/v1/events`` only) and the Event as JSON ``data``. A
+reconnecting client's ``Last-Event-ID`` resumes exactly after the last event it
+saw; ``?after=`` does the same for a first connection.
 
 A client that takes no data for ``CONVEYOR_SEND_TIMEOUT`` seconds is dropped:
 the server process aborts its connection (see ``conveyor.api.server``), and
@@ -136,7 +137,8 @@ async def all_events(
     after: After = None,
     last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
-    """Every job's events as they happen, optionally filtered by task and status."""
+    """Every job's events as they happen, optionally filtered by task and status; and,
+    when neither filter is given, circuit breakers' transitions (``breaker`` events)."""
     state = api_state(request)
     after_id = resume_point(last_event_id, after)
 

@@ -27,13 +27,13 @@ from pydantic_core import PydanticCustomError
 
 from conveyor import payloads
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
+from conveyor.queues import QUEUE_PATTERN
 from conveyor.store import DeadLetterFilter
 from conveyor.tasks import (
     MAX_ATTEMPTS,
     MAX_BACKOFF,
     MAX_PRIORITY,
     NAME_PATTERN,
-    QUEUE_PATTERN,
     JobOptions,
     Task,
 )

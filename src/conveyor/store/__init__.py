@@ -19,6 +19,7 @@ where the server keeps them prepared. Committed events are handed to
     store/batching.py    the group commit
     store/rows.py        rows to Job, Attempt, Event
     store/pages.py       keyset pagination
+    store/breakers.py    circuit breakers: their rows and transition events
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -93,6 +94,7 @@ from conveyor.models import (
 )
 from conveyor.store import pages, rows
 from conveyor.store.batching import GroupCommit, Write
+from conveyor.store.breakers import BreakerBook
 from conveyor.store.statements import (
     CANCEL,
     CLAIM,
@@ -173,8 +175,18 @@ class DeadLetterFilter:
         return all(v is None for v in (self.task, self.error_type, self.since, self.until))
 
 
+@dataclass
+class QueueDepth:
+    """A queue's jobs by status (retrying jobs count as queued), and its consumers."""
+
+    queued: int = 0
+    scheduled: int = 0
+    running: int = 0
+    workers: list[str] = field(default_factory=list)
+
+
 class Store:
-    """Jobs, events and API keys in PostgreSQL or SQLite (SQLAlchemy URL)."""
+    """Jobs, events, API keys and breakers in PostgreSQL or SQLite (SQLAlchemy URL)."""
 
     def __init__(self, url: str, *, pool_size: int = 5, publish: Publish | None = None) -> None:
         self.url = url
@@ -204,6 +216,8 @@ class Store:
         #: The group commit's own PostgreSQL connection; only the flushing thread uses it.
         self._hot: psycopg.Connection[dict[str, Any]] | None = None
         self._hot_lock = threading.Lock()
+        #: Circuit breakers shared by every process on this store (``conveyor.breakers``).
+        self.breakers = BreakerBook(self, utcnow)
 
     @property
     def dialect(self) -> str:
@@ -1168,6 +1182,42 @@ class Store:
         ).rowcount
         if not found:
             conn.execute(insert(workers_t).values(id=worker, started_at=now, last_seen=now))
+
+    def worker_started(self, worker: str, *, queues: Sequence[str]) -> None:
+        """Record a worker's main process and the queues it consumes (``queue_depths``)."""
+        with self._tx() as conn:
+            self._beat(conn, worker)
+            conn.execute(
+                update(workers_t).where(workers_t.c.id == worker).values(queues=list(queues))
+            )
+
+    def queue_depths(self, live_within: float) -> dict[str, QueueDepth]:
+        """Per queue that has jobs or a consumer: jobs by status, and the workers (main
+        processes heard from within ``live_within`` seconds) consuming it."""
+        counted = (
+            select(jobs_t.c.queue, jobs_t.c.status, func.count())
+            .where(jobs_t.c.status.in_([*WAITING, JobStatus.RUNNING.value, "scheduled"]))
+            .group_by(jobs_t.c.queue, jobs_t.c.status)
+        )
+        live = select(workers_t.c.id, workers_t.c.queues).where(
+            workers_t.c.queues.is_not(None),
+            workers_t.c.stopped_at.is_(None),
+            workers_t.c.last_seen >= self._db_now(ago=live_within),
+        )
+        depths: dict[str, QueueDepth] = {}
+        with self._tx() as conn:
+            for queue, status, count in conn.execute(counted):
+                depth = depths.setdefault(queue, QueueDepth())
+                if status == JobStatus.RUNNING.value:
+                    depth.running += int(count)
+                elif status == "scheduled":
+                    depth.scheduled += int(count)
+                else:
+                    depth.queued += int(count)
+            for worker, queues in conn.execute(live):
+                for queue in queues or ():
+                    depths.setdefault(queue, QueueDepth()).workers.append(worker)
+        return depths
 
     def workers_stopped(self, *, prefix: str) -> None:
         """Mark the workers whose ids start with ``prefix`` as stopped; a job still

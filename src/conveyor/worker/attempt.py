@@ -108,6 +108,7 @@ def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
         max_attempts=job.max_attempts,
         correlation_id=job.correlation_id,
         report=lambda percent, step, message: _report(app, job, running, percent, step, message),
+        breakers=app.breakers,
     )
     running = monitor.running = Running(job, ctx)
     if task.is_async:

@@ -23,7 +23,9 @@ from conveyor.broker import RUN_TASK
 from conveyor.errors import ConveyorError
 from conveyor.jobs import AttemptOutcome, JobStatus
 from conveyor.logs import configure_logging
+from conveyor.queues import by_priority
 from conveyor.recovery import Sweeper
+from conveyor.worker.arbiter import arbiter
 from conveyor.worker.attempt import execute
 from conveyor.worker.identity import NODE_ENV
 from conveyor.worker.monitor import ProcessMonitor
@@ -94,7 +96,12 @@ def run_worker(
     node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
     celery = executing_celery(app)
-    sweeper = Sweeper(app)
+    priorities = app.queue_priorities
+    consumed = by_priority(queues or app.queues, priorities)
+    if not settings.resolved_broker_url.startswith(("redis", "rediss")):
+        celery.steps["consumer"].add(arbiter(consumed, priorities))
+    app.store.worker_started(node, queues=consumed)
+    sweeper = Sweeper(app, node=node)
     shutting_down = threading.Event()
 
     @signals.setup_logging.connect(weak=False)
@@ -118,7 +125,7 @@ def run_worker(
     @signals.worker_shutdown.connect(weak=False)
     def _stopped(**_: Any) -> None:
         with contextlib.suppress(ConveyorError):
-            app.store.workers_stopped(prefix=f"{node}/")
+            app.store.workers_stopped(prefix=node)  # this process and its pool's
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_: Any) -> None:
@@ -135,7 +142,7 @@ def run_worker(
         "worker",
         f"--concurrency={concurrency}",
         f"--pool={pool}",
-        f"--queues={','.join(queues or app.queues)}",
+        f"--queues={','.join(consumed)}",  # highest priority first
         f"--loglevel={settings.log_level}",
         f"--hostname=conveyor-{uuid.uuid4().hex[:8]}@%h",
     ]

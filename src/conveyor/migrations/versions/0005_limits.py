@@ -2,7 +2,7 @@
 limited claims lock, and the recent starts of rate-limited tasks.
 
 Revision ID: 0005
-Revises: 0007
+Revises: 0008
 Create Date: 2026-11-29
 """
 
@@ -14,16 +14,17 @@ from alembic import op
 from conveyor.models import BigId, UTCDateTime
 
 revision = "0005"
-# Chained after the last revision on this branch; re-chained when merged.
-down_revision = "0007"
+# Revisions are numbered by feature, not in order: the limits came after the breakers.
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("conveyor_jobs") as batch:
-        batch.add_column(sa.Column("limit_key", sa.Text(), nullable=True))
-        batch.add_column(sa.Column("throttled", sa.String(16), nullable=True))
+    # Plain ALTER TABLE on both databases: batch mode would recreate the table on
+    # SQLite, and dropping it there deletes every job's events and attempts (cascade).
+    op.add_column("conveyor_jobs", sa.Column("limit_key", sa.Text(), nullable=True))
+    op.add_column("conveyor_jobs", sa.Column("throttled", sa.String(16), nullable=True))
     op.create_index("ix_conveyor_jobs_limit_key_status", "conveyor_jobs", ["limit_key", "status"])
     op.create_table(
         "conveyor_limits",
@@ -44,6 +45,6 @@ def downgrade() -> None:
     op.drop_table("conveyor_limit_starts")
     op.drop_table("conveyor_limits")
     op.drop_index("ix_conveyor_jobs_limit_key_status", table_name="conveyor_jobs")
-    with op.batch_alter_table("conveyor_jobs") as batch:
-        batch.drop_column("throttled")
-        batch.drop_column("limit_key")
+    # Native DROP COLUMN (SQLite 3.35 or later), for the reason given in upgrade().
+    op.execute("ALTER TABLE conveyor_jobs DROP COLUMN throttled")
+    op.execute("ALTER TABLE conveyor_jobs DROP COLUMN limit_key")
