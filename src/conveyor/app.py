@@ -22,7 +22,7 @@ import structlog
 from celery import Celery
 from pydantic import BaseModel
 
-from conveyor import broker, diag, idempotency, payloads
+from conveyor import broker, diag, idempotency, payloads, pipelines
 from conveyor.breakers import Breaker, BreakerOptions, Breakers
 from conveyor.errors import (
     BatchInvalid,
@@ -30,9 +30,11 @@ from conveyor.errors import (
     ConfigurationError,
     ConveyorError,
     EventRefused,
+    ItemsInvalid,
     JobNotDead,
     NotStorable,
     PayloadInvalid,
+    PipelineInvalid,
     ReplayRefused,
     StoreUnavailable,
     TaskNotFound,
@@ -40,6 +42,7 @@ from conveyor.errors import (
 from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.jobs import Event, Job, JobStatus
+from conveyor.pipelines import Flow, Pipeline, PipelineSpec, StepRecord, StepSpec
 from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
 from conveyor.settings import Settings, load_settings
 from conveyor.store import DeadLetterFilter, Store
@@ -213,6 +216,8 @@ class Conveyor:
                 self.settings.resolved_database_url,
                 pool_size=self.settings.store_pool_size,
                 publish=self.publisher.publish,
+                map_items=self._map_items,
+                limit_key=self._limit_key,
             )
         return self._store
 
@@ -448,6 +453,15 @@ class Conveyor:
             raise ConfigurationError(f"unknown job options: {', '.join(sorted(unknown))}")
         task = self.get_task(task) if isinstance(task, str) else task
         data = task.validate(payload)
+        return {
+            "task": task.name,
+            "payload": data,
+            **self._options(task, options),
+            "limit_key": task.limit_key(data),
+        }
+
+    def _options(self, task: Task[Any, Any], options: JobOptions) -> dict[str, Any]:
+        """The options a job of ``task`` is recorded with; raises if one is invalid."""
         defaults = task.options
         queue, priority = options.get("queue"), options.get("priority")
         max_attempts = options.get("max_attempts")
@@ -459,8 +473,6 @@ class Conveyor:
         )
         check_retry_policy(*policy)
         return {
-            "task": task.name,
-            "payload": data,
             "queue": check_queue(queue) if queue else defaults.queue,
             "priority": check_priority(priority) if priority is not None else defaults.priority,
             "max_attempts": policy[0],
@@ -468,8 +480,128 @@ class Conveyor:
             "correlation_id": options.get("correlation_id") or uuid.uuid4().hex,
             "backoff_base": policy[1],
             "backoff_cap": policy[2],
-            "limit_key": task.limit_key(data),
         }
+
+    # -- pipelines ------------------------------------------------------------
+
+    def pipeline(
+        self,
+        steps: Flow | PipelineSpec | Sequence[StepSpec | Mapping[str, Any]],
+        *,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        correlation_id: str | None = None,
+    ) -> Pipeline:
+        """Validate a pipeline (a :class:`~conveyor.pipelines.Flow`, or its steps), record
+        it in one transaction and enqueue the steps that need nothing; raises
+        PipelineInvalid, naming the step, before recording anything invalid.
+
+        With an ``idempotency_key``, the same pipeline submitted again with the key
+        returns the first one instead of making another.
+        """
+        return self.submit_pipeline(
+            steps, name=name, key=idempotency_key, correlation_id=correlation_id
+        )[0]
+
+    def submit_pipeline(
+        self,
+        steps: Flow | PipelineSpec | Sequence[StepSpec | Mapping[str, Any]],
+        *,
+        name: str | None = None,
+        key: str | None = None,
+        scope: str = PYTHON_SCOPE,
+        fingerprint: str | None = None,
+        correlation_id: str | None = None,
+    ) -> tuple[Pipeline, bool]:
+        """:meth:`pipeline`, saying whether this call made it (False: a repeat of an
+        idempotent submit, answered with the first pipeline)."""
+        spec = pipelines.as_spec(steps, name)
+        pipelines.check(spec, max_steps=self.settings.pipeline_max_steps)
+        correlation_id = correlation_id or uuid.uuid4().hex
+        records = [self._step_record(i, step, correlation_id) for i, step in enumerate(spec.steps)]
+        once = None
+        if key is not None:
+            check_key(key)
+            check_scope(scope)
+            if fingerprint is None:
+                fingerprint = idempotency.fingerprint(
+                    {
+                        "name": spec.name,
+                        "steps": [
+                            {
+                                **{f: getattr(r, f) for f in ("name", "task", "payload", "map")},
+                                "after": list(r.after),
+                                "options": {
+                                    k: v for k, v in r.options.items() if k != "correlation_id"
+                                },
+                            }
+                            for r in records
+                        ],
+                    }
+                )
+            once = (scope, key, fingerprint)
+        pipeline, jobs, created = self.store.create_pipeline(
+            records, name=spec.name, correlation_id=correlation_id, idempotency=once
+        )
+        if created:
+            log.info("pipeline.submitted", pipeline_id=pipeline.id, steps=len(records))
+            if jobs:
+                self.dispatch_many(jobs)
+        return pipeline, created
+
+    def _step_record(self, index: int, step: StepSpec, correlation_id: str) -> StepRecord:
+        try:
+            task = self.get_task(step.task)
+        except TaskNotFound as exc:
+            raise PipelineInvalid(str(exc), step=step.name, index=index, field="task") from None
+        try:
+            options = self._options(task, {"priority": step.priority})
+        except ConfigurationError as exc:
+            raise PipelineInvalid(str(exc), step=step.name, index=index, field="priority") from None
+        payload = None
+        if step.map is None:
+            try:
+                payload = task.validate(step.payload if step.payload is not None else {})
+                task.limit_key(payload)  # a payload lacking its concurrency key is invalid
+            except PayloadInvalid as exc:
+                raise PipelineInvalid(
+                    str(exc), step=step.name, index=index, field="payload", errors=exc.errors
+                ) from None
+        return StepRecord(
+            name=step.name,
+            task=task.name,
+            payload=payload,
+            after=tuple(step.after),
+            map=step.map,
+            options={**options, "correlation_id": correlation_id},
+        )
+
+    def _map_items(self, task_name: str, result: Any) -> list[dict[str, Any]]:
+        """The payloads of a mapped step's jobs (see ``pipelines.MapItems``): each item
+        validated against the task's model, as a submit validates a payload."""
+        items = pipelines.plain_items(self.settings.pipeline_max_items)(task_name, result)
+        task = self.tasks.get(task_name)
+        if task is None:
+            raise ItemsInvalid(f"task {task_name!r} is not registered in this process")
+        checked = []
+        for i, item in enumerate(items):
+            try:
+                checked.append(task.validate(item))
+                task.limit_key(checked[-1])  # as a submit refuses one without its concurrency key
+            except PayloadInvalid as exc:
+                raise ItemsInvalid(f"item {i}: {exc}") from None
+        return checked
+
+    def _limit_key(self, task_name: str, payload: dict[str, Any]) -> str | None:
+        """The limit key of a job the store makes itself (a pipeline step's); None for a
+        task not registered here, or a payload its limits cannot key (checked before)."""
+        task = self.tasks.get(task_name)
+        if task is None:
+            return None
+        try:
+            return task.limit_key(payload)
+        except PayloadInvalid:
+            return None
 
     def dispatch(self, job: Job) -> bool:
         """Hand a stored job's attempt to the broker; if the broker is down, the job
@@ -570,6 +702,9 @@ class Conveyor:
             backoff_base=dead.backoff_base,
             backoff_cap=dead.backoff_cap,
             limit_key=limit_key,
+            pipeline_id=dead.pipeline_id,
+            step=dead.step,
+            item=dead.item,
         )
         if not created:  # another replay got there first
             return job, False

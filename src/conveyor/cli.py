@@ -8,6 +8,7 @@
     tasks     the tasks the API's app registers
     queues    queues by priority, their jobs and their workers
     jobs      list, show, cancel and delete jobs over HTTP
+    pipelines submit, list, show and cancel pipelines over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
@@ -26,6 +27,7 @@ import sys
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import quote
 
@@ -138,6 +140,10 @@ jobs_cli = typer.Typer(help="List, show, cancel and delete jobs.", no_args_is_he
 cli.add_typer(jobs_cli, name="jobs")
 dlq_cli = typer.Typer(help="List, show, replay and purge dead jobs.", no_args_is_help=True)
 cli.add_typer(dlq_cli, name="dlq")
+pipelines_cli = typer.Typer(
+    help="Submit, list, show and cancel pipelines of dependent steps.", no_args_is_help=True
+)
+cli.add_typer(pipelines_cli, name="pipelines")
 
 
 def main() -> None:
@@ -725,6 +731,123 @@ def delete_job(
     with ApiClient(load_settings()) as client:
         client.request("DELETE", _job_path(job_id))
     out.print(f"deleted {job_id}", markup=False)
+
+
+# -- pipelines ----------------------------------------------------------------------
+
+PIPELINE_STYLE = {
+    **STATUS_STYLE,
+    "pending": "cyan",
+    "failed": "red",
+    "skipped": "dim",
+}
+
+
+def _pipeline_path(pipeline_id: str) -> str:
+    return f"/v1/pipelines/{quote(pipeline_id, safe='')}"
+
+
+@pipelines_cli.command("submit")
+def submit_pipeline(
+    spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help='The pipeline as JSON ({"name"?, "steps": [...]}) in a file; - reads it'
+            " from standard input.",
+        ),
+    ] = "-",
+    idempotency_key: Annotated[
+        str | None, typer.Option(help="Submitting again with this key returns the first one.")
+    ] = None,
+) -> None:
+    """Submit a pipeline; prints its id, and each step with its status."""
+    try:
+        text = sys.stdin.read() if spec == "-" else Path(spec).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"cannot read {spec}: {exc.strerror}", code=2) from None
+    try:
+        body = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"the pipeline is not JSON: {exc}", code=2) from None
+    if not isinstance(body, dict):
+        raise CliError('the pipeline is a JSON object: {"steps": [...]}', code=2)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    with ApiClient(load_settings()) as client:
+        pipeline = client.request("POST", "/v1/pipelines", json=body, headers=headers)
+    out.print(pipeline["id"], markup=False)
+    _print_steps(pipeline)
+
+
+def _print_steps(pipeline: dict[str, Any]) -> None:
+    for step in pipeline["steps"]:
+        style = PIPELINE_STYLE.get(step["status"], "")
+        items = f" {step['done']}/{step['items']}" if step.get("map") and step["items"] else ""
+        line = Text(f"  {step['name']} ")
+        line.append(step["status"], style=style)
+        line.append(items)
+        if step.get("error"):
+            line.append(f"  {step['error']}", style="dim")
+        out.print(line)
+
+
+@pipelines_cli.command("list")
+def list_pipelines(
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            "-s",
+            help="Only pipelines in this status (running, succeeded, failed,"
+            " cancelled); repeat for several.",
+        ),
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Pipelines per page.")] = 20,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """Newest pipelines first."""
+    params: list[tuple[str, str | int]] = [("limit", limit)]
+    params += [("status", s) for s in status or ()]
+    if cursor:
+        params.append(("cursor", cursor))
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/pipelines", params=params)
+    table = Table(box=None, header_style="bold")
+    table.add_column("ID", no_wrap=True, min_width=36)
+    table.add_column("NAME", no_wrap=True)
+    table.add_column("STATUS", no_wrap=True)
+    table.add_column("PROGRESS", justify="right", no_wrap=True)
+    table.add_column("STEPS", justify="right", no_wrap=True)
+    table.add_column("CREATED", no_wrap=True)
+    for pipeline in page["items"]:
+        progress = pipeline["progress"]
+        table.add_row(
+            pipeline["id"],
+            pipeline.get("name") or "",
+            Text(pipeline["status"], style=PIPELINE_STYLE.get(pipeline["status"], "")),
+            f"{progress['percent']:.0f}%",
+            str(len(pipeline["steps"])),
+            _when(pipeline["created_at"]),
+        )
+    _print_page(table, page, min_width=140)
+
+
+@pipelines_cli.command("show")
+def show_pipeline(pipeline_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a pipeline, every step and each step's jobs, as JSON."""
+    with ApiClient(load_settings()) as client:
+        pipeline = client.request("GET", _pipeline_path(pipeline_id))
+    out.print_json(data=pipeline)
+
+
+@pipelines_cli.command("cancel")
+def cancel_pipeline(pipeline_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Cancel a pipeline's unfinished steps and jobs (running ones are asked to stop)."""
+    with ApiClient(load_settings()) as client:
+        pipeline = client.request("POST", f"{_pipeline_path(pipeline_id)}/cancel")
+    style = PIPELINE_STYLE.get(pipeline["status"], "")
+    out.print(f"{pipeline['id']} [{style}]{pipeline['status']}[/]")
+    _print_steps(pipeline)
 
 
 # -- dead letters -------------------------------------------------------------------

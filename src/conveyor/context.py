@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import structlog
@@ -28,12 +29,16 @@ class Context:
         correlation_id: str,
         report: ProgressReporter,
         breakers: Breakers | None = None,
+        upstream: Mapping[str, Any] | None = None,
     ) -> None:
         self.job_id = job_id
         self.task = task
         self.attempt = attempt
         self.max_attempts = max_attempts
         self.correlation_id = correlation_id
+        #: In a pipeline: the result of each step this one runs after, by step name (for
+        #: a mapped step, the list of its items' results in item order). Empty otherwise.
+        self.upstream: Mapping[str, Any] = MappingProxyType(dict(upstream or {}))
         self.log: Any = structlog.get_logger("conveyor.task").bind(
             job_id=job_id, task=task, attempt=attempt, correlation_id=correlation_id
         )

@@ -14,6 +14,10 @@ ConveyorError
 ├── JobNotDead              a dead-letter action on a job that is not dead
 ├── JobNotEnded             deleting a job that has not ended
 ├── ReplayRefused           a dead letter that cannot run again as it stands
+├── PipelineInvalid         a pipeline definition is refused; nothing was recorded
+├── ItemsInvalid            a mapped step's items cannot run (the step fails)
+├── PipelineNotFound        no pipeline with that id
+├── PipelineEnded           cancelling a pipeline that has ended
 ├── IdempotencyConflict     a submit with that idempotency key is still under way
 ├── IdempotencyMismatch     that idempotency key was used for a different request
 ├── StoreUnavailable        the durable store cannot be reached
@@ -160,6 +164,50 @@ class ReplayRefused(ConveyorError):
         self.reason = reason
         self.errors = errors or []
         super().__init__(f"cannot replay job {job_id}: {reason}")
+
+
+class PipelineInvalid(ConveyorError):
+    """A pipeline definition is refused; nothing of it was recorded."""
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        step: str | None = None,
+        index: int | None = None,
+        field: str | None = None,
+        errors: list[dict[str, Any]] | None = None,
+    ) -> None:
+        #: The step at fault, by name and by its index in the definition, and its field.
+        self.step = step
+        self.index = index
+        self.field = field
+        self.reason = reason
+        #: For a payload the task refuses: the task's own errors, located in the payload.
+        self.errors = errors or []
+        where = f"step {step!r}: " if step is not None else ""
+        super().__init__(f"invalid pipeline: {where}{reason}")
+
+
+class ItemsInvalid(ConveyorError):
+    """A mapped step cannot run over what it maps; the step fails with the reason."""
+
+
+class PipelineNotFound(ConveyorError):
+    """No pipeline exists with that id."""
+
+    def __init__(self, pipeline_id: str) -> None:
+        self.pipeline_id = pipeline_id
+        super().__init__(f"pipeline {pipeline_id!r} not found")
+
+
+class PipelineEnded(ConveyorError):
+    """The pipeline has ended: it cannot be cancelled."""
+
+    def __init__(self, pipeline_id: str, status: str) -> None:
+        self.pipeline_id = pipeline_id
+        self.status = status
+        super().__init__(f"pipeline {pipeline_id} has ended: it is {status}")
 
 
 class IdempotencyConflict(ConveyorError):

@@ -25,7 +25,7 @@ import time
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from functools import partial
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import redis
 import redis.asyncio as aioredis
@@ -34,10 +34,13 @@ from pydantic import TypeAdapter
 
 from conveyor.errors import ConveyorError, JobNotFound
 from conveyor.jobs import Event, JobStatus
+from conveyor.pipelines import PipelineEvent
 from conveyor.settings import Settings
 from conveyor.store import Store
 
 SUBSCRIBER_BUFFER = 1000
+
+T = TypeVar("T")
 
 log = structlog.get_logger("conveyor.events")
 
@@ -166,7 +169,7 @@ class EventHub:
             if job_id and not group:
                 self._by_job.pop(job_id, None)
 
-    async def history(self, read: Callable[[], list[Event]]) -> list[Event]:
+    async def history(self, read: Callable[[], T]) -> T:
         """Run a stream's read of the store in a thread, a few at a time per process.
 
         Each read holds the GIL while it maps its rows; a crowd of them (twenty
@@ -405,3 +408,73 @@ async def all_pages(
                     fresh.append(event)
             if fresh:
                 yield fresh
+
+
+#: How often a pipeline stream reads the store while it waits: pipeline and step events
+#: are not published (only job events are), so a quiet pipeline is polled.
+PIPELINE_POLL_SECONDS = 1.0
+#: After a wake-up, how long a pipeline stream lets more events gather before reading.
+PIPELINE_GATHER_SECONDS = 0.05
+
+
+async def pipeline_pages(
+    hub: EventHub, store: Store, pipeline_id: str, *, after_id: int = 0
+) -> AsyncGenerator[list[PipelineEvent], None]:
+    """A pipeline's events and its jobs' events after ``after_id``, in id order, once each,
+    ending after the pipeline's terminal event (one a replay did not reopen).
+
+    The store is the source: each read takes the events after the last one sent. Live
+    events only wake the stream up. On PostgreSQL ids can commit out of order, so an
+    event is sent only once none below it can still appear: when every id between the
+    last one sent and it is visible, or once it is ``POSTGRES_SETTLE_SECONDS`` old (by
+    its writer's clock, or since this stream first saw it). SQLite commits in id order.
+    """
+    settle = POSTGRES_SETTLE_SECONDS if store.dialect == "postgresql" else 0.0
+    last = after_id
+    first_seen: dict[int, float] = {}
+    with hub.subscribe() as sub:
+        while True:
+            read = partial(
+                store.pipeline_events_seen, pipeline_id, after_id=last, limit=REPLAY_PAGE
+            )
+            page, whole = await hub.history(read)
+            ready = page if whole or not settle else _settled(page, first_seen, settle)
+            for i, event in enumerate(ready):
+                if event.terminal and not await asyncio.to_thread(
+                    store.pipeline_reopened, pipeline_id, event.id
+                ):
+                    yield ready[: i + 1]
+                    return
+            if ready:
+                last = ready[-1].id
+                for event in ready:
+                    first_seen.pop(event.id, None)
+                yield ready
+                await asyncio.sleep(0)  # a turn for the loop: see the module docstring
+            if len(page) == REPLAY_PAGE and len(ready) == len(page):
+                continue  # more history to replay
+            held_back = len(ready) < len(page)
+            try:
+                wait = 0.2 if held_back else PIPELINE_POLL_SECONDS
+                await asyncio.wait_for(sub.queue.get(), wait)
+                await asyncio.sleep(PIPELINE_GATHER_SECONDS)
+            except TimeoutError:
+                pass
+            while not sub.queue.empty():
+                sub.queue.get_nowait()
+            sub.lagged = False
+
+
+def _settled(
+    page: list[PipelineEvent], first_seen: dict[int, float], settle: float
+) -> list[PipelineEvent]:
+    """The first events of ``page`` that no event committing late can come before, when
+    an id below the last one was not visible: those old enough to trust."""
+    now, wall = time.monotonic(), time.time()
+    ready = []
+    for event in page:
+        seen = first_seen.setdefault(event.id, now)
+        if now - seen < settle and wall - event.at.timestamp() < settle:
+            break
+        ready.append(event)
+    return ready

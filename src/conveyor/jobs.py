@@ -101,6 +101,10 @@ class Job(BaseModel):
     #: What the task's rate and concurrency limits count the job under (see
     #: :mod:`conveyor.limits`); None for a task without limits.
     limit_key: str | None = None
+    #: The pipeline and step the job runs, and its item when the step is mapped.
+    pipeline_id: str | None = None
+    step: str | None = None
+    item: int | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -84,6 +84,10 @@ class JobRow(Base):
     limit_key: Mapped[str | None] = mapped_column(Text)
     #: Why the waiting job is held back (``concurrency``, ``rate_limit``); None if it is not.
     throttled: Mapped[str | None] = mapped_column(String(16))
+    #: The pipeline, step and item (its index in a mapped step) the job runs, if any.
+    pipeline_id: Mapped[str | None] = mapped_column(String(36))
+    step: Mapped[str | None] = mapped_column(String(200))
+    item: Mapped[int | None] = mapped_column(Integer)
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
@@ -91,18 +95,26 @@ class JobRow(Base):
         Index("ix_conveyor_jobs_replay_of", "replay_of"),
         Index("ix_conveyor_jobs_status_finished", "status", "finished_at"),
         Index("ix_conveyor_jobs_limit_key_status", "limit_key", "status"),
+        Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
     )
 
 
 class EventRow(Base):
-    """The event log: a job's events, and events of no job (breaker transitions), which
-    have no ``job_id``, ``task`` or ``status`` and ``seq`` 0. One id space orders both."""
+    """The event log: a job's events; a pipeline's or a step's (``job_id`` NULL,
+    ``pipeline_id`` set); and events of nothing stored here (breaker transitions: no
+    ``job_id``, ``task`` or ``status``, ``seq`` 0). One id space orders them all."""
 
     __tablename__ = "conveyor_job_events"
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
     job_id: Mapped[str | None] = mapped_column(
         String(36), ForeignKey("conveyor_jobs.id", ondelete="CASCADE")
+    )
+    pipeline_id: Mapped[str | None] = mapped_column(
+        String(36),
+        ForeignKey(
+            "conveyor_pipelines.id", ondelete="CASCADE", name="fk_conveyor_job_events_pipeline_id"
+        ),
     )
     seq: Mapped[int] = mapped_column(Integer)
     type: Mapped[str] = mapped_column(String(16))
@@ -111,7 +123,10 @@ class EventRow(Base):
     data: Mapped[dict[str, Any]] = mapped_column(JSON)
     at: Mapped[datetime] = mapped_column(UTCDateTime)
 
-    __table_args__ = (UniqueConstraint("job_id", "seq", name="uq_conveyor_job_events_job_seq"),)
+    __table_args__ = (
+        UniqueConstraint("job_id", "seq", name="uq_conveyor_job_events_job_seq"),
+        Index("ix_conveyor_job_events_pipeline_id", "pipeline_id"),
+    )
 
 
 class AttemptRow(Base):
@@ -185,6 +200,59 @@ class BreakerRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class PipelineRow(Base):
+    """A DAG of steps submitted together; its steps are ``conveyor_pipeline_steps``."""
+
+    __tablename__ = "conveyor_pipelines"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str | None] = mapped_column(String(200))
+    status: Mapped[str] = mapped_column(String(16))
+    steps: Mapped[int] = mapped_column(Integer)
+    correlation_id: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: The submit's ``Idempotency-Key``, per caller, and the request's fingerprint.
+    idempotency_scope: Mapped[str | None] = mapped_column(String(100))
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    fingerprint: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (
+        Index("ix_conveyor_pipelines_created", "created_at"),
+        UniqueConstraint(
+            "idempotency_scope", "idempotency_key", name="uq_conveyor_pipelines_idempotency"
+        ),
+    )
+
+
+class PipelineStepRow(Base):
+    """One step of a pipeline: what it runs, what it waits for, how far it got."""
+
+    __tablename__ = "conveyor_pipeline_steps"
+
+    pipeline_id: Mapped[str] = mapped_column(
+        String(36), ForeignKey("conveyor_pipelines.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    #: Where the step was given in the definition (steps are shown in that order).
+    position: Mapped[int] = mapped_column(Integer)
+    task: Mapped[str] = mapped_column(String(200))
+    payload: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    after: Mapped[list[str]] = mapped_column(JSON)
+    map: Mapped[str | None] = mapped_column(String(200))
+    #: The job options its jobs get (queue, priority, retry policy, timeout).
+    options: Mapped[dict[str, Any]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    #: Jobs the step runs (its items when mapped), known once it starts.
+    items: Mapped[int | None] = mapped_column(Integer)
+    #: Of those, how many succeeded.
+    done: Mapped[int] = mapped_column(Integer, server_default="0")
+    error: Mapped[str | None] = mapped_column(Text)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
 class ApiKeyRow(Base):
     __tablename__ = "conveyor_api_keys"
 
@@ -243,3 +311,5 @@ topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
 limits_t = Base.metadata.tables[LimitRow.__tablename__]
 limit_starts_t = Base.metadata.tables[LimitStartRow.__tablename__]
 breakers_t = Base.metadata.tables[BreakerRow.__tablename__]
+pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]
+steps_t = Base.metadata.tables[PipelineStepRow.__tablename__]

@@ -127,6 +127,15 @@ class Settings(BaseSettings):
         description="KiB of resident memory after which a prefork pool process is replaced,"
         " once its job has ended.",
     )
+    pipeline_max_steps: int = Field(
+        default=100, ge=1, le=10_000, description="Most steps one pipeline may have."
+    )
+    pipeline_max_items: int = Field(
+        default=10_000,
+        ge=1,
+        le=1_000_000,
+        description="Most items a mapped step may fan out to; more fails the step.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,

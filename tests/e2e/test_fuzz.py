@@ -20,7 +20,9 @@ What the generator is told beyond the document, and why:
   (the coverage phase ignores custom formats, so valid cases get one here too);
 - bodies that break the one rule JSON Schema cannot state (``backoff_base`` at
   most ``backoff_cap``) are not sent as valid ones;
-- an idempotency key is not reused with another body (a 422 by design).
+- an idempotency key is not reused with another body (a 422 by design);
+- a pipeline's steps refer only to steps before them, under names of their own, and a
+  mapped step has no payload: a DAG is more than JSON Schema can say.
 
 The API runs on SQLite with the embedded broker and no worker: jobs stay queued
 unless cancelled, so job streams end only for cancelled jobs; the fuzzer reads
@@ -169,9 +171,12 @@ def prepare(case: Case, keys: dict[str, str]) -> None:
             if isinstance(job, dict):
                 _keep_valid(job)
         return
-    if case.path != "/v1/jobs":
+    if case.path == "/v1/jobs":
+        _keep_valid(case.body)
+    elif case.path == "/v1/pipelines":
+        _keep_pipeline_valid(case.body)
+    else:
         return
-    _keep_valid(case.body)
     header = next((h for h in case.headers or {} if h.lower() == "idempotency-key"), None)
     if header is None:
         return
@@ -193,6 +198,29 @@ def _keep_valid(job: dict[str, Any]) -> None:
         job["backoff_cap"] = job["backoff_base"] = base
     if "payload" in job:
         job["payload"] = _storable(job["payload"])
+
+
+def _keep_pipeline_valid(body: dict[str, Any]) -> None:
+    """A pipeline as generated valid stays a DAG: unique step names, ``after`` and ``map``
+    naming only steps before them (so no cycle), no payload on a mapped step."""
+    steps = body.get("steps")
+    if not isinstance(steps, list):
+        return
+    names: list[str] = []
+    for index, step in enumerate(steps):
+        if not isinstance(step, dict) or not isinstance(step.get("name"), str):
+            continue
+        if step["name"] in names:
+            step["name"] = f"{step['name'][:90]}-{index}"
+        if isinstance(step.get("after"), list):
+            step["after"] = [name for name in step["after"] if name in names]
+        if step.get("map") is not None and step["map"] not in names:
+            step["map"] = None
+        if step.get("map") is not None:
+            step["payload"] = None
+        elif isinstance(step.get("payload"), dict):
+            step["payload"] = _storable(step["payload"])
+        names.append(step["name"])
 
 
 def _storable(value: Any) -> Any:

@@ -12,7 +12,9 @@ import pytest
 from pydantic import BaseModel
 
 from conveyor import Context, Conveyor
+from conveyor.errors import PipelineInvalid
 from conveyor.jobs import EventType, JobStatus
+from conveyor.pipelines import StepSpec
 from conveyor.recovery import Sweeper
 from conveyor.settings import Settings
 from conveyor.worker.attempt import execute
@@ -24,6 +26,10 @@ ran: list[str] = []
 
 class Work(BaseModel):
     n: int
+
+
+class Tenant(BaseModel):
+    tenant: str | None = None
 
 
 @pytest.fixture
@@ -107,3 +113,33 @@ def test_a_limited_claim_whose_answer_was_lost_is_run_by_the_process_that_holds_
     done = app.store.get_job(job.id)
     assert (done.status, done.result) == (JobStatus.SUCCEEDED, 5)
     assert ran.count(job.id) == 1
+
+
+def test_the_jobs_of_a_pipeline_step_are_limited_too(app: Conveyor, database_url: str) -> None:
+    @app.task(name="t.tenant", concurrency=1, concurrency_key="tenant")
+    def per_tenant(ctx: Context, payload: Tenant) -> None:
+        return None
+
+    @app.task(name="t.tenants")
+    def tenants(ctx: Context, payload: Work) -> list[dict[str, str]]:
+        return [{"tenant": "a"}, {"tenant": "b"}]
+
+    with pytest.raises(PipelineInvalid, match="tenant"):
+        app.pipeline([StepSpec(name="bad", task="t.tenant", payload={})])
+    app.pipeline(
+        [
+            StepSpec(name="one", task="t.one", payload={"n": 1}),
+            StepSpec(name="list", task="t.tenants", payload={"n": 0}),
+            StepSpec(name="each", task="t.tenant", map="list"),
+        ]
+    )
+    jobs, _ = app.store.list_jobs()
+    keys = {job.step: job.limit_key for job in jobs}
+    assert keys == {"one": "t.one", "list": None}
+    lister = next(job for job in jobs if job.step == "list")
+    execute(app, lister.id, 1)  # its result maps to one job per tenant
+    mapped = [job for job in app.store.list_jobs()[0] if job.step == "each"]
+    assert sorted(job.limit_key or "" for job in mapped) == [
+        "t.tenant:tenant=a",
+        "t.tenant:tenant=b",
+    ]

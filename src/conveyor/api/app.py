@@ -27,6 +27,7 @@ from conveyor.api import (
     health,
     jobs,
     openapi,
+    pipelines,
     problems,
     queues,
     tasks,
@@ -101,7 +102,8 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
-    for module in (jobs, dead_letters, events, tasks, queues, topics, breakers, health):
+    routers = (jobs, pipelines, dead_letters, events, tasks, queues, topics, breakers, health)
+    for module in routers:
         app.include_router(module.router)
     docs.install(app)
     openapi.install(app, conveyor)

@@ -15,6 +15,8 @@ from typing import Annotated
 
 import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from conveyor.api.auth import Authenticated, require_key
@@ -70,7 +72,12 @@ def list_dead_letters(
             decode_cursor(cursor)
         except ValueError:
             raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
-    match = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until).match()
+    try:
+        selection = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until)
+    except ValidationError as exc:  # text the store cannot hold (NUL): an invalid query, 422
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in errors]) from None
+    match = selection.match()
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:

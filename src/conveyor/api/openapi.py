@@ -29,6 +29,7 @@ from pydantic import BaseModel
 
 from conveyor.api.problems import PROBLEM_JSON, Problem
 from conveyor.jobs import Event, EventType
+from conveyor.pipelines import PipelineEvent
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -74,6 +75,7 @@ def refine(document: Schema, conveyor: Conveyor) -> Schema:
         _parameters_never_null(operation)
         _event_streams(operation, components)
     _task_payloads(components, conveyor)
+    _pipeline_steps(components, conveyor)
     for name in FASTAPI_ERROR_MODELS:
         components.pop(name, None)
     return document
@@ -140,22 +142,31 @@ def _parameters_never_null(operation: Schema) -> None:
             del schema["default"]
 
 
+#: Event types of a pipeline's stream: its own, its steps', and its jobs'.
+PIPELINE_EVENT_TYPES = ("pipeline", "step", *(t.value for t in EventType))
+
+
 def _event_streams(operation: Schema, components: Schema) -> None:
     for response in operation.get("responses", {}).values():
         content = response.get("content", {})
         if EVENT_STREAM not in content:
             continue
         content.pop("application/json", None)  # FastAPI's guess for the return type
-        content[EVENT_STREAM] = {"schema": event_schema(add_model(components, Event))}
+        declared = content[EVENT_STREAM].get("schema", {}).get("x-event")
+        if declared == PipelineEvent.__name__:
+            schema = event_schema(add_model(components, PipelineEvent), PIPELINE_EVENT_TYPES)
+        else:
+            schema = event_schema(add_model(components, Event))
+        content[EVENT_STREAM] = {"schema": schema}
 
 
-def event_schema(event_ref: str) -> Schema:
+def event_schema(event_ref: str, types: tuple[str, ...] | None = None) -> Schema:
     """One server-sent event as clients parse it: ``event``, ``id``, and JSON ``data``."""
     return {
         "type": "object",
         "required": ["event", "id", "data"],
         "properties": {
-            "event": {"type": "string", "enum": [t.value for t in EventType]},
+            "event": {"type": "string", "enum": list(types or [t.value for t in EventType])},
             "id": {"type": "string", "pattern": "^[0-9]+$"},
             "data": {
                 "type": "string",
@@ -182,6 +193,37 @@ def _task_payloads(components: Schema, conveyor: Conveyor) -> None:
             f"{request.get('description', '')} The payload is checked against the schema of"
             " the task named; one variant per registered task."
         ).strip()
+
+
+def _pipeline_steps(components: Schema, conveyor: Conveyor) -> None:
+    """``StepRequest`` as one variant per task, like ``JobRequest``; a task whose payload
+    has required fields needs a ``payload`` unless the step maps (its items are the
+    payloads). ``PipelineRequest`` holds at most the configured number of steps."""
+    pipeline = components.get("PipelineRequest")
+    if pipeline is not None:
+        steps = pipeline.get("properties", {}).get("steps", {})
+        steps["maxItems"] = conveyor.settings.pipeline_max_steps
+    request = components.get("StepRequest")
+    if request is None:
+        return
+    variants = []
+    for name in sorted(conveyor.tasks):
+        model = conveyor.tasks[name].payload_model
+        reference = _unique_model(components, model, f"{_COMPONENT_NAME.sub('_', name)}.Payload")
+        variant: Schema = {
+            "properties": {
+                "task": {"const": name},
+                "payload": {"anyOf": [{"$ref": reference}, {"type": "null"}]},
+            }
+        }
+        if model.model_json_schema().get("required"):
+            variant["anyOf"] = [
+                {"required": ["payload"], "properties": {"payload": {"$ref": reference}}},
+                {"required": ["map"], "properties": {"map": {"type": "string"}}},
+            ]
+        variants.append(variant)
+    if variants:
+        request["oneOf"] = variants
 
 
 def _unique_model(components: Schema, model: type[BaseModel], fallback: str) -> str:

@@ -2,6 +2,9 @@
 
     TaskNotFound, JobNotFound              404   (DeadLetterNotFound: not dead)
     TopicEventNotFound                     404
+    PipelineNotFound                       404
+    PipelineEnded                          409   (cancelling a pipeline that has ended)
+    PipelineInvalid                        422   (``errors`` point at the step and its field)
     IllegalTransition, JobNotDead          409
     JobNotEnded                            409   (delete: cancel it first)
     ReplayRefused                          409   (``errors`` point into the stored payload)
@@ -51,6 +54,9 @@ from conveyor.errors import (
     JobNotFound,
     NotStorable,
     PayloadInvalid,
+    PipelineEnded,
+    PipelineInvalid,
+    PipelineNotFound,
     ReplayRefused,
     StoreUnavailable,
     TaskNotFound,
@@ -98,6 +104,9 @@ KINDS: dict[type[ConveyorError], Kind] = {
     TaskNotFound: Kind(404, "task-not-found", "Unknown task"),
     JobNotFound: Kind(404, "job-not-found", "Job not found"),
     DeadLetterNotFound: Kind(404, "dead-letter-not-found", "Dead letter not found"),
+    PipelineNotFound: Kind(404, "pipeline-not-found", "Pipeline not found"),
+    PipelineEnded: Kind(409, "pipeline-ended", "Pipeline has ended"),
+    PipelineInvalid: Kind(422, "invalid-pipeline", "Invalid pipeline; nothing was recorded"),
     IllegalTransition: Kind(409, "illegal-transition", "Job cannot make that change"),
     JobNotDead: Kind(409, "job-not-dead", "Job is not dead"),
     JobNotEnded: Kind(409, "job-not-ended", "Job has not ended"),
@@ -165,6 +174,8 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
             for bad in exc.errors
             for e in bad.errors
         ]
+    if isinstance(exc, PipelineInvalid):
+        errors = _pipeline_errors(exc)
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
@@ -207,6 +218,18 @@ def internal_error(exc: BaseException) -> JSONResponse:
         slug=INTERNAL.slug,
         title=INTERNAL.title,
     )
+
+
+def _pipeline_errors(exc: PipelineInvalid) -> list[dict[str, Any]]:
+    """Where in a pipeline request it is wrong: ``body.steps.<index>.<field>...``."""
+    at: tuple[Any, ...] = ("body",)
+    if exc.index is not None:
+        at += ("steps", exc.index)
+    if exc.field is not None:
+        at += (exc.field,)
+    if exc.errors:
+        return [_field_error((*at, *e.get("loc", ())), e) for e in exc.errors]
+    return [_field_error(at, {"msg": exc.reason, "type": "invalid_pipeline"})]
 
 
 def _item_errors(index: int, exc: ConveyorError) -> list[dict[str, Any]]:

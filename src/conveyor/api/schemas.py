@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from conveyor import payloads
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError
+from conveyor.pipelines import STEP_NAME, Pipeline, PipelineSpec, StepSpec
 from conveyor.queues import QUEUE_PATTERN
 from conveyor.store import DeadLetterFilter
 from conveyor.tasks import (
@@ -436,3 +437,86 @@ class TaskInfo(BaseModel):
             concurrency=task.options.concurrency,
             concurrency_key=task.options.concurrency_key,
         )
+
+
+# -- pipelines ------------------------------------------------------------------
+
+#: Most steps the request body may hold; the configured CONVEYOR_PIPELINE_MAX_STEPS is
+#: what the OpenAPI document states (see ``conveyor.api.openapi``).
+MAX_STEPS = 10_000
+
+
+class StepRequest(BaseModel):
+    """One step: ``task`` run with ``payload`` once the steps it runs ``after`` (and the
+    one it maps over) have succeeded. With ``map``, it runs once per item of the list
+    that step returned, each item being the payload: it then takes no ``payload``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(
+        min_length=1, max_length=100, json_schema_extra={"pattern": STEP_NAME.pattern}
+    )
+    # Pattern documented, checked with the definition: 422 naming the step.
+    task: Text = Field(
+        min_length=1, max_length=200, json_schema_extra={"pattern": NAME_PATTERN.pattern}
+    )
+    payload: dict[str, Any] | None = Field(
+        default=None, description="The task's payload; none for a mapped step."
+    )
+    after: list[Text] = Field(default_factory=list, max_length=MAX_STEPS)
+    map: Text | None = Field(default=None, min_length=1, max_length=100)
+    priority: Annotated[int | None, Number] = Field(default=None, ge=0, le=MAX_PRIORITY)
+
+
+class PipelineRequest(BaseModel):
+    """A pipeline: a DAG of named steps, recorded in one transaction or not at all (a cycle,
+    a reference to no step, two steps of one name, an unknown task, a payload the task
+    refuses, a mapped step with a payload, too many steps: 422 naming the step)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text | None = Field(default=None, min_length=1, max_length=200)
+    steps: list[StepRequest] = Field(min_length=1, max_length=MAX_STEPS)
+
+    def spec(self) -> PipelineSpec:
+        return PipelineSpec(
+            tuple(
+                StepSpec(
+                    name=step.name,
+                    task=step.task,
+                    payload=step.payload,
+                    after=tuple(step.after),
+                    map=step.map,
+                    priority=step.priority,
+                )
+                for step in self.steps
+            ),
+            self.name,
+        )
+
+
+class PipelineLinks(BaseModel):
+    self: str
+    events: str
+    cancel: str
+
+
+class PipelineResource(Pipeline):
+    """A pipeline with every step, each step with its jobs (in item order); ``progress``
+    counts units ended: a step that is not mapped is one, a mapped step one per item."""
+
+    links: PipelineLinks
+
+    @classmethod
+    def of(cls, pipeline: Pipeline) -> PipelineResource:
+        path = f"/v1/pipelines/{pipeline.id}"
+        links = PipelineLinks(self=path, events=f"{path}/events", cancel=f"{path}/cancel")
+        return cls(**dict(pipeline), links=links)
+
+
+class PipelinePage(BaseModel):
+    """Newest first, each pipeline with its steps but not their jobs; pass
+    ``next_cursor`` back as ``cursor`` for the next page."""
+
+    items: list[PipelineResource]
+    next_cursor: str | None

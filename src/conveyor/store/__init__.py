@@ -20,6 +20,11 @@ where the server keeps them prepared. Committed events are handed to
     store/rows.py        rows to Job, Attempt, Event
     store/pages.py       keyset pagination
     store/breakers.py    circuit breakers: their rows and transition events
+    store/pipelines.py   a pipeline's rows in a transaction: recording and advancing it
+
+The jobs of a pipeline end outside the group commit: their success, death or
+cancellation is one transaction with the pipeline's row locked, which also
+advances the pipeline (see :mod:`conveyor.store.pipelines`).
 """
 
 from __future__ import annotations
@@ -75,6 +80,9 @@ from conveyor.errors import (
     JobNotEnded,
     JobNotFound,
     NotStorable,
+    PipelineEnded,
+    PipelineNotFound,
+    ReplayRefused,
     StoreUnavailable,
     TopicEventNotFound,
 )
@@ -89,12 +97,32 @@ from conveyor.models import (
     keys_t,
     limit_starts_t,
     limits_t,
+    pipelines_t,
+    steps_t,
     topic_events_t,
     workers_t,
+)
+from conveyor.pipelines import (
+    MapItems,
+    Pipeline,
+    PipelineEvent,
+    PipelineStatus,
+    StepRecord,
+    StepStatus,
+    plain_items,
 )
 from conveyor.store import pages, rows
 from conveyor.store.batching import GroupCommit, Write
 from conveyor.store.breakers import BreakerBook
+from conveyor.store.pipelines import (
+    PIPELINE_EVENT,
+    Advanced,
+    Ledger,
+    pipeline_event,
+    pipeline_view,
+    step_job,
+    step_results,
+)
 from conveyor.store.statements import (
     CANCEL,
     CLAIM,
@@ -104,6 +132,7 @@ from conveyor.store.statements import (
     HEARTBEAT_SQL,
     INSERT_ATTEMPT,
     INSERT_EVENT,
+    PIPELINE_CREATE,
     PROGRESS,
     RETRY,
     SUCCEED,
@@ -118,6 +147,9 @@ from conveyor.topics import TopicEvent
 #: Receives the events of each flush, once committed (the event fan-out).
 Publish = Callable[[Sequence[Event]], None]
 
+#: The limit key of a job of this task with this payload (``Task.limit_key``).
+LimitKey = Callable[[str, dict[str, Any]], str | None]
+
 #: The kind of a heartbeat write in a batch.
 HEARTBEAT = "heartbeat"
 
@@ -129,6 +161,9 @@ VERSION_TABLE = "conveyor_alembic_version"
 
 #: Sequence numbers are 32-bit columns; a resume point past this has nothing after it.
 MAX_SEQ = 2**31 - 1
+
+#: Items a mapped step may have, for a store made without the app's check.
+DEFAULT_MAX_ITEMS = 10_000
 
 log = structlog.get_logger("conveyor.store")
 
@@ -188,9 +223,21 @@ class QueueDepth:
 class Store:
     """Jobs, events, API keys and breakers in PostgreSQL or SQLite (SQLAlchemy URL)."""
 
-    def __init__(self, url: str, *, pool_size: int = 5, publish: Publish | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 5,
+        publish: Publish | None = None,
+        map_items: MapItems | None = None,
+        limit_key: LimitKey | None = None,
+    ) -> None:
         self.url = url
         self.publish: Publish = publish or (lambda events: None)
+        #: Checks the items a mapped step maps over, when it starts.
+        self.map_items: MapItems = map_items or plain_items(DEFAULT_MAX_ITEMS)
+        #: The limit key of a job of a pipeline's step (see :mod:`conveyor.limits`).
+        self.limit_key_of: LimitKey = limit_key or (lambda task, payload: None)
         if url.startswith("sqlite"):
             database = make_url(url).database
             if database and database != ":memory:":
@@ -737,35 +784,51 @@ class Store:
 
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has. A running attempt is
-        recorded as ended ``cancelled`` (its worker is asked to stop it)."""
+        recorded as ended ``cancelled`` (its worker is asked to stop it). A job of a
+        pipeline cancels its step, whose dependents are skipped."""
         now = utcnow()
+        with self._tx() as conn:
+            pipeline_id = conn.execute(
+                select(jobs_t.c.pipeline_id).where(jobs_t.c.id == job_id)
+            ).scalar_one_or_none()
+            if pipeline_id is None:
+                found = self._cancel_in(conn, job_id, now, reason)
+            else:
+                ledger = self._ledger(conn, pipeline_id, now)
+                ledger.lock()  # the pipeline first, as every pipeline write does
+                found = self._cancel_in(conn, job_id, now, reason)
+                ledger.job_failed(found[0], f"job {job_id} was cancelled", cancelled=True)
+        self.publish([found[1]])
+        return found
+
+    def _cancel_in(
+        self, conn: Connection, job_id: str, now: datetime, reason: str
+    ) -> tuple[Job, Event]:
         current = select(
             jobs_t.c.status, jobs_t.c.attempt, jobs_t.c.worker, jobs_t.c.started_at
         ).where(jobs_t.c.id == job_id)
         if self.dialect == "postgresql":
             current = current.with_for_update()
         params = _params(CANCEL, now, {"finished_at": now}, job_id, None, None, None)
-        with self._tx() as conn:
-            before = conn.execute(current).first()
-            if before is None:
-                raise JobNotFound(job_id)
-            found = self._apply(conn, CANCEL, params, {"reason": reason})
-            if found is None:
-                raise IllegalTransition(job_id, before.status, JobStatus.CANCELLED.value)
-            if before.status == JobStatus.RUNNING.value:
-                ended = {
-                    "job_id": job_id,
-                    "held": before.attempt,
-                    "a_worker": before.worker,
-                    "a_started_at": before.started_at,
-                    "now": now,
-                    "a_outcome": AttemptOutcome.CANCELLED.value,
-                    "a_error": None,
-                }
-                conn.execute(INSERT_ATTEMPT, ended)
-                if found[0].limit_key is not None:
-                    self._due_now(conn, found[0].limit_key)
-        self.publish([found[1]])
+        before = conn.execute(current).first()
+        if before is None:
+            raise JobNotFound(job_id)
+        found = self._apply(conn, CANCEL, params, {"reason": reason})
+        if found is None:
+            raise IllegalTransition(job_id, before.status, JobStatus.CANCELLED.value)
+        if before.status == JobStatus.RUNNING.value:
+            ended = {
+                "job_id": job_id,
+                "held": before.attempt,
+                "a_worker": before.worker,
+                "a_started_at": before.started_at,
+                "now": now,
+                "a_outcome": AttemptOutcome.CANCELLED.value,
+                "a_error": None,
+            }
+            conn.execute(INSERT_ATTEMPT, ended)
+            if found[0].limit_key is not None:
+                self._due_now(conn, found[0].limit_key)
         return found
 
     def _write(
@@ -1264,6 +1327,345 @@ class Store:
             return func.now() - timedelta(seconds=ago) if ago else func.now()
         return bindparam(None, utcnow() - timedelta(seconds=ago), type_=jobs_t.c.updated_at.type)
 
+    # -- pipelines ------------------------------------------------------------
+
+    def create_pipeline(
+        self,
+        steps: Sequence[StepRecord],
+        *,
+        name: str | None,
+        correlation_id: str,
+        idempotency: tuple[str, str, str] | None = None,
+    ) -> tuple[Pipeline, list[Job], bool]:
+        """Record a pipeline, its steps and the jobs of the steps that need nothing, in one
+        transaction; returns it, those jobs (the caller dispatches them) and True.
+
+        With ``idempotency`` (scope, key, fingerprint): if the key was used before for
+        the same fingerprint, the pipeline made then, no jobs, and False; for another
+        fingerprint, IdempotencyMismatch. The key is unique, so racing submits make one.
+        """
+        pipeline_id = str(uuid.uuid4())
+        now = utcnow()
+        scope, key, fingerprint = idempotency or (None, None, None)
+        try:
+            with self._tx() as conn:
+                conn.execute(
+                    insert(pipelines_t).values(
+                        id=pipeline_id,
+                        name=name,
+                        status=PipelineStatus.RUNNING.value,
+                        steps=len(steps),
+                        correlation_id=correlation_id,
+                        created_at=now,
+                        updated_at=now,
+                        finished_at=None,
+                        idempotency_scope=scope,
+                        idempotency_key=key,
+                        fingerprint=fingerprint,
+                    )
+                )
+                conn.execute(
+                    insert(steps_t),
+                    [
+                        {
+                            "pipeline_id": pipeline_id,
+                            "name": step.name,
+                            "position": position,
+                            "task": step.task,
+                            "payload": step.payload,
+                            "after": list(step.after),
+                            "map": step.map,
+                            "options": step.options,
+                            "status": StepStatus.PENDING.value,
+                            "items": None,
+                            "done": 0,
+                            "error": None,
+                        }
+                        for position, step in enumerate(steps)
+                    ],
+                )
+                ledger = self._ledger(conn, pipeline_id, now)
+                running = PipelineStatus.RUNNING.value
+                ledger.event(PIPELINE_EVENT, running, {"status": running, "steps": len(steps)})
+                ledger.start_ready()
+        except IntegrityError:
+            if scope is None or key is None or fingerprint is None:
+                raise
+            return self._keyed_pipeline(scope, key, fingerprint), [], False
+        self.publish([event for _, event in ledger.created])
+        return self.get_pipeline(pipeline_id), [job for job, _ in ledger.created], True
+
+    def _keyed_pipeline(self, scope: str, key: str, fingerprint: str) -> Pipeline:
+        query = select(pipelines_t.c.id, pipelines_t.c.fingerprint).where(
+            pipelines_t.c.idempotency_scope == scope, pipelines_t.c.idempotency_key == key
+        )
+        with self._tx() as conn:
+            row = conn.execute(query).first()
+        if row is None:  # deleted since: nothing to return, and the key is free again
+            raise IdempotencyConflict(key)
+        if row.fingerprint != fingerprint:
+            raise IdempotencyMismatch(key)
+        return self.get_pipeline(row.id)
+
+    def _ledger(self, conn: Connection, pipeline_id: str, now: datetime) -> Ledger:
+        return Ledger(
+            conn,
+            pipeline_id,
+            now,
+            create_jobs=self._create_step_jobs,
+            map_items=self.map_items,
+        )
+
+    def _create_step_jobs(
+        self, conn: Connection, jobs: Sequence[Mapping[str, Any]]
+    ) -> list[tuple[Job, Event]]:
+        """Create jobs of a pipeline's step in the caller's transaction: on PostgreSQL one
+        statement however many (a mapped step's thousand items are one insert)."""
+        now = utcnow()
+        values = []
+        for job in jobs:
+            fields = {k: v for k, v in job.items() if k not in ("pipeline_id", "step", "item")}
+            fields["limit_key"] = self.limit_key_of(fields["task"], fields["payload"])
+            values.append(
+                {
+                    **_new_job(now, **fields),
+                    "pipeline_id": job["pipeline_id"],
+                    "step": job["step"],
+                    "item": job["item"],
+                }
+            )
+        writes = [
+            Write(
+                PIPELINE_CREATE,
+                "",
+                {
+                    "params": _params(PIPELINE_CREATE, now, v, None, None, None, None),
+                    "data": {"attempt": 1},
+                },
+            )
+            for v in values
+        ]
+        if self.dialect != "postgresql":
+            made = [self._apply_write(conn, write) for write in writes]
+            return [m for m in made if m is not None]
+        raw: Any = conn.connection.driver_connection
+        with raw.cursor(row_factory=dict_row) as cursor:
+            cursor.execute(batch_sql(PIPELINE_CREATE), _arrays(PIPELINE_CREATE, writes))
+            found = {row["id"]: row for row in cursor.fetchall()}
+        return [
+            (
+                rows.job(found[v["id"]]),
+                rows.joined_event(PIPELINE_CREATE.event_type, found[v["id"]]),
+            )
+            for v in values
+        ]
+
+    def succeed_step(
+        self, job_id: str, attempt: int, result: Any, *, pipeline_id: str
+    ) -> Advanced | None:
+        """:meth:`succeed` for a job of a pipeline, with the pipeline advanced in the same
+        transaction: the steps this success makes ready get their jobs (returned in
+        ``started``; the caller dispatches them). None if the attempt was not current."""
+        problems = payloads.check_storable(result)
+        if problems:
+            raise NotStorable("result", problems)
+        now = utcnow()
+        values = {"finished_at": now, "result": result}
+        params = _params(SUCCEED, now, values, job_id, attempt, AttemptOutcome.SUCCEEDED, None)
+        with self._tx() as conn:
+            ledger = self._ledger(conn, pipeline_id, now)
+            ledger.lock()
+            found = self._apply(conn, SUCCEED, params, {"attempt": attempt})
+            if found is None:
+                return None
+            ledger.job_succeeded(found[0])
+        self.publish([found[1], *(event for _, event in ledger.created)])
+        return Advanced(found[0], found[1], [job for job, _ in ledger.created])
+
+    def die_step(
+        self,
+        job_id: str,
+        attempt: int,
+        error: JobError,
+        *,
+        pipeline_id: str,
+        outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    ) -> tuple[Job, Event] | None:
+        """:meth:`die` for a job of a pipeline: its step fails and the steps that need it
+        are skipped, in the same transaction."""
+        error = _storable_error(error)
+        now = utcnow()
+        values = {"finished_at": now, "error": error.model_dump()}
+        params = _params(DIE, now, values, job_id, attempt, outcome, error)
+        data = {"attempt": attempt, "error": error.model_dump(include={"type", "message"})}
+        with self._tx() as conn:
+            ledger = self._ledger(conn, pipeline_id, now)
+            ledger.lock()
+            found = self._apply(conn, DIE, params, data)
+            if found is None:
+                return None
+            ledger.job_failed(found[0], f"job {job_id} is dead: {error.type}: {error.message}")
+        self.publish([found[1]])
+        return found
+
+    def cancel_pipeline(
+        self, pipeline_id: str, *, reason: str = "cancelled by request"
+    ) -> Pipeline:
+        """Cancel every step that has not ended and every unfinished job (running ones are
+        asked to stop), in one transaction; raises PipelineNotFound, or PipelineEnded."""
+        now = utcnow()
+        events: list[Event] = []
+        with self._tx() as conn:
+            ledger = self._ledger(conn, pipeline_id, now)
+            row = ledger.lock()
+            if row is None:
+                raise PipelineNotFound(pipeline_id)
+            if row["status"] != PipelineStatus.RUNNING.value:
+                raise PipelineEnded(pipeline_id, row["status"])
+            for job_id in ledger.cancel(reason):
+                try:
+                    events.append(self._cancel_in(conn, job_id, now, reason)[1])
+                except IllegalTransition:  # ended meanwhile (a claim does not lock the pipeline)
+                    continue
+            ledger.end_cancelled()
+        self.publish(events)
+        return self.get_pipeline(pipeline_id)
+
+    def get_pipeline(self, pipeline_id: str) -> Pipeline:
+        """The pipeline with every step and each step's jobs (in item order)."""
+        jobs = (
+            select(
+                jobs_t.c.id,
+                jobs_t.c.step,
+                jobs_t.c.item,
+                jobs_t.c.status,
+                jobs_t.c.attempt,
+                jobs_t.c.replay_of,
+            )
+            .where(jobs_t.c.pipeline_id == pipeline_id)
+            .order_by(jobs_t.c.step, jobs_t.c.item, jobs_t.c.created_at)
+        )
+        with self._tx() as conn:
+            row = (
+                conn.execute(select(pipelines_t).where(pipelines_t.c.id == pipeline_id))
+                .mappings()
+                .first()
+            )
+            if row is None:
+                raise PipelineNotFound(pipeline_id)
+            steps = self._steps_of(conn, [pipeline_id])[pipeline_id]
+            by_step: dict[str, list[Any]] = {}
+            for job in conn.execute(jobs).mappings():
+                by_step.setdefault(job["step"], []).append(step_job(job))
+        return pipeline_view(row, steps, by_step)
+
+    def _steps_of(self, conn: Connection, pipeline_ids: Sequence[str]) -> dict[str, list[Any]]:
+        found: dict[str, list[Any]] = {pipeline_id: [] for pipeline_id in pipeline_ids}
+        query = (
+            select(steps_t)
+            .where(steps_t.c.pipeline_id.in_(list(pipeline_ids)))
+            .order_by(steps_t.c.pipeline_id, steps_t.c.position)
+        )
+        for step in conn.execute(query).mappings():
+            found[step["pipeline_id"]].append(step)
+        return found
+
+    def list_pipelines(
+        self,
+        *,
+        status: Sequence[PipelineStatus] = (),
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[Pipeline], str | None]:
+        """Newest first, with their steps (not their jobs); pass the cursor back for more."""
+        query = pages.newest_first(
+            select(pipelines_t), pipelines_t.c.created_at, pipelines_t.c.id, cursor
+        )
+        if status:
+            query = query.where(pipelines_t.c.status.in_([s.value for s in status]))
+        with self._tx() as conn:
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+            page, after = pages.cut(
+                found, limit, lambda row: (rows.utc(row["created_at"]), row["id"])
+            )
+            steps = self._steps_of(conn, [row["id"] for row in page])
+        return [pipeline_view(row, steps[row["id"]]) for row in page], after
+
+    def upstream(self, job: Job) -> dict[str, Any]:
+        """What a job of a pipeline's step sees in ``ctx.upstream``: the result of each
+        step it runs after (for a mapped step, the list of its items' results)."""
+        if job.pipeline_id is None or job.step is None:
+            return {}
+        with self._tx() as conn:
+            after = conn.execute(
+                select(steps_t.c.after).where(
+                    steps_t.c.pipeline_id == job.pipeline_id, steps_t.c.name == job.step
+                )
+            ).scalar_one_or_none()
+            return step_results(conn, job.pipeline_id, list(after or ()))
+
+    def pipeline_events(
+        self, pipeline_id: str, *, after_id: int = 0, limit: int = 200
+    ) -> list[PipelineEvent]:
+        """The pipeline's events and its jobs' events, in id order, after ``after_id``."""
+        return self.pipeline_events_seen(pipeline_id, after_id=after_id, limit=limit)[0]
+
+    def pipeline_events_seen(
+        self, pipeline_id: str, *, after_id: int = 0, limit: int = 200
+    ) -> tuple[list[PipelineEvent], bool]:
+        """:meth:`pipeline_events`, and whether every id from ``after_id`` to the last one
+        returned was visible in the same snapshot (of any job or pipeline): if so, no event
+        below the last one returned can still commit, on PostgreSQL where ids are taken
+        at insert and become visible at commit."""
+        j = jobs_t
+        columns = (
+            *events_t.c,
+            j.c.step.label("j_step"),
+            j.c.item.label("j_item"),
+            j.c.pipeline_id.label("j_pipeline_id"),
+        )
+        own = (
+            select(*columns)
+            .select_from(events_t.outerjoin(j, j.c.id == events_t.c.job_id))
+            .where(events_t.c.pipeline_id == pipeline_id, events_t.c.id > after_id)
+        )
+        of_jobs = (
+            select(*columns)
+            .select_from(events_t.join(j, j.c.id == events_t.c.job_id))
+            .where(j.c.pipeline_id == pipeline_id, events_t.c.id > after_id)
+        )
+        both = own.union_all(of_jobs).subquery()
+        query = select(both).order_by(both.c.id).limit(limit)
+        # One snapshot for both reads (SQLite's transactions are serializable anyway).
+        engine = self.engine
+        if self.dialect == "postgresql":
+            engine = engine.execution_options(isolation_level="REPEATABLE READ")
+        try:
+            with engine.begin() as conn:
+                found = [pipeline_event(row) for row in conn.execute(query).mappings()]
+                if not found:
+                    return found, True
+                up_to = found[-1].id
+                visible = conn.execute(
+                    select(func.count()).where(events_t.c.id > after_id, events_t.c.id <= up_to)
+                ).scalar_one()
+        except (OperationalError, DBAPIError) as exc:
+            if isinstance(exc, OperationalError) or exc.connection_invalidated:
+                raise StoreUnavailable(f"store unreachable: {exc.orig}") from exc
+            raise
+        return found, int(visible) == up_to - after_id
+
+    def pipeline_reopened(self, pipeline_id: str, after_id: int) -> bool:
+        """Whether the pipeline has an event of its own after ``after_id`` (it ran again
+        after the terminal event ``after_id``: a replay reopened it)."""
+        query = select(events_t.c.id).where(
+            events_t.c.pipeline_id == pipeline_id,
+            events_t.c.type == PIPELINE_EVENT,
+            events_t.c.id > after_id,
+        )
+        with self._tx() as conn:
+            return conn.execute(query.limit(1)).first() is not None
+
     # -- dead letters ---------------------------------------------------------
 
     def dead_letters(
@@ -1372,8 +1774,10 @@ class Store:
         status: Sequence[JobStatus] = (),
         limit: int = 500,
     ) -> list[Event]:
-        """All jobs' events in id order, for the global stream and store polling."""
-        query = select(events_t).where(events_t.c.id > after_id)
+        """Jobs' events and breaker transitions in id order, for the global stream and
+        store polling (not the events of pipelines and steps, which have their streams)."""
+        mine = or_(events_t.c.job_id.is_not(None), events_t.c.pipeline_id.is_(None))
+        query = select(events_t).where(events_t.c.id > after_id, mine)
         if task:
             query = query.where(events_t.c.task == task)
         if status:
@@ -1466,6 +1870,10 @@ class Store:
         replays of one dead job make one job: each first writes the dead row (a
         no-op update), which takes its lock on PostgreSQL and the database's on
         SQLite, so the later one waits for the earlier to commit and finds its job.
+
+        With ``pipeline_id``, ``step`` and ``item`` (those of the dead job), the new job
+        runs that step's item, and in the same transaction the step, the steps it made
+        skip and a failed pipeline run again; ReplayRefused if the pipeline was cancelled.
         """
         lock = (
             update(jobs_t)
@@ -1479,9 +1887,18 @@ class Store:
             .limit(1)
         )
         now = utcnow()
-        values = _new_job(now, **{**job, "replay_of": dead_id})
-        params = _params(CREATE, now, values, None, None, None, None)
+        pipeline_id = job.get("pipeline_id")
+        if pipeline_id is None:
+            fields = {k: v for k, v in job.items() if k not in ("pipeline_id", "step", "item")}
+            values = _new_job(now, **{**fields, "replay_of": dead_id})
+            params = _params(CREATE, now, values, None, None, None, None)
         with self._tx() as conn:
+            ledger = None
+            if pipeline_id is not None:
+                ledger = self._ledger(conn, pipeline_id, now)
+                pipeline = ledger.lock()  # the pipeline first, as every pipeline write does
+                if pipeline is not None and pipeline["status"] == PipelineStatus.CANCELLED.value:
+                    raise ReplayRefused(dead_id, f"its pipeline {pipeline_id} was cancelled")
             if conn.execute(lock).rowcount != 1:
                 status = conn.execute(
                     select(jobs_t.c.status).where(jobs_t.c.id == dead_id)
@@ -1492,9 +1909,16 @@ class Store:
             found = conn.execute(first).mappings().first()
             if found is not None:
                 return rows.job(found), False
-            created = self._apply(conn, CREATE, params, {"attempt": 1})
+            made: list[tuple[Job, Event]] = []
+            created: tuple[Job, Event] | None
+            if ledger is not None:
+                created = self._create_step_jobs(conn, [{**job, "replay_of": dead_id}])[0]
+                ledger.reopen(created[0])
+                made = ledger.created
+            else:
+                created = self._apply(conn, CREATE, params, {"attempt": 1})
         assert created is not None
-        self.publish([created[1]])
+        self.publish([created[1], *(event for _, event in made)])
         return created[0], True
 
 

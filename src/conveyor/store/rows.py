@@ -54,6 +54,9 @@ def job(row: Mapping[Any, Any]) -> Job:
         replay_of=row["replay_of"],
         worker=row["worker"],
         limit_key=row.get("limit_key"),
+        pipeline_id=row["pipeline_id"],
+        step=row["step"],
+        item=row["item"],
     )
 
 

@@ -152,6 +152,14 @@ CREATE = Change(
         "limit_key",
     ),
 )
+#: CREATE for a job of a pipeline's step (and its item, when the step is mapped).
+PIPELINE_CREATE = Change(
+    "pipeline_create",
+    EventType.STATUS,
+    JobStatus.QUEUED,
+    frozenset(),
+    (*CREATE.columns, "pipeline_id", "step", "item"),
+)
 CLAIM = Change(
     "claim",
     EventType.STATUS,

@@ -101,6 +101,7 @@ def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
     except Exception as exc:
         raise PermanentError(str(exc)) from exc
 
+    upstream = patiently(lambda: app.store.upstream(job)) if job.pipeline_id else None
     ctx = Context(
         job_id=job.id,
         task=job.task,
@@ -109,6 +110,7 @@ def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
         correlation_id=job.correlation_id,
         report=lambda percent, step, message: _report(app, job, running, percent, step, message),
         breakers=app.breakers,
+        upstream=upstream,
     )
     running = monitor.running = Running(job, ctx)
     if task.is_async:

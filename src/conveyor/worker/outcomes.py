@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from conveyor import payloads
 from conveyor.app import Conveyor
 from conveyor.errors import NotStorable, PermanentError, RetryableError, StoreUnavailable
-from conveyor.jobs import AttemptOutcome, Job, JobError, JobStatus
+from conveyor.jobs import AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.tasks import Task
 from conveyor.worker.limits import release
 
@@ -29,7 +29,10 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
 
 def record_success(app: Conveyor, job: Job, result: Any) -> None:
     try:
-        recorded = app.store.succeed(job.id, job.attempt, result)
+        if job.pipeline_id is not None:
+            recorded = _succeed_step(app, job, result)
+        else:
+            recorded = app.store.succeed(job.id, job.attempt, result)
     except StoreUnavailable:
         raise
     except NotStorable as exc:  # JSON or the store could not give it back as it is
@@ -47,6 +50,19 @@ def record_success(app: Conveyor, job: Job, result: Any) -> None:
         return
     log.info("job.succeeded")
     release(app, job)
+
+
+def _succeed_step(app: Conveyor, job: Job, result: Any) -> tuple[Job, Event] | None:
+    """A pipeline's job: its success and the start of the steps it makes ready are one
+    transaction; their jobs are dispatched once it has committed."""
+    assert job.pipeline_id is not None
+    advanced = app.store.succeed_step(job.id, job.attempt, result, pipeline_id=job.pipeline_id)
+    if advanced is None:
+        return None
+    if advanced.started:
+        log.info("pipeline.steps_started", pipeline_id=job.pipeline_id, jobs=len(advanced.started))
+        app.dispatch_many(advanced.started)
+    return advanced.job, advanced.event
 
 
 def jsonable(result: Any) -> Any:
@@ -101,7 +117,12 @@ def end_attempt(
     # A hand-back at shutdown is no failure of the job's: it never makes it dead.
     exhausted = job.attempt >= job.max_attempts and outcome is not AttemptOutcome.INTERRUPTED
     if not retryable or exhausted:
-        recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
+        if job.pipeline_id is not None:
+            recorded = app.store.die_step(
+                job.id, job.attempt, error, pipeline_id=job.pipeline_id, outcome=outcome
+            )
+        else:
+            recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
         if recorded is None:
             log.info("job.abandoned", reason="cancelled or taken over while running")
             return None

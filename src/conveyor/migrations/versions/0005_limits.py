@@ -2,7 +2,7 @@
 limited claims lock, and the recent starts of rate-limited tasks.
 
 Revision ID: 0005
-Revises: 0008
+Revises: 0009
 Create Date: 2026-11-29
 """
 
@@ -14,8 +14,8 @@ from alembic import op
 from conveyor.models import BigId, UTCDateTime
 
 revision = "0005"
-# Revisions are numbered by feature, not in order: the limits came after the breakers.
-down_revision = "0008"
+# Revisions are numbered by feature, not in order: the limits came last.
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 

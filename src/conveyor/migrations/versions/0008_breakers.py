@@ -6,7 +6,7 @@ of the global stream, so they share the event log's id space (what makes
 ``conveyor_job_events`` become nullable, and are NULL for such events.
 
 Revision ID: 0008
-Revises: 0009
+Revises: 0007
 Create Date: 2026-12-01
 """
 
@@ -18,7 +18,7 @@ from alembic import op
 from conveyor.models import UTCDateTime
 
 revision = "0008"
-down_revision = "0009"
+down_revision = "0007"
 branch_labels = None
 depends_on = None
 
@@ -44,7 +44,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DELETE FROM conveyor_job_events WHERE job_id IS NULL")
+    op.execute("DELETE FROM conveyor_job_events WHERE job_id IS NULL AND pipeline_id IS NULL")
     with op.batch_alter_table("conveyor_job_events") as batch:
         batch.alter_column("status", existing_type=sa.String(16), nullable=False)
         batch.alter_column("task", existing_type=sa.String(200), nullable=False)
