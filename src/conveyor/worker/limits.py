@@ -58,5 +58,5 @@ def release(app: Conveyor, job: Job) -> None:
     except Exception:  # the hold runs out and the sweep dispatches it: only a delay
         log.warning("job.wake_failed", limit_key=job.limit_key, exc_info=True)
         return
-    if woken is not None and woken.status is not JobStatus.RUNNING:
-        app.dispatch(woken)
+    if woken is not None:
+        app.dispatch(woken)  # if the broker is down, the sweep dispatches it later
