@@ -112,6 +112,9 @@ class Conveyor:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
         schedule: str | None = None,
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -129,6 +132,9 @@ class Conveyor:
         retry_on: tuple[type[BaseException], ...] = (Exception,),
         on: str | Iterable[str] = (),
         schedule: str | None = None,
+        rate_limit: str | None = None,
+        concurrency: int | None = None,
+        concurrency_key: str | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options
         (see :class:`~conveyor.tasks.TaskOptions`). ``on`` subscribes it to one topic
@@ -136,6 +142,8 @@ class Conveyor:
 
         ``schedule``, a cron expression (UTC), also runs it on that cadence with an
         empty payload: a schedule named after the task (see :meth:`schedule`).
+        ``rate_limit``, ``concurrency`` and ``concurrency_key`` limit its starts across
+        every worker (see :mod:`conveyor.limits`).
         """
         options = TaskOptions(
             queue=queue,
@@ -146,6 +154,9 @@ class Conveyor:
             backoff_cap=backoff_cap,
             retry_on=retry_on,
             on=check_topics(on),
+            rate_limit=rate_limit,
+            concurrency=concurrency,
+            concurrency_key=concurrency_key,
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
@@ -257,6 +268,7 @@ class Conveyor:
                 pool_size=self.settings.store_pool_size,
                 publish=self.publisher.publish,
                 map_items=self._map_items,
+                limit_key=self._limit_key,
             )
         return self._store
 
@@ -464,7 +476,10 @@ class Conveyor:
         fields = self._new_job(task, payload, options)
         if fingerprint is None:
             # The request as made: a delay, not the start time it gives at this moment.
-            request = {k: v for k, v in fields.items() if k not in {"correlation_id", "run_at"}}
+            # The limit key follows from the task and payload: left out, so that
+            # fingerprints made before tasks had limits still match.
+            left_out = {"correlation_id", "run_at", "limit_key"}
+            request = {k: v for k, v in fields.items() if k not in left_out}
             run_at, delay = options.get("run_at"), options.get("delay")
             if run_at is not None:
                 request["run_at"] = run_at.isoformat()
@@ -498,10 +513,12 @@ class Conveyor:
         if unknown:
             raise ConfigurationError(f"unknown job options: {', '.join(sorted(unknown))}")
         task = self.get_task(task) if isinstance(task, str) else task
+        data = task.validate(payload)
         return {
             "task": task.name,
-            "payload": task.validate(payload),
+            "payload": data,
             **self._options(task, options),
+            "limit_key": task.limit_key(data),
         }
 
     def _options(self, task: Task[Any, Any], options: JobOptions) -> dict[str, Any]:
@@ -610,6 +627,7 @@ class Conveyor:
         if step.map is None:
             try:
                 payload = task.validate(step.payload if step.payload is not None else {})
+                task.limit_key(payload)  # a payload lacking its concurrency key is invalid
             except PayloadInvalid as exc:
                 raise PipelineInvalid(
                     str(exc), step=step.name, index=index, field="payload", errors=exc.errors
@@ -634,9 +652,21 @@ class Conveyor:
         for i, item in enumerate(items):
             try:
                 checked.append(task.validate(item))
+                task.limit_key(checked[-1])  # as a submit refuses one without its concurrency key
             except PayloadInvalid as exc:
                 raise ItemsInvalid(f"item {i}: {exc}") from None
         return checked
+
+    def _limit_key(self, task_name: str, payload: dict[str, Any]) -> str | None:
+        """The limit key of a job the store makes itself (a pipeline step's); None for a
+        task not registered here, or a payload its limits cannot key (checked before)."""
+        task = self.tasks.get(task_name)
+        if task is None:
+            return None
+        try:
+            return task.limit_key(payload)
+        except PayloadInvalid:
+            return None
 
     def dispatch(self, job: Job) -> bool:
         """Hand a stored job's attempt to the broker; if the broker is down, the job
@@ -720,6 +750,11 @@ class Conveyor:
         except PayloadInvalid as exc:
             reason = f"its payload no longer fits the task: {exc}"
             raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
+        try:
+            limit_key = task.limit_key(dead.payload)
+        except PayloadInvalid as exc:
+            reason = f"its payload lacks the task's concurrency key: {exc}"
+            raise ReplayRefused(dead.id, reason, errors=exc.errors) from None
         job, created = self.store.replay_once(
             dead.id,
             task=dead.task,
@@ -731,6 +766,7 @@ class Conveyor:
             correlation_id=correlation_id,
             backoff_base=dead.backoff_base,
             backoff_cap=dead.backoff_cap,
+            limit_key=limit_key,
             pipeline_id=dead.pipeline_id,
             step=dead.step,
             item=dead.item,

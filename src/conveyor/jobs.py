@@ -10,6 +10,8 @@ A job submitted with ``run_at`` (or ``delay``) waits ``scheduled`` in the store
 until it is due, then is queued and dispatched (``conveyor.scheduler``).
 
 Terminal statuses never change again; a replay of a dead job is a new job.
+A job held back by its task's rate or concurrency limit stays queued (or
+retrying) and gets a ``throttled`` event saying why and until when.
 """
 
 from __future__ import annotations
@@ -58,6 +60,8 @@ def can_transition(current: JobStatus, target: JobStatus) -> bool:
 class EventType(enum.StrEnum):
     STATUS = "status"
     PROGRESS = "progress"
+    #: Held back by a rate or concurrency limit; ``data``: ``reason``, ``until``.
+    THROTTLED = "throttled"
     #: A circuit breaker changed state: an event of no job (see ``conveyor.breakers``).
     BREAKER = "breaker"
 
@@ -107,6 +111,9 @@ class Job(BaseModel):
     #: schedule was triggered by hand).
     schedule: str | None = None
     schedule_tick: datetime | None = None
+    #: What the task's rate and concurrency limits count the job under (see
+    #: :mod:`conveyor.limits`); None for a task without limits.
+    limit_key: str | None = None
     #: The pipeline and step the job runs, and its item when the step is mapped.
     pipeline_id: str | None = None
     step: str | None = None

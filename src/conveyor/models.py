@@ -86,6 +86,10 @@ class JobRow(Base):
     #: The schedule that made the job and the tick it was for.
     schedule: Mapped[str | None] = mapped_column(String(200))
     schedule_tick: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: What the task's limits count the job under; None for a task without limits.
+    limit_key: Mapped[str | None] = mapped_column(Text)
+    #: Why the waiting job is held back (``concurrency``, ``rate_limit``); None if it is not.
+    throttled: Mapped[str | None] = mapped_column(String(16))
     #: The pipeline, step and item (its index in a mapped step) the job runs, if any.
     pipeline_id: Mapped[str | None] = mapped_column(String(36))
     step: Mapped[str | None] = mapped_column(String(200))
@@ -100,6 +104,7 @@ class JobRow(Base):
         Index("ix_conveyor_jobs_status_run_at", "status", "run_at"),
         # One job per tick of a schedule, whatever races (NULL ticks: triggered by hand).
         Index("uq_conveyor_jobs_schedule_tick", "schedule", "schedule_tick", unique=True),
+        Index("ix_conveyor_jobs_limit_key_status", "limit_key", "status"),
         Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
     )
 
@@ -316,6 +321,28 @@ class TopicEventRow(Base):
     __table_args__ = (Index("ix_conveyor_topic_events_topic_created", "topic", "created_at"),)
 
 
+class LimitRow(Base):
+    """One per limit key (or task, for its rate): the row a limited claim locks, so
+    that claims under one key take turns."""
+
+    __tablename__ = "conveyor_limits"
+
+    key: Mapped[str] = mapped_column(Text, primary_key=True)
+    touched_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LimitStartRow(Base):
+    """A recent start of a rate-limited task: the sliding window, pruned as it slides."""
+
+    __tablename__ = "conveyor_limit_starts"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(Text)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_conveyor_limit_starts_key_at", "key", "at"),)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -324,6 +351,8 @@ workers_t = Base.metadata.tables[WorkerRow.__tablename__]
 idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]
 schedules_t = Base.metadata.tables[ScheduleRow.__tablename__]
 topic_events_t = Base.metadata.tables[TopicEventRow.__tablename__]
+limits_t = Base.metadata.tables[LimitRow.__tablename__]
+limit_starts_t = Base.metadata.tables[LimitStartRow.__tablename__]
 breakers_t = Base.metadata.tables[BreakerRow.__tablename__]
 pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]
 steps_t = Base.metadata.tables[PipelineStepRow.__tablename__]

@@ -15,6 +15,7 @@ from pydantic_core import PydanticSerializationError
 
 from conveyor import payloads
 from conveyor.errors import ConfigurationError, PayloadInvalid, PermanentError, RetryableError
+from conveyor.limits import Limits, check_limits, limit_key
 from conveyor.queues import check_queue
 from conveyor.topics import check_topics
 from conveyor.transactions import CallerConnection
@@ -59,6 +60,13 @@ class TaskOptions:
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     #: The topics whose published events each make a job of this task.
     on: tuple[str, ...] = ()
+    #: At most this many starts per second, minute or hour (``"10/s"``), cluster-wide.
+    rate_limit: str | None = None
+    #: At most this many running at once, cluster-wide (per ``concurrency_key`` value).
+    concurrency: int | None = None
+    #: A payload field: ``concurrency`` then applies per value of that field.
+    #: (The three limits are checked by the :class:`Task`, whose errors name it.)
+    concurrency_key: str | None = None
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
@@ -174,6 +182,13 @@ class Task(Generic[P, R]):
         self.name = name
         self.options = options
         self.payload_model: type[P] = _payload_model(fn, name)
+        self.limits: Limits = check_limits(
+            name,
+            options.rate_limit,
+            options.concurrency,
+            options.concurrency_key,
+            set(self.payload_model.model_fields),
+        )
         self.is_async = inspect.iscoroutinefunction(fn)
         self.description = inspect.getdoc(fn) or ""
 
@@ -202,6 +217,10 @@ class Task(Generic[P, R]):
             raise PayloadInvalid(self.name, [error]) from None
         self._refuse(payloads.check_storable(data))
         return data
+
+    def limit_key(self, data: dict[str, Any]) -> str | None:
+        """The limit key of a job with this validated payload (see :mod:`conveyor.limits`)."""
+        return limit_key(self.name, self.limits, self.options.concurrency_key, data)
 
     def _refuse(self, errors: list[dict[str, Any]]) -> None:
         if errors:

@@ -43,6 +43,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_idempotency_keys",
         "conveyor_schedules",
         "conveyor_topic_events",
+        "conveyor_limits",
+        "conveyor_limit_starts",
         "conveyor_breakers",
         "conveyor_pipelines",
         "conveyor_pipeline_steps",
@@ -193,3 +195,39 @@ def test_breakers_migration_keeps_job_events_and_downgrades_cleanly(empty_store:
     assert [tuple(row) for row in left] == [(job.id, "status")]
     empty_store.migrate()  # and up again
     assert [e.job_id for e in empty_store.events(after_id=0)] == [job.id]
+
+
+def test_limits_migration_downgrades_without_touching_jobs(empty_store: Store) -> None:
+    """0005 adds and drops its columns in place: no table is recreated, so no job
+    loses its events or attempts (SQLite would cascade a recreated table's drop)."""
+    from alembic import command
+    from alembic.script import ScriptDirectory
+
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    before = ScriptDirectory.from_config(config).get_revision("0005").down_revision
+    assert isinstance(before, str)
+    empty_store.migrate()
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+        limit_key="t",
+    )
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, before)
+    tables = inspect(empty_store.engine)
+    assert "conveyor_limits" not in tables.get_table_names()
+    assert "limit_key" not in {c["name"] for c in tables.get_columns("conveyor_jobs")}
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()  # and up again: the job is there, with no limit key
+    assert empty_store.get_job(job.id).limit_key is None
+    assert [e.job_id for e in empty_store.job_events(job.id)] == [job.id]

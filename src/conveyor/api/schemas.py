@@ -479,6 +479,10 @@ class TaskInfo(BaseModel):
     timeout: float | None
     description: str
     payload_schema: dict[str, Any]
+    #: Its limits, across every worker (see the reliability docs).
+    rate_limit: str | None = None
+    concurrency: int | None = None
+    concurrency_key: str | None = None
 
     @classmethod
     def of(cls, task: Task[Any, Any]) -> TaskInfo:
@@ -490,6 +494,9 @@ class TaskInfo(BaseModel):
             timeout=task.options.timeout,
             description=task.description,
             payload_schema=task.payload_model.model_json_schema(),
+            rate_limit=str(task.limits.rate) if task.limits.rate else None,
+            concurrency=task.options.concurrency,
+            concurrency_key=task.options.concurrency_key,
         )
 
 

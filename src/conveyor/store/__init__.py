@@ -64,6 +64,8 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
@@ -88,12 +90,15 @@ from conveyor.errors import (
 )
 from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
+from conveyor.limits import CONCURRENCY_RECHECK, Limits, Rate
 from conveyor.models import (
     attempts_t,
     events_t,
     idempotency_t,
     jobs_t,
     keys_t,
+    limit_starts_t,
+    limits_t,
     pipelines_t,
     schedules_t,
     steps_t,
@@ -125,6 +130,7 @@ from conveyor.store.pipelines import (
 from conveyor.store.statements import (
     CANCEL,
     CLAIM,
+    CLAIM_LIMITED,
     CREATE,
     DEFER,
     DIE,
@@ -135,6 +141,7 @@ from conveyor.store.statements import (
     PROGRESS,
     RETRY,
     SUCCEED,
+    THROTTLE,
     WAITING,
     Change,
     batch_sql,
@@ -144,6 +151,9 @@ from conveyor.topics import TopicEvent
 
 #: Receives the events of each flush, once committed (the event fan-out).
 Publish = Callable[[Sequence[Event]], None]
+
+#: The limit key of a job of this task with this payload (``Task.limit_key``).
+LimitKey = Callable[[str, dict[str, Any]], str | None]
 
 #: The kind of a heartbeat write in a batch.
 HEARTBEAT = "heartbeat"
@@ -177,6 +187,17 @@ class ApiKey:
     id: str
     name: str
     scopes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Throttled:
+    """A delivered attempt its limits held back: it may start at ``until``."""
+
+    job: Job
+    event: Event
+    #: ``concurrency`` or ``rate_limit``.
+    reason: str
+    until: datetime
 
 
 @dataclass(frozen=True)
@@ -214,11 +235,14 @@ class Store:
         pool_size: int = 5,
         publish: Publish | None = None,
         map_items: MapItems | None = None,
+        limit_key: LimitKey | None = None,
     ) -> None:
         self.url = url
         self.publish: Publish = publish or (lambda events: None)
         #: Checks the items a mapped step maps over, when it starts.
         self.map_items: MapItems = map_items or plain_items(DEFAULT_MAX_ITEMS)
+        #: The limit key of a job of a pipeline's step (see :mod:`conveyor.limits`).
+        self.limit_key_of: LimitKey = limit_key or (lambda task, payload: None)
         if url.startswith("sqlite"):
             database = make_url(url).database
             if database and database != ":memory:":
@@ -322,6 +346,7 @@ class Store:
         backoff_cap: float = 300.0,
         replay_of: str | None = None,
         run_at: datetime | None = None,
+        limit_key: str | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails.
@@ -343,6 +368,7 @@ class Store:
             backoff_cap=backoff_cap,
             replay_of=replay_of,
             run_at=run_at,
+            limit_key=limit_key,
         )
         change = _creation(values)
         found = self._write(change, now=now, values=values, data=_created_data(values))
@@ -822,6 +848,8 @@ class Store:
                 "a_error": None,
             }
             conn.execute(INSERT_ATTEMPT, ended)
+            if found[0].limit_key is not None:
+                self._due_now(conn, found[0].limit_key)
         return found
 
     def _write(
@@ -987,6 +1015,166 @@ class Store:
             if self._hot is not None:
                 self._hot.close()
                 self._hot = None
+
+    # -- limits ---------------------------------------------------------------
+
+    def claim_limited(
+        self, job_id: str, attempt: int, worker: str, limits: Limits
+    ) -> tuple[Job, Event] | Throttled | None:
+        """Claim a delivered attempt of a job with a limit key, if its task's ``limits``
+        allow it to start now; else hold it back (:class:`Throttled`). None if the
+        attempt is stale or a duplicate.
+
+        Claims under one limit key take turns: each first writes the key's row in
+        ``conveyor_limits`` (inserting it if missing), which locks it on PostgreSQL
+        and takes the database's write lock on SQLite, then counts the key's running
+        jobs and the task's starts in the window, by one clock (the database's), and
+        claims or holds back in the same transaction. A held-back job stays waiting,
+        undispatched until it may start (``next_attempt_at``), when the recovery
+        sweep or a job leaving ``running`` (:meth:`wake_held`) dispatches it again.
+        """
+        current = select(
+            jobs_t.c.task, jobs_t.c.limit_key, jobs_t.c.status, jobs_t.c.attempt
+        ).where(jobs_t.c.id == job_id)
+        with self._tx() as conn:
+            row = conn.execute(current).first()
+            if row is None or row.status not in WAITING or row.attempt != attempt:
+                return None
+            key = row.limit_key or row.task
+            # The rate is the task's, the concurrency the key's; always locked in this order.
+            locks = ([row.task] if limits.rate else []) + ([key] if limits.concurrency else [])
+            for lock in dict.fromkeys(locks):
+                self._lock_limit(conn, lock)
+            now = self._clock(conn)
+            hold = None
+            if limits.concurrency is not None:
+                running = conn.execute(
+                    select(func.count()).where(
+                        jobs_t.c.limit_key == key, jobs_t.c.status == JobStatus.RUNNING.value
+                    )
+                ).scalar_one()
+                if running >= limits.concurrency:
+                    hold = ("concurrency", now + timedelta(seconds=CONCURRENCY_RECHECK))
+            if hold is None and limits.rate is not None:
+                hold = self._rate_hold(conn, row.task, limits.rate, now)
+            if hold is not None:
+                reason, until = hold
+                values = {"next_attempt_at": until, "dispatched_at": None, "throttled": reason}
+                params = _params(THROTTLE, now, values, job_id, attempt, None, None)
+                data = {"attempt": attempt, "reason": reason, "until": until.isoformat()}
+                found = self._apply(conn, THROTTLE, params, data)
+                result: tuple[Job, Event] | Throttled | None = (
+                    None if found is None else Throttled(found[0], found[1], reason, until)
+                )
+            else:
+                if limits.rate is not None:
+                    conn.execute(insert(limit_starts_t).values(key=row.task, at=now))
+                values = {
+                    "worker": worker,
+                    "started_at": now,
+                    "next_attempt_at": None,
+                    "throttled": None,
+                }
+                params = _params(CLAIM_LIMITED, now, values, job_id, attempt, None, None)
+                data = {"attempt": attempt, "worker": worker}
+                result = self._apply(conn, CLAIM_LIMITED, params, data)
+        if isinstance(result, Throttled):
+            self.publish([result.event])
+        elif result is not None:
+            self.publish([result[1]])
+        return result
+
+    def _lock_limit(self, conn: Connection, key: str) -> None:
+        """Write the limit key's row: claims under the key wait here for each other."""
+        now = utcnow()
+        upsert = (pg_insert if self.dialect == "postgresql" else sqlite_insert)(limits_t)
+        conn.execute(
+            upsert.values(key=key, touched_at=now).on_conflict_do_update(
+                index_elements=[limits_t.c.key], set_={"touched_at": now}
+            )
+        )
+
+    def _clock(self, conn: Connection) -> datetime:
+        """Now by the database's clock, read after the limit locks are held (on
+        PostgreSQL ``now()`` would be when the transaction began, before the wait)."""
+        if self.dialect == "postgresql":
+            found: datetime = conn.execute(select(func.clock_timestamp())).scalar_one()
+            return found.astimezone(UTC)
+        return utcnow()
+
+    def _rate_hold(
+        self, conn: Connection, task: str, rate: Rate, now: datetime
+    ) -> tuple[str, datetime] | None:
+        """None if fewer than ``rate.count`` starts of ``task`` fall in the window
+        ``(now - window, now]``; else the rate-limit hold, until the oldest of the last
+        ``count`` starts leaves the window. Starts older than the window are pruned."""
+        starts = limit_starts_t.c
+        conn.execute(
+            delete(limit_starts_t).where(
+                starts.key == task, starts.at <= now - timedelta(seconds=rate.window)
+            )
+        )
+        nth: datetime | None = conn.execute(
+            select(starts.at)
+            .where(starts.key == task)
+            .order_by(starts.at.desc())
+            .offset(rate.count - 1)
+            .limit(1)
+        ).scalar_one_or_none()
+        if nth is None:
+            return None
+        return "rate_limit", nth + timedelta(seconds=rate.window)
+
+    def wake_held(self, limit_key: str) -> Job | None:
+        """A job under ``limit_key`` left ``running``: of the jobs its concurrency limit
+        holds back, the most urgent and oldest, counted as dispatched now (the caller
+        dispatches it; should that fail, :meth:`undispatched`); None if none waits."""
+        with self._tx() as conn:
+            found = self._next_held(conn, limit_key)
+            if found is None:
+                return None
+            now = utcnow()
+            woken = (
+                conn.execute(
+                    update(jobs_t)
+                    .where(
+                        jobs_t.c.id == found,
+                        jobs_t.c.status.in_(WAITING),
+                        jobs_t.c.dispatched_at.is_(None),
+                    )
+                    .values(dispatched_at=now, next_attempt_at=now)
+                    .returning(*jobs_t.c)
+                )
+                .mappings()
+                .first()
+            )
+        return None if woken is None else rows.job(woken)
+
+    def _next_held(self, conn: Connection, limit_key: str) -> str | None:
+        query = (
+            select(jobs_t.c.id)
+            .where(
+                jobs_t.c.limit_key == limit_key,
+                jobs_t.c.status.in_(WAITING),
+                jobs_t.c.throttled == "concurrency",
+                jobs_t.c.dispatched_at.is_(None),
+            )
+            .order_by(jobs_t.c.priority.desc(), jobs_t.c.created_at)
+            .limit(1)
+        )
+        if self.dialect == "postgresql":
+            query = query.with_for_update(skip_locked=True)
+        found: str | None = conn.execute(query).scalar_one_or_none()
+        return found
+
+    def _due_now(self, conn: Connection, limit_key: str) -> None:
+        """Make the next job ``limit_key``'s concurrency holds back due now: the
+        recovery sweep dispatches it (for a caller that has no broker at hand)."""
+        found = self._next_held(conn, limit_key)
+        if found is not None:
+            conn.execute(
+                update(jobs_t).where(jobs_t.c.id == found).values(next_attempt_at=utcnow())
+            )
 
     # -- dispatch bookkeeping -------------------------------------------------
 
@@ -1574,6 +1762,7 @@ class Store:
         values = []
         for job in jobs:
             fields = {k: v for k, v in job.items() if k not in ("pipeline_id", "step", "item")}
+            fields["limit_key"] = self.limit_key_of(fields["task"], fields["payload"])
             values.append(
                 {
                     **_new_job(now, **fields),
@@ -2102,6 +2291,7 @@ def _new_job(
     schedule: str | None = None,
     schedule_tick: datetime | None = None,
     dispatched: bool = True,
+    limit_key: str | None = None,
 ) -> dict[str, Any]:
     """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
     ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
@@ -2122,6 +2312,7 @@ def _new_job(
         "run_at": run_at,
         "schedule": schedule,
         "schedule_tick": schedule_tick,
+        "limit_key": limit_key,
     }
 
 

@@ -57,6 +57,7 @@ def job(row: Mapping[Any, Any]) -> Job:
         run_at=utc(row["run_at"]),
         schedule=row["schedule"],
         schedule_tick=utc(row["schedule_tick"]),
+        limit_key=row.get("limit_key"),
         pipeline_id=row["pipeline_id"],
         step=row["step"],
         item=row["item"],

@@ -62,6 +62,9 @@ class Change:
     #: Whether the write ends the held attempt, recorded with outcome ``a_outcome``
     #: and error ``a_error``.
     ends_attempt: bool = False
+    #: Whether it applies only to jobs without limits (a limited job is claimed
+    #: by ``Store.claim_limited`` instead, which checks its limits first).
+    unlimited_only: bool = False
 
     def row_statement(self) -> Any:
         """INSERT or conditional UPDATE of the job row, returning the whole row."""
@@ -83,6 +86,8 @@ class Change:
         )
         if self.by_attempt:
             statement = statement.where(jobs_t.c.attempt == bindparam("held"))
+        if self.unlimited_only:
+            statement = statement.where(jobs_t.c.limit_key.is_(None))
         return statement.values(
             event_seq=jobs_t.c.event_seq + 1, updated_at=now, **values
         ).returning(*jobs_t.c)
@@ -139,7 +144,7 @@ class Change:
 _NEW_JOB_COLUMNS = (
     *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
     *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
-    *("run_at", "schedule", "schedule_tick"),
+    *("run_at", "schedule", "schedule_tick", "limit_key"),
 )
 CREATE = Change("create", EventType.STATUS, JobStatus.QUEUED, frozenset(), _NEW_JOB_COLUMNS)
 #: A new job that waits in the store until its ``run_at`` (see ``Store.promote_due``).
@@ -158,6 +163,23 @@ CLAIM = Change(
     JobStatus.RUNNING,
     ALLOWED_FROM[JobStatus.RUNNING],
     ("worker", "started_at", "next_attempt_at"),
+    unlimited_only=True,
+)
+#: The claim of a job with limits, made once they allow it (``Store.claim_limited``).
+CLAIM_LIMITED = Change(
+    "claim_limited",
+    EventType.STATUS,
+    JobStatus.RUNNING,
+    ALLOWED_FROM[JobStatus.RUNNING],
+    ("worker", "started_at", "next_attempt_at", "throttled"),
+)
+#: A delivered attempt its limits hold back: it waits, undispatched, until ``next_attempt_at``.
+THROTTLE = Change(
+    "throttle",
+    EventType.THROTTLED,
+    None,
+    frozenset({JobStatus.QUEUED, JobStatus.RETRYING}),
+    ("next_attempt_at", "dispatched_at", "throttled"),
 )
 PROGRESS = Change(
     "progress",
@@ -298,6 +320,8 @@ def batch_sql(change: Change, *, single: bool = False) -> str:
         where = f"j.id = i.job_id AND j.status IN ({statuses})"
         if change.by_attempt:
             where += " AND j.attempt = i.held"
+        if change.unlimited_only:
+            where += " AND j.limit_key IS NULL"
         extra = ", i.a_outcome AS a_outcome_, i.a_error AS a_error_" if change.ends_attempt else ""
         prelude = ""
         job = (

@@ -20,6 +20,7 @@ from conveyor.context import Context
 from conveyor.errors import ConveyorError, PermanentError
 from conveyor.jobs import Job, JobStatus
 from conveyor.worker.identity import patiently, worker_id
+from conveyor.worker.limits import claim_limited
 from conveyor.worker.monitor import ProcessMonitor, Running
 from conveyor.worker.outcomes import jsonable, record_failure, record_success
 
@@ -31,7 +32,13 @@ def execute(app: Conveyor, job_id: str, attempt: int) -> None:
     me = worker_id()
     claimed = patiently(lambda: app.store.claim(job_id, attempt, me))
     if claimed is None:
-        job = _claimed_before(app, job_id, attempt, me)
+        current = _current(app, job_id)
+        job = _claimed_before(current, attempt, me)
+        if job is None and current is not None and current.limit_key is not None:
+            # Jobs with limits are never claimed above: the limits decide first.
+            job = claim_limited(app, current, attempt, me)
+            if job is None:
+                return
         if job is None:
             log.info("job.skipped", job_id=job_id, attempt=attempt, reason="stale or duplicate")
             return
@@ -56,12 +63,17 @@ def execute(app: Conveyor, job_id: str, attempt: int) -> None:
             monitor.running = None
 
 
-def _claimed_before(app: Conveyor, job_id: str, attempt: int, me: str) -> Job | None:
+def _current(app: Conveyor, job_id: str) -> Job | None:
+    try:
+        return app.store.get_job(job_id)
+    except ConveyorError:
+        return None
+
+
+def _claimed_before(job: Job | None, attempt: int, me: str) -> Job | None:
     """The job, if this process holds the attempt already: a claim that committed
     but whose answer was lost with the connection, and was then made again."""
-    try:
-        job = app.store.get_job(job_id)
-    except ConveyorError:
+    if job is None:
         return None
     held = job.status is JobStatus.RUNNING and job.attempt == attempt and job.worker == me
     return job if held else None

@@ -17,6 +17,7 @@ from conveyor.app import Conveyor
 from conveyor.errors import NotStorable, PermanentError, RetryableError, StoreUnavailable
 from conveyor.jobs import AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.tasks import Task
+from conveyor.worker.limits import release
 
 log = structlog.get_logger("conveyor.worker")
 
@@ -48,6 +49,7 @@ def record_success(app: Conveyor, job: Job, result: Any) -> None:
         log.info("job.abandoned", reason="cancelled or taken over while running")
         return
     log.info("job.succeeded")
+    release(app, job)
 
 
 def _succeed_step(app: Conveyor, job: Job, result: Any) -> tuple[Job, Event] | None:
@@ -125,6 +127,8 @@ def end_attempt(
             log.info("job.abandoned", reason="cancelled or taken over while running")
             return None
         log.warning("job.dead", error_type=error.type, error=error.message, outcome=outcome.value)
+        if dispatch_now:
+            release(app, job)
         return JobStatus.DEAD
     if delay is None:
         delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
@@ -141,6 +145,8 @@ def end_attempt(
     )
     if now:
         app.dispatch(next_job)  # otherwise the recovery sweep dispatches it when it is due
+    if dispatch_now:  # else the old attempt may still run: the held job's own hold ends it
+        release(app, job)
     return JobStatus.RETRYING
 
 
