@@ -69,6 +69,7 @@ from harness import (
     recreate_database,
     wait_for,
 )
+from harness import _machine_busy as machine_busy
 
 from conveyor.app import Conveyor
 from conveyor.settings import Settings
@@ -352,11 +353,27 @@ def cpu_of(groups: dict[str, int], servers: Servers) -> dict[str, float]:
             spent["postgres"] += s.own + s.children
         elif servers.redis == s.pid:
             spent["redis"] += s.own + s.children
+    spent[BUSY], spent[CAPACITY] = machine_busy()
     return spent
 
 
-def cpu_between(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
-    return {k: after.get(k, 0.0) - v for k, v in before.items()}
+BUSY, CAPACITY = "machine busy", "machine capacity"
+
+
+def cpu_between(before: dict[str, float], after: dict[str, float], wall: float) -> str:
+    """Cores used by each part between two samples, the client processes together, and
+    how busy the whole machine was (and how much of that was other processes)."""
+    spent: dict[str, float] = {}
+    for key, value in before.items():
+        if key in after:
+            name = "clients" if key.startswith("client-") else key
+            spent[name] = spent.get(name, 0.0) + after[key] - value
+    busy, capacity = spent.pop(BUSY), max(spent.pop(CAPACITY), 1e-9)
+    others = max(0.0, busy - sum(spent.values())) / capacity
+    parts = "  ".join(f"{k} {v / wall:.2f}" for k, v in spent.items())
+    return (
+        f"{parts}; machine {100 * busy / capacity:.0f}% busy, other processes {100 * others:.0f}%"
+    )
 
 
 class MemoryWatch:
@@ -486,7 +503,7 @@ class Run:
             spec_file = self.log_dir / f"{name}.spec.json"
             spec_file.write_text(json.dumps({**spec, "out": str(out)}))
             argv = [sys.executable, str(Path(__file__).resolve()), role, str(spec_file)]
-            self.procs.start(name, argv, self.env, cwd=HERE)
+            self.groups[name] = self.procs.start(name, argv, self.env, cwd=HERE)
             outs.append(out)
         return outs
 
@@ -496,6 +513,7 @@ class Run:
         results = [json.loads(o.read_text()) for o in outs]
         for name in [n for n in self.procs.running if n.startswith("client-")]:
             self.procs.stop(name)
+            del self.groups[name]
         return results
 
     def cpu(self) -> dict[str, float]:
@@ -552,9 +570,11 @@ class SubmitResult:
     latencies: list[float]
     lags: list[float]
     waits: list[float]
+    #: The slowest answered request of each second of the schedule, seconds.
+    worst_by_second: list[float]
     outcomes: Counter[str]
     elapsed: float
-    cpu: dict[str, float]
+    cpu: str
     client_cpu: float
     load: str
 
@@ -568,7 +588,6 @@ class SubmitResult:
 
     def lines(self) -> list[str]:
         wall = self.seconds
-        cpu = "  ".join(f"{k} {v / wall:.2f}" for k, v in self.cpu.items())
         kinds = ", ".join(f"{k}: {n}" for k, n in sorted(self.outcomes.items()))
         return [
             f"{self.label}: {self.sent} requests offered at {self.rate:g}/s over"
@@ -578,7 +597,10 @@ class SubmitResult:
             f"  outcomes: {kinds}; errors {self.errors}",
             f"  client's lateness in sending on schedule: {ms(self.lags)}",
             f"  waits for one of the client's connections: {ms(self.waits)}",
-            f"  CPU, cores busy over the {wall:g} s: {cpu}  clients {self.client_cpu / wall:.2f}",
+            "  slowest request of each second, ms: "
+            + " ".join(f"{1000 * v:.0f}" for v in self.worst_by_second),
+            f"  CPU, cores used over the {wall:g} s: {self.cpu}"
+            f" (the clients' own count: {self.client_cpu / wall:.2f})",
             f"  load average at the end: {self.load}",
         ]
 
@@ -604,8 +626,10 @@ def open_loop(
     go.write_text(repr(start_at))
     time.sleep(max(0.0, start_at - time.time()))
     before = run.cpu()
-    results = run.clients_wait(outs, timeout=seconds + run.args.timeout + 60)
-    after = run.cpu()
+    wait = seconds + run.args.timeout + 60
+    wait_for(lambda: all(o.exists() for o in outs), timeout=wait, what="client results")
+    after = run.cpu()  # while the clients can still be counted
+    results = run.clients_wait(outs, timeout=wait)
     records = [r for result in results for r in result["records"]]
     return SubmitResult(
         label=label,
@@ -614,12 +638,22 @@ def open_loop(
         latencies=[r[3] for r in records if r[4] == 202],
         lags=[r[1] for r in records],
         waits=[r[2] for r in records],
+        worst_by_second=worst_by_second(records, rate, seconds),
         outcomes=Counter(str(r[4]) for r in records),
         elapsed=max(result["elapsed"] for result in results),
-        cpu=cpu_between(before, after),
+        cpu=cpu_between(before, after, seconds),
         client_cpu=sum(result["cpu"] for result in results),
         load=load(),
     )
+
+
+def worst_by_second(records: list[list[Any]], rate: float, seconds: float) -> list[float]:
+    worst = [0.0] * math.ceil(seconds)
+    for index, _, _, latency, outcome in records:
+        if outcome == 202:
+            second = int(index / rate)
+            worst[second] = max(worst[second], latency)
+    return worst
 
 
 def warm_up(run: Run, count: int = 200) -> None:
@@ -834,6 +868,7 @@ def scenario_sse(args: argparse.Namespace) -> list[str]:
     streams = [s for result in results for s in result["streams"]]
     missing = duplicates = errors = 0
     delays: list[float] = []
+    receipts: dict[int, list[float]] = {}  # event id -> [at, first receipt, last receipt]
     for stream in streams:
         path = stream["path"]
         expected = every if path.startswith("/v1/events") else by_job[path.split("/")[3]]
@@ -841,11 +876,19 @@ def scenario_sse(args: argparse.Namespace) -> list[str]:
         missing += len(expected - set(got))
         duplicates += len(got) - len(set(got))
         errors += stream["error"] is not None
-        delays += [received - at for _, at, received in stream["events"] if at >= live_from]
+        for event_id, at, received in stream["events"]:
+            if at >= live_from:
+                delays.append(received - at)
+                seen = receipts.setdefault(event_id, [at, received, received])
+                seen[1] = min(seen[1], received)
+                seen[2] = max(seen[2], received)
     deliveries = sum(len(s["events"]) for s in streams)
+    by_second = [0.0] * math.ceil(ended - live_from + args.grace)
+    for at, _, last in receipts.values():
+        second = min(int(at - live_from), len(by_second) - 1)
+        by_second[second] = max(by_second[second], last - at)
     wall = ended - started
-    cpu = cpu_between(before, after_cpu)
-    cores = "  ".join(f"{k} {v / wall:.2f}" for k, v in cpu.items())
+    cores = cpu_between(before, after_cpu, wall)
     client_cpu = sum(r["cpu"] for r in results)
     p99 = percentile([x * 1000 for x in delays], 99) if delays else math.inf
     met = not missing and not errors and p99 <= 100
@@ -856,7 +899,14 @@ def scenario_sse(args: argparse.Namespace) -> list[str]:
         f"  deliveries {deliveries} ({deliveries / wall:.0f}/s over the {wall:.1f} s of jobs);"
         f" missing {missing}, duplicates {duplicates}, stream errors {errors}",
         f"  delivery latency (received - event at), live events: {ms(delays)}",
-        f"  CPU, cores busy while jobs ran: {cores}  clients (whole run) {client_cpu:.1f} s",
+        "    of which to the event's first receipt (store, publish, hub, one stream):"
+        f" {ms([first - at for at, first, _ in receipts.values()])}",
+        "    and from its first to its last receipt (the fan-out):"
+        f" {ms([last - first for _, first, last in receipts.values()])}",
+        "  slowest delivery of the events of each second since the jobs started, ms: "
+        + " ".join(f"{1000 * v:.0f}" for v in by_second),
+        f"  CPU, cores used while jobs ran: {cores}",
+        f"  the clients' own count, whole run: {client_cpu:.1f} s",
         f"  {memory.describe()}",
         f"  target every event delivered, p99 <= 100 ms: {'MET' if met else 'MISSED'}"
         f" (p99 {p99:.1f} ms{'' if p99 <= 100 else f', {p99 / 100:.1f}x the 100 ms'})",
