@@ -830,7 +830,9 @@ def scenario_sse(args: argparse.Namespace) -> list[str]:
                 f" load average {load()}"
             )
             memory.phase = "connected"
-            time.sleep(2)
+            quiet = run.cpu()
+            time.sleep(args.idle_seconds)  # streams open, no job running: the idle cost
+            idle = cpu_between(quiet, run.cpu(), args.idle_seconds)
             memory.phase = "progress"
             live_from = time.time()
             run.start_worker(args.sse_jobs, "threads")
@@ -905,6 +907,8 @@ def scenario_sse(args: argparse.Namespace) -> list[str]:
         f" {ms([last - first for _, first, last in receipts.values()])}",
         "  slowest delivery of the events of each second since the jobs started, ms: "
         + " ".join(f"{1000 * v:.0f}" for v in by_second),
+        f"  CPU, cores used with the streams open and no job running ({args.idle_seconds:g} s):"
+        f" {idle}",
         f"  CPU, cores used while jobs ran: {cores}",
         f"  the clients' own count, whole run: {client_cpu:.1f} s",
         f"  {memory.describe()}",
@@ -949,6 +953,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--sse-jobs", type=int, default=20, help="sse: jobs running at once")
     add("--sse-seconds", type=float, default=30.0, help="sse: each job's duration")
     add("--sse-steps", type=int, default=60, help="sse: progress events per job")
+    add("--idle-seconds", type=float, default=5.0, help="sse: streams open before jobs run")
     add("--grace", type=float, default=3.0, help="sse: wait for late events after the jobs end")
     add("--admin-key", default="cvk_benchmark_admin_key", help="CONVEYOR_ADMIN_KEY of the API")
     add("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
 from collections import defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
@@ -270,7 +271,12 @@ PAGE = 1000
 REPLAY_PAGE = 200
 #: Store reads of history running at once in an API process (see EventHub.history).
 HISTORY_READS = 2
+#: A job stream that hears nothing re-reads the store after this long (a publish may
+#: have been lost), then after twice as long each time it finds nothing, up to
+#: CATCH_UP_BACKOFF times this: a thousand streams of queued jobs, each re-reading
+#: every 2 s, cost the API half a core and PostgreSQL a fifth for no event.
 CATCH_UP_SECONDS = 2.0
+CATCH_UP_BACKOFF = 8
 
 
 async def job_stream(
@@ -289,10 +295,13 @@ async def job_pages(
     """:func:`job_stream` a page at a time: a page of history as it was read, then
     each live event alone. Streams send a page as one write."""
     last = after_seq
+    quiet = CATCH_UP_SECONDS
     with hub.subscribe(job_id) as sub:
         while True:
             read = partial(store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE)
             page = await hub.history(read)
+            if page:
+                quiet = CATCH_UP_SECONDS
             if not page and await _ended(store, job_id):
                 # Its row says ended, so its terminal event was committed before this
                 # read: if the read has it, stream it; if not, the client had it already.
@@ -312,9 +321,13 @@ async def job_pages(
             sub.lagged = False
             while not sub.lagged:
                 try:
-                    event = await asyncio.wait_for(sub.queue.get(), CATCH_UP_SECONDS)
+                    # Spread out, so that streams opened together do not re-read together.
+                    wait = quiet * random.uniform(0.75, 1.25)
+                    event = await asyncio.wait_for(sub.queue.get(), wait)
                 except TimeoutError:
+                    quiet = min(2 * quiet, CATCH_UP_BACKOFF * CATCH_UP_SECONDS)
                     break
+                quiet = CATCH_UP_SECONDS
                 if event.seq <= last:
                     continue
                 if event.seq != last + 1:
