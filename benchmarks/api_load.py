@@ -459,7 +459,7 @@ class Run:
         argv = [sys.executable, "-m", "conveyor", "api", "--port", str(self.port)]
         if self.args.profile_api:
             out = self.args.profile_api.with_suffix(f".{self.name}.prof")
-            argv[1:3] = ["-m", "cProfile", "-o", str(out), "-m", "conveyor"]
+            argv[1:3] = [str(HERE / "profiled.py"), str(out), "conveyor"]
         self.api_pid = self.groups["api"] = self.procs.start("api", argv, self.env)
         url = f"http://127.0.0.1:{self.port}/readyz"
 
@@ -957,7 +957,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--grace", type=float, default=3.0, help="sse: wait for late events after the jobs end")
     add("--admin-key", default="cvk_benchmark_admin_key", help="CONVEYOR_ADMIN_KEY of the API")
     add("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    add("--profile-api", type=Path, help="run the API under cProfile, writing PATH.SCENARIO.prof")
+    add(
+        "--profile-api",
+        type=Path,
+        help="run the API under cProfile (every thread), writing PATH.SCENARIO.prof",
+    )
     add("--keep-logs", action="store_true", help="keep the process logs directory")
     return parser.parse_args(argv)  # fmt: skip
 
