@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from functools import partial
 from typing import Protocol
@@ -125,6 +125,7 @@ class EventHub:
         self._redis: aioredis.Redis | None = None
         self.healthy = False
         self._history = asyncio.Semaphore(HISTORY_READS)
+        self._encoded: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     @property
     def source(self) -> str:
@@ -175,6 +176,19 @@ class EventHub:
         """
         async with self._history:
             return await asyncio.to_thread(read)
+
+    def encoded(self, event: Event, message_id: int, encode: Callable[[], bytes]) -> bytes:
+        """A stream's message for ``event``, encoded once per process for every stream
+        that sends it: a live event goes to each of its followers, and streams resuming
+        together replay the same history (twenty replays from the start encoded it
+        twenty times, holding the event loop). An event never changes once written."""
+        key = (event.id, message_id)
+        message = self._encoded.get(key)
+        if message is None:
+            message = self._encoded[key] = encode()
+            if len(self._encoded) > ENCODED_MESSAGES:
+                self._encoded.popitem(last=False)
+        return message
 
     def deliver(self, event: Event) -> None:
         for sub in self._by_job.get(event.job_id, ()):
@@ -271,6 +285,8 @@ PAGE = 1000
 REPLAY_PAGE = 200
 #: Store reads of history running at once in an API process (see EventHub.history).
 HISTORY_READS = 2
+#: Encoded messages an API process keeps (see EventHub.encoded): about 3 MB.
+ENCODED_MESSAGES = 10_000
 #: A job stream that hears nothing re-reads the store after this long (a publish may
 #: have been lost), then after twice as long each time it finds nothing, up to
 #: CATCH_UP_BACKOFF times this: a thousand streams of queued jobs, each re-reading

@@ -385,6 +385,35 @@ def test_a_quiet_job_stream_reads_the_store_less_and_less_often(
     assert event.status is JobStatus.RUNNING
 
 
+def test_the_hub_encodes_a_message_once_for_every_stream(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Followers of one job, and streams replaying one history, send the same bytes;
+    encoding them once per stream held the event loop for every other request."""
+    monkeypatch.setattr(events, "ENCODED_MESSAGES", 2)
+    hub = EventHub(store, make_settings())
+    _, first = create(store)
+    _, second = create(store)
+    encoded: list[tuple[int, int]] = []
+
+    def encoder(event: Event, message_id: int) -> Callable[[], bytes]:
+        def encode() -> bytes:
+            encoded.append((event.id, message_id))
+            return f"{event.id}/{message_id}".encode()
+
+        return encode
+
+    for _ in range(3):
+        assert hub.encoded(first, first.seq, encoder(first, first.seq)) == f"{first.id}/1".encode()
+    assert encoded == [(first.id, 1)]
+    # The same event under another message id (its seq on a job's stream, its id on
+    # /v1/events) is another message; beyond ENCODED_MESSAGES the oldest is forgotten.
+    hub.encoded(first, 1000, encoder(first, 1000))
+    hub.encoded(second, second.seq, encoder(second, second.seq))
+    hub.encoded(first, first.seq, encoder(first, first.seq))
+    assert encoded == [(first.id, 1), (first.id, 1000), (second.id, 1), (first.id, 1)]
+
+
 # -- all_stream -----------------------------------------------------------------
 
 
