@@ -285,7 +285,7 @@ PAGE = 1000
 REPLAY_PAGE = 200
 #: Store reads of history running at once in an API process (see EventHub.history).
 HISTORY_READS = 2
-#: Encoded messages an API process keeps (see EventHub.encoded): about 3 MB.
+#: Encoded messages an API process keeps (see EventHub.encoded): a few MB.
 ENCODED_MESSAGES = 10_000
 #: A job stream that hears nothing re-reads the store after this long (a publish may
 #: have been lost), then after twice as long each time it finds nothing, up to
