@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 import time
-from collections import defaultdict, deque
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
@@ -127,6 +128,7 @@ class EventHub:
         self._redis: aioredis.Redis | None = None
         self.healthy = False
         self._history = asyncio.Semaphore(HISTORY_READS)
+        self._encoded: OrderedDict[tuple[int, int], bytes] = OrderedDict()
 
     @property
     def source(self) -> str:
@@ -177,6 +179,19 @@ class EventHub:
         """
         async with self._history:
             return await asyncio.to_thread(read)
+
+    def encoded(self, event: Event, message_id: int, encode: Callable[[], bytes]) -> bytes:
+        """A stream's message for ``event``, encoded once per process for every stream
+        that sends it: a live event goes to each of its followers, and streams resuming
+        together replay the same history (twenty replays from the start encoded it
+        twenty times, holding the event loop). An event never changes once written."""
+        key = (event.id, message_id)
+        message = self._encoded.get(key)
+        if message is None:
+            message = self._encoded[key] = encode()
+            if len(self._encoded) > ENCODED_MESSAGES:
+                self._encoded.popitem(last=False)
+        return message
 
     def deliver(self, event: Event) -> None:
         if event.job_id is not None:  # a breaker event belongs to no job's stream
@@ -274,7 +289,14 @@ PAGE = 1000
 REPLAY_PAGE = 200
 #: Store reads of history running at once in an API process (see EventHub.history).
 HISTORY_READS = 2
+#: Encoded messages an API process keeps (see EventHub.encoded): a few MB.
+ENCODED_MESSAGES = 10_000
+#: A job stream that hears nothing re-reads the store after this long (a publish may
+#: have been lost), then after twice as long each time it finds nothing, up to
+#: CATCH_UP_BACKOFF times this: a thousand streams of queued jobs, each re-reading
+#: every 2 s, cost the API half a core and PostgreSQL a fifth for no event.
 CATCH_UP_SECONDS = 2.0
+CATCH_UP_BACKOFF = 8
 
 
 async def job_stream(
@@ -293,10 +315,13 @@ async def job_pages(
     """:func:`job_stream` a page at a time: a page of history as it was read, then
     each live event alone. Streams send a page as one write."""
     last = after_seq
+    quiet = CATCH_UP_SECONDS
     with hub.subscribe(job_id) as sub:
         while True:
             read = partial(store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE)
             page = await hub.history(read)
+            if page:
+                quiet = CATCH_UP_SECONDS
             if not page and await _ended(store, job_id):
                 # Its row says ended, so its terminal event was committed before this
                 # read: if the read has it, stream it; if not, the client had it already.
@@ -316,9 +341,13 @@ async def job_pages(
             sub.lagged = False
             while not sub.lagged:
                 try:
-                    event = await asyncio.wait_for(sub.queue.get(), CATCH_UP_SECONDS)
+                    # Spread out, so that streams opened together do not re-read together.
+                    wait = quiet * random.uniform(0.75, 1.25)
+                    event = await asyncio.wait_for(sub.queue.get(), wait)
                 except TimeoutError:
+                    quiet = min(2 * quiet, CATCH_UP_BACKOFF * CATCH_UP_SECONDS)
                     break
+                quiet = CATCH_UP_SECONDS
                 if event.seq <= last:
                     continue
                 if event.seq != last + 1:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,8 +21,9 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture
-def restore_logging() -> Iterator[None]:
-    """The factory configures logging for the process; put it back afterwards."""
+def restore_process() -> Iterator[None]:
+    """The factory configures logging for the process and freezes what the collector
+    may skip; put both back afterwards."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     config = structlog.get_config()
@@ -31,18 +33,20 @@ def restore_logging() -> Iterator[None]:
         root.handlers[:] = handlers
         root.setLevel(level)
         structlog.configure(**config)
+        gc.unfreeze()
 
 
-@pytest.mark.usefixtures("restore_logging")
-async def test_the_factory_builds_the_app_from_the_environment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     database = f"sqlite:///{tmp_path}/env.db"
     Store(Settings(database_url=database).resolved_database_url).migrate()
     monkeypatch.setenv("CONVEYOR_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CONVEYOR_DATABASE_URL", database)
     monkeypatch.setenv("CONVEYOR_ADMIN_KEY", "cvk_from_the_environment")
 
+
+@pytest.mark.usefixtures("restore_process", "environment")
+async def test_the_factory_builds_the_app_from_the_environment(tmp_path: Path) -> None:
     app = factory()
     async with (
         app.router.lifespan_context(app),
@@ -57,6 +61,14 @@ async def test_the_factory_builds_the_app_from_the_environment(
     assert {t["name"] for t in tasks.json()} == {"diag.echo", "diag.sleep", "diag.fail"}
     assert ready.status_code == 200
     assert not (tmp_path / "data" / "admin.key").exists()
+
+
+@pytest.mark.usefixtures("restore_process", "environment")
+def test_the_factory_leaves_what_start_up_built_to_no_collection() -> None:
+    """A full pass of the collector over the start-up heap paused every event stream."""
+    gc.unfreeze()
+    factory()
+    assert gc.get_freeze_count() > 100_000
 
 
 async def test_the_lifespan_stops_the_event_hub(conveyor: Conveyor) -> None:

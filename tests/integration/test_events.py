@@ -346,6 +346,74 @@ def test_a_long_replay_is_not_paced_by_the_catch_up_timer(
     assert received[-1].status is JobStatus.SUCCEEDED
 
 
+def test_a_quiet_job_stream_reads_the_store_less_and_less_often(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stream of a queued job re-reads the store when it hears nothing, in case a
+    publish was lost; at a fixed period a thousand such streams kept an API process
+    busy for no event. Each empty re-read doubles the wait, up to a cap."""
+    monkeypatch.setattr(events, "CATCH_UP_SECONDS", 0.05)
+    job_id, _ = create(store)
+    reads = 0
+    read = store.job_events
+
+    def counted(*args: Any, **kwargs: Any) -> list[Event]:
+        nonlocal reads
+        reads += 1
+        return read(*args, **kwargs)
+
+    monkeypatch.setattr(store, "job_events", counted)
+    settings = make_settings(event_poll_interval=0.02)
+
+    async def scenario() -> tuple[int, Event]:
+        async with running_hub(store, settings) as hub:
+            stream = job_stream(hub, store, job_id)
+            await anext(stream)  # queued, from the store
+            following = asyncio.create_task(anext(stream))
+            before = reads
+            # Every 0.05 s that would be 30 re-reads; backing off (0.05, 0.1, 0.2, then
+            # 0.4 s, each give or take a quarter) it is about six.
+            await asyncio.sleep(1.5)
+            quiet_reads = reads - before
+            await asyncio.to_thread(store.claim, job_id, 1, "w")
+            event = await asyncio.wait_for(following, 5)  # still followed
+            await stream.aclose()
+            return quiet_reads, event
+
+    quiet_reads, event = run(scenario())
+    assert 2 <= quiet_reads <= 10
+    assert event.status is JobStatus.RUNNING
+
+
+def test_the_hub_encodes_a_message_once_for_every_stream(
+    store: Store, make_settings: Callable[..., Settings], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Followers of one job, and streams replaying one history, send the same bytes;
+    encoding them once per stream held the event loop for every other request."""
+    monkeypatch.setattr(events, "ENCODED_MESSAGES", 2)
+    hub = EventHub(store, make_settings())
+    _, first = create(store)
+    _, second = create(store)
+    encoded: list[tuple[int, int]] = []
+
+    def encoder(event: Event, message_id: int) -> Callable[[], bytes]:
+        def encode() -> bytes:
+            encoded.append((event.id, message_id))
+            return f"{event.id}/{message_id}".encode()
+
+        return encode
+
+    for _ in range(3):
+        assert hub.encoded(first, first.seq, encoder(first, first.seq)) == f"{first.id}/1".encode()
+    assert encoded == [(first.id, 1)]
+    # The same event under another message id (its seq on a job's stream, its id on
+    # /v1/events) is another message; beyond ENCODED_MESSAGES the oldest is forgotten.
+    hub.encoded(first, 1000, encoder(first, 1000))
+    hub.encoded(second, second.seq, encoder(second, second.seq))
+    hub.encoded(first, first.seq, encoder(first, first.seq))
+    assert encoded == [(first.id, 1), (first.id, 1000), (second.id, 1), (first.id, 1)]
+
+
 # -- all_stream -----------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Annotated, Any
 
 import structlog
@@ -121,7 +122,10 @@ async def job_events(
         async with contextlib.aclosing(pages):
             try:
                 async for page in pages:
-                    yield b"".join(_message(event, event.seq) for event in page)
+                    yield b"".join(
+                        state.hub.encoded(event, event.seq, partial(_message, event, event.seq))
+                        for event in page
+                    )
             except StoreUnavailable as exc:
                 # Ending the stream makes the client reconnect with Last-Event-ID.
                 log.warning("stream.store_lost", job_id=job_id, error=str(exc))
@@ -147,7 +151,10 @@ async def all_events(
         async with contextlib.aclosing(pages):
             try:
                 async for page in pages:
-                    yield b"".join(_message(event, event.id) for event in page)
+                    yield b"".join(
+                        state.hub.encoded(event, event.id, partial(_message, event, event.id))
+                        for event in page
+                    )
             except StoreUnavailable as exc:
                 log.warning("stream.store_lost", error=str(exc))
 
