@@ -485,7 +485,9 @@ async def test_a_bulk_replay_racing_a_single_one_skips_it(
     replays = conveyor.store.replays_of([d.id for d in letters])
     assert all(len(found) == 1 for found in replays.values())
     report = answers[0].json()
-    assert len(report["replayed"]) + len(report["skipped"]) == 30
+    # A letter a single replay took before the bulk read its page is not on the page,
+    # so not in the report: how many are depends on scheduling.
+    assert len(report["replayed"]) + len(report["skipped"]) <= 30
     assert all("already replayed" in s["reason"] for s in report["skipped"])
 
 
