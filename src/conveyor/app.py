@@ -229,6 +229,11 @@ class Conveyor:
         self._queue_priorities[check_queue(name)] = check_queue_priority(name, priority)
 
     @property
+    def subscriptions(self) -> dict[str, list[str]]:
+        """Each topic some task subscribes to (``on=``), with its subscribers' names."""
+        return subscriptions({t.name: t.options.on for t in self.tasks.values()})
+
+    @property
     def queue_priorities(self) -> dict[str, int]:
         """Every known queue (declared, in the settings, or some task's) and its priority."""
         known = {t.options.queue: DEFAULT_PRIORITY for t in self.tasks.values()}
@@ -405,8 +410,7 @@ class Conveyor:
         correlation_id = correlation_id or uuid.uuid4().hex
         fields: list[dict[str, Any]] = []
         refused: list[PayloadInvalid] = []
-        on = {task.name: task.options.on for task in self.tasks.values()}
-        for name in subscriptions(on).get(topic, []):
+        for name in self.subscriptions.get(topic, []):
             try:
                 fields.append(self._new_job(name, data, {"correlation_id": correlation_id}))
             except PayloadInvalid as exc:

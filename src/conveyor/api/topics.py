@@ -24,7 +24,7 @@ from conveyor.api.schemas import Cursor
 from conveyor.api.state import api_state
 from conveyor.errors import EventRefused, NotStorable, PayloadInvalid, TopicEventNotFound
 from conveyor.store.pages import decode_cursor, encode_cursor
-from conveyor.topics import TOPIC_PATTERN, TopicEvent, subscriptions
+from conveyor.topics import TOPIC_PATTERN, TopicEvent
 
 MAX_PAGE = 200
 
@@ -103,8 +103,7 @@ class PublishedEventPage(BaseModel):
 def list_topics(request: Request) -> list[TopicInfo]:
     """Topics tasks subscribe to (``@app.task(on=...)``) and topics with events."""
     state = api_state(request)
-    tasks = state.conveyor.tasks
-    subscribed = subscriptions({task.name: task.options.on for task in tasks.values()})
+    subscribed = state.conveyor.subscriptions
     counts = state.store.topic_counts()
     return [
         TopicInfo(topic=topic, subscribers=subscribed.get(topic, []), events=counts.get(topic, 0))
@@ -136,8 +135,7 @@ def publish_event(
     if unstorable:
         raise NotStorable("the event", unstorable)
     refused: list[PayloadInvalid] = []
-    on = {task.name: task.options.on for task in conveyor.tasks.values()}
-    for name in subscriptions(on).get(topic, []):
+    for name in conveyor.subscriptions.get(topic, []):
         try:
             check_json_types(conveyor.tasks[name], data)
         except PayloadInvalid as exc:
