@@ -2,8 +2,10 @@
 
 fanout      parametrised "store" / "redis" (integration): how the hub learns of events
 settings    Settings in tmp_path (small body limit, fast polling)
-conveyor    a Conveyor app with two test tasks, its store migrated
-api         create_app(conveyor), its lifespan running
+conveyor    a Conveyor app with two test tasks, its store migrated (SQLite: a copy of
+            the migrated template)
+api         create_app(conveyor), its lifespan running; its OpenAPI document built once
+            a session per definition (openapi_documents)
 admin_key   the bootstrap admin key the lifespan made
 client      httpx.AsyncClient on the app in-process, authenticated
 anonymous   the same without a key
@@ -16,8 +18,9 @@ worker      drives jobs through their states as a worker does (store + publish)
 from __future__ import annotations
 
 import asyncio
+import copy
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +29,14 @@ import pytest
 import structlog
 import uvicorn
 from fastapi import FastAPI
+from fastapi.datastructures import DefaultPlaceholder
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, field_validator
 
 from conveyor import Context, Conveyor, Settings
 from conveyor.api.app import create_app
 from conveyor.jobs import Event, Job
+from tests.conftest import copy_sqlite_template
 
 MAX_BODY = 4096
 
@@ -89,18 +95,76 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
 
 
 @pytest.fixture
-def conveyor(settings: Settings) -> Iterator[Conveyor]:
+def conveyor(settings: Settings, sqlite_template: Path) -> Iterator[Conveyor]:
+    migrated = copy_sqlite_template(sqlite_template, settings)
     app = Conveyor(settings=settings)
     app.task(name="tests.add", queue="math", priority=3, max_attempts=2, timeout=30)(add)
     app.task(name="tests.trap")(trap)
-    app.store.migrate()
+    if not migrated:
+        app.store.migrate()
     yield app
     app.close()
 
 
+def _unwrap(value: Any) -> Any:
+    """FastAPI's "not set, use the default" wrapper compares by value but does not hash."""
+    return value.value if isinstance(value, DefaultPlaceholder) else value
+
+
+def openapi_definition(app: FastAPI, conveyor: Conveyor) -> Hashable:
+    """Everything ``app.openapi()`` is built from: the app's metadata, its routes, the
+    tasks' payload models and the pipeline step limit (see ``conveyor.api.openapi``)."""
+    # Only routes in the schema count: the others (the docs pages, /openapi.json) are
+    # closures made anew for each app.
+    routes = tuple(
+        (
+            route.path,
+            frozenset(route.methods or ()),
+            route.endpoint,
+            route.name,
+            route.response_model,
+            route.status_code,
+            _unwrap(route.response_class),
+            tuple(map(str, route.tags)),
+            route.operation_id,
+        )
+        for route in [*app.routes, *app.webhooks.routes]
+        if isinstance(route, APIRoute) and route.include_in_schema
+    )
+    tasks = tuple((name, task.payload_model) for name, task in sorted(conveyor.tasks.items()))
+    metadata = (app.title, app.version, app.summary, app.description, app.openapi_version)
+    return metadata, routes, tasks, conveyor.settings.pipeline_max_steps
+
+
+@pytest.fixture(scope="session")
+def openapi_documents() -> dict[Hashable, dict[str, Any]]:
+    """OpenAPI documents by ``openapi_definition``, built once a session each.
+
+    Every app the ``api`` fixture makes answers its first request by building its
+    document (the ``Methods`` middleware reads its paths): 0.2-0.7 s a test, most of
+    the suite's time. Apps built from the same definition get a copy of the same one.
+    """
+    return {}
+
+
 @pytest.fixture
-async def api(conveyor: Conveyor) -> AsyncIterator[FastAPI]:
+async def api(
+    conveyor: Conveyor, openapi_documents: dict[Hashable, dict[str, Any]]
+) -> AsyncIterator[FastAPI]:
     app = create_app(conveyor)
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        # Keyed when first asked for, as the app builds it: tests register tasks after
+        # the app exists. Each app gets its own copy, free to change.
+        if app.openapi_schema is None:
+            key = openapi_definition(app, conveyor)
+            if key not in openapi_documents:
+                openapi_documents[key] = copy.deepcopy(build())
+            app.openapi_schema = copy.deepcopy(openapi_documents[key])
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     async with app.router.lifespan_context(app):
         yield app
 
