@@ -449,6 +449,8 @@ class Run:
             "CONVEYOR_EVENT_CHANNEL": channel,
             "CONVEYOR_ADMIN_KEY": args.admin_key,
             "CONVEYOR_LOG_LEVEL": args.api_log_level,
+            # One key makes every request here: its budget must not be what is measured.
+            "CONVEYOR_API_RATE_LIMIT": args.api_rate_limit,
         }
         self.groups: dict[str, int] = {}
         self.port = 0
@@ -958,6 +960,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add("--idle-seconds", type=float, default=5.0, help="sse: streams open before jobs run")
     add("--grace", type=float, default=3.0, help="sse: wait for late events after the jobs end")
     add("--admin-key", default="cvk_benchmark_admin_key", help="CONVEYOR_ADMIN_KEY of the API")
+    add(
+        "--api-rate-limit",
+        default="off",
+        help="CONVEYOR_API_RATE_LIMIT of the API (default: %(default)s)",
+    )
     add("--api-log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add(
         "--profile-api",

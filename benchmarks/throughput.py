@@ -270,7 +270,12 @@ class Bench:
 
     def start_api(self) -> str:
         port = free_port()
-        env = {**self.conveyor_env, "CONVEYOR_ADMIN_KEY": self.args.admin_key}
+        env = {
+            **self.conveyor_env,
+            "CONVEYOR_ADMIN_KEY": self.args.admin_key,
+            # One key submits everything here: its budget must not be what is measured.
+            "CONVEYOR_API_RATE_LIMIT": self.args.api_rate_limit,
+        }
         argv = [
             sys.executable, "-m", "uvicorn", "--factory", "conveyor.api.app:factory",
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
@@ -396,6 +401,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="CONVEYOR_LOG_LEVEL for the worker (default: Conveyor's own, %(default)s)",
     )
     add("--admin-key", default="cvk_benchmark_admin_key", help="CONVEYOR_ADMIN_KEY for the API")
+    add(
+        "--api-rate-limit",
+        default="off",
+        help="CONVEYOR_API_RATE_LIMIT for the API (default: %(default)s)",
+    )
     add(
         "--skip",
         action="append",

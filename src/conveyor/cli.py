@@ -208,6 +208,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     """Run the HTTP API (configured by CONVEYOR_* environment variables)."""
     import uvicorn
 
+    from conveyor.api.middleware import MAX_HEADER_BYTES
     from conveyor.api.server import protocol
 
     # What the factory will do, checked here so that a problem is one line, not a traceback.
@@ -229,6 +230,8 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
         log_config=None,
         timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT,
         http=protocol(settings.send_timeout),  # drops clients that stop reading
+        # Room for HeaderLimit to answer 431 itself; past this h11 refuses with a bare 400.
+        h11_max_incomplete_event_size=4 * MAX_HEADER_BYTES,
     )
 
 

@@ -23,6 +23,7 @@ ConveyorError
 ├── IdempotencyMismatch     that idempotency key was used for a different request
 ├── ScheduleNotFound        no schedule with that name
 ├── ScheduleExists          a schedule with that name exists already
+├── RateLimited             an API caller has spent its request budget for now
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
@@ -261,6 +262,15 @@ class ScheduleExists(ConveyorError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"a schedule named {name!r} exists already")
+
+
+class RateLimited(ConveyorError):
+    """The caller has spent its request budget; it may try again after ``retry_after`` seconds."""
+
+    def __init__(self, retry_after: int) -> None:
+        #: Whole seconds, at least 1: what ``Retry-After`` says.
+        self.retry_after = retry_after
+        super().__init__(f"too many requests; try again in {retry_after} s")
 
 
 class StoreUnavailable(ConveyorError):

@@ -10,6 +10,9 @@
                                                     read from the store at scrape
     conveyor_breaker_failures{breaker}              gauge, failures in the current window
     conveyor_breaker_transitions_total{breaker,to}  counter of breaker events seen live
+    conveyor_api_rate_limited_total                 counter of requests refused with 429
+    conveyor_api_rate_limit_fallbacks_total         counter of requests whose budget was kept
+                                                    in this process: Redis was unreachable
 
 Each app gets its own ``CollectorRegistry`` so that several apps in one process
 (tests, embedded servers) never register the same metric twice.
@@ -141,6 +144,16 @@ class Metrics:
             "Run time of finished attempts, from terminal events this process saw.",
             ["task", "status"],
             buckets=JOB_DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.rate_limited = Counter(
+            "conveyor_api_rate_limited_total",
+            "API requests refused with 429: their caller had spent its request budget.",
+            registry=self.registry,
+        )
+        self.rate_limit_fallbacks = Counter(
+            "conveyor_api_rate_limit_fallbacks_total",
+            "API requests whose budget this process kept alone, Redis being unreachable.",
             registry=self.registry,
         )
         self.http_duration = Histogram(

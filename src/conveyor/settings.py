@@ -15,11 +15,14 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.errors import ConfigurationError
+from conveyor.limits import Rate, parse_rate
 from conveyor.queues import check_queue_priority, parse_queues
 
 DATABASE_SCHEMES = {"sqlite", "postgresql", "postgres"}
 BROKER_SCHEMES = {"redis", "rediss", "amqp", "amqps", "pyamqp", "filesystem"}
 REDIS_SCHEMES = {"redis", "rediss", "unix"}
+#: Values of CONVEYOR_API_RATE_LIMIT that turn the API's rate limit off.
+RATE_LIMIT_OFF = {"off", "0", "none"}
 #: Shorter admin keys are refused: a key is the only thing between the network and the API.
 MIN_ADMIN_KEY_LENGTH = 16
 
@@ -60,6 +63,18 @@ class Settings(BaseSettings):
         description="Queue priorities, highest served first: ai:10,sync:7,maintenance:1.",
     )
     max_body_bytes: int = Field(default=1024 * 1024, gt=0, description="Request body limit.")
+    api_rate_limit: Annotated[Rate | None, NoDecode] = Field(
+        default=Rate(600, 60.0),
+        description="Requests each API key (or anonymous client address) may make: N/s, N/m"
+        " or N/h, shared by every API process through Redis; off, 0 or none: unlimited.",
+    )
+    api_rate_burst: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Requests a caller may make at once after a quiet spell; default the"
+        " rate's whole count (600 for 600/m).",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["auto", "json", "console"] = Field(
         default="auto",
@@ -173,6 +188,16 @@ class Settings(BaseSettings):
         except ConfigurationError as exc:
             raise ValueError(str(exc)) from None
         return value
+
+    @field_validator("api_rate_limit", mode="before")
+    @classmethod
+    def _parse_rate_limit(cls, value: object) -> object:
+        if value is None or isinstance(value, Rate):
+            return value
+        text = str(value).strip()
+        if text.lower() in RATE_LIMIT_OFF:
+            return None
+        return parse_rate(text)  # its ValueError names the value and the syntax
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -1,7 +1,7 @@
 """Fixtures for the HTTP API: a real app on SQLite in tmp_path, the embedded broker, clients.
 
 fanout      parametrised "store" / "redis" (integration): how the hub learns of events
-settings    Settings in tmp_path (small body limit, fast polling)
+settings    Settings in tmp_path (small body limit, a rate limit never reached, fast polling)
 conveyor    a Conveyor app with two test tasks, its store migrated (SQLite: a copy of
             the migrated template)
 api         create_app(conveyor), its lifespan running; its OpenAPI document built once
@@ -39,6 +39,7 @@ from conveyor.jobs import Event, Job
 from tests.conftest import copy_sqlite_template
 
 MAX_BODY = 4096
+UNREACHED_RATE = "1000000/s"
 
 
 class AddPayload(BaseModel):
@@ -88,6 +89,8 @@ def settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
         database_url=f"sqlite:///{tmp_path}/db/c.db",
         redis_url=redis_url,
         max_body_bytes=MAX_BODY,
+        # On, so every API test passes through it, but never reached (test_ratelimit lowers it).
+        api_rate_limit=UNREACHED_RATE,
         event_poll_interval=0.01,
         log_format="console",
         event_channel=f"conveyor:test:{uuid.uuid4().hex}",

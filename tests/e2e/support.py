@@ -26,12 +26,16 @@ CONVEYOR = [sys.executable, "-m", "conveyor"]
 TERMINAL = {"succeeded", "cancelled", "dead"}
 #: Seconds to wait for an API to come up: imports alone take seconds on a busy 2-core box.
 READY_TIMEOUT = 60.0
+#: High enough that no e2e test (the fuzzer included) is ever refused, low enough to be on.
+E2E_RATE_LIMIT = "1000000/s"
 
 
 def environment(**conveyor: str) -> dict[str, str]:
     """This process's environment without CONVEYOR_* variables, plus the given ones."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CONVEYOR_")}
     env.update(PYTHONUNBUFFERED="1", CONVEYOR_LOG_FORMAT="console", COLUMNS="200")
+    # Budgets are tested in tests/api and tests/integration; here no process may be refused.
+    env.update(CONVEYOR_API_RATE_LIMIT=E2E_RATE_LIMIT)
     env.update(conveyor)
     return env
 

@@ -7,7 +7,9 @@ tasks        /v1/tasks: the registry and payload schemas
 health       /healthz, /readyz, /metrics
 auth         bearer keys, checked before any body is read
 problems     errors as RFC 9457 problem details, mapped in one place
-middleware   request ids, methods (HEAD, 405, slash redirects), the body limit, timing
+middleware   request ids, methods (HEAD, 405, slash redirects), header and body limits,
+             timing
+ratelimit    per-key request budgets (GCRA, in Redis or in process): 429, RateLimit headers
 openapi      the document made to say what the API accepts and answers
 docs         /docs and /redoc, with their assets served here
 pages        list responses bounded in items and in bytes

@@ -2,11 +2,12 @@
 
 Middleware, outermost first::
 
-    SecurityHeaders ─> CorrelationId ─> RequestTimer ─> ErrorBoundary ─> Methods
-        ─> Authentication ─> BodyLimit ─> routes (+ problem handlers)
+    SecurityHeaders ─> CorrelationId ─> RequestTimer ─> ErrorBoundary ─> HeaderLimit
+        ─> Methods ─> Authentication ─> RateLimit ─> BodyLimit ─> routes (+ problem handlers)
 
 so every response, a 500 included, carries its request id and is measured, and
-no body is read before the method, the path and the key have been checked.
+no body is read before the headers' size, the method, the path, the key and its
+request budget have been checked.
 """
 
 from __future__ import annotations
@@ -39,10 +40,12 @@ from conveyor.api.auth import Authentication
 from conveyor.api.middleware import (
     BodyLimit,
     CorrelationId,
+    HeaderLimit,
     Methods,
     RequestTimer,
     SecurityHeaders,
 )
+from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor, load_app
 from conveyor.events import EventHub
@@ -70,6 +73,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
         metrics=metrics,
         keys=KeyVerifier(conveyor.store, ttl=key_cache_seconds),
     )
+    limiter = limiter_for(settings, on_fallback=metrics.rate_limit_fallbacks.inc)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -84,6 +88,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await hub.stop()
+            await limiter.close()
 
     app = FastAPI(
         title="Conveyor",
@@ -98,8 +103,10 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     problems.install(app)
     # Added innermost first.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RateLimit, limiter=limiter, settings=settings, refused=metrics.rate_limited)
     app.add_middleware(Authentication, keys=state.keys)
     app.add_middleware(Methods, routes=app.router.routes, paths=lambda: app.openapi()["paths"])
+    app.add_middleware(HeaderLimit)
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)

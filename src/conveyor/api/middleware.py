@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing,
-security headers.
+"""Pure ASGI middleware: request ids, methods and paths, the header and body size limits,
+timing, security headers.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
 pass straight through and the request body is never buffered here.
@@ -181,6 +181,30 @@ def _headers_only(receive: Receive, send: Send) -> tuple[Receive, Send]:
         return await receive()
 
     return head_receive, head_send
+
+
+#: Request headers (names, values, ``": "`` and line ends) over this many bytes are refused.
+MAX_HEADER_BYTES = 16 * 1024
+
+
+class HeaderLimit:
+    """Refuses requests whose headers total over ``max_bytes`` with 431, before anything
+    reads them: every header is kept in memory and many are parsed more than once.
+
+    The server's own ceiling (``conveyor api`` sets h11's to four times this) only
+    stops what would not fit in its buffer, with a bare 400.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int = MAX_HEADER_BYTES) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            size = sum(len(name) + len(value) + 4 for name, value in scope["headers"])
+            if size > self.max_bytes:
+                raise HTTPException(431, f"request headers exceed {self.max_bytes} bytes")
+        await self.app(scope, receive, send)
 
 
 class BodyLimit:

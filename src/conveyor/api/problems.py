@@ -19,6 +19,7 @@
     NotStorable                            422
     RequestValidationError                 422   (``errors``)
     a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
+    RateLimited                            429   (``Retry-After``; see ``api.ratelimit``)
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
     anything else                          500, logged with its traceback, never shown
@@ -60,6 +61,7 @@ from conveyor.errors import (
     PipelineEnded,
     PipelineInvalid,
     PipelineNotFound,
+    RateLimited,
     ReplayRefused,
     ScheduleExists,
     ScheduleInvalid,
@@ -130,6 +132,7 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ScheduleInvalid: Kind(422, "invalid-schedule", "Invalid schedule"),
     ScheduleNotFound: Kind(404, "schedule-not-found", "Schedule not found"),
     ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
+    RateLimited: Kind(429, "rate-limited", "Too many requests"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -171,6 +174,8 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         headers = {"Retry-After": str(RETRY_AFTER_SECONDS)}
     if isinstance(exc, IdempotencyConflict):
         headers = {"Retry-After": "1"}
+    if isinstance(exc, RateLimited):
+        headers = {"Retry-After": str(exc.retry_after)}
     if isinstance(exc, PayloadInvalid):
         # The task validated the payload alone; point into the request body instead.
         errors = [_field_error(("body", "payload", *e.get("loc", ())), e) for e in exc.errors]
