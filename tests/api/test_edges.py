@@ -3,6 +3,7 @@ without a key, and where the docs page loads its code from."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 
@@ -149,3 +150,55 @@ async def test_head_on_an_event_stream_ends_after_the_headers(
 
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
+
+
+async def test_head_answers_as_get_on_every_documented_get_route(
+    api: FastAPI, client: httpx.AsyncClient
+) -> None:
+    submitted = await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
+    job_id = submitted.json()["id"]
+    paths = api.openapi()["paths"]
+    gets = [path for path, operations in paths.items() if "get" in operations]
+    checked = []
+    for template in gets:
+        path = re.sub(r"\{[^}]+\}", "no-such-thing", template.replace("{job_id}", job_id))
+        content = paths[template]["get"]["responses"].get("200", {}).get("content", {})
+        async with asyncio.timeout(5):  # an event stream must not open for a HEAD
+            head = await client.head(path)
+        assert head.content == b"", path
+        assert "RateLimit-Policy" in head.headers or template in {"/healthz", "/readyz", "/metrics"}
+        if "text/event-stream" in content and head.status_code == 200:
+            assert head.headers["content-type"].startswith("text/event-stream"), path
+        else:  # (a stream that cannot open, such as an unknown pipeline's, answers as GET)
+            get = await client.get(path)
+            assert head.status_code == get.status_code, path
+            assert head.headers["content-type"] == get.headers["content-type"], path
+        checked.append(template)
+
+    assert {"/v1/events", "/v1/jobs/{job_id}/events", "/v1/jobs", "/healthz"} <= set(checked)
+
+
+async def test_head_on_a_quiet_event_stream_answers_at_once(
+    live_client: httpx.AsyncClient,
+) -> None:
+    # No events and no resume point: an opened stream would send nothing until its
+    # first ping (15 s); a HEAD gets its headers without the stream opening.
+    async with asyncio.timeout(5):
+        response = await live_client.head("/v1/events", params={"task": "nothing-runs-this"})
+
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    assert response.content == b""
+
+
+async def test_request_headers_over_16_kib_are_431(client: httpx.AsyncClient) -> None:
+    fits = await client.get("/v1/tasks", headers={"X-Padding": "a" * (15 * 1024)})
+    too_big = await client.get("/v1/tasks", headers={"X-Padding": "a" * (16 * 1024)})
+    spread = await client.get("/healthz", headers={f"X-Padding-{n}": "a" * 1024 for n in range(17)})
+
+    assert fits.status_code == 200
+    assert too_big.status_code == spread.status_code == 431
+    assert too_big.headers["content-type"] == "application/problem+json"
+    assert too_big.json()["title"] == "Request Header Fields Too Large"
+    assert too_big.json()["detail"] == "request headers exceed 16384 bytes"
+    assert "X-Request-ID" in too_big.headers

@@ -28,6 +28,7 @@ from starlette.types import Receive, Scope, Send
 
 from conveyor import payloads
 from conveyor.api.auth import require_key
+from conveyor.api.middleware import HEAD_AS_GET
 from conveyor.api.openapi import digits_up_to
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import ApiState, api_state
@@ -88,9 +89,12 @@ def _message(event: Event, message_id: int) -> bytes:
 
 
 class EventStream(EventSourceResponse):
-    """An SSE response that ends quietly when its client stops reading."""
+    """An SSE response that ends quietly when its client stops reading, and that a HEAD
+    request (run as a GET, see ``Methods``) does not open: its headers, no body."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope.get(HEAD_AS_GET):
+            scope = {**scope, "method": "HEAD"}  # sse-starlette then sends headers only
         try:
             await super().__call__(scope, receive, send)
         except SendTimeoutError:

@@ -32,6 +32,9 @@ OTHER_METHOD = "other"
 KNOWN_METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
 )
+#: Set in the scope of a HEAD request that :class:`Methods` runs as a GET, so that a
+#: response which must not start its work for a HEAD (an event stream) can tell.
+HEAD_AS_GET = "conveyor.head"
 
 
 def valid_request_id(value: str | None) -> bool:
@@ -76,7 +79,9 @@ class Methods:
     """Answers for the router what it answers badly: HEAD, 405, and a misplaced slash.
 
     - ``HEAD`` works wherever ``GET`` does: the request runs as a GET whose body
-      is dropped, and the response ends after its headers (a stream included).
+      is dropped, and the response ends after its headers. The scope says so
+      (:data:`HEAD_AS_GET`): an event stream then sends its headers without
+      opening (it could wait a ping period for its first byte).
     - A method the path does not have gets 405 with an ``Allow`` listing every
       method the path has, not just those of the first route that matched.
     - A path that only matches with or without its trailing slash gets a 307 to
@@ -136,6 +141,7 @@ class Methods:
             raise HTTPException(405, headers={"Allow": ", ".join(sorted(allowed))})
         elif method == "HEAD" and not self.routed(scope, "HEAD"):
             scope["method"] = "GET"  # static files answer HEAD themselves; routes do not
+            scope[HEAD_AS_GET] = True
             await self.app(scope, *_headers_only(receive, send))
         else:
             await self.app(scope, receive, send)
