@@ -211,3 +211,16 @@ async def test_an_unreachable_redis_fails_open_to_this_process(
     assert [r.status_code for r in answers] == [200, 200, 200, 429]
     assert counter(metrics, "conveyor_api_rate_limit_fallbacks_total") == 4
     assert counter(metrics, "conveyor_api_rate_limited_total") == 1
+
+
+async def test_the_document_lists_429_where_budgets_apply_and_431_everywhere(
+    anonymous: httpx.AsyncClient,
+) -> None:
+    paths = (await anonymous.get("/openapi.json")).json()["paths"]
+
+    submit = paths["/v1/jobs"]["post"]["responses"]
+    health = paths["/healthz"]["get"]["responses"]
+    assert submit["429"]["headers"]["Retry-After"]["schema"] == {"type": "integer", "minimum": 1}
+    assert "application/problem+json" in submit["429"]["content"]
+    assert "429" not in health
+    assert "431" in submit and "431" in health

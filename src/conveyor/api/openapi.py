@@ -5,7 +5,8 @@ FastAPI derives most of it from the routes; this adds what it cannot know:
 - every error is ``application/problem+json`` shaped as ``Problem`` (FastAPI
   documents its own validation-error body, which this API never sends);
 - every operation lists the errors the middleware and body parsing can give it
-  (400 for a body that is not JSON, 413 over the size limit, 422);
+  (400 for a body that is not JSON, 413 over the size limit, 422, 431 for
+  oversized headers, and 429 with ``Retry-After`` where a request budget applies);
 - a header or query parameter is never ``null`` (a client cannot send one);
 - a job request's payload is the schema of its task's payload model, one
   variant per registered task, so a client (or a fuzzer) can tell a valid
@@ -28,6 +29,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 
 from conveyor.api.problems import PROBLEM_JSON, Problem
+from conveyor.api.ratelimit import UNLIMITED_PATHS
 from conveyor.jobs import Event, EventType
 from conveyor.pipelines import PipelineEvent
 
@@ -70,6 +72,10 @@ def install(app: FastAPI, conveyor: Conveyor) -> None:
 def refine(document: Schema, conveyor: Conveyor) -> Schema:
     components = document.setdefault("components", {}).setdefault("schemas", {})
     add_model(components, Problem)
+    for path, item in document.get("paths", {}).items():
+        if path not in UNLIMITED_PATHS:
+            for operation in operations({"paths": {path: item}}):
+                operation.setdefault("responses", {}).setdefault("429", _rate_limited())
     for operation in operations(document):
         _document_errors(operation)
         _parameters_never_null(operation)
@@ -104,9 +110,20 @@ def _problem(description: str) -> Schema:
     return {"description": description, "content": {PROBLEM_JSON: {"schema": {"$ref": _PROBLEM}}}}
 
 
+def _rate_limited() -> Schema:
+    response = _problem("Too Many Requests: the caller's request budget is spent")
+    response["headers"] = {
+        "Retry-After": {
+            "description": "Whole seconds until a request will be allowed.",
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    }
+    return response
+
+
 def _document_errors(operation: Schema) -> None:
     responses: Schema = operation.setdefault("responses", {})
-    extra: list[int] = []
+    extra: list[int] = [431]
     if operation.get("parameters") or operation.get("requestBody"):
         extra.append(422)
     if operation.get("requestBody"):
