@@ -230,7 +230,8 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
         log_config=None,
         timeout_graceful_shutdown=API_SHUTDOWN_TIMEOUT,
         http=protocol(settings.send_timeout),  # drops clients that stop reading
-        # Room for HeaderLimit to answer 431 itself; past this h11 refuses with a bare 400.
+        # Room for HeaderLimit to answer 431 as problem+json: h11 answers a head still
+        # arriving past its buffer itself, in plain text.
         h11_max_incomplete_event_size=4 * MAX_HEADER_BYTES,
     )
 

@@ -197,8 +197,8 @@ class HeaderLimit:
     """Refuses requests whose headers total over ``max_bytes`` with 431, before anything
     reads them: every header is kept in memory and many are parsed more than once.
 
-    The server's own ceiling (``conveyor api`` sets h11's to four times this) only
-    stops what would not fit in its buffer, with a bare 400.
+    The server's own ceiling (``conveyor api`` sets h11's to four times this) applies
+    only to a request head still arriving in pieces, and answers in plain text.
     """
 
     def __init__(self, app: ASGIApp, max_bytes: int = MAX_HEADER_BYTES) -> None:

@@ -51,6 +51,9 @@ POLICY = "default"
 UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 #: A Redis that takes longer is treated as down: requests must not queue behind it.
 REDIS_TIMEOUT = 0.5
+#: Connections to Redis one API process holds at most; a request waits for one (at
+#: most ``REDIS_TIMEOUT``).
+REDIS_CONNECTIONS = 32
 #: Once Redis has failed, requests skip it this long before it is tried again.
 REDIS_BACKOFF = 1.0
 #: Callers whose budgets one :class:`LocalLimiter` keeps at most (anonymous callers are
@@ -161,8 +164,9 @@ class RedisLimiter:
 
     The script is sent once and then called by its SHA-1 (``EVALSHA``); a Redis that
     has lost it (restarted, ``SCRIPT FLUSH``) gets it again. A Redis that does not
-    answer within ``timeout`` fails open: ``fallback`` decides, ``on_fallback`` counts
-    it, and Redis is left alone for ``backoff`` seconds before it is tried again.
+    answer within ``timeout`` (nor lend a connection within it) fails open:
+    ``fallback`` decides, ``on_fallback`` counts it, and Redis is left alone for
+    ``backoff`` seconds before it is tried again.
     """
 
     def __init__(
@@ -175,9 +179,16 @@ class RedisLimiter:
         backoff: float = REDIS_BACKOFF,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
+        # A bounded pool that waits: a burst of requests queues for a connection rather
+        # than opening hundreds (past its cap redis-py's default pool fails at once).
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=REDIS_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
         )
+        self.client = aioredis.Redis.from_pool(pool)
         self.fallback = fallback
         self.on_fallback = on_fallback
         self.backoff = backoff
