@@ -119,7 +119,12 @@ def _one_line(text: str) -> str:
 def _load_app(settings: Settings) -> Conveyor:
     from conveyor.app import load_app
 
-    return load_app(settings.app)
+    app = load_app(settings.app)
+    if settings.documents:  # the optional workload, which needs conveyor[documents]
+        from conveyor.documents.tasks import install
+
+        install(app)
+    return app
 
 
 def _configure_logging(settings: Settings) -> None:

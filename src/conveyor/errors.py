@@ -23,12 +23,15 @@ ConveyorError
 ├── IdempotencyMismatch     that idempotency key was used for a different request
 ├── ScheduleNotFound        no schedule with that name
 ├── ScheduleExists          a schedule with that name exists already
+├── DocumentNotFound        no ingested document with that id
+├── DocumentRefused         an upload the documents workload cannot take (empty, no name...)
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
     │   └── CircuitOpenError  a circuit breaker refused the call; retry once it may close
     └── PermanentError      do not try again
+        └── ExtractionFailed  a document's text cannot be extracted (type, corrupt, encrypted)
 """
 
 from __future__ import annotations
@@ -263,6 +266,18 @@ class ScheduleExists(ConveyorError):
         super().__init__(f"a schedule named {name!r} exists already")
 
 
+class DocumentNotFound(ConveyorError):
+    """No ingested document exists with that id."""
+
+    def __init__(self, document_id: str) -> None:
+        self.document_id = document_id
+        super().__init__(f"document {document_id!r} not found")
+
+
+class DocumentRefused(ConveyorError):
+    """An upload the documents workload cannot take as it is; nothing was recorded."""
+
+
 class StoreUnavailable(ConveyorError):
     """The durable store cannot be reached."""
 
@@ -297,3 +312,12 @@ class CircuitOpenError(RetryableError):
 
 class PermanentError(TaskError):
     """The job cannot succeed; retrying would not help."""
+
+
+class ExtractionFailed(PermanentError):
+    """A document's text cannot be extracted: its type is not supported, or the file is
+    corrupt, encrypted, or a scan with no text layer. Retrying would not help."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"extraction failed: {reason}")
