@@ -39,17 +39,23 @@ def test_add_follow_search_and_a_corrupt_pdf(processes: Processes, tmp_path: Pat
     )
     wait_ready(url, up)
     cli_env = environment(**settings, CONVEYOR_API_URL=url)
+    broken = tmp_path / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.7\n" + b"\x00not really a pdf" * 64)
     files = [
         document_files.pdf(tmp_path / "report.pdf"),
         document_files.docx(tmp_path / "onboarding.docx"),
         document_files.html(tmp_path / "bread.html"),
+        broken,
     ]
 
+    # Each CLI start costs seconds on a busy two-core box: one to add, one to search.
     added = run_cli("documents", "add", *map(str, files), env=cli_env, timeout=120)
-    assert added.returncode == 0, added.stdout + added.stderr
+    assert added.returncode == 1, added.stdout + added.stderr  # the broken one failed
     for name in ("report.pdf: ready, 4 pages", "onboarding.docx: ready", "bread.html: ready"):
         assert name in added.stdout, added.stdout
+    assert "broken.pdf: failed" in added.stdout and "corrupt" in added.stdout
     report_id = added.stdout.split("report.pdf: ", 1)[1].split()[0]
+    broken_id = added.stdout.split("broken.pdf: ", 1)[1].split()[0]
 
     key = (data / "admin.key").read_text().strip()
     events = stream(url, key, report_id)
@@ -69,21 +75,15 @@ def test_add_follow_search_and_a_corrupt_pdf(processes: Processes, tmp_path: Pat
     assert found.returncode == 0, found.stderr
     best = json.loads(found.stdout)["results"][0]
     assert best["filename"] == "report.pdf" and best["page_start"] <= 3 <= best["page_end"]
-    rare = json.loads(run_cli("documents", "search", "zephyranthes", "--json", env=cli_env).stdout)
-    assert "zephyranthes" in rare["results"][0]["text"]
-    assert rare["results"][0]["page_start"] <= 3 <= rare["results"][0]["page_end"]
-    shown = run_cli("documents", "search", "zephyranthes", "-k", "1", env=cli_env)
-    assert "report.pdf p" in shown.stdout
-
-    broken = tmp_path / "broken.pdf"
-    broken.write_bytes(b"%PDF-1.7\n" + b"\x00not really a pdf" * 64)
-    failed = run_cli("documents", "add", str(broken), env=cli_env, timeout=120)
-    assert failed.returncode == 1
-    assert "broken.pdf: failed" in failed.stdout and "corrupt" in failed.stdout
-    broken_id = failed.stdout.split("broken.pdf: ", 1)[1].split()[0]
-    document = json.loads(run_cli("documents", "show", broken_id, env=cli_env).stdout)
     with api_client(url, key) as client:
+        rare = client.get("/v1/search", params={"q": "zephyranthes"}).json()
+        assert "zephyranthes" in rare["results"][0]["text"]
+        assert rare["results"][0]["page_start"] <= 3 <= rare["results"][0]["page_end"]
+        assert rare["results"][0]["text_rank"] == 1
+
+        document = client.get(f"/v1/documents/{broken_id}").json()
+        assert document["status"] == "failed"
         pipeline = client.get(f"/v1/pipelines/{document['pipeline_id']}").json()
     extract = next(s for s in pipeline["steps"] if s["name"] == "extract")
     assert [(j["status"], j["attempt"]) for j in extract["jobs"]] == [("dead", 1)]
-    assert "ExtractionFailed" in (extract["error"] or "") or "corrupt" in (extract["error"] or "")
+    assert "corrupt" in (extract["error"] or "")
