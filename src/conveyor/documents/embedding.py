@@ -74,28 +74,34 @@ class MiniLM:
     def _forward(self, ids: npt.NDArray[np.int64], mask: npt.NDArray[np.float32]) -> Vectors:
         w = self._w
         batch, length = ids.shape
+        # Tokens as rows of one 2-D matrix, so each dense layer is a single BLAS call;
+        # attention works on contiguous (batch, head, token, dim) blocks for the same reason
+        # (numpy multiplies non-contiguous stacks in a slow loop of its own).
         x = (
             w["embeddings.word_embeddings.weight"][ids]
             + w["embeddings.position_embeddings.weight"][:length][None, :, :]
             + w["embeddings.token_type_embeddings.weight"][0][None, None, :]
-        )
+        ).reshape(batch * length, DIMENSION)
         x = _layer_norm(x, w["embeddings.LayerNorm.weight"], w["embeddings.LayerNorm.bias"])
         head = DIMENSION // _HEADS
         # Padding gets a large negative score, so softmax gives it no weight.
-        bias = ((1.0 - mask) * -1e9)[:, None, None, :]
+        bias = ((1.0 - mask) * np.float32(-1e9))[:, None, None, :]
+        # float32 throughout: a float64 scalar would promote every product to float64.
+        scale = np.float32(1.0 / np.sqrt(head))
+
+        def heads(t: Vectors) -> Vectors:
+            blocks = t.reshape(batch, length, _HEADS, head).transpose(0, 2, 1, 3)
+            return np.ascontiguousarray(blocks)
+
         for i in range(_LAYERS):
             p = f"encoder.layer.{i}."
-
-            def split(t: Vectors) -> Vectors:
-                return t.reshape(batch, length, _HEADS, head).transpose(0, 2, 1, 3)
-
-            q = split(x @ w[p + "attention.self.query.weight"] + w[p + "attention.self.query.bias"])
-            k = split(x @ w[p + "attention.self.key.weight"] + w[p + "attention.self.key.bias"])
-            v = split(x @ w[p + "attention.self.value.weight"] + w[p + "attention.self.value.bias"])
-            scores = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head) + bias
+            q = heads(x @ w[p + "attention.self.query.weight"] + w[p + "attention.self.query.bias"])
+            k = heads(x @ w[p + "attention.self.key.weight"] + w[p + "attention.self.key.bias"])
+            v = heads(x @ w[p + "attention.self.value.weight"] + w[p + "attention.self.value.bias"])
+            scores = (q * scale) @ np.ascontiguousarray(k.transpose(0, 1, 3, 2)) + bias
             scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
             scores /= scores.sum(axis=-1, keepdims=True)
-            context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch, length, DIMENSION)
+            context = (scores @ v).transpose(0, 2, 1, 3).reshape(batch * length, DIMENSION)
             attended = context @ w[p + "attention.output.dense.weight"]
             attended += w[p + "attention.output.dense.bias"]
             x = _layer_norm(
@@ -108,19 +114,19 @@ class MiniLM:
             x = _layer_norm(
                 x + out, w[p + "output.LayerNorm.weight"], w[p + "output.LayerNorm.bias"]
             )
-        return x.astype(np.float32)
+        return x.reshape(batch, length, DIMENSION).astype(np.float32, copy=False)
 
 
 def _layer_norm(x: Vectors, weight: Vectors, bias: Vectors) -> Vectors:
     mean = x.mean(axis=-1, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=-1, keepdims=True)
-    normed: Vectors = (x - mean) / np.sqrt(var + _EPS) * weight + bias
+    normed: Vectors = (x - mean) / np.sqrt(var + np.float32(_EPS)) * weight + bias
     return normed
 
 
 def _gelu(x: Vectors) -> Vectors:
     """BERT's exact GELU, x·Φ(x) (not the tanh approximation)."""
-    return 0.5 * x * (1.0 + _erf(x / np.sqrt(2.0)))
+    return np.float32(0.5) * x * (np.float32(1.0) + _erf(x * np.float32(1.0 / np.sqrt(2.0))))
 
 
 def _erf(x: Vectors) -> Vectors:
