@@ -121,8 +121,13 @@ def _load_app(settings: Settings) -> Conveyor:
 
     app = load_app(settings.app)
     if settings.documents:  # the optional workload, which needs conveyor[documents]
-        from conveyor.documents.tasks import install
-
+        try:
+            from conveyor.documents.tasks import install
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"CONVEYOR_DOCUMENTS needs the documents extra ({exc}):"
+                " pip install 'conveyor[documents]'"
+            ) from None
         install(app)
     return app
 

