@@ -315,8 +315,7 @@ class PermanentError(TaskError):
 
 
 class ExtractionFailed(PermanentError):
-    """A document's text cannot be extracted: its type is not supported, or the file is
-    corrupt, encrypted, or a scan with no text layer. Retrying would not help."""
+    """A document's text cannot be extracted: unsupported, corrupt, encrypted or scanned."""
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
