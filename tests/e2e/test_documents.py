@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from httpx_sse import connect_sse
 
 from tests import document_files
@@ -23,6 +24,7 @@ def stream(url: str, key: str, document_id: str) -> list[dict[str, Any]]:
         return [json.loads(sse.data) for sse in source.iter_sse() if sse.data]
 
 
+@pytest.mark.timeout(300)  # two CLI starts and `conveyor up` take a minute on a busy box
 def test_add_follow_search_and_a_corrupt_pdf(processes: Processes, tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -153,6 +153,23 @@ async def test_delete_removes_chunks_and_vectors(
     assert not (app.settings.documents_dir / sent["document_id"]).exists()
 
 
+async def test_deleting_during_ingestion_cancels_it(
+    client: httpx.AsyncClient, app: Conveyor, tmp_path: Path
+) -> None:
+    sent = (await upload(client, document_files.pdf(tmp_path / "r.pdf"))).json()
+    assert (await client.delete(f"/v1/documents/{sent['document_id']}")).status_code == 204
+    pipeline = app.store.get_pipeline(sent["pipeline_id"])
+    assert pipeline.status.value == "cancelled"
+    assert drain(app) == []
+
+
+async def test_routes_are_in_the_openapi_document(client: httpx.AsyncClient) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    assert {"/v1/documents", "/v1/documents/{document_id}", "/v1/search"} <= set(paths)
+    upload_form = paths["/v1/documents"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in upload_form
+
+
 async def test_bad_uploads_are_refused_with_problems(
     client: httpx.AsyncClient, app: Conveyor, tmp_path: Path
 ) -> None:

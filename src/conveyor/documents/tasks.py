@@ -11,8 +11,10 @@ embedding, indexing), so the pipeline's event stream shows the document advance.
 from __future__ import annotations
 
 import contextlib
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field
 
@@ -22,7 +24,7 @@ from conveyor.documents.chunking import chunk
 from conveyor.documents.embedding import default_embedder, require_model
 from conveyor.documents.extract import extract
 from conveyor.documents.store import Document, DocumentStore
-from conveyor.errors import ExtractionFailed
+from conveyor.errors import DocumentNotFound, ExtractionFailed, PermanentError
 from conveyor.pipelines import Flow, Pipeline
 
 EXTRACT = "conveyor.documents.extract"
@@ -30,6 +32,7 @@ CHUNK = "conveyor.documents.chunk"
 EMBED = "conveyor.documents.embed"
 INDEX = "conveyor.documents.index"
 QUEUE = "documents"
+R = TypeVar("R")
 #: Texts the model encodes at once inside an embedding job: bounds its memory.
 ENCODE_AT_ONCE = 16
 
@@ -65,6 +68,7 @@ def install(app: Conveyor) -> None:
         return DocumentStore(app.store.engine)
 
     @app.task(name=EXTRACT, queue=QUEUE)
+    @_unless_deleted
     def extract_text(ctx: Context, payload: Upload) -> dict[str, Any]:
         store = documents()
         store.set_status(payload.document_id, "extracting")
@@ -83,6 +87,7 @@ def install(app: Conveyor) -> None:
         return {"pages": len(pages)}
 
     @app.task(name=CHUNK, queue=QUEUE)
+    @_unless_deleted
     def chunk_text(ctx: Context, payload: DocumentRef) -> list[dict[str, Any]]:
         store = documents()
         store.set_status(payload.document_id, "chunking")
@@ -102,6 +107,7 @@ def install(app: Conveyor) -> None:
         ]
 
     @app.task(name=EMBED, queue=QUEUE)
+    @_unless_deleted
     def embed_batch(ctx: Context, payload: Batch) -> dict[str, int]:
         store = documents()
         store.set_status(payload.document_id, "embedding")
@@ -120,6 +126,7 @@ def install(app: Conveyor) -> None:
         return {"embedded": len(found)}
 
     @app.task(name=INDEX, queue=QUEUE)
+    @_unless_deleted
     def index(ctx: Context, payload: DocumentRef) -> dict[str, int]:
         store = documents()
         total = store.count_chunks(payload.document_id)
@@ -130,6 +137,19 @@ def install(app: Conveyor) -> None:
         ctx.progress(100, step="indexing", message=f"{total} chunks")
         remove_upload(app, payload.document_id)
         return {"chunks": total}
+
+
+def _unless_deleted(fn: Callable[[Context, Any], R]) -> Callable[[Context, Any], R]:
+    """A step whose document was deleted meanwhile ends for good, without retries."""
+
+    @functools.wraps(fn)
+    def run(ctx: Context, payload: Any) -> R:
+        try:
+            return fn(ctx, payload)
+        except DocumentNotFound as exc:
+            raise PermanentError(f"{exc}: it was deleted during its ingestion") from None
+
+    return run
 
 
 def ingest(app: Conveyor, document: Document, path: Path, *, correlation_id: str) -> Pipeline:
