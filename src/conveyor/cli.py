@@ -1280,6 +1280,10 @@ class DocumentFollower:
         )
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 @documents_cli.command("add")
 def add_documents(
     files: Annotated[
@@ -1338,12 +1342,13 @@ def add_documents(
                     bar,
                     completed=100 if status == "ready" else None,
                     step=status,
-                    message=f"{document.get('chunks') or 0} chunks",
+                    message=_count(document.get("chunks") or 0, "chunk"),
                 )
                 line = Text(f"{path.name}: ")
                 line.append(status, style="green" if status == "ready" else "red")
                 if status == "ready":
-                    line.append(f", {document['pages']} pages, {document['chunks']} chunks")
+                    pages, chunks = document["pages"], document["chunks"]
+                    line.append(f", {_count(pages, 'page')}, {_count(chunks, 'chunk')}")
                 else:
                     failed += 1
                     line.append(f": {'; '.join(document['errors'])}")
