@@ -119,7 +119,17 @@ def _one_line(text: str) -> str:
 def _load_app(settings: Settings) -> Conveyor:
     from conveyor.app import load_app
 
-    return load_app(settings.app)
+    app = load_app(settings.app)
+    if settings.documents:  # the optional workload, which needs conveyor[documents]
+        try:
+            from conveyor.documents.tasks import install
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"CONVEYOR_DOCUMENTS needs the documents extra ({exc}):"
+                " pip install 'conveyor[documents]'"
+            ) from None
+        install(app)
+    return app
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -150,6 +160,11 @@ schedules_cli = typer.Typer(
     help="List, add, pause, resume, remove and trigger schedules.", no_args_is_help=True
 )
 cli.add_typer(schedules_cli, name="schedules")
+documents_cli = typer.Typer(
+    help="Add, show, search and delete documents (the API needs CONVEYOR_DOCUMENTS=true).",
+    no_args_is_help=True,
+)
+cli.add_typer(documents_cli, name="documents")
 
 
 def main() -> None:
@@ -1187,6 +1202,213 @@ def trigger_schedule(name: Annotated[str, typer.Argument(help="The schedule's na
     with ApiClient(load_settings()) as client:
         job = client.request("POST", f"{_schedule_path(name)}/trigger")
     out.print(job["id"], markup=False)
+
+
+# -- documents ----------------------------------------------------------------------
+
+#: Where each step of a document's pipeline starts and ends on its progress bar.
+DOCUMENT_STAGES = {
+    "extract": (0.0, 20.0),
+    "chunk": (20.0, 30.0),
+    "embed": (30.0, 95.0),
+    "index": (95.0, 100.0),
+}
+#: Seconds an upload may take to send (a large file on a slow link).
+UPLOAD_TIMEOUT = 600.0
+
+
+def _document_path(document_id: str) -> str:
+    return f"/v1/documents/{quote(document_id, safe='')}"
+
+
+class DocumentFollower:
+    """One progress bar per document, fed by its pipeline's event stream."""
+
+    def __init__(self, client: ApiClient, progress: Progress) -> None:
+        self.client = client
+        self.progress = progress
+
+    def follow(self, document_id: str, bar: Any) -> None:
+        """Advance ``bar`` until the pipeline ends; reconnects after the last event seen."""
+        last = 0
+        items: dict[str, int] = {}
+        done: dict[tuple[str, int], float] = {}
+        deadline = time.monotonic() + RECONNECT_TIMEOUT
+        while True:
+            headers = {"Last-Event-ID": str(last)} if last else {}
+            timeout = httpx.Timeout(10.0, read=STREAM_READ_TIMEOUT)
+            path = f"{_document_path(document_id)}/events"
+            try:
+                with connect_sse(
+                    self.client.http, "GET", path, headers=headers, timeout=timeout
+                ) as source:
+                    if source.response.is_error:
+                        source.response.read()
+                        raise problem(source.response)
+                    for sse in source.iter_sse():
+                        if not sse.data:
+                            continue
+                        event = json.loads(sse.data)
+                        last = max(last, int(event["id"]))
+                        if event["type"] == "pipeline" and event["status"] != "running":
+                            return
+                        self._show(bar, event, items, done)
+            except (httpx.TransportError, SSEError) as exc:
+                if time.monotonic() > deadline:
+                    raise CliError(f"lost the events of document {document_id}: {exc}") from None
+                time.sleep(0.5)
+
+    def _show(
+        self,
+        bar: Any,
+        event: dict[str, Any],
+        items: dict[str, int],
+        done: dict[tuple[str, int], float],
+    ) -> None:
+        data = event.get("data") or {}
+        step = event.get("step") or ""
+        if event["type"] == "step" and data.get("items") is not None:
+            items[step] = int(data["items"])
+        if event["type"] != "progress" or step not in DOCUMENT_STAGES:
+            return
+        if data.get("percent") is not None:
+            done[(step, event.get("item") or 0)] = float(data["percent"])
+        start, end = DOCUMENT_STAGES[step]
+        parts = max(items.get(step, 1), 1)
+        share = sum(p for (s, _), p in done.items() if s == step) / (100 * parts)
+        self.progress.update(
+            bar,
+            completed=start + (end - start) * min(share, 1.0),
+            step=data.get("step") or step,
+            message=data.get("message") or "",
+        )
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+@documents_cli.command("add")
+def add_documents(
+    files: Annotated[
+        list[Path],
+        typer.Argument(metavar="FILE...", help="TXT, Markdown, HTML, PDF or DOCX files."),
+    ],
+    collection: Annotated[str, typer.Option(help="The collection to add them to.")] = "default",
+    metadata: Annotated[
+        str | None, typer.Option(help="A JSON object kept with each document.")
+    ] = None,
+    replace: Annotated[
+        bool, typer.Option(help="Replace a document of the same content in the collection.")
+    ] = False,
+    wait: Annotated[
+        bool, typer.Option(help="Follow each document's ingestion with a progress bar.")
+    ] = True,
+) -> None:
+    """Upload documents, then show each one's ingestion until it is ready or failed."""
+    for path in files:
+        if not path.is_file():
+            raise CliError(f"{path}: no such file", code=2)
+    form: dict[str, str] = {"collection": collection, "replace": str(replace).lower()}
+    if metadata is not None:
+        form["metadata"] = metadata
+    failed = 0
+    with ApiClient(load_settings()) as client:
+        progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[step]} {task.fields[message]}"),
+            console=out,
+            disable=not out.is_terminal,
+        )
+        follower = DocumentFollower(client, progress)
+        with progress:
+            for path in files:
+                with path.open("rb") as file:
+                    sent = client.request(
+                        "POST",
+                        "/v1/documents",
+                        files={"file": (path.name, file)},
+                        data=form,
+                        timeout=httpx.Timeout(10.0, write=UPLOAD_TIMEOUT, read=UPLOAD_TIMEOUT),
+                    )
+                document_id = sent["document_id"]
+                note = " (already there)" if sent.get("duplicate") else ""
+                progress.console.print(f"{path.name}: {document_id}{note}", markup=False)
+                if not wait or sent.get("duplicate"):
+                    continue
+                bar = progress.add_task(path.name, total=100, step="queued", message="")
+                follower.follow(document_id, bar)
+                document = client.request("GET", _document_path(document_id))
+                status = document["status"]
+                progress.update(
+                    bar,
+                    completed=100 if status == "ready" else None,
+                    step=status,
+                    message=_count(document.get("chunks") or 0, "chunk"),
+                )
+                line = Text(f"{path.name}: ")
+                line.append(status, style="green" if status == "ready" else "red")
+                if status == "ready":
+                    pages, chunks = document["pages"], document["chunks"]
+                    line.append(f", {_count(pages, 'page')}, {_count(chunks, 'chunk')}")
+                else:
+                    failed += 1
+                    line.append(f": {'; '.join(document['errors'])}")
+                progress.console.print(line)
+    if failed:
+        raise typer.Exit(1)
+
+
+@documents_cli.command("show")
+def show_document(document_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Print a document's status, pages, chunk count and errors, as JSON."""
+    with ApiClient(load_settings()) as client:
+        out.print_json(data=client.request("GET", _document_path(document_id)))
+
+
+@documents_cli.command("search")
+def search_documents(
+    query: Annotated[str, typer.Argument(help="What to look for, in words.")],
+    collection: Annotated[str | None, typer.Option(help="Only this collection.")] = None,
+    k: Annotated[int, typer.Option("-k", min=1, max=100, help="How many chunks.")] = 10,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+) -> None:
+    """The chunks that best match, by words and by meaning, with document and page."""
+    params: dict[str, str | int] = {"q": query, "k": k}
+    if collection:
+        params["collection"] = collection
+    with ApiClient(load_settings()) as client:
+        found = client.request("GET", "/v1/search", params=params)
+    if as_json:
+        out.print_json(data=found)
+        return
+    for rank, hit in enumerate(found["results"], start=1):
+        pages = (
+            f"p. {hit['page_start']}"
+            if hit["page_start"] == hit["page_end"]
+            else f"pp. {hit['page_start']}-{hit['page_end']}"
+        )
+        head = Text(f"{rank}. {hit['filename']} {pages}  ", style="bold")
+        head.append(f"score {hit['score']:.4f}  {hit['document_id']}", style="dim")
+        out.print(head)
+        out.print(Text("   " + " ".join(hit["text"].split())[:300]))
+    if not found["results"]:
+        out.print("no match")
+
+
+@documents_cli.command("delete")
+def delete_document(document_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Delete a document with its chunks and vectors."""
+    with ApiClient(load_settings()) as client:
+        try:
+            client.http.delete(_document_path(document_id)).raise_for_status()
+        except httpx.HTTPStatusError as exc:
+            raise problem(exc.response) from None
+        except httpx.TransportError as exc:
+            raise CliError(f"cannot reach the API at {client.url} ({exc})") from None
+    out.print(f"deleted {document_id}", markup=False)
 
 
 if __name__ == "__main__":

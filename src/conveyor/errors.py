@@ -24,12 +24,15 @@ ConveyorError
 ├── ScheduleNotFound        no schedule with that name
 ├── ScheduleExists          a schedule with that name exists already
 ├── RateLimited             an API caller has spent its request budget for now
+├── DocumentNotFound        no ingested document with that id
+├── DocumentRefused         an upload the documents workload cannot take (empty, no name...)
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
     │   └── CircuitOpenError  a circuit breaker refused the call; retry once it may close
     └── PermanentError      do not try again
+        └── ExtractionFailed  a document's text cannot be extracted (type, corrupt, encrypted)
 """
 
 from __future__ import annotations
@@ -273,6 +276,18 @@ class RateLimited(ConveyorError):
         super().__init__(f"too many requests; try again in {retry_after} s")
 
 
+class DocumentNotFound(ConveyorError):
+    """No ingested document exists with that id."""
+
+    def __init__(self, document_id: str) -> None:
+        self.document_id = document_id
+        super().__init__(f"document {document_id!r} not found")
+
+
+class DocumentRefused(ConveyorError):
+    """An upload the documents workload cannot take as it is; nothing was recorded."""
+
+
 class StoreUnavailable(ConveyorError):
     """The durable store cannot be reached."""
 
@@ -307,3 +322,11 @@ class CircuitOpenError(RetryableError):
 
 class PermanentError(TaskError):
     """The job cannot succeed; retrying would not help."""
+
+
+class ExtractionFailed(PermanentError):
+    """A document's text cannot be extracted: unsupported, corrupt, encrypted or scanned."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(f"extraction failed: {reason}")

@@ -151,6 +151,22 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Most items a mapped step may fan out to; more fails the step.",
     )
+    documents: bool = Field(
+        default=False,
+        description="Switch on the document-ingestion workload (needs conveyor[documents]).",
+    )
+    documents_max_bytes: int = Field(
+        default=100 * 1024 * 1024, gt=0, description="Largest document upload, in bytes."
+    )
+    documents_chunk_tokens: int = Field(
+        default=200, ge=16, le=2000, description="Words per document chunk."
+    )
+    documents_chunk_overlap: int = Field(
+        default=40, ge=0, le=1000, description="Words repeated between neighbouring chunks."
+    )
+    documents_embed_batch: int = Field(
+        default=32, ge=1, le=1024, description="Chunks per embedding job (the mapped step's item)."
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,
@@ -163,6 +179,15 @@ class Settings(BaseSettings):
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
             raise ValueError(
                 "CONVEYOR_HEARTBEAT_TIMEOUT must exceed twice CONVEYOR_HEARTBEAT_INTERVAL"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_chunking(self) -> Settings:
+        if self.documents_chunk_overlap >= self.documents_chunk_tokens:
+            raise ValueError(
+                "CONVEYOR_DOCUMENTS_CHUNK_OVERLAP must be smaller than"
+                " CONVEYOR_DOCUMENTS_CHUNK_TOKENS"
             )
         return self
 
@@ -264,6 +289,11 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return (self.data_dir / "broker").resolve()
+
+    @property
+    def documents_dir(self) -> Path:
+        """Where uploaded documents wait for their pipeline: API and workers share it."""
+        return (self.data_dir / "documents").resolve()
 
     @property
     def admin_key_path(self) -> Path:

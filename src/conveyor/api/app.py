@@ -101,8 +101,16 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     )
     app.state.conveyor = state
     problems.install(app)
+    larger: dict[str, int] = {}
+    if settings.documents:
+        # Imported only when switched on: it needs the conveyor[documents] extra.
+        from conveyor.documents import api as documents_api
+        from conveyor.documents import tasks as documents_tasks
+
+        documents_tasks.install(conveyor)
+        larger[documents_api.UPLOAD_PATH] = settings.documents_max_bytes
     # Added innermost first.
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, paths=larger)
     app.add_middleware(RateLimit, limiter=limiter, settings=settings, refused=metrics.rate_limited)
     app.add_middleware(Authentication, keys=state.keys)
     app.add_middleware(Methods, routes=app.router.routes, paths=lambda: app.openapi()["paths"])
@@ -117,6 +125,8 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     )
     for module in routers:
         app.include_router(module.router)
+    if settings.documents:
+        app.include_router(documents_api.router)
     docs.install(app)
     openapi.install(app, conveyor)
     return app

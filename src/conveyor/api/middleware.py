@@ -223,20 +223,25 @@ class BodyLimit:
     problem handlers.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    def __init__(
+        self, app: ASGIApp, max_bytes: int, *, paths: Mapping[str, int] | None = None
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        #: Routes with a limit of their own (document uploads), by exact path.
+        self.paths = dict(paths or {})
 
-    def too_large(self) -> HTTPException:
-        return HTTPException(413, f"request body exceeds {self.max_bytes} bytes")
+    def too_large(self, limit: int) -> HTTPException:
+        return HTTPException(413, f"request body exceeds {limit} bytes")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = self.paths.get(scope["path"], self.max_bytes)
         declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            raise self.too_large()
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise self.too_large(limit)
         received = 0
 
         async def limited_receive() -> Message:
@@ -244,8 +249,8 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise self.too_large()
+                if received > limit:
+                    raise self.too_large(limit)
             return message
 
         await self.app(scope, limited_receive, send)

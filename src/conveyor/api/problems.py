@@ -13,6 +13,8 @@
     PayloadInvalid, ConfigurationError     422   (``errors`` point into the request)
     ScheduleInvalid                        422   (``errors`` name the field: cron, timezone...)
     ScheduleNotFound                       404
+    DocumentNotFound                       404
+    DocumentRefused                        422
     ScheduleExists                         409
     BatchInvalid                           422   (``errors`` point at each bad item)
     EventRefused                           422   (``errors`` name the refusing tasks)
@@ -49,6 +51,8 @@ from conveyor.errors import (
     ConfigurationError,
     ConveyorError,
     DeadLetterNotFound,
+    DocumentNotFound,
+    DocumentRefused,
     EventRefused,
     IdempotencyConflict,
     IdempotencyMismatch,
@@ -113,6 +117,8 @@ KINDS: dict[type[ConveyorError], Kind] = {
     JobNotFound: Kind(404, "job-not-found", "Job not found"),
     DeadLetterNotFound: Kind(404, "dead-letter-not-found", "Dead letter not found"),
     PipelineNotFound: Kind(404, "pipeline-not-found", "Pipeline not found"),
+    DocumentNotFound: Kind(404, "document-not-found", "Document not found"),
+    DocumentRefused: Kind(422, "document-refused", "Upload refused; nothing was recorded"),
     PipelineEnded: Kind(409, "pipeline-ended", "Pipeline has ended"),
     PipelineInvalid: Kind(422, "invalid-pipeline", "Invalid pipeline; nothing was recorded"),
     IllegalTransition: Kind(409, "illegal-transition", "Job cannot make that change"),
