@@ -117,9 +117,9 @@ def _one_line(text: str) -> str:
 
 
 def _load_app(settings: Settings) -> Conveyor:
-    from conveyor.app import load_app
+    from conveyor import workloads
 
-    return load_app(settings.app)
+    return workloads.load(settings)
 
 
 def _configure_logging(settings: Settings) -> None:

@@ -25,10 +25,13 @@ ConveyorError
 ├── ScheduleExists          a schedule with that name exists already
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
+├── NotificationInvalid     a notification request is wrong (channel, address, template)
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
-    │   └── CircuitOpenError  a circuit breaker refused the call; retry once it may close
+    │   ├── CircuitOpenError  a circuit breaker refused the call; retry once it may close
+    │   └── DeliveryFailed  a channel failed for now (5xx, 408, 429, timeout, unreachable)
     └── PermanentError      do not try again
+        └── DeliveryRefused a channel refused for good (4xx, guarded address, no such template)
 """
 
 from __future__ import annotations
@@ -271,6 +274,15 @@ class BrokerUnavailable(ConveyorError):
     """The Celery broker cannot be reached."""
 
 
+class NotificationInvalid(ConveyorError):
+    """A notification request is invalid: its channel, address, template or data."""
+
+    def __init__(self, field: str, message: str) -> None:
+        #: The request field at fault (``channel``, ``to``, ``template``...).
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
 class TaskError(ConveyorError):
     """Raised by task code to decide what happens to its job."""
 
@@ -297,3 +309,11 @@ class CircuitOpenError(RetryableError):
 
 class PermanentError(TaskError):
     """The job cannot succeed; retrying would not help."""
+
+
+class DeliveryFailed(RetryableError):
+    """A notification channel failed for now; another attempt may get through."""
+
+
+class DeliveryRefused(PermanentError):
+    """A notification channel refused the message for good, or it may not be sent there."""

@@ -15,6 +15,10 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from conveyor.errors import ConfigurationError
+from conveyor.limits import parse_rate
+from conveyor.notifications.guard import parse_allow_list
+from conveyor.notifications.smtp import parse_smtp_url
+from conveyor.notifications.webhooks import decode_secret
 from conveyor.queues import check_queue_priority, parse_queues
 
 DATABASE_SCHEMES = {"sqlite", "postgresql", "postgres"}
@@ -142,6 +146,74 @@ class Settings(BaseSettings):
         description="Seconds a stopping worker lets running jobs finish; keep it below your"
         " supervisor's stop timeout (Kubernetes: 30 s by default).",
     )
+
+    # -- notifications (conveyor.notifications), off unless switched on ----------------
+    notifications: bool = Field(
+        default=False, description="Register the notification tasks and mount /v1/notifications."
+    )
+    smtp_url: SecretStr | None = Field(
+        default=None,
+        description="smtp://user:pass@host:587?starttls=true, or smtps://host:465 for TLS.",
+    )
+    smtp_from: str | None = Field(default=None, description="The From address of e-mail.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="whsec_<base64>: the key webhook signatures are made with."
+    )
+    sms_url: str = Field(
+        default="https://api.twilio.com", description="Base URL of the SMS provider's API."
+    )
+    sms_account: str | None = Field(default=None, description="Provider account (Twilio SID).")
+    sms_token: SecretStr | None = Field(default=None, description="Provider auth token.")
+    sms_from: str | None = Field(default=None, description="The number SMS are sent from.")
+    notify_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Hosts or CIDR ranges webhooks and the SMS provider may reach even though"
+        " they are loopback, private or link-local: 127.0.0.1,10.0.0.0/8,hooks.internal.",
+    )
+    notify_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds a webhook or provider call may take."
+    )
+    notify_email_rate_limit: str | None = Field(default=None, description="E-mails: N/s, N/m.")
+    notify_webhook_rate_limit: str | None = Field(default=None, description="Webhook calls.")
+    notify_sms_rate_limit: str | None = Field(default=None, description="SMS sent.")
+    notify_templates_dir: Path | None = Field(
+        default=None, description="Your Jinja2 templates, found before the built-in ones."
+    )
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            parse_smtp_url(value.get_secret_value())  # ValueError says what is wrong
+            return value
+        return None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            decode_secret(value.get_secret_value())
+            return value
+        return None
+
+    @field_validator("notify_allow_hosts", mode="before")
+    @classmethod
+    def _parse_allow_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(str(entry) for entry in parse_allow_list([str(v) for v in value]))
+        return value
+
+    @field_validator(
+        "notify_email_rate_limit", "notify_webhook_rate_limit", "notify_sms_rate_limit"
+    )
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value:
+            parse_rate(value)
+            return value
+        return None
 
     @model_validator(mode="after")
     def _check_heartbeat(self) -> Settings:

@@ -48,6 +48,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_breakers",
         "conveyor_pipelines",
         "conveyor_pipeline_steps",
+        "conveyor_notifications",
+        "conveyor_notification_recipients",
         VERSION_TABLE,
     }
     empty_store.ping()

@@ -20,6 +20,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 from fastapi import FastAPI
 
+from conveyor import workloads
 from conveyor.api import (
     breakers,
     dead_letters,
@@ -44,11 +45,12 @@ from conveyor.api.middleware import (
     SecurityHeaders,
 )
 from conveyor.api.state import ApiState
-from conveyor.app import Conveyor, load_app
+from conveyor.app import Conveyor
 from conveyor.events import EventHub
 from conveyor.keys import KeyVerifier, bootstrap_admin_key
 from conveyor.logs import configure_logging
 from conveyor.metrics import Metrics
+from conveyor.notifications import routes as notification_routes
 from conveyor.settings import load_settings
 
 log = structlog.get_logger("conveyor.api")
@@ -110,6 +112,9 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     )
     for module in routers:
         app.include_router(module.router)
+    if settings.notifications:
+        workloads.install(conveyor, settings)
+        app.include_router(notification_routes.router)
     docs.install(app)
     openapi.install(app, conveyor)
     return app
@@ -119,7 +124,7 @@ def factory() -> FastAPI:
     """For ``uvicorn --factory conveyor.api.app:factory``: everything from the environment."""
     settings = load_settings()
     configure_logging(settings)
-    conveyor = load_app(settings.app)
+    conveyor = workloads.load(settings)
     conveyor.configure(settings)
     app = create_app(conveyor)
     # What exists by now (modules, the app, its models and schemas: 150,000 objects)

@@ -1,0 +1,17 @@
+"""Notifications: e-mail, webhooks and SMS as jobs, switched on by ``CONVEYOR_NOTIFICATIONS``.
+
+Built only from Conveyor's public face (``app.task``, ``submit``, rate limits), so
+it is also an example of a workload a user could write::
+
+    guard.py      which addresses webhooks and the SMS provider may reach (SSRF guard)
+    smtp.py       the SMTP URL, and sending one message over SMTP
+    webhooks.py   Standard Webhooks signatures, and one signed POST
+    sms.py        one message through a Twilio-shaped provider
+    templates.py  Jinja2 templates: the built-in ones here, yours before them
+    records.py    what was sent (checked before sending again) and recipients' opt-outs
+    workload.py   the tasks, ``install(app)`` and ``notify(app, ...)``
+    routes.py     ``/v1/notifications``
+
+Nothing is imported here: ``conveyor.settings`` validates with the small modules
+above, which import only the standard library and ``conveyor.errors``.
+"""
