@@ -48,9 +48,11 @@ def classify(address: IPAddress) -> str | None:
         return "unspecified"
     if address.is_multicast:
         return "multicast"
+    if address.is_reserved:
+        return "reserved"
     if address.is_private or address in SHARED:
         return "private"
-    if address.is_reserved or not address.is_global:
+    if not address.is_global:
         return "reserved"
     return None
 

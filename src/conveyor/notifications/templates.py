@@ -21,7 +21,7 @@ from jinja2.sandbox import SandboxedEnvironment
 from conveyor.errors import DeliveryRefused
 
 BUILT_IN = Path(__file__).parent / "templates"
-NAME = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+NAME = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
 DEFAULT = "message"
 
 
@@ -46,7 +46,7 @@ def environment(directory: Path | None) -> SandboxedEnvironment:
 def check_name(name: str) -> str:
     """ValueError for a name that could leave the templates' folder or is not one."""
     if not NAME.match(name):
-        raise ValueError("a template name is 1-100 letters, digits, - or _")
+        raise ValueError("a template name is 1-100 letters, digits, -, _ or . (not first)")
     return name
 
 

@@ -35,7 +35,7 @@ QUEUE = "notifications"
 MAX_ATTEMPTS, BACKOFF_BASE, BACKOFF_CAP = 8, 2.0, 300.0
 
 PHONE = re.compile(r"^\+[1-9][0-9]{6,14}$")
-TEMPLATE = r"^[A-Za-z0-9_-]{1,100}$"
+TEMPLATE = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$"
 
 
 class Notification(BaseModel):
