@@ -174,9 +174,7 @@ def test_the_guard_refuses_a_loopback_address_not_on_the_allow_list(
     assert receiver.requests == []
 
 
-def test_a_name_resolving_to_a_guarded_address_is_refused(
-    app: Conveyor, database_url: str
-) -> None:
+def test_a_name_resolving_to_a_guarded_address_is_refused(app: Conveyor, database_url: str) -> None:
     """With nothing allowed, ``localhost`` is resolved and refused for its loopback
     answer: the receiver listening there sees nothing."""
     app.configure(app.settings.model_copy(update={"notify_allow_hosts": ()}))

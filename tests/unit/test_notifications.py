@@ -144,5 +144,5 @@ def test_html_is_autoescaped_and_subjects_are_one_line(tmp_path: Path) -> None:
     assert built_in.text == "hi"
     with pytest.raises(DeliveryRefused, match="no template 'nope'"):
         templates.render("nope", {}, subject=None, directory=tmp_path)
-    with pytest.raises(DeliveryRefused, match="has no attribute .name."):
+    with pytest.raises(DeliveryRefused, match=r"has no attribute 'name'"):
         templates.render("welcome", {}, subject=None, directory=tmp_path)
