@@ -10,8 +10,7 @@ import pytest
 
 from conveyor.errors import ConfigurationError, DeliveryRefused
 from conveyor.notifications import guard, templates, webhooks
-from conveyor.notifications.smtp import parse_smtp_url
-from conveyor.settings import load_settings
+from conveyor.settings import decode_webhook_secret, load_settings, parse_smtp_url
 
 
 @pytest.mark.parametrize(
@@ -123,7 +122,7 @@ def test_settings_for_notifications_are_checked() -> None:
 
 def test_signatures_match_the_standard_webhooks_example() -> None:
     """The example of the Standard Webhooks specification, signed as it says."""
-    key = webhooks.decode_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    key = decode_webhook_secret("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
     body = b'{"test": 2432232314}'
     signature = webhooks.sign(key, "msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, body)
     assert signature == "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="

@@ -36,6 +36,7 @@ from conveyor.api import (
     tasks,
     topics,
 )
+from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import (
     BodyLimit,
@@ -50,7 +51,6 @@ from conveyor.events import EventHub
 from conveyor.keys import KeyVerifier, bootstrap_admin_key
 from conveyor.logs import configure_logging
 from conveyor.metrics import Metrics
-from conveyor.notifications import routes as notification_routes
 from conveyor.settings import load_settings
 
 log = structlog.get_logger("conveyor.api")

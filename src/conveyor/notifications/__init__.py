@@ -4,14 +4,15 @@ Built only from Conveyor's public face (``app.task``, ``submit``, rate limits), 
 it is also an example of a workload a user could write::
 
     guard.py      which addresses webhooks and the SMS provider may reach (SSRF guard)
-    smtp.py       the SMTP URL, and sending one message over SMTP
+    smtp.py       sending one message over SMTP
     webhooks.py   Standard Webhooks signatures, and one signed POST
     sms.py        one message through a Twilio-shaped provider
     templates.py  Jinja2 templates: the built-in ones here, yours before them
     records.py    what was sent (checked before sending again) and recipients' opt-outs
     workload.py   the tasks, ``install(app)`` and ``notify(app, ...)``
-    routes.py     ``/v1/notifications``
 
-Nothing is imported here: ``conveyor.settings`` validates with the small modules
-above, which import only the standard library and ``conveyor.errors``.
+Its HTTP face, ``/v1/notifications``, is ``conveyor.api.notifications``.
+
+How its settings are written (the SMTP URL, the allow list, the webhook secret)
+is checked by ``conveyor.settings`` at start-up, like every other setting.
 """

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import httpx
 
 from conveyor.errors import DeliveryFailed, DeliveryRefused
+from conveyor.settings import IPNetwork, parse_allow_list
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 #: Cloud instance metadata services: credentials live there.
 METADATA = frozenset(
@@ -81,27 +81,6 @@ class AllowList:
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
             address = address.ipv4_mapped
         return any(address in network for network in self.networks)
-
-
-def parse_allow_list(entries: Iterable[str]) -> list[str | IPNetwork]:
-    """Each entry a CIDR range (a bare address is a /32 or /128) or a host name;
-    ValueError names an entry that is neither."""
-    parsed: list[str | IPNetwork] = []
-    for raw in entries:
-        entry = raw.strip().lower().strip("[]")
-        if not entry:
-            continue
-        try:
-            parsed.append(ipaddress.ip_network(entry, strict=False))
-            continue
-        except ValueError:
-            pass
-        if not all(part and len(part) <= 63 for part in entry.split(".")) or not all(
-            c.isalnum() or c in "-._" for c in entry
-        ):
-            raise ValueError(f"{raw.strip()!r} is neither a host name nor an address range")
-        parsed.append(entry)
-    return parsed
 
 
 def literal(host: str) -> IPAddress | None:

@@ -1,4 +1,4 @@
-"""E-mail over SMTP: the URL it is configured with, and sending one message.
+"""E-mail over SMTP: sending one message to the server ``CONVEYOR_SMTP_URL`` names.
 
 ``smtp://user:pass@host:587?starttls=true`` (STARTTLS, required when asked for),
 ``smtps://host:465`` (TLS from the first byte), ``smtp://host:25`` (plain, for a
@@ -11,68 +11,10 @@ import contextlib
 import smtplib
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
 from email.message import EmailMessage
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from conveyor.errors import DeliveryFailed, DeliveryRefused
-
-TRUE = {"1", "true", "yes", "on"}
-FALSE = {"0", "false", "no", "off"}
-
-
-@dataclass(frozen=True)
-class SmtpTarget:
-    """Where and how e-mail is handed over."""
-
-    host: str
-    port: int
-    ssl: bool = False
-    starttls: bool = False
-    username: str | None = None
-    password: str | None = None
-    timeout: float = 30.0
-
-
-def parse_smtp_url(url: str) -> SmtpTarget:
-    """The target ``url`` describes; ValueError saying what is wrong with it."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"not an SMTP URL: {exc}") from None
-    scheme = parts.scheme.lower()
-    if scheme not in {"smtp", "smtps"}:
-        raise ValueError(
-            f"unsupported scheme {scheme or 'none'!r}; write smtp://user:pass@host:587"
-            "?starttls=true or smtps://user:pass@host:465"
-        )
-    if not parts.hostname:
-        raise ValueError("the SMTP URL names no host")
-    options = {k.lower(): v[-1].lower() for k, v in parse_qs(parts.query).items()}
-    unknown = set(options) - {"starttls", "timeout"}
-    if unknown:
-        raise ValueError(f"unknown SMTP URL options: {', '.join(sorted(unknown))}")
-    starttls = options.get("starttls", "false")
-    if starttls not in TRUE | FALSE:
-        raise ValueError(f"starttls must be true or false, not {starttls!r}")
-    if scheme == "smtps" and starttls in TRUE:
-        raise ValueError("smtps:// is TLS already; starttls=true goes with smtp://")
-    try:
-        timeout = float(options.get("timeout", "30"))
-    except ValueError:
-        raise ValueError("timeout must be a number of seconds") from None
-    if not 0 < timeout <= 600:
-        raise ValueError("timeout must be between 0 and 600 seconds")
-    return SmtpTarget(
-        host=parts.hostname,
-        port=port or (465 if scheme == "smtps" else 25),
-        ssl=scheme == "smtps",
-        starttls=starttls in TRUE,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        timeout=timeout,
-    )
+from conveyor.settings import SmtpTarget
 
 
 def send(

@@ -9,7 +9,6 @@ one notification carries the same id: receivers deduplicate by it.
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import hmac
 import json
@@ -20,21 +19,6 @@ from typing import Any
 import httpx
 
 from conveyor.notifications.guard import AllowList, post
-
-SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not one
-
-
-def decode_secret(secret: str) -> bytes:
-    """The key of a ``whsec_<base64>`` secret; ValueError if it is not one."""
-    if not secret.startswith(SECRET_PREFIX):
-        raise ValueError("write it as whsec_ followed by base64 (Standard Webhooks)")
-    try:
-        key = base64.b64decode(secret.removeprefix(SECRET_PREFIX), validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("the part after whsec_ is not base64") from None
-    if len(key) < 24:
-        raise ValueError("the key must be at least 24 bytes (32 recommended)")
-    return key
 
 
 def message_id(job_id: str) -> str:

@@ -24,7 +24,7 @@ from conveyor.errors import ConfigurationError, DeliveryFailed, DeliveryRefused,
 from conveyor.jobs import Job
 from conveyor.notifications import guard, sms, smtp, templates, webhooks
 from conveyor.notifications.records import SETTLED, NotificationBook, Record
-from conveyor.settings import Settings
+from conveyor.settings import Settings, decode_webhook_secret
 from conveyor.tasks import SubmitOptions
 
 Channel = Literal["email", "webhook", "sms"]
@@ -248,7 +248,8 @@ class Sender:
             raise DeliveryRefused(
                 "e-mail is not configured (CONVEYOR_SMTP_URL, CONVEYOR_SMTP_FROM)"
             )
-        target = smtp.parse_smtp_url(settings.smtp_url.get_secret_value())
+        target = settings.smtp
+        assert target is not None  # smtp_url is set
         rendered = templates.render(
             payload.template or templates.DEFAULT,
             payload.data,
@@ -295,7 +296,7 @@ class Sender:
             payload.to,
             body,
             msg_id=msg_id,
-            key=webhooks.decode_secret(secret.get_secret_value()),
+            key=decode_webhook_secret(secret.get_secret_value()),
             allow=self.allow,
             timeout=self.settings.notify_timeout,
         )
