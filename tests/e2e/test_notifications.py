@@ -20,8 +20,9 @@ from conveyor.notifications.records import NotificationBook
 from conveyor.notifications.workload import install, notify
 from conveyor.settings import Settings
 from tests.e2e.faults import TIMINGS, pool_children, sigkill, wait_pool
-from tests.e2e.support import Processes, run_cli, wait_for
+from tests.e2e.support import Processes, run_cli, wait_for, wait_ready
 from tests.notifications.receivers import SECRET, SmtpSink, WebhookReceiver
+from tests.servers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -121,3 +122,37 @@ def test_a_webhook_receiver_down_for_a_while_gets_every_message_once_it_is_back(
     assert sorted(receiver.unique) == sorted(f"msg_{job_id}" for job_id in ids)
     assert len(receiver.requests) == len(ids)  # each once: none twice
     assert all(delivery.valid for delivery in receiver.requests)
+
+
+def test_conveyor_notify_sends_through_conveyor_up(
+    processes: Processes, app: Conveyor, smtp: SmtpSink
+) -> None:
+    """The switch reaches both of ``up``'s children: the API takes the notification,
+    the worker sends it."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    processes.env["CONVEYOR_API_URL"] = url
+    up = processes.start("up", "up", "--port", str(port), "--workers", "1")
+    wait_ready(url, up)
+
+    sent = run_cli(
+        "notify",
+        "email",
+        "ada@example.com",
+        "--subject",
+        "Hello",
+        "--data",
+        '{"message": "from the CLI"}',
+        "--follow",
+        env=processes.env,
+    )
+    assert sent.returncode == 0, sent
+    job_id = sent.stdout.splitlines()[0]
+    [message] = smtp.messages
+    assert message["Message-ID"] == f"<{job_id}@conveyor.test>"
+    assert message["Subject"] == "Hello"
+
+    refused = run_cli("notify", "email", "not an address", env=processes.env)
+    assert refused.returncode == 1, refused
+    assert "not one e-mail address" in refused.stderr
+    assert "Traceback" not in refused.stderr
