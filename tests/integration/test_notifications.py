@@ -233,3 +233,60 @@ def _ipv6() -> bool:
     except OSError:
         return False
     return True
+
+
+def test_smtp_login_uses_the_credentials_of_the_url(app: Conveyor, database_url: str) -> None:
+    with SmtpSink(credentials=("mailer@conveyor.test", "p@ss:word")) as server:
+        app.configure(
+            app.settings.model_copy(
+                update={
+                    "smtp_url": Settings(
+                        smtp_url=server.url_with("mailer@conveyor.test", "p@ss:word")
+                    ).smtp_url
+                }
+            )
+        )
+        job = notify(app, "email", "ada@example.com", data={"message": "signed in"})
+        execute(app, job.id, 1)
+        assert app.store.get_job(job.id).status is JobStatus.SUCCEEDED
+        assert len(server.messages) == 1
+
+    assert server.logins == ["mailer@conveyor.test"]
+
+
+def test_redirects_are_not_followed(app: Conveyor, database_url: str) -> None:
+    with WebhookReceiver(status=307) as receiver:
+        job = notify(app, "webhook", receiver.url(), data={})
+        execute(app, job.id, 1)
+    dead = app.store.get_job(job.id)
+    assert dead.status is JobStatus.DEAD
+    assert dead.error is not None and "redirects are not followed" in dead.error.message
+    assert len(receiver.requests) == 1
+
+
+def test_a_host_name_is_connected_to_at_its_checked_address_and_kept_in_host(
+    app: Conveyor, database_url: str
+) -> None:
+    """``localhost`` resolves to 127.0.0.1, which the allow list lets through: the
+    request goes to that address, naming the host the URL gave."""
+    with WebhookReceiver() as receiver:
+        url = receiver.url().replace("127.0.0.1", "localhost")
+        job = notify(app, "webhook", url, data={"n": 1})
+        execute(app, job.id, 1)
+    assert app.store.get_job(job.id).status is JobStatus.SUCCEEDED
+    [delivery] = receiver.requests
+    assert delivery.headers["host"] == f"localhost:{receiver.port}"
+    assert delivery.valid
+
+
+def test_each_channel_has_its_own_rate_limit(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(notify_email_rate_limit="5/s", notify_sms_rate_limit="10/m")
+    application = Conveyor(settings=settings)
+    install(application, settings)
+    install(application, settings)  # again: nothing changes
+    rates = {name: str(application.get_task(name).limits.rate) for name in TASKS.values()}
+    assert rates == {
+        "conveyor.notify.email": "5/s",
+        "conveyor.notify.webhook": "None",
+        "conveyor.notify.sms": "10/m",
+    }

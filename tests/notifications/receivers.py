@@ -23,10 +23,10 @@ from email import message_from_bytes
 from email.message import Message
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, quote
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from tests.servers import free_port
 
@@ -38,14 +38,33 @@ class SmtpSink:
     """Accepts every message; ``on_data`` / ``on_quit`` run when a client gets there
     (before the server answers), for tests that stop the sender at that moment."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, credentials: tuple[str, str] | None = None) -> None:
         self.messages: list[Message] = []
+        #: With credentials, the server offers AUTH (PLAIN, LOGIN) and accepts only them.
+        self.credentials = credentials
+        self.logins: list[str] = []
         self.envelopes: list[tuple[str, list[str]]] = []
         self.on_data: Callable[[], None] = lambda: None
         self.on_quit: Callable[[], None] = lambda: None
         self.port = free_port()
         self._lock = threading.Lock()
-        self.controller = Controller(self, hostname="127.0.0.1", port=self.port)
+        auth: dict[str, Any] = {}
+        if credentials is not None:
+            auth = {"authenticator": self._authenticate}
+        self.controller = Controller(
+            self, hostname="127.0.0.1", port=self.port, auth_require_tls=False, **auth
+        )
+
+    def _authenticate(
+        self, server: SMTP, session: Session, envelope: Envelope, mechanism: str, data: Any
+    ) -> AuthResult:
+        login = data.login.decode() if isinstance(data, LoginPassword) else ""
+        password = data.password.decode() if isinstance(data, LoginPassword) else ""
+        self.logins.append(login)
+        return AuthResult(success=(login, password) == self.credentials)
+
+    def url_with(self, user: str, password: str) -> str:
+        return f"smtp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}"
 
     @property
     def url(self) -> str:
