@@ -122,6 +122,26 @@ def test_an_email_whose_attempt_died_mid_send_is_not_sent_again(
     assert smtp.messages == []
 
 
+def test_an_email_whose_data_failed_for_now_is_not_sent_again(
+    app: Conveyor, smtp: SmtpSink, database_url: str
+) -> None:
+    """A temporary failure answered to the data leaves the outcome unknown to the
+    sender: the job retries, and the retry does not send it again."""
+    smtp.data_answer = "451 4.3.0 try again later"
+    job = notify(app, "email", "ada@example.com", data={"message": "maybe"})
+    execute(app, job.id, 1)
+    assert app.store.get_job(job.id).status is JobStatus.RETRYING
+    [record] = NotificationBook(app.store.engine).of_job(job.id)
+    assert record.status == "sending"
+    assert record.detail is not None and "451" in record.detail
+
+    smtp.data_answer = "250 OK"
+    execute(app, job.id, 2)
+    done = app.store.get_job(job.id)
+    assert (done.status, done.result["status"]) == (JobStatus.SUCCEEDED, "unconfirmed")
+    assert len(smtp.messages) == 1
+
+
 def test_a_signed_webhook_is_delivered_with_an_id_from_its_job(
     app: Conveyor, database_url: str
 ) -> None:
@@ -217,8 +237,8 @@ def test_a_recipient_who_opted_out_gets_nothing(
 ) -> None:
     book = NotificationBook(app.store.engine)
     book.set_enabled("ada@example.com", False)
-    book.set_enabled("ada@example.com", False)  # an upsert
-    job = notify(app, "email", "ada@example.com", data={"message": "hi"})
+    book.set_enabled("Ada@Example.com", False)  # an upsert, of the same recipient
+    job = notify(app, "email", "Ada Lovelace <ADA@example.com>", data={"message": "hi"})
     execute(app, job.id, 1)
     assert app.store.get_job(job.id).result["status"] == "skipped"
     assert smtp.messages == []

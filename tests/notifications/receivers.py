@@ -46,6 +46,8 @@ class SmtpSink:
         self.envelopes: list[tuple[str, list[str]]] = []
         self.on_data: Callable[[], None] = lambda: None
         self.on_quit: Callable[[], None] = lambda: None
+        #: What the server answers to a message's data (it keeps the message all the same).
+        self.data_answer = "250 OK"
         self.port = free_port()
         self._lock = threading.Lock()
         auth: dict[str, Any] = {}
@@ -76,7 +78,7 @@ class SmtpSink:
             self.messages.append(message_from_bytes(content))
             self.envelopes.append((str(envelope.mail_from), list(envelope.rcpt_tos)))
         self.on_data()
-        return "250 OK queued as " + uuid.uuid4().hex[:12]
+        return self.data_answer
 
     async def handle_QUIT(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         self.on_quit()

@@ -18,7 +18,7 @@ from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import JobResource
 from conveyor.api.state import api_state
 from conveyor.notifications import workload
-from conveyor.notifications.records import NotificationBook, Record
+from conveyor.notifications.records import NotificationBook, Record, recipient
 from conveyor.notifications.workload import Notification
 
 log = structlog.get_logger("conveyor.api")
@@ -77,7 +77,7 @@ class RecipientChoice(BaseModel):
 
 
 class Recipient(BaseModel):
-    address: str
+    address: str = Field(description="As recorded: an e-mail address bare, in lower case.")
     notifications_enabled: bool
     updated_at: datetime | None = Field(description="When it was last set; null: never.")
 
@@ -108,7 +108,9 @@ def read_recipient(address: Address, request: Request) -> Recipient:
     """Whether notifications go to this recipient (they do unless it opted out)."""
     book = NotificationBook(api_state(request).store.engine)
     enabled, updated_at = book.choice(address)
-    return Recipient(address=address, notifications_enabled=enabled, updated_at=updated_at)
+    return Recipient(
+        address=recipient(address), notifications_enabled=enabled, updated_at=updated_at
+    )
 
 
 @router.put(
@@ -119,7 +121,9 @@ def set_recipient(address: Address, body: RecipientChoice, request: Request) -> 
     book = NotificationBook(api_state(request).store.engine)
     updated_at = book.set_enabled(address, body.notifications_enabled)
     return Recipient(
-        address=address, notifications_enabled=body.notifications_enabled, updated_at=updated_at
+        address=recipient(address),
+        notifications_enabled=body.notifications_enabled,
+        updated_at=updated_at,
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from email.utils import parseaddr
 from typing import Any
 
 from sqlalchemy import Engine, insert, select, update
@@ -58,6 +59,15 @@ class Record:
         }
 
 
+def recipient(address: str) -> str:
+    """The key a recipient is recorded and opted out under: an e-mail address bare and
+    in lower case (``Ada <Ada@Example.com>`` is ``ada@example.com``), others as given."""
+    if "://" not in address and "@" in address:
+        bare = parseaddr(address)[1]
+        return bare.lower() if bare else address
+    return address
+
+
 def _utc(value: datetime | None) -> datetime | None:
     if value is None:
         return None
@@ -89,6 +99,7 @@ class NotificationBook:
 
     def begin(self, job_id: str, channel: str, to: str, attempt: int) -> Record:
         """The row of this notification, made ``pending`` by its first attempt."""
+        to = recipient(to)
         key = (n.job_id == job_id) & (n.channel == channel) & (n.recipient == to)
         now = self.now()
         try:
@@ -109,6 +120,22 @@ class NotificationBook:
         with self.engine.connect() as conn:
             row = conn.execute(select(notifications_t).where(key)).one()
         return _record(row)
+
+    def note(self, record: Record, detail: str) -> None:
+        """Record why an attempt failed for now, leaving the status as the attempt left it
+        (``sending`` stays ``sending``: whether it went out is unknown)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(notifications_t)
+                .where(self._key(record))
+                .values(detail=detail[:2000], updated_at=self.now())
+            )
+
+    @staticmethod
+    def _key(record: Record) -> Any:
+        return (
+            (n.job_id == record.job_id) & (n.channel == record.channel) & (n.recipient == record.to)
+        )
 
     def mark(
         self,
@@ -152,6 +179,7 @@ class NotificationBook:
     def choice(self, address: str) -> tuple[bool, datetime | None]:
         """Whether notifications go to ``address``, and when that was last set."""
         r = recipients_t.c
+        address = recipient(address)
         with self.engine.connect() as conn:
             row = conn.execute(
                 select(r.notifications_enabled, r.updated_at).where(r.address == address)
@@ -163,6 +191,7 @@ class NotificationBook:
     def set_enabled(self, address: str, enabled: bool) -> datetime:
         """Record the recipient's choice (an upsert); returns when."""
         now = self.now()
+        address = recipient(address)
         values = {"notifications_enabled": enabled, "updated_at": now}
         dialect_insert = (
             postgres_insert if self.engine.dialect.name == "postgresql" else sqlite_insert

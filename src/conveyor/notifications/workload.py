@@ -229,7 +229,7 @@ class Sender:
             self._mark(record, "failed", detail=str(exc))
             raise
         except DeliveryFailed as exc:
-            self._mark(record, record.status, detail=str(exc))
+            self.book.note(record, str(exc))
             raise
         return record.as_result()
 
