@@ -271,7 +271,16 @@ def test_smtp_login_uses_the_credentials_of_the_url(app: Conveyor, database_url:
         assert app.store.get_job(job.id).status is JobStatus.SUCCEEDED
         assert len(server.messages) == 1
 
-    assert server.logins == ["mailer@conveyor.test"]
+        wrong = Settings(smtp_url=server.url_with("mailer@conveyor.test", "wrong")).smtp_url
+        app.configure(app.settings.model_copy(update={"smtp_url": wrong}))
+        refused = notify(app, "email", "ada@example.com", data={"message": "not signed in"})
+        execute(app, refused.id, 1)
+        dead = app.store.get_job(refused.id)
+        assert dead.status is JobStatus.DEAD  # a refused login is permanent
+        assert dead.error is not None and "login refused" in dead.error.message
+        assert len(server.messages) == 1
+    assert server.logins[0] == "mailer@conveyor.test"
+    assert len(server.logins) >= 2  # the wrong password, once per mechanism tried
 
 
 def test_redirects_are_not_followed(app: Conveyor, database_url: str) -> None:

@@ -63,7 +63,7 @@ class SmtpSink:
         login = data.login.decode() if isinstance(data, LoginPassword) else ""
         password = data.password.decode() if isinstance(data, LoginPassword) else ""
         self.logins.append(login)
-        return AuthResult(success=(login, password) == self.credentials)
+        return AuthResult(success=(login, password) == self.credentials, handled=False)
 
     def url_with(self, user: str, password: str) -> str:
         return f"smtp://{quote(user, safe='')}:{quote(password, safe='')}@127.0.0.1:{self.port}"
