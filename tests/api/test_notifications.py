@@ -111,3 +111,23 @@ async def test_recipients_opt_out_and_back_in(
 async def test_the_routes_need_a_key(anonymous: httpx.AsyncClient) -> None:
     response = await anonymous.post("/v1/notifications", json={})
     assert response.status_code == 401
+
+
+async def test_hostile_input_is_refused_not_stored(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    nul = await client.put(
+        "/v1/notifications/recipients/ada%00@example.com", json={"notifications_enabled": False}
+    )
+    assert nul.status_code == 422
+    long = await client.get(f"/v1/notifications/recipients/{'a' * 2049}")
+    assert long.status_code == 422
+    for data in ({"message": "nul \u0000 inside"}, {"n": 2**70}):
+        body = {"channel": "email", "to": "ada@example.com", "data": data}
+        response = await client.post("/v1/notifications", json=body)
+        assert response.status_code == 422, response.text
+    newline = await client.post(
+        "/v1/notifications", json={"channel": "email", "to": "a@x.test\r\nBcc: b@x.test"}
+    )
+    assert newline.status_code == 422
+    assert conveyor.store.list_jobs() == ([], None)

@@ -35,6 +35,7 @@ Address = Annotated[
     Path(
         min_length=1,
         max_length=2048,
+        pattern=r"^[^\x00-\x1f\x7f]+$",
         description="The recipient as notifications name it: e-mail address, URL or number.",
     ),
 ]
