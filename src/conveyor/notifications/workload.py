@@ -74,7 +74,7 @@ def check(notification: Notification, settings: Settings) -> None:
     that is not configured. (Host names are checked when sent: resolving is then.)"""
     channel, to = notification.channel, notification.to
     if channel == "email":
-        name, address = parseaddr(to)
+        address = parseaddr(to)[1]
         if not address or "@" not in address or "," in to or address.count("@") != 1:
             raise NotificationInvalid("to", f"{to!r} is not one e-mail address")
         if settings.smtp_url is None or not settings.smtp_from:
@@ -104,27 +104,18 @@ def check(notification: Notification, settings: Settings) -> None:
 
 def _check_url(url: str, settings: Settings) -> None:
     try:
-        parsed = httpx_url(url)
-    except ValueError as exc:
-        raise NotificationInvalid("to", str(exc)) from None
-    host = parsed[1]
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise NotificationInvalid("to", f"not a URL: {exc}") from None
+    if parsed.scheme not in {"http", "https"} or not parsed.host:
+        raise NotificationInvalid("to", f"{url!r} is not an http:// or https:// URL")
+    host = parsed.host
     address = guard.literal(host)
     if address is not None:
         try:
             guard.check_address(host, address, guard.AllowList.parse(settings.notify_allow_hosts))
         except DeliveryRefused as exc:
             raise NotificationInvalid("to", str(exc)) from None
-
-
-def httpx_url(url: str) -> tuple[str, str]:
-    """``(scheme, host)`` of an http(s) URL; ValueError otherwise."""
-    try:
-        parsed = httpx.URL(url)
-    except httpx.InvalidURL as exc:
-        raise ValueError(f"not a URL: {exc}") from None
-    if parsed.scheme not in {"http", "https"} or not parsed.host:
-        raise ValueError(f"{url!r} is not an http:// or https:// URL")
-    return parsed.scheme, parsed.host
 
 
 def notify(
