@@ -117,19 +117,9 @@ def _one_line(text: str) -> str:
 
 
 def _load_app(settings: Settings) -> Conveyor:
-    from conveyor.app import load_app
+    from conveyor import workloads
 
-    app = load_app(settings.app)
-    if settings.documents:  # the optional workload, which needs conveyor[documents]
-        try:
-            from conveyor.documents.tasks import install
-        except ImportError as exc:
-            raise ConfigurationError(
-                f"CONVEYOR_DOCUMENTS needs the documents extra ({exc}):"
-                " pip install 'conveyor[documents]'"
-            ) from None
-        install(app)
-    return app
+    return workloads.load(settings)
 
 
 def _configure_logging(settings: Settings) -> None:
@@ -635,6 +625,42 @@ class _Retry(Exception):
 
 
 # -- jobs ---------------------------------------------------------------------------
+
+
+@cli.command("notify")
+def notify(
+    channel: Annotated[str, typer.Argument(help="email, webhook or sms.")],
+    to: Annotated[
+        str, typer.Argument(help="An e-mail address, an http(s) URL or an E.164 number.")
+    ],
+    template: Annotated[
+        str | None, typer.Option(help="E-mail and SMS: the template; default message.")
+    ] = None,
+    subject: Annotated[str | None, typer.Option(help="E-mail subject.")] = None,
+    data: Annotated[
+        str, typer.Option(help="Template data (for a webhook, what is sent), a JSON object.")
+    ] = "{}",
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Wait until it is sent or has failed.")
+    ] = False,
+) -> None:
+    """Send a notification (the API needs CONVEYOR_NOTIFICATIONS=true); prints the job id."""
+    try:
+        values = json.loads(data)
+    except ValueError as exc:
+        raise CliError(f"--data is not valid JSON: {exc}", code=2) from None
+    if not isinstance(values, dict):
+        raise CliError("--data must be a JSON object", code=2)
+    body: dict[str, Any] = {"channel": channel, "to": to, "data": values}
+    if template is not None:
+        body["template"] = template
+    if subject is not None:
+        body["subject"] = subject
+    with ApiClient(load_settings()) as client:
+        job = client.request("POST", "/v1/notifications", json=body)
+        out.print(job["id"], markup=False)
+        if follow and Follower(client, job["id"]).run() != "succeeded":
+            raise typer.Exit(1)
 
 
 @cli.command("tasks")

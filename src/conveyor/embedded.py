@@ -33,8 +33,7 @@ from types import FrameType
 import httpx
 from rich.console import Console
 
-from conveyor import datadir
-from conveyor.app import load_app
+from conveyor import datadir, workloads
 from conveyor.errors import ConveyorError
 from conveyor.keys import bootstrap_admin_key
 from conveyor.settings import Settings
@@ -57,7 +56,7 @@ def prepare(settings: Settings) -> tuple[Settings, Path | None]:
     """Make the data dir, migrate, ensure the admin key; returns settings and the key file."""
     datadir.prepare(settings)
     settings = settings.model_copy(update={"data_dir": settings.data_dir.expanduser().resolve()})
-    app = load_app(settings.app)
+    app = workloads.load(settings)
     app.configure(settings)
     try:
         app.store.migrate()

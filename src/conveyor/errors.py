@@ -28,11 +28,14 @@ ConveyorError
 ├── DocumentRefused         an upload the documents workload cannot take (empty, no name...)
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
+├── NotificationInvalid     a notification request is wrong (channel, address, template)
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
-    │   └── CircuitOpenError  a circuit breaker refused the call; retry once it may close
+    │   ├── CircuitOpenError  a circuit breaker refused the call; retry once it may close
+    │   └── DeliveryFailed  a channel failed for now (5xx, 408, 429, timeout, unreachable)
     └── PermanentError      do not try again
         └── ExtractionFailed  a document's text cannot be extracted (type, corrupt, encrypted)
+        └── DeliveryRefused a channel refused for good (4xx, guarded address, no such template)
 """
 
 from __future__ import annotations
@@ -296,6 +299,15 @@ class BrokerUnavailable(ConveyorError):
     """The Celery broker cannot be reached."""
 
 
+class NotificationInvalid(ConveyorError):
+    """A notification request is invalid: its channel, address, template or data."""
+
+    def __init__(self, field: str, message: str) -> None:
+        #: The request field at fault (``channel``, ``to``, ``template``...).
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
 class TaskError(ConveyorError):
     """Raised by task code to decide what happens to its job."""
 
@@ -330,3 +342,11 @@ class ExtractionFailed(PermanentError):
     def __init__(self, reason: str) -> None:
         self.reason = reason
         super().__init__(f"extraction failed: {reason}")
+
+
+class DeliveryFailed(RetryableError):
+    """A notification channel failed for now; another attempt may get through."""
+
+
+class DeliveryRefused(PermanentError):
+    """A notification channel refused the message for good, or it may not be sent there."""

@@ -343,6 +343,43 @@ class LimitStartRow(Base):
     __table_args__ = (Index("ix_conveyor_limit_starts_key_at", "key", "at"),)
 
 
+class NotificationRow(Base):
+    """What a notification job sent, or is sending: checked before sending, so that a
+    retried or re-run job does not send again (see ``conveyor.notifications.records``)."""
+
+    __tablename__ = "conveyor_notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(String(36))
+    channel: Mapped[str] = mapped_column(String(16))
+    recipient: Mapped[str] = mapped_column(String(2048))
+    #: pending, sending, sent, unconfirmed, failed or skipped (opted out).
+    status: Mapped[str] = mapped_column(String(16))
+    #: The job attempt that last wrote the row.
+    attempt: Mapped[int] = mapped_column(Integer)
+    #: The channel's idempotency key or id: Message-ID, webhook-id, the provider's id.
+    provider_id: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "channel", "recipient", name="uq_conveyor_notifications_send"),
+        Index("ix_conveyor_notifications_recipient", "recipient"),
+    )
+
+
+class NotificationRecipientRow(Base):
+    """A recipient's choice: with ``notifications_enabled`` false, nothing is sent to it."""
+
+    __tablename__ = "conveyor_notification_recipients"
+
+    address: Mapped[str] = mapped_column(String(2048), primary_key=True)
+    notifications_enabled: Mapped[bool] = mapped_column(Boolean)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -356,3 +393,5 @@ limit_starts_t = Base.metadata.tables[LimitStartRow.__tablename__]
 breakers_t = Base.metadata.tables[BreakerRow.__tablename__]
 pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]
 steps_t = Base.metadata.tables[PipelineStepRow.__tablename__]
+notifications_t = Base.metadata.tables[NotificationRow.__tablename__]
+recipients_t = Base.metadata.tables[NotificationRecipientRow.__tablename__]

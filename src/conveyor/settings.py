@@ -6,10 +6,15 @@ nothing here is read at import time.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import ipaddress
 import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -174,6 +179,74 @@ class Settings(BaseSettings):
         " supervisor's stop timeout (Kubernetes: 30 s by default).",
     )
 
+    # -- notifications (conveyor.notifications), off unless switched on ----------------
+    notifications: bool = Field(
+        default=False, description="Register the notification tasks and mount /v1/notifications."
+    )
+    smtp_url: SecretStr | None = Field(
+        default=None,
+        description="smtp://user:pass@host:587?starttls=true, or smtps://host:465 for TLS.",
+    )
+    smtp_from: str | None = Field(default=None, description="The From address of e-mail.")
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="whsec_<base64>: the key webhook signatures are made with."
+    )
+    sms_url: str = Field(
+        default="https://api.twilio.com", description="Base URL of the SMS provider's API."
+    )
+    sms_account: str | None = Field(default=None, description="Provider account (Twilio SID).")
+    sms_token: SecretStr | None = Field(default=None, description="Provider auth token.")
+    sms_from: str | None = Field(default=None, description="The number SMS are sent from.")
+    notify_allow_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Hosts or CIDR ranges webhooks and the SMS provider may reach even though"
+        " they are loopback, private or link-local: 127.0.0.1,10.0.0.0/8,hooks.internal.",
+    )
+    notify_timeout: float = Field(
+        default=10.0, gt=0, le=300, description="Seconds a webhook or provider call may take."
+    )
+    notify_email_rate_limit: str | None = Field(default=None, description="E-mails: N/s, N/m.")
+    notify_webhook_rate_limit: str | None = Field(default=None, description="Webhook calls.")
+    notify_sms_rate_limit: str | None = Field(default=None, description="SMS sent.")
+    notify_templates_dir: Path | None = Field(
+        default=None, description="Your Jinja2 templates, found before the built-in ones."
+    )
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            parse_smtp_url(value.get_secret_value())  # ValueError says what is wrong
+            return value
+        return None
+
+    @field_validator("webhook_secret")
+    @classmethod
+    def _check_webhook_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value():
+            decode_webhook_secret(value.get_secret_value())
+            return value
+        return None
+
+    @field_validator("notify_allow_hosts", mode="before")
+    @classmethod
+    def _parse_allow_hosts(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = [part for part in value.split(",") if part.strip()]
+        if isinstance(value, list | tuple):
+            return tuple(str(entry) for entry in parse_allow_list([str(v) for v in value]))
+        return value
+
+    @field_validator(
+        "notify_email_rate_limit", "notify_webhook_rate_limit", "notify_sms_rate_limit"
+    )
+    @classmethod
+    def _check_rate(cls, value: str | None) -> str | None:
+        if value:
+            parse_rate(value)
+            return value
+        return None
+
     @model_validator(mode="after")
     def _check_heartbeat(self) -> Settings:
         if self.heartbeat_timeout <= 2 * self.heartbeat_interval:
@@ -245,6 +318,11 @@ class Settings(BaseSettings):
         return _check_scheme(value, REDIS_SCHEMES, "redis://host:6379/0")
 
     @property
+    def smtp(self) -> SmtpTarget | None:
+        """Where e-mail goes, parsed from ``smtp_url``; None when it is not set."""
+        return parse_smtp_url(self.smtp_url.get_secret_value()) if self.smtp_url else None
+
+    @property
     def embedded(self) -> bool:
         """True when the broker is the server-less one in ``data_dir``."""
         return self.resolved_broker_url.startswith("filesystem://")
@@ -308,6 +386,106 @@ def _check_scheme(value: str | None, allowed: set[str], example: str) -> str | N
         shown = scheme or "none"
         raise ValueError(f"unsupported scheme {shown!r}; write it like {example}")
     return value
+
+
+# -- notifications: how their settings are written --------------------------------
+
+#: Standard Webhooks secrets: this prefix, then the key in base64.
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - the prefix of every secret, not one
+
+
+def decode_webhook_secret(secret: str) -> bytes:
+    """The key of a ``whsec_<base64>`` secret; ValueError if it is not one."""
+    if not secret.startswith(WEBHOOK_SECRET_PREFIX):
+        raise ValueError("write it as whsec_ followed by base64 (Standard Webhooks)")
+    try:
+        key = base64.b64decode(secret.removeprefix(WEBHOOK_SECRET_PREFIX), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the part after whsec_ is not base64") from None
+    if len(key) < 24:
+        raise ValueError("the key must be at least 24 bytes (32 recommended)")
+    return key
+
+
+TRUE = {"1", "true", "yes", "on"}
+FALSE = {"0", "false", "no", "off"}
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def parse_allow_list(entries: Iterable[str]) -> list[str | IPNetwork]:
+    """Each entry a CIDR range (a bare address is a /32 or /128) or a host name;
+    ValueError names an entry that is neither."""
+    parsed: list[str | IPNetwork] = []
+    for raw in entries:
+        entry = raw.strip().lower().strip("[]")
+        if not entry:
+            continue
+        try:
+            parsed.append(ipaddress.ip_network(entry, strict=False))
+            continue
+        except ValueError:
+            pass
+        if not all(part and len(part) <= 63 for part in entry.split(".")) or not all(
+            c.isalnum() or c in "-._" for c in entry
+        ):
+            raise ValueError(f"{raw.strip()!r} is neither a host name nor an address range")
+        parsed.append(entry)
+    return parsed
+
+
+@dataclass(frozen=True)
+class SmtpTarget:
+    """Where and how e-mail is handed over."""
+
+    host: str
+    port: int
+    ssl: bool = False
+    starttls: bool = False
+    username: str | None = None
+    password: str | None = None
+    timeout: float = 30.0
+
+
+def parse_smtp_url(url: str) -> SmtpTarget:
+    """The target ``url`` describes; ValueError saying what is wrong with it."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"not an SMTP URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in {"smtp", "smtps"}:
+        raise ValueError(
+            f"unsupported scheme {scheme or 'none'!r}; write smtp://user:pass@host:587"
+            "?starttls=true or smtps://user:pass@host:465"
+        )
+    if not parts.hostname:
+        raise ValueError("the SMTP URL names no host")
+    options = {k.lower(): v[-1].lower() for k, v in parse_qs(parts.query).items()}
+    unknown = set(options) - {"starttls", "timeout"}
+    if unknown:
+        raise ValueError(f"unknown SMTP URL options: {', '.join(sorted(unknown))}")
+    starttls = options.get("starttls", "false")
+    if starttls not in TRUE | FALSE:
+        raise ValueError(f"starttls must be true or false, not {starttls!r}")
+    if scheme == "smtps" and starttls in TRUE:
+        raise ValueError("smtps:// is TLS already; starttls=true goes with smtp://")
+    try:
+        timeout = float(options.get("timeout", "30"))
+    except ValueError:
+        raise ValueError("timeout must be a number of seconds") from None
+    if not 0 < timeout <= 600:
+        raise ValueError("timeout must be between 0 and 600 seconds")
+    return SmtpTarget(
+        host=parts.hostname,
+        port=port or (465 if scheme == "smtps" else 25),
+        ssl=scheme == "smtps",
+        starttls=starttls in TRUE,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        timeout=timeout,
+    )
 
 
 def load_settings(**overrides: object) -> Settings:

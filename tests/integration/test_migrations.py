@@ -53,6 +53,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_pipeline_steps",
         "conveyor_documents",
         "conveyor_document_chunks",
+        "conveyor_notifications",
+        "conveyor_notification_recipients",
         VERSION_TABLE,
     }
     empty_store.ping()

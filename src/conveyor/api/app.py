@@ -21,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 from fastapi import FastAPI
 
+from conveyor import workloads
 from conveyor.api import (
     breakers,
     dead_letters,
@@ -36,6 +37,7 @@ from conveyor.api import (
     tasks,
     topics,
 )
+from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import (
     BodyLimit,
@@ -47,7 +49,7 @@ from conveyor.api.middleware import (
 )
 from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
-from conveyor.app import Conveyor, load_app
+from conveyor.app import Conveyor
 from conveyor.events import EventHub
 from conveyor.keys import KeyVerifier, bootstrap_admin_key
 from conveyor.logs import configure_logging
@@ -101,13 +103,12 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     )
     app.state.conveyor = state
     problems.install(app)
+    workloads.install(conveyor, settings)  # idempotent: the factory's load did it already
     larger: dict[str, int] = {}
     if settings.documents:
         # Imported only when switched on: it needs the conveyor[documents] extra.
         from conveyor.documents import api as documents_api
-        from conveyor.documents import tasks as documents_tasks
 
-        documents_tasks.install(conveyor)
         larger[documents_api.UPLOAD_PATH] = settings.documents_max_bytes
     # Added innermost first.
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, paths=larger)
@@ -127,6 +128,8 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
         app.include_router(module.router)
     if settings.documents:
         app.include_router(documents_api.router)
+    if settings.notifications:
+        app.include_router(notification_routes.router)
     docs.install(app)
     openapi.install(app, conveyor)
     return app
@@ -136,7 +139,7 @@ def factory() -> FastAPI:
     """For ``uvicorn --factory conveyor.api.app:factory``: everything from the environment."""
     settings = load_settings()
     configure_logging(settings)
-    conveyor = load_app(settings.app)
+    conveyor = workloads.load(settings)
     conveyor.configure(settings)
     app = create_app(conveyor)
     # What exists by now (modules, the app, its models and schemas: 150,000 objects)

@@ -22,6 +22,7 @@
     RequestValidationError                 422   (``errors``)
     a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
     RateLimited                            429   (``Retry-After``; see ``api.ratelimit``)
+    NotificationInvalid                    422   (``errors`` name the request field)
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
     anything else                          500, logged with its traceback, never shown
@@ -60,6 +61,7 @@ from conveyor.errors import (
     JobNotDead,
     JobNotEnded,
     JobNotFound,
+    NotificationInvalid,
     NotStorable,
     PayloadInvalid,
     PipelineEnded,
@@ -139,6 +141,7 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ScheduleNotFound: Kind(404, "schedule-not-found", "Schedule not found"),
     ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
     RateLimited: Kind(429, "rate-limited", "Too many requests"),
+    NotificationInvalid: Kind(422, "invalid-notification", "Invalid notification"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -201,6 +204,10 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         ]
     if isinstance(exc, PipelineInvalid):
         errors = _pipeline_errors(exc)
+    if isinstance(exc, NotificationInvalid):
+        errors = [
+            _field_error(("body", exc.field), {"msg": detail, "type": "invalid_notification"})
+        ]
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
