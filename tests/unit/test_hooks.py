@@ -100,15 +100,15 @@ def test_an_unknown_hook_is_refused_at_submit_with_close_names(app: Conveyor) ->
 
 @pytest.mark.parametrize("name", ["", "has space", "x" * 201, 42])
 def test_a_hook_that_cannot_be_a_task_name_is_refused(app: Conveyor, name: object) -> None:
-    with pytest.raises(ConfigurationError, match="on_success: .* is not a task name"):
+    with pytest.raises(ConfigurationError, match=r"on_success: .* is not a task name"):
         app.submit("hooks.plain", {"n": 1}, on_success=name)  # type: ignore[arg-type]
-    with pytest.raises(ConfigurationError, match="on_dead: .* is not a task name"):
+    with pytest.raises(ConfigurationError, match=r"on_dead: .* is not a task name"):
         TaskOptions(on_dead=name)  # type: ignore[arg-type]
 
 
 def test_a_hook_task_must_take_a_job_outcome(app: Conveyor) -> None:
     # hooks.plain takes an Order: no outcome fits it.
-    with pytest.raises(ConfigurationError, match="task 'hooks.plain' cannot take a JobOutcome"):
+    with pytest.raises(ConfigurationError, match=r"task 'hooks\.plain' cannot take a JobOutcome"):
         app.submit("hooks.plain", {"n": 1}, on_dead="hooks.plain")
 
 
@@ -120,7 +120,7 @@ def test_decorating_with_a_registered_hook_checks_it_at_once(app: Conveyor) -> N
     app.task(name="hooks.strict")(strict)
     app.task(name="hooks.partial")(partial)
 
-    with pytest.raises(ConfigurationError, match="'hooks.strict' cannot take a JobOutcome"):
+    with pytest.raises(ConfigurationError, match=r"'hooks\.strict' cannot take a JobOutcome"):
         app.task(name="hooks.bad", on_success="hooks.strict")(work)
     assert "hooks.bad" not in app.tasks
     app.task(name="hooks.good", on_dead="hooks.partial")(work)  # extra fields are ignored
