@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from conveyor import Conveyor
+from conveyor.api.schemas import JobRequest
 from conveyor.worker.outcomes import record_success
 from tests.e2e.hooks_app import notify
 
@@ -120,3 +121,14 @@ async def test_an_idempotent_repeat_with_other_hooks_is_another_request(
     assert (first.status_code, repeat.status_code) == (202, 200)
     assert repeat.json()["id"] == first.json()["id"]
     assert other.status_code == 422
+
+
+async def test_requests_without_hooks_keep_the_fingerprint_they_had_before_hooks() -> None:
+    body = JobRequest.model_validate({"task": "tests.add", "payload": {"a": 1}})
+    hooked = JobRequest.model_validate({"task": "tests.add", "payload": {}, "on_dead": "x"})
+
+    dumped = body.model_dump(mode="json")
+    assert body.fingerprinted() == {
+        k: v for k, v in dumped.items() if k not in ("on_success", "on_dead")
+    }
+    assert hooked.fingerprinted()["on_dead"] == "x"
