@@ -89,11 +89,10 @@ def _dispatch_hook(app: Conveyor, hooked: Hooked) -> None:
     log.info("job.hook_submitted", hook_job_id=hooked.hook.id, hook_task=hooked.hook.task)
     try:
         taken = app.store.take_dispatches([hooked.hook])
-    except StoreUnavailable as exc:
+        if taken:
+            app.dispatch_many(taken)
+    except Exception as exc:  # the outcome and its hook job are committed whatever happens here
         log.warning("job.hook_dispatch_deferred", hook_job_id=hooked.hook.id, error=str(exc))
-        return
-    if taken:
-        app.dispatch_many(taken)
 
 
 def jsonable(result: Any) -> Any:
