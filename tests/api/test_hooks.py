@@ -11,6 +11,7 @@ import pytest
 from conveyor import Conveyor
 from conveyor.api.schemas import JobRequest
 from conveyor.worker.outcomes import record_success
+from tests.api.conftest import add
 from tests.e2e.hooks_app import notify
 
 pytestmark = pytest.mark.anyio
@@ -132,3 +133,15 @@ async def test_requests_without_hooks_keep_the_fingerprint_they_had_before_hooks
         k: v for k, v in dumped.items() if k not in ("on_success", "on_dead")
     }
     assert hooked.fingerprinted()["on_dead"] == "x"
+
+
+async def test_tasks_show_their_hooks(client: httpx.AsyncClient, hooked: Conveyor) -> None:
+    hooked.task(name="tests.hooked", on_success="tests.notify", on_dead="tests.notify")(add)
+
+    tasks = {t["name"]: t for t in (await client.get("/v1/tasks")).json()}
+
+    assert (tasks["tests.hooked"]["on_success"], tasks["tests.hooked"]["on_dead"]) == (
+        "tests.notify",
+        "tests.notify",
+    )
+    assert (tasks["tests.add"]["on_success"], tasks["tests.add"]["on_dead"]) == (None, None)

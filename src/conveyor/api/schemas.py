@@ -508,6 +508,9 @@ class TaskInfo(BaseModel):
     rate_limit: str | None = None
     concurrency: int | None = None
     concurrency_key: str | None = None
+    #: Its completion hooks: the tasks its jobs' ends submit (see the reliability docs).
+    on_success: str | None = None
+    on_dead: str | None = None
 
     @classmethod
     def of(cls, task: Task[Any, Any]) -> TaskInfo:
@@ -522,6 +525,8 @@ class TaskInfo(BaseModel):
             rate_limit=str(task.limits.rate) if task.limits.rate else None,
             concurrency=task.options.concurrency,
             concurrency_key=task.options.concurrency_key,
+            on_success=task.options.on_success,
+            on_dead=task.options.on_dead,
         )
 
 
