@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -129,7 +130,14 @@ def test_outcomes_recorded_twice_or_at_once_make_one_hook_job(app: Conveyor) -> 
 
 def test_the_database_refuses_a_second_hook_job_for_one_job(app: Conveyor) -> None:
     job = app.submit("hooks.work", {"n": 6})
-    run_job(app, job)
+    ended = run_job(app, job)
+    assert ended is not None
+    hook = HookJob.of("hooks.notify", app.tasks["hooks.notify"])
+    # The store's own insert of a hook job does nothing for a job that has one...
+    with app.store.engine.begin() as conn:
+        assert app.store._create_hook_in(conn, ended, hook, datetime.now(UTC)) is None
+    assert len(hook_jobs(app, job.id)) == 1
+    # ...and any other insert is refused by the unique index.
     with app.store.engine.begin() as conn:
         row = dict(conn.execute(select(jobs_t).where(jobs_t.c.hook_of == job.id)).mappings().one())
     row["id"] = "another-hook-job"

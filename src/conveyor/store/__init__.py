@@ -136,6 +136,7 @@ from conveyor.store.statements import (
     DEFER,
     DIE,
     HEARTBEAT_SQL,
+    HOOK_CREATE,
     INSERT_ATTEMPT,
     INSERT_EVENT,
     PIPELINE_CREATE,
@@ -834,6 +835,17 @@ class Store:
             dispatched=False,
             limit_key=self.limit_key_of(hook.task, payload),
         )
+        data = {"attempt": 1, "hook_of": ended.id}
+        if self.dialect == "postgresql":  # the row and its event in one statement
+            params = _params(HOOK_CREATE, now, {**values, "hook_of": ended.id}, *(None,) * 4)
+            write = Write(HOOK_CREATE, "", {"params": params, "data": data})
+            raw: Any = conn.connection.driver_connection
+            with raw.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(batch_sql(HOOK_CREATE, single=True), _scalars(HOOK_CREATE, write))
+                found = cursor.fetchone()
+            if found is None:
+                return None
+            return rows.job(found), rows.joined_event(HOOK_CREATE.event_type, found)
         row_values = {
             **values,
             "hook_of": ended.id,
@@ -858,7 +870,7 @@ class Store:
             "type": CREATE.event_type.value,
             "task": row["task"],
             "status": row["status"],
-            "data": {"attempt": 1, "hook_of": ended.id},
+            "data": data,
             "at": row["updated_at"],
         }
         event_id = conn.execute(INSERT_EVENT, {f"e_{k}": v for k, v in event.items()}).scalar()
