@@ -31,6 +31,7 @@ from sqlalchemy import create_engine, text
 
 from conveyor.app import Conveyor
 from conveyor.broker import dispatch
+from conveyor.hooks import HookJob
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings
 
@@ -117,6 +118,27 @@ def run(app: Conveyor, settings: Settings, url: str, n: int) -> None:
     measure(
         "store.succeed (conditional update + event, commit)",
         lambda: store.succeed(next(to_finish), 1, {"i": 1}),
+        n,
+    )
+    hooked = [
+        store.create_job(
+            task="diag.echo",
+            payload={"i": 1},
+            queue="default",
+            priority=5,
+            max_attempts=1,
+            timeout=None,
+            correlation_id="c" * 32,
+            on_success="diag.echo",
+        ).id
+        for _ in range(n + WARMUP)
+    ]
+    for job_id in hooked:
+        store.claim(job_id, 1, "bench:1")
+    to_hook, hook = iter(hooked), HookJob.of("diag.echo", app.tasks["diag.echo"])
+    measure(
+        "store.succeed_hooked (outcome + hook job, one transaction)",
+        lambda: store.succeed_hooked(next(to_hook), 1, {"i": 1}, hook=hook),
         n,
     )
     job = store.get_job(ids[0])

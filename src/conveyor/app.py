@@ -22,7 +22,7 @@ import structlog
 from celery import Celery
 from pydantic import BaseModel
 
-from conveyor import broker, diag, idempotency, payloads, pipelines
+from conveyor import broker, diag, hooks, idempotency, payloads, pipelines
 from conveyor.breakers import Breaker, BreakerOptions, Breakers
 from conveyor.errors import (
     BatchInvalid,
@@ -115,6 +115,8 @@ class Conveyor:
         rate_limit: str | None = None,
         concurrency: int | None = None,
         concurrency_key: str | None = None,
+        on_success: str | None = None,
+        on_dead: str | None = None,
     ) -> TaskDecorator: ...
 
     def task(
@@ -135,6 +137,8 @@ class Conveyor:
         rate_limit: str | None = None,
         concurrency: int | None = None,
         concurrency_key: str | None = None,
+        on_success: str | None = None,
+        on_dead: str | None = None,
     ) -> Task[Any, Any] | TaskDecorator:
         """Register ``fn(ctx, payload)`` as a task; usable bare or with options
         (see :class:`~conveyor.tasks.TaskOptions`). ``on`` subscribes it to one topic
@@ -144,6 +148,11 @@ class Conveyor:
         empty payload: a schedule named after the task (see :meth:`schedule`).
         ``rate_limit``, ``concurrency`` and ``concurrency_key`` limit its starts across
         every worker (see :mod:`conveyor.limits`).
+
+        ``on_success`` and ``on_dead`` name a task submitted once, with the job's
+        :class:`~conveyor.hooks.JobOutcome`, when a job of this one succeeds or is dead
+        (see :mod:`conveyor.hooks`). A hook task registered already is checked here;
+        one defined further down is checked when the app is loaded, and by each submit.
         """
         options = TaskOptions(
             queue=queue,
@@ -157,6 +166,8 @@ class Conveyor:
             rate_limit=rate_limit,
             concurrency=concurrency,
             concurrency_key=concurrency_key,
+            on_success=on_success,
+            on_dead=on_dead,
         )
 
         def register(fn: TaskFunction[Any, Any]) -> Task[Any, Any]:
@@ -164,6 +175,11 @@ class Conveyor:
             if task_name in self.tasks:
                 raise ConfigurationError(f"task {task_name!r} is already registered")
             task: Task[Any, Any] = Task(self, fn, name=task_name, options=options)
+            for option in hooks.HOOKS:
+                hook = getattr(options, option)
+                if hook is not None and (hook in self.tasks or hook == task_name):
+                    target = task if hook == task_name else self.tasks[hook]
+                    hooks.check_accepts(option, target)
             self.tasks[task_name] = task
             if schedule is not None:
                 self.schedule(task_name, task, cron=schedule)
@@ -523,7 +539,21 @@ class Conveyor:
             "payload": data,
             **self._options(task, options),
             "limit_key": task.limit_key(data),
+            **self._hooks(task, options),
         }
+
+    def _hooks(self, task: Task[Any, Any], options: JobOptions) -> dict[str, str]:
+        """A job's completion hooks, each checked: the submit's, else its task's. Only
+        those set are returned, so that idempotency fingerprints of jobs without hooks
+        stay what they were before hooks existed."""
+        found = {}
+        given = {"on_success": options.get("on_success"), "on_dead": options.get("on_dead")}
+        for option, name in given.items():
+            if name is None:
+                name = getattr(task.options, option)
+            if name is not None:
+                found[option] = hooks.check_hook(option, name, self.get_task)
+        return found
 
     def _options(self, task: Task[Any, Any], options: JobOptions) -> dict[str, Any]:
         """The options a job of ``task`` is recorded with; raises if one is invalid."""
@@ -774,6 +804,8 @@ class Conveyor:
             pipeline_id=dead.pipeline_id,
             step=dead.step,
             item=dead.item,
+            on_success=dead.on_success,  # a replay keeps its hooks (see conveyor.hooks)
+            on_dead=dead.on_dead,
         )
         if not created:  # another replay got there first
             return job, False
@@ -823,6 +855,7 @@ def load_app(spec: str | None) -> Conveyor:
         raise ConfigurationError(
             f"CONVEYOR_APP: {spec!r} names no Conveyor app; write module:attribute"
         )
+    hooks.check_tasks(app.tasks, app.get_task)  # hooks may name tasks defined after them
     return app
 
 

@@ -404,6 +404,22 @@ def submit(
         str | None,
         typer.Option(help="Start no earlier than this time (RFC 3339, with its time zone)."),
     ] = None,
+    on_success: Annotated[
+        str | None,
+        typer.Option(
+            "--on-success",
+            metavar="TASK",
+            help="Submit TASK once, with the job's outcome, when the job succeeds.",
+        ),
+    ] = None,
+    on_dead: Annotated[
+        str | None,
+        typer.Option(
+            "--on-dead",
+            metavar="TASK",
+            help="Submit TASK once, with the job's outcome, when the job is dead.",
+        ),
+    ] = None,
     ndjson: Annotated[
         bool,
         typer.Option(
@@ -423,6 +439,10 @@ def submit(
         options["delay"] = delay
     if run_at is not None:
         options["run_at"] = run_at
+    if on_success is not None:
+        options["on_success"] = on_success
+    if on_dead is not None:
+        options["on_dead"] = on_dead
     if ndjson or payload == "-":
         if follow or idempotency_key is not None:
             raise CliError("--follow and --idempotency-key take one job, not --ndjson", code=2)

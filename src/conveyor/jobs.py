@@ -118,6 +118,12 @@ class Job(BaseModel):
     pipeline_id: str | None = None
     step: str | None = None
     item: int | None = None
+    #: Completion hooks: the task submitted, once, when the job succeeds or is dead
+    #: (see :mod:`conveyor.hooks`).
+    on_success: str | None = None
+    on_dead: str | None = None
+    #: For a hook job: the job whose outcome made it.
+    hook_of: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -94,6 +94,11 @@ class JobRow(Base):
     pipeline_id: Mapped[str | None] = mapped_column(String(36))
     step: Mapped[str | None] = mapped_column(String(200))
     item: Mapped[int | None] = mapped_column(Integer)
+    #: The tasks submitted when the job succeeds or dies (completion hooks), if any.
+    on_success: Mapped[str | None] = mapped_column(String(200))
+    on_dead: Mapped[str | None] = mapped_column(String(200))
+    #: For a hook job: the job whose outcome made it (unique: one hook job per outcome).
+    hook_of: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
@@ -106,6 +111,7 @@ class JobRow(Base):
         Index("uq_conveyor_jobs_schedule_tick", "schedule", "schedule_tick", unique=True),
         Index("ix_conveyor_jobs_limit_key_status", "limit_key", "status"),
         Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
+        Index("uq_conveyor_jobs_hook_of", "hook_of", unique=True),
     )
 
 

@@ -67,6 +67,10 @@ class TaskOptions:
     #: A payload field: ``concurrency`` then applies per value of that field.
     #: (The three limits are checked by the :class:`Task`, whose errors name it.)
     concurrency_key: str | None = None
+    #: Completion hooks: the task submitted, once, with the job's ``JobOutcome`` when a
+    #: job of this task succeeds, or is dead (see :mod:`conveyor.hooks`).
+    on_success: str | None = None
+    on_dead: str | None = None
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
@@ -77,6 +81,10 @@ class TaskOptions:
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
             raise ConfigurationError("retry_on must be a tuple of exception classes")
         object.__setattr__(self, "on", check_topics(self.on))
+        for option in ("on_success", "on_dead"):
+            hook = getattr(self, option)
+            if hook is not None and not (isinstance(hook, str) and NAME_PATTERN.match(hook)):
+                raise ConfigurationError(f"{option}: {hook!r} is not a task name")
 
 
 def check_retry_policy(max_attempts: int, backoff_base: float, backoff_cap: float) -> None:
@@ -129,6 +137,9 @@ class JobOptions(TypedDict, total=False):
     run_at: datetime | None
     #: Not before this many seconds from now (instead of ``run_at``).
     delay: float | None
+    #: Completion hooks for this job, instead of the task's (see :mod:`conveyor.hooks`).
+    on_success: str | None
+    on_dead: str | None
 
 
 class SubmitOptions(JobOptions, total=False):

@@ -130,7 +130,7 @@ async def test_a_repeat_while_the_first_is_in_flight_is_409(
     job, _ = conveyor.store.create_job_once(
         caller.id,
         "order-1",
-        fingerprint(JobRequest.model_validate(BODY).model_dump(mode="json")),
+        fingerprint(JobRequest.model_validate(BODY).fingerprinted()),
         task="tests.add",
         payload=BODY["payload"],
         queue="math",

@@ -246,3 +246,35 @@ def test_limits_migration_downgrades_without_touching_jobs(empty_store: Store) -
     empty_store.migrate()  # and up again: the job is there, with no limit key
     assert empty_store.get_job(job.id).limit_key is None
     assert [e.job_id for e in empty_store.job_events(job.id)] == [job.id]
+
+
+def test_hooks_migration_downgrades_without_touching_jobs(empty_store: Store) -> None:
+    """0013 adds and drops its columns and index in place, as 0005 does."""
+    from alembic import command
+
+    from conveyor.store import _alembic_config
+
+    config = _alembic_config()
+    empty_store.migrate()
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+        on_success="notify",
+    )
+    assert empty_store.get_job(job.id).on_success == "notify"
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    columns = {c["name"] for c in inspect(empty_store.engine).get_columns("conveyor_jobs")}
+    assert not columns & {"on_success", "on_dead", "hook_of"}
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()  # and up again: the job is there, without hooks
+    assert empty_store.get_job(job.id).on_success is None
+    assert [e.job_id for e in empty_store.job_events(job.id)] == [job.id]

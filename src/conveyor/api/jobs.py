@@ -107,7 +107,7 @@ def submit_job(
             body.payload,
             key=once,
             scope=key.id,  # keys are per caller: two callers cannot collide
-            fingerprint=idempotency.fingerprint(body.model_dump(mode="json")),
+            fingerprint=idempotency.fingerprint(body.fingerprinted()),
             **options,
         )
     if created:

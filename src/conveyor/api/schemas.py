@@ -190,6 +190,23 @@ class JobRequest(BaseModel):
         " the job waits `scheduled` until then. Not with `run_at`.",
     )
 
+    on_success: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        description="A task submitted once, with this job's outcome as its payload, when the"
+        " job succeeds; instead of the task's own. 422 for a task not registered or one"
+        " whose payload model cannot take the outcome.",
+    )
+    on_dead: Text | None = Field(
+        default=None,
+        min_length=1,
+        max_length=200,
+        json_schema_extra={"pattern": NAME_PATTERN.pattern},
+        description="As `on_success`, when the job is dead (its attempts exhausted).",
+    )
+
     @model_validator(mode="after")
     def _one_start(self) -> JobRequest:
         if self.run_at is not None and self.delay is not None:
@@ -206,7 +223,15 @@ class JobRequest(BaseModel):
             "backoff_cap": self.backoff_cap,
             "run_at": self.run_at,
             "delay": self.delay,
+            "on_success": self.on_success,
+            "on_dead": self.on_dead,
         }
+
+    def fingerprinted(self) -> dict[str, Any]:
+        """The request as its idempotency fingerprint sees it: hooks left unset are left
+        out, so that keys used before hooks existed still match their repeats."""
+        unset = {name for name in ("on_success", "on_dead") if getattr(self, name) is None}
+        return self.model_dump(mode="json", exclude=unset)
 
 
 class JobBatchRequest(BaseModel):
@@ -483,6 +508,9 @@ class TaskInfo(BaseModel):
     rate_limit: str | None = None
     concurrency: int | None = None
     concurrency_key: str | None = None
+    #: Its completion hooks: the tasks its jobs' ends submit (see the reliability docs).
+    on_success: str | None = None
+    on_dead: str | None = None
 
     @classmethod
     def of(cls, task: Task[Any, Any]) -> TaskInfo:
@@ -497,6 +525,8 @@ class TaskInfo(BaseModel):
             rate_limit=str(task.limits.rate) if task.limits.rate else None,
             concurrency=task.options.concurrency,
             concurrency_key=task.options.concurrency_key,
+            on_success=task.options.on_success,
+            on_dead=task.options.on_dead,
         )
 
 

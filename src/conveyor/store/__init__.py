@@ -88,6 +88,7 @@ from conveyor.errors import (
     StoreUnavailable,
     TopicEventNotFound,
 )
+from conveyor.hooks import HookJob, JobOutcome
 from conveyor.idempotency import IN_FLIGHT_SECONDS
 from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.limits import CONCURRENCY_RECHECK, Limits, Rate
@@ -135,6 +136,7 @@ from conveyor.store.statements import (
     DEFER,
     DIE,
     HEARTBEAT_SQL,
+    HOOK_CREATE,
     INSERT_ATTEMPT,
     INSERT_EVENT,
     PIPELINE_CREATE,
@@ -213,6 +215,16 @@ class DeadLetterFilter:
     @property
     def empty(self) -> bool:
         return all(v is None for v in (self.task, self.error_type, self.since, self.until))
+
+
+@dataclass(frozen=True)
+class Hooked:
+    """A job ended with a hook: the job, its event, and the hook job this made (None if
+    its outcome had made one already). The hook job is not dispatched yet."""
+
+    job: Job
+    event: Event
+    hook: Job | None
 
 
 @dataclass
@@ -347,6 +359,8 @@ class Store:
         replay_of: str | None = None,
         run_at: datetime | None = None,
         limit_key: str | None = None,
+        on_success: str | None = None,
+        on_dead: str | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails.
@@ -369,6 +383,8 @@ class Store:
             replay_of=replay_of,
             run_at=run_at,
             limit_key=limit_key,
+            on_success=on_success,
+            on_dead=on_dead,
         )
         change = _creation(values)
         found = self._write(change, now=now, values=values, data=_created_data(values))
@@ -760,6 +776,106 @@ class Store:
             outcome=outcome,
             error=error,
         )
+
+    def succeed_hooked(
+        self, job_id: str, attempt: int, result: Any, *, hook: HookJob
+    ) -> Hooked | None:
+        """:meth:`succeed` for a job with an ``on_success`` hook: the success and the hook
+        job are one transaction, outside the group commit. The hook job is recorded not
+        dispatched: the caller takes its dispatch once this returns (the recovery sweep
+        does, should the caller die first). None if the attempt was not current."""
+        problems = payloads.check_storable(result)
+        if problems:
+            raise NotStorable("result", problems)
+        now = utcnow()
+        values = {"finished_at": now, "result": result}
+        params = _params(SUCCEED, now, values, job_id, attempt, AttemptOutcome.SUCCEEDED, None)
+        return self._end_hooked(SUCCEED, params, {"attempt": attempt}, hook)
+
+    def die_hooked(
+        self,
+        job_id: str,
+        attempt: int,
+        error: JobError,
+        *,
+        hook: HookJob,
+        outcome: AttemptOutcome = AttemptOutcome.FAILED,
+    ) -> Hooked | None:
+        """:meth:`die` for a job with an ``on_dead`` hook, as :meth:`succeed_hooked`."""
+        error = _storable_error(error)
+        now = utcnow()
+        values = {"finished_at": now, "error": error.model_dump()}
+        params = _params(DIE, now, values, job_id, attempt, outcome, error)
+        data = {"attempt": attempt, "error": error.model_dump(include={"type", "message"})}
+        return self._end_hooked(DIE, params, data, hook)
+
+    def _end_hooked(
+        self, change: Change, params: dict[str, Any], data: dict[str, Any], hook: HookJob
+    ) -> Hooked | None:
+        with self._tx() as conn:
+            found = self._apply(conn, change, params, data)
+            if found is None:
+                return None
+            made = self._create_hook_in(conn, found[0], hook, params["now"])
+        self.publish([found[1], *([made[1]] if made else [])])
+        return Hooked(found[0], found[1], made[0] if made else None)
+
+    def _create_hook_in(
+        self, conn: Connection, ended: Job, hook: HookJob, now: datetime
+    ) -> tuple[Job, Event] | None:
+        """The hook job of ``ended``, in the caller's transaction, unless it exists: the
+        unique ``hook_of`` makes a second insert for one job do nothing (None), whatever
+        raced to make it."""
+        payload = JobOutcome.of(ended).model_dump(mode="json")
+        values = _new_job(
+            now,
+            **hook.fields(),
+            payload=payload,
+            correlation_id=ended.correlation_id,
+            dispatched=False,
+            limit_key=self.limit_key_of(hook.task, payload),
+        )
+        data = {"attempt": 1, "hook_of": ended.id}
+        if self.dialect == "postgresql":  # the row and its event in one statement
+            params = _params(HOOK_CREATE, now, {**values, "hook_of": ended.id}, *(None,) * 4)
+            write = Write(HOOK_CREATE, "", {"params": params, "data": data})
+            raw: Any = conn.connection.driver_connection
+            with raw.cursor(row_factory=dict_row) as cursor:
+                cursor.execute(batch_sql(HOOK_CREATE, single=True), _scalars(HOOK_CREATE, write))
+                found = cursor.fetchone()
+            if found is None:
+                return None
+            return rows.job(found), rows.joined_event(HOOK_CREATE.event_type, found)
+        row_values = {
+            **values,
+            "hook_of": ended.id,
+            "status": JobStatus.QUEUED.value,
+            "event_seq": 1,
+            "created_at": now,
+            "updated_at": now,
+        }
+        dialect_insert = pg_insert if self.dialect == "postgresql" else sqlite_insert
+        stmt = (
+            dialect_insert(jobs_t)
+            .values(row_values)
+            .on_conflict_do_nothing(index_elements=[jobs_t.c.hook_of])
+            .returning(*jobs_t.c)
+        )
+        row = conn.execute(stmt).mappings().first()
+        if row is None:
+            return None
+        event = {
+            "job_id": row["id"],
+            "seq": 1,
+            "type": CREATE.event_type.value,
+            "task": row["task"],
+            "status": row["status"],
+            "data": data,
+            "at": row["updated_at"],
+        }
+        event_id = conn.execute(INSERT_EVENT, {f"e_{k}": v for k, v in event.items()}).scalar()
+        assert event_id is not None
+        return rows.job(row), Event(id=event_id, **event)
 
     def schedule_retry(
         self,
@@ -2292,6 +2408,8 @@ def _new_job(
     schedule_tick: datetime | None = None,
     dispatched: bool = True,
     limit_key: str | None = None,
+    on_success: str | None = None,
+    on_dead: str | None = None,
 ) -> dict[str, Any]:
     """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
     ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
@@ -2313,6 +2431,8 @@ def _new_job(
         "schedule": schedule,
         "schedule_tick": schedule_tick,
         "limit_key": limit_key,
+        "on_success": on_success,
+        "on_dead": on_dead,
     }
 
 

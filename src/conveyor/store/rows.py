@@ -61,6 +61,9 @@ def job(row: Mapping[Any, Any]) -> Job:
         pipeline_id=row["pipeline_id"],
         step=row["step"],
         item=row["item"],
+        on_success=row.get("on_success"),
+        on_dead=row.get("on_dead"),
+        hook_of=row.get("hook_of"),
     )
 
 

@@ -65,6 +65,9 @@ class Change:
     #: Whether it applies only to jobs without limits (a limited job is claimed
     #: by ``Store.claim_limited`` instead, which checks its limits first).
     unlimited_only: bool = False
+    #: For a new row: the unique column whose clash makes the insert do nothing
+    #: (PostgreSQL's batch form only).
+    unless_exists: str | None = None
 
     def row_statement(self) -> Any:
         """INSERT or conditional UPDATE of the job row, returning the whole row."""
@@ -144,7 +147,7 @@ class Change:
 _NEW_JOB_COLUMNS = (
     *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
     *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
-    *("run_at", "schedule", "schedule_tick", "limit_key"),
+    *("run_at", "schedule", "schedule_tick", "limit_key", "on_success", "on_dead"),
 )
 CREATE = Change("create", EventType.STATUS, JobStatus.QUEUED, frozenset(), _NEW_JOB_COLUMNS)
 #: A new job that waits in the store until its ``run_at`` (see ``Store.promote_due``).
@@ -156,6 +159,15 @@ PIPELINE_CREATE = Change(
     JobStatus.QUEUED,
     frozenset(),
     (*CREATE.columns, "pipeline_id", "step", "item"),
+)
+#: CREATE for a completion hook's job, at most one per ended job (``hook_of``).
+HOOK_CREATE = Change(
+    "hook_create",
+    EventType.STATUS,
+    JobStatus.QUEUED,
+    frozenset(),
+    (*CREATE.columns, "hook_of"),
+    unless_exists="hook_of",
 )
 CLAIM = Change(
     "claim",
@@ -310,9 +322,15 @@ def batch_sql(change: Change, *, single: bool = False) -> str:
         status = f"'{change.status.value}'" if change.status else "NULL"
         values += [status, "1", "i.now_", "i.now_"]
         prelude = f"input AS (SELECT * FROM {source_rows}), "
+        # WHERE true: else PostgreSQL would read ON CONFLICT as a join's ON.
+        unless = (
+            f" WHERE true ON CONFLICT ({change.unless_exists}) DO NOTHING"
+            if change.unless_exists
+            else ""
+        )
         job = (
             f"INSERT INTO {jobs_t.name} ({', '.join(columns)})"
-            f" SELECT {', '.join(values)} FROM input AS i RETURNING *"
+            f" SELECT {', '.join(values)} FROM input AS i{unless} RETURNING *"
         )
         source, data = "job JOIN input ON input.v_id = job.id", "input.e_data"
     else:

@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from conveyor import payloads
 from conveyor.app import Conveyor
 from conveyor.errors import NotStorable, PermanentError, RetryableError, StoreUnavailable
+from conveyor.hooks import HookJob
 from conveyor.jobs import AttemptOutcome, Event, Job, JobError, JobStatus
+from conveyor.store import Hooked
 from conveyor.tasks import Task
 from conveyor.worker.limits import release
 
@@ -31,6 +33,8 @@ def record_success(app: Conveyor, job: Job, result: Any) -> None:
     try:
         if job.pipeline_id is not None:
             recorded = _succeed_step(app, job, result)
+        elif job.on_success is not None:
+            recorded = _succeed_hooked(app, job, result, job.on_success)
         else:
             recorded = app.store.succeed(job.id, job.attempt, result)
     except StoreUnavailable:
@@ -63,6 +67,32 @@ def _succeed_step(app: Conveyor, job: Job, result: Any) -> tuple[Job, Event] | N
         log.info("pipeline.steps_started", pipeline_id=job.pipeline_id, jobs=len(advanced.started))
         app.dispatch_many(advanced.started)
     return advanced.job, advanced.event
+
+
+def _succeed_hooked(app: Conveyor, job: Job, result: Any, hook: str) -> tuple[Job, Event] | None:
+    """A job with an ``on_success`` hook: its success and its hook job are one
+    transaction (off the group commit, which only jobs with hooks leave)."""
+    hooked = app.store.succeed_hooked(
+        job.id, job.attempt, result, hook=HookJob.of(hook, app.tasks.get(hook))
+    )
+    if hooked is None:
+        return None
+    _dispatch_hook(app, hooked)
+    return hooked.job, hooked.event
+
+
+def _dispatch_hook(app: Conveyor, hooked: Hooked) -> None:
+    """Dispatch a hook job recorded undispatched, now that its transaction committed; if
+    this fails, or the process dies first, the recovery sweep dispatches it."""
+    if hooked.hook is None:
+        return
+    log.info("job.hook_submitted", hook_job_id=hooked.hook.id, hook_task=hooked.hook.task)
+    try:
+        taken = app.store.take_dispatches([hooked.hook])
+        if taken:
+            app.dispatch_many(taken)
+    except Exception as exc:  # the outcome and its hook job are committed whatever happens here
+        log.warning("job.hook_dispatch_deferred", hook_job_id=hooked.hook.id, error=str(exc))
 
 
 def jsonable(result: Any) -> Any:
@@ -121,6 +151,17 @@ def end_attempt(
             recorded = app.store.die_step(
                 job.id, job.attempt, error, pipeline_id=job.pipeline_id, outcome=outcome
             )
+        elif job.on_dead is not None:
+            hooked = app.store.die_hooked(
+                job.id,
+                job.attempt,
+                error,
+                hook=HookJob.of(job.on_dead, app.tasks.get(job.on_dead)),
+                outcome=outcome,
+            )
+            recorded = None if hooked is None else (hooked.job, hooked.event)
+            if hooked is not None:
+                _dispatch_hook(app, hooked)
         else:
             recorded = app.store.die(job.id, job.attempt, error, outcome=outcome)
         if recorded is None:
