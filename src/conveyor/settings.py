@@ -136,6 +136,11 @@ class Settings(BaseSettings):
         le=1_000_000,
         description="Most items a mapped step may fan out to; more fails the step.",
     )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Where a worker's processes keep their metrics files (one directory per"
+        " worker, emptied before it starts); default a temporary directory.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,
