@@ -29,7 +29,7 @@ from conveyor.recovery import Sweeper
 from conveyor.scheduler import Scheduler
 from conveyor.worker.arbiter import arbiter
 from conveyor.worker.attempt import execute
-from conveyor.worker.identity import NODE_ENV
+from conveyor.worker.identity import NODE_ENV, worker_id
 from conveyor.worker.metrics import WorkerMetrics
 from conveyor.worker.monitor import ProcessMonitor
 from conveyor.worker.outcomes import take_back
@@ -128,6 +128,10 @@ def run_worker(
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _pool_process_exit(pid: int | None = None, **_: Any) -> None:
+        # A pool process Celery replaces (max tasks or memory per child) stopped
+        # cleanly: without this it would be listed as lost until the worker stops.
+        with contextlib.suppress(ConveyorError):
+            app.store.workers_stopped(prefix=worker_id())
         if metrics is not None:
             with contextlib.suppress(OSError):
                 metrics.process_exited(pid)
