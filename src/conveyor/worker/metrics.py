@@ -7,7 +7,7 @@ by its main process (``conveyor worker --metrics-port``).
     conveyor_job_outcomes_total{task,queue,outcome}
         outcome: succeeded, retrying, dead, abandoned (cancelled or taken over meanwhile)
     conveyor_job_retries_total{task,reason}       reason: the ended attempt's outcome
-                                                  (failed, timed_out, lost, interrupted)
+                                                  (failed, timed_out, lost)
 
 Prefork pool processes are separate processes, so the values live in files in one
 directory per worker (prometheus_client's multiprocess mode, chosen by
