@@ -7,6 +7,7 @@
     submit    create a job over HTTP, optionally following its events
     tasks     the tasks the API's app registers
     queues    queues by priority, their jobs and their workers
+    workers   worker processes, their jobs and whether they are alive
     jobs      list, show, cancel and delete jobs over HTTP
     pipelines submit, list, show and cancel pipelines over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
@@ -24,7 +25,9 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
@@ -42,11 +45,12 @@ from rich.text import Text
 from typer.core import TyperGroup
 
 from conveyor import datadir
-from conveyor.embedded import STOP_GRACE, Stack, check_port, prepare
+from conveyor.embedded import STOP_GRACE, Stack, check_port, local_url, prepare
 from conveyor.errors import ConfigurationError, ConveyorError
 from conveyor.jobs import TERMINAL as TERMINAL_STATUSES
 from conveyor.jobs import JobStatus
 from conveyor.settings import Settings, load_settings
+from conveyor.store import WorkerState
 
 if TYPE_CHECKING:
     from conveyor.app import Conveyor
@@ -58,6 +62,8 @@ STREAM_READ_TIMEOUT = 60.0
 #: Seconds uvicorn lets open requests (event streams) finish once told to stop.
 API_SHUTDOWN_TIMEOUT = 5
 TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
+#: prometheus_client keeps values in files in this directory when set at its import.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 STATUS_STYLE = {
     "scheduled": "dim cyan",
     "queued": "cyan",
@@ -67,6 +73,8 @@ STATUS_STYLE = {
     "cancelled": "magenta",
     "dead": "red",
 }
+
+WORKER_STYLE = {"alive": "green", "lost": "red", "stopped": "dim"}
 
 
 class Pool(enum.StrEnum):
@@ -182,14 +190,30 @@ def up(
     grace: Annotated[
         float, typer.Option(min=0, help="Seconds to let children stop before killing them.")
     ] = STOP_GRACE,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1, max=65535, help="Serve the worker's Prometheus metrics on this port (on --host)."
+        ),
+    ] = None,
 ) -> None:
     """Run the API and a worker together, on embedded storage unless configured otherwise."""
     settings = load_settings()
     check_port(host, port)
+    if metrics_port is not None:
+        check_port(host, metrics_port)
     _configure_logging(settings)
     _load_app(settings)  # a broken app module is one line here, before anything starts
     settings, key_path = prepare(settings)
-    stack = Stack(settings, host=host, port=port, concurrency=workers, console=err, grace=grace)
+    stack = Stack(
+        settings,
+        host=host,
+        port=port,
+        concurrency=workers,
+        console=err,
+        grace=grace,
+        metrics_port=metrics_port,
+    )
 
     def ready() -> None:
         url = stack.url
@@ -198,6 +222,9 @@ def up(
         out.print(f"  API docs   {url}/docs")
         out.print(f"  admin key  {key}")
         out.print(f"  data       {settings.data_dir}")
+        if metrics_port is not None:
+            worker_url = local_url(host, metrics_port)
+            out.print(f"  metrics    {url}/metrics (API), {worker_url}/metrics (worker)")
         if settings.api_url.rstrip("/") != url:
             out.print(f"  for the CLI: export CONVEYOR_API_URL={url}")
         out.print("[dim]Press Ctrl-C to stop.[/]")
@@ -257,18 +284,60 @@ def worker(
             " process, store writes of its jobs batched (I/O-bound or short tasks)."
         ),
     ] = Pool.PREFORK,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, help="Serve the worker's Prometheus metrics on this port."),
+    ] = None,
+    metrics_host: Annotated[str, typer.Option(help="Interface to serve the metrics on.")] = (
+        "127.0.0.1"
+    ),
 ) -> None:
     """Run a worker that executes jobs until stopped."""
     from conveyor.queues import check_queue
-    from conveyor.worker.process import run_worker
 
     names = [check_queue(q.strip()) for q in queues.split(",") if q.strip()] if queues else None
     settings = load_settings()
     _configure_logging(settings)
     datadir.prepare(settings)
+    directory = None
+    if metrics_port is not None:
+        check_port(metrics_host, metrics_port)
+        directory = _metrics_dir(settings)
+        # Read by prometheus_client at its import, which comes after this (the app's too).
+        os.environ[MULTIPROC_ENV] = str(directory)
+    from conveyor.worker.metrics import WorkerMetrics
+    from conveyor.worker.process import run_worker
+
     app = _load_app(settings)
     app.configure(settings)
-    run_worker(app, queues=names, concurrency=concurrency, pool=pool.value)
+    metrics = WorkerMetrics(directory) if directory is not None else None
+    address = (metrics_host, metrics_port) if metrics_port is not None else None
+    try:
+        run_worker(
+            app,
+            queues=names,
+            concurrency=concurrency,
+            pool=pool.value,
+            metrics=metrics,
+            metrics_address=address,
+        )
+    finally:
+        if directory is not None and settings.metrics_dir is None:
+            shutil.rmtree(directory, ignore_errors=True)
+
+
+def _metrics_dir(settings: Settings) -> Path:
+    """The worker's metrics directory: CONVEYOR_METRICS_DIR, or a temporary one."""
+    if settings.metrics_dir is None:
+        return Path(tempfile.mkdtemp(prefix="conveyor-metrics-"))
+    directory = settings.metrics_dir.expanduser().absolute()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"CONVEYOR_METRICS_DIR: cannot create {directory}: {exc.strerror}"
+        ) from None
+    return directory
 
 
 @cli.command()
@@ -730,6 +799,46 @@ def list_queues() -> None:
             ", ".join(queue["workers"]) or "-",
         )
     _print_page(table, {}, min_width=120)
+
+
+@cli.command("workers")
+def list_workers(
+    state: Annotated[
+        WorkerState | None, typer.Option("--state", "-s", help="Only workers in this state.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Workers per page.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """Worker processes, the last started first: their queues, jobs and heartbeats."""
+    params: dict[str, str | int] = {"limit": limit}
+    if state is not None:
+        params["state"] = state.value
+    if cursor:
+        params["cursor"] = cursor
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/workers", params=params)
+    table = Table(box=None, header_style="bold")
+    table.add_column("WORKER", no_wrap=True)
+    table.add_column("HOST", no_wrap=True)
+    table.add_column("PID", justify="right", no_wrap=True)
+    table.add_column("STATE", no_wrap=True)
+    table.add_column("QUEUES")
+    table.add_column("CONCURRENCY", justify="right", no_wrap=True)
+    table.add_column("JOBS")
+    table.add_column("LAST HEARTBEAT", no_wrap=True)
+    for worker in page["items"]:
+        concurrency = worker.get("concurrency")
+        table.add_row(
+            worker["id"],
+            worker["host"],
+            str(worker["pid"]) if worker.get("pid") is not None else "",
+            Text(worker["state"], style=WORKER_STYLE.get(worker["state"], "")),
+            ", ".join(worker["queues"]) or "-",
+            str(concurrency) if concurrency is not None else "",
+            ", ".join(worker["current_jobs"]) or "-",
+            _when(worker["last_heartbeat"]),
+        )
+    _print_page(table, page, min_width=200)
 
 
 @jobs_cli.command("list")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -124,6 +125,7 @@ class Stack:
         concurrency: int,
         console: Console,
         grace: float = STOP_GRACE,
+        metrics_port: int | None = None,
     ) -> None:
         self.settings = settings
         self.url = local_url(host, port)
@@ -136,6 +138,10 @@ class Stack:
             Child("api", [*command, "api", "--host", host, "--port", str(port)]),
             Child("worker", [*command, "worker", "--concurrency", str(concurrency)]),
         ]
+        if metrics_port is not None:
+            self.children[1].argv += ["--metrics-port", str(metrics_port), "--metrics-host", host]
+        #: The worker's metrics files: the data directory's, emptied at each start.
+        self.metrics_dir = settings.data_dir / "metrics"
         self._stop = threading.Event()
         self._force = threading.Event()
         self._signal: str | None = None
@@ -163,9 +169,13 @@ class Stack:
     def start(self) -> None:
         # The worker hands running jobs back before the supervisor's grace runs out.
         shutdown_grace = max(0.0, min(self.settings.shutdown_grace, self.grace - HAND_BACK_TIME))
+        # Files of an earlier run's processes would be added to this run's counts.
+        shutil.rmtree(self.metrics_dir, ignore_errors=True)
+        self.metrics_dir.mkdir(mode=0o700, parents=True)
         env = {
             **os.environ,
             "CONVEYOR_DATA_DIR": str(self.settings.data_dir),
+            "CONVEYOR_METRICS_DIR": str(self.metrics_dir),
             "CONVEYOR_SHUTDOWN_GRACE": str(shutdown_grace),
             "CONVEYOR_INSTANCE_ID": self.instance,
         }

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections import OrderedDict, defaultdict, deque
+from collections import Counter, OrderedDict, defaultdict, deque
 from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from functools import partial
 from typing import Protocol, TypeVar
@@ -40,6 +40,8 @@ from conveyor.settings import Settings
 from conveyor.store import Store
 
 SUBSCRIBER_BUFFER = 1000
+#: The kinds of event stream a client can follow, as counted by the hub.
+STREAMS = ("job", "all", "pipeline")
 
 T = TypeVar("T")
 
@@ -129,6 +131,8 @@ class EventHub:
         self.healthy = False
         self._history = asyncio.Semaphore(HISTORY_READS)
         self._encoded: OrderedDict[tuple[int, int], bytes] = OrderedDict()
+        #: Event-stream clients connected to this process, by kind of stream.
+        self.clients: Counter[str] = Counter({kind: 0 for kind in STREAMS})
 
     @property
     def source(self) -> str:
@@ -160,16 +164,24 @@ class EventHub:
                 raise ConveyorError(f"redis unreachable: {exc}") from exc
 
     @contextlib.contextmanager
-    def subscribe(self, job_id: str | None = None) -> Iterator[Subscription]:
+    def subscribe(
+        self, job_id: str | None = None, *, stream: str | None = None
+    ) -> Iterator[Subscription]:
+        """A subscription to one job's events, or to all; a client's ``stream`` (its
+        kind: job, all, pipeline) is counted in :attr:`clients` meanwhile."""
         sub = Subscription(job_id)
         group = self._by_job[job_id] if job_id else self._all
         group.add(sub)
+        if stream is not None:
+            self.clients[stream] += 1
         try:
             yield sub
         finally:
             group.discard(sub)
             if job_id and not group:
                 self._by_job.pop(job_id, None)
+            if stream is not None:
+                self.clients[stream] -= 1
 
     async def history(self, read: Callable[[], T]) -> T:
         """Run a stream's read of the store in a thread, a few at a time per process.
@@ -316,7 +328,7 @@ async def job_pages(
     each live event alone. Streams send a page as one write."""
     last = after_seq
     quiet = CATCH_UP_SECONDS
-    with hub.subscribe(job_id) as sub:
+    with hub.subscribe(job_id, stream="job") as sub:
         while True:
             read = partial(store.job_events, job_id, after_seq=last, limit=REPLAY_PAGE)
             page = await hub.history(read)
@@ -404,7 +416,7 @@ async def all_pages(
 
     # The client holds everything up to its resume point; a late delivery of one is a repeat.
     floor = after_id or 0
-    with hub.subscribe() as sub:
+    with hub.subscribe(stream="all") as sub:
         # Ids of the newest replayed events, which may also be waiting in the queue.
         recent: deque[int] = deque(maxlen=SUBSCRIBER_BUFFER)
         while after_id is not None:
@@ -461,7 +473,7 @@ async def pipeline_pages(
     settle = POSTGRES_SETTLE_SECONDS if store.dialect == "postgresql" else 0.0
     last = after_id
     first_seen: dict[int, float] = {}
-    with hub.subscribe() as sub:
+    with hub.subscribe(stream="pipeline") as sub:
         while True:
             read = partial(
                 store.pipeline_events_seen, pipeline_id, after_id=last, limit=REPLAY_PAGE

@@ -13,6 +13,15 @@
     conveyor_api_rate_limited_total                 counter of requests refused with 429
     conveyor_api_rate_limit_fallbacks_total         counter of requests whose budget was kept
                                                     in this process: Redis was unreachable
+    conveyor_queue_jobs{queue,status}               gauge, status queued|scheduled|running
+    conveyor_queue_workers{queue}                   gauge, live worker main processes consuming it
+    conveyor_workers_alive                          gauge, worker processes heard from within
+                                                    the heartbeat timeout
+    conveyor_dead_letters{task,queue}               gauge, dead jobs in the store
+    conveyor_event_stream_clients{stream}           gauge, this process's SSE clients by
+                                                    stream: job, all, pipeline
+The store-read gauges are read at most every :data:`STATE_CACHE_SECONDS`: a scrape
+costs the store three small grouped queries, however often Prometheus comes.
 
 Each app gets its own ``CollectorRegistry`` so that several apps in one process
 (tests, embedded servers) never register the same metric twice.
@@ -20,7 +29,10 @@ Each app gets its own ``CollectorRegistry`` so that several apps in one process
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -31,10 +43,13 @@ from conveyor.breakers import BreakerState
 from conveyor.errors import ConveyorError
 from conveyor.events import EventHub
 from conveyor.jobs import Event, EventType, JobStatus
-from conveyor.store import Store
+from conveyor.store import QueueDepth, Store, WorkerState
 
 JOBS, JOBS_HELP = "conveyor_jobs", "Jobs in the store, by task and status."
 STORE_UP, STORE_UP_HELP = "conveyor_store_up", "1 if the store answered the last scrape."
+#: How long the store-read queue, worker and dead-letter gauges are reused, seconds.
+STATE_CACHE_SECONDS = 5.0
+QUEUE_STATUSES = ("queued", "scheduled", "running")
 JOB_DURATION_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 1800, 3600)
 
 log = structlog.get_logger("conveyor.metrics")
@@ -121,6 +136,104 @@ class BreakerCollector(Collector):
         yield failures
 
 
+@dataclass
+class StoreState:
+    """What the store said at one scrape."""
+
+    depths: dict[str, QueueDepth] = field(default_factory=dict)
+    workers: dict[WorkerState, int] = field(default_factory=dict)
+    dead: list[tuple[str, str, int]] = field(default_factory=list)
+    #: When it was read (monotonic clock).
+    read_at: float = 0.0
+
+
+class StoreStateCollector(Collector):
+    """Queue depths, live workers and dead letters, read from the store at scrape time
+    and reused for :data:`STATE_CACHE_SECONDS`; and this process's stream clients."""
+
+    def __init__(
+        self,
+        store: Store,
+        queue_names: Callable[[], Iterable[str]],
+        heartbeat_timeout: float,
+        stream_clients: Callable[[], dict[str, int]],
+    ) -> None:
+        self.store = store
+        self.queue_names = queue_names
+        self.heartbeat_timeout = heartbeat_timeout
+        self.stream_clients = stream_clients
+        self._state: StoreState | None = None
+        self._lock = threading.Lock()
+
+    def describe(self) -> Iterator[Metric]:
+        yield from self._families()
+
+    def _families(self) -> tuple[GaugeMetricFamily, ...]:
+        return (
+            GaugeMetricFamily(
+                "conveyor_queue_jobs",
+                "Jobs of each queue by status: queued (retries due included), scheduled, running.",
+                labels=["queue", "status"],
+            ),
+            GaugeMetricFamily(
+                "conveyor_queue_workers",
+                "Live worker main processes consuming each queue.",
+                labels=["queue"],
+            ),
+            GaugeMetricFamily(
+                "conveyor_workers_alive",
+                "Worker processes heard from within the heartbeat timeout.",
+            ),
+            GaugeMetricFamily(
+                "conveyor_dead_letters",
+                "Dead jobs in the store, by task and queue.",
+                labels=["task", "queue"],
+            ),
+            GaugeMetricFamily(
+                "conveyor_event_stream_clients",
+                "Event-stream (SSE) clients connected to this API process, by stream.",
+                labels=["stream"],
+            ),
+        )
+
+    def _read(self) -> StoreState | None:
+        with self._lock:  # concurrent scrapes share one read
+            state = self._state
+            if state is not None and time.monotonic() - state.read_at < STATE_CACHE_SECONDS:
+                return state
+            try:
+                state = StoreState(
+                    depths=self.store.queue_depths(self.heartbeat_timeout),
+                    workers=self.store.worker_counts(self.heartbeat_timeout),
+                    dead=self.store.dead_letter_counts(),
+                    read_at=time.monotonic(),
+                )
+            except ConveyorError as exc:  # conveyor_store_up says so already
+                log.warning("metrics.store_state_failed", error=str(exc))
+                return None
+            self._state = state
+            return state
+
+    def collect(self) -> Iterator[Metric]:
+        jobs, workers, alive, dead, clients = self._families()
+        for stream, count in sorted(self.stream_clients().items()):
+            clients.add_metric([stream], count)
+        state = self._read()
+        if state is not None:
+            for queue in sorted(set(state.depths) | set(self.queue_names())):
+                depth = state.depths.get(queue, QueueDepth())
+                for status, count in zip(
+                    QUEUE_STATUSES, (depth.queued, depth.scheduled, depth.running), strict=True
+                ):
+                    jobs.add_metric([queue, status], count)
+                workers.add_metric([queue], len(depth.workers))
+            alive.add_metric([], state.workers.get(WorkerState.ALIVE, 0))
+            for task, queue, count in sorted(state.dead):
+                dead.add_metric([task, queue], count)
+            yield from (jobs, workers, alive, dead)
+        yield clients
+
+
 class Metrics:
     """The metrics an API process exposes at ``/metrics``."""
 
@@ -129,10 +242,17 @@ class Metrics:
         store: Store,
         task_names: Callable[[], Iterable[str]],
         breaker_names: Callable[[], Iterable[str]] = tuple,
+        *,
+        queue_names: Callable[[], Iterable[str]] = tuple,
+        heartbeat_timeout: float = 30.0,
+        stream_clients: Callable[[], dict[str, int]] = dict,
     ) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(JobCountCollector(store, task_names))
         self.registry.register(BreakerCollector(store, breaker_names))
+        self.registry.register(
+            StoreStateCollector(store, queue_names, heartbeat_timeout, stream_clients)
+        )
         self.breaker_transitions = Counter(
             "conveyor_breaker_transitions_total",
             "Circuit breaker transitions, from the events this process saw, by new state.",

@@ -177,6 +177,8 @@ class WorkerRow(Base):
     stopped_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
     #: For a worker's main process: the queues it consumes, highest priority first.
     queues: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    #: For a worker's main process: the jobs it runs at once (its pool's size).
+    concurrency: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class IdempotencyKeyRow(Base):

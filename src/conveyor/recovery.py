@@ -32,6 +32,7 @@ from conveyor.app import Conveyor
 from conveyor.broker import queue_depth
 from conveyor.errors import ConveyorError
 from conveyor.jobs import AttemptOutcome, Job
+from conveyor.worker.metrics import WorkerMetrics
 from conveyor.worker.outcomes import take_back
 
 log = structlog.get_logger("conveyor.recovery")
@@ -47,8 +48,12 @@ class SweepReport:
 
 
 class Sweeper:
-    def __init__(self, app: Conveyor, *, node: str | None = None) -> None:
+    def __init__(
+        self, app: Conveyor, *, node: str | None = None, metrics: WorkerMetrics | None = None
+    ) -> None:
         self.app = app
+        #: The worker's metrics, which count the attempts taken back here.
+        self.metrics = metrics
         #: The worker process this sweeper runs in, heart-beating at each sweep.
         self.node = node
         #: Since when the store has answered without a break (monotonic clock).
@@ -103,21 +108,25 @@ class Sweeper:
         started = job.started_at or datetime.now(UTC)
         limit = job.timeout
         if limit is not None and datetime.now(UTC) >= started + timedelta(seconds=limit):
+            outcome = AttemptOutcome.TIMED_OUT
             status = take_back(
                 self.app,
                 job,
-                AttemptOutcome.TIMED_OUT,
+                outcome,
                 "TimeoutError",
                 f"time limit of {limit:g} s exceeded; the worker {job.worker} went silent",
             )
         else:
+            outcome = AttemptOutcome.LOST
             status = take_back(
                 self.app,
                 job,
-                AttemptOutcome.LOST,
+                outcome,
                 "WorkerLost",
                 f"worker {job.worker} stopped heart-beating",
             )
+        if status is not None and self.metrics is not None:
+            self.metrics.retaken(job, status, outcome)
         return 1 if status is not None else 0
 
     # -- running in a thread ---------------------------------------------------

@@ -172,6 +172,11 @@ class Settings(BaseSettings):
     documents_embed_batch: int = Field(
         default=32, ge=1, le=1024, description="Chunks per embedding job (the mapped step's item)."
     )
+    metrics_dir: Path | None = Field(
+        default=None,
+        description="Where a worker's processes keep their metrics files (one directory per"
+        " worker, emptied before it starts); default a temporary directory.",
+    )
     shutdown_grace: float = Field(
         default=20.0,
         ge=0,

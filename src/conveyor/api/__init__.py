@@ -4,6 +4,7 @@ app          create_app, the ASGI factory, the lifespan
 jobs         /v1/jobs: submit, list, get, cancel, delete
 events       /v1/jobs/{id}/events and /v1/events: server-sent event streams
 tasks        /v1/tasks: the registry and payload schemas
+workers      /v1/workers: worker processes, their jobs and heartbeats
 health       /healthz, /readyz, /metrics
 auth         bearer keys, checked before any body is read
 problems     errors as RFC 9457 problem details, mapped in one place

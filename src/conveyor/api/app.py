@@ -36,6 +36,7 @@ from conveyor.api import (
     schedules,
     tasks,
     topics,
+    workers,
 )
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
@@ -67,7 +68,12 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     settings = conveyor.settings
     hub = EventHub(conveyor.store, settings)
     metrics = Metrics(
-        conveyor.store, lambda: list(conveyor.tasks), lambda: list(conveyor.breakers.configs)
+        conveyor.store,
+        lambda: list(conveyor.tasks),
+        lambda: list(conveyor.breakers.configs),
+        queue_names=lambda: conveyor.queues,
+        heartbeat_timeout=settings.heartbeat_timeout,
+        stream_clients=lambda: dict(hub.clients),
     )
     state = ApiState(
         conveyor=conveyor,
@@ -122,7 +128,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
     routers = (
         *(jobs, pipelines, dead_letters, schedules, events, tasks),
-        *(queues, topics, breakers, health),
+        *(queues, workers, topics, breakers, health),
     )
     for module in routers:
         app.include_router(module.router)

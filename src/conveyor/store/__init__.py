@@ -29,6 +29,7 @@ advances the pipeline (see :mod:`conveyor.store.pipelines`).
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import secrets
 import threading
@@ -235,6 +236,49 @@ class QueueDepth:
     scheduled: int = 0
     running: int = 0
     workers: list[str] = field(default_factory=list)
+
+
+class WorkerState(enum.StrEnum):
+    """``lost``: silent for longer than the heartbeat timeout without stopping cleanly."""
+
+    ALIVE = "alive"
+    LOST = "lost"
+    STOPPED = "stopped"
+
+
+@dataclass(frozen=True)
+class WorkerProcess:
+    """A worker process as the store knows it. A pool process carries the queues and
+    concurrency of its worker's main process (``node``)."""
+
+    id: str
+    host: str
+    pid: int | None
+    #: The main process's id for a pool process; None for a main process.
+    node: str | None
+    queues: list[str]
+    concurrency: int | None
+    #: Ids of the running jobs it holds; a main process's include its pool's.
+    current_jobs: list[str]
+    started_at: datetime
+    last_heartbeat: datetime
+    stopped_at: datetime | None
+    state: WorkerState
+
+
+def worker_origin(worker: str) -> tuple[str, int | None, str | None]:
+    """(host, pid, main process id or None) from a worker id: ``host:pid:token`` for a
+    worker's main process, ``<main id>/pid:token`` for its pool processes, and
+    ``host/pid:token`` for a process running jobs outside a worker."""
+    parent, slash, own = worker.rpartition("/")
+    if slash:
+        pid_text = own.partition(":")[0]
+        main = parent.rsplit(":", 2)
+        host, node = (main[0], parent) if len(main) == 3 else (parent, None)
+    else:
+        parts = worker.rsplit(":", 2)
+        host, pid_text, node = parts[0], parts[1] if len(parts) == 3 else "", None
+    return host, int(pid_text) if pid_text.isdigit() else None, node
 
 
 class Store:
@@ -1699,13 +1743,121 @@ class Store:
         if not found:
             conn.execute(insert(workers_t).values(id=worker, started_at=now, last_seen=now))
 
-    def worker_started(self, worker: str, *, queues: Sequence[str]) -> None:
-        """Record a worker's main process and the queues it consumes (``queue_depths``)."""
+    def worker_started(
+        self, worker: str, *, queues: Sequence[str], concurrency: int | None = None
+    ) -> None:
+        """Record a worker's main process, the queues it consumes (``queue_depths``) and
+        the jobs it runs at once."""
         with self._tx() as conn:
             self._beat(conn, worker)
             conn.execute(
-                update(workers_t).where(workers_t.c.id == worker).values(queues=list(queues))
+                update(workers_t)
+                .where(workers_t.c.id == worker)
+                .values(queues=list(queues), concurrency=concurrency)
             )
+
+    def list_workers(
+        self,
+        *,
+        live_within: float,
+        state: WorkerState | None = None,
+        cursor: str | None = None,
+        limit: int = 50,
+    ) -> tuple[list[WorkerProcess], str | None]:
+        """Worker processes, the last started first; ``live_within`` is the heartbeat
+        timeout that tells an alive worker from a lost one."""
+        cutoff = self._db_now(ago=live_within)
+        query = pages.newest_first(
+            select(workers_t), workers_t.c.started_at, workers_t.c.id, cursor
+        )
+        if state is WorkerState.STOPPED:
+            query = query.where(workers_t.c.stopped_at.is_not(None))
+        elif state is WorkerState.LOST:
+            query = query.where(workers_t.c.stopped_at.is_(None), workers_t.c.last_seen < cutoff)
+        elif state is WorkerState.ALIVE:
+            query = query.where(workers_t.c.stopped_at.is_(None), workers_t.c.last_seen >= cutoff)
+        alive = (workers_t.c.stopped_at.is_(None)) & (workers_t.c.last_seen >= cutoff)
+        query = query.add_columns(alive.label("alive"))
+        with self._tx() as conn:
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+            page, after = pages.cut(
+                found, limit, lambda row: (rows.utc(row["started_at"]), row["id"])
+            )
+            origins = {row["id"]: worker_origin(row["id"]) for row in page}
+            nodes = {node for _, _, node in origins.values() if node} - set(origins)
+            mains = {row["id"]: row for row in page}
+            if nodes:
+                parents = select(workers_t).where(workers_t.c.id.in_(sorted(nodes)))
+                mains |= {row["id"]: row for row in conn.execute(parents).mappings()}
+            held: dict[str, list[str]] = {}
+            if page:
+                ids = [row["id"] for row in page]
+                mine = [jobs_t.c.worker.in_(ids)]
+                mine += [
+                    jobs_t.c.worker.like(_like_prefix(f"{row['id']}/"), escape="\\")
+                    for row in page
+                    if row["queues"] is not None
+                ]
+                running = select(jobs_t.c.id, jobs_t.c.worker).where(
+                    jobs_t.c.status == JobStatus.RUNNING.value, or_(*mine)
+                )
+                for job_id, worker in conn.execute(running.order_by(jobs_t.c.id)):
+                    held.setdefault(worker, []).append(job_id)
+        workers = []
+        for row in page:
+            host, pid, node = origins[row["id"]]
+            main = mains.get(node or row["id"])
+            jobs = list(held.get(row["id"], []))
+            if row["queues"] is not None:  # a main process: its pool's jobs too
+                prefix = f"{row['id']}/"
+                jobs += [j for w, ids in held.items() if w.startswith(prefix) for j in ids]
+            if row["stopped_at"] is not None:
+                state_now = WorkerState.STOPPED
+            else:
+                state_now = WorkerState.ALIVE if row["alive"] else WorkerState.LOST
+            workers.append(
+                WorkerProcess(
+                    id=row["id"],
+                    host=host,
+                    pid=pid,
+                    node=node,
+                    queues=list((main["queues"] if main else None) or []),
+                    concurrency=main["concurrency"] if main else None,
+                    current_jobs=sorted(jobs),
+                    started_at=_moment(row["started_at"]),
+                    last_heartbeat=_moment(row["last_seen"]),
+                    stopped_at=rows.utc(row["stopped_at"]),
+                    state=state_now,
+                )
+            )
+        return workers, after
+
+    def worker_counts(self, live_within: float) -> dict[WorkerState, int]:
+        """Worker processes by state, every state present (for metrics)."""
+        cutoff = self._db_now(ago=live_within)
+        alive = (workers_t.c.stopped_at.is_(None)) & (workers_t.c.last_seen >= cutoff)
+        query = select(
+            func.count().filter(workers_t.c.stopped_at.is_not(None)),
+            func.count().filter(alive),
+            func.count(),
+        )
+        with self._tx() as conn:
+            stopped, live, total = conn.execute(query).one()
+        return {
+            WorkerState.ALIVE: int(live),
+            WorkerState.LOST: int(total) - int(live) - int(stopped),
+            WorkerState.STOPPED: int(stopped),
+        }
+
+    def dead_letter_counts(self) -> list[tuple[str, str, int]]:
+        """(task, queue, count) of dead jobs, for every pair that has some."""
+        query = (
+            select(jobs_t.c.task, jobs_t.c.queue, func.count())
+            .where(jobs_t.c.status == JobStatus.DEAD.value)
+            .group_by(jobs_t.c.task, jobs_t.c.queue)
+        )
+        with self._tx() as conn:
+            return [(t, q, int(n)) for t, q, n in conn.execute(query)]
 
     def queue_depths(self, live_within: float) -> dict[str, QueueDepth]:
         """Per queue that has jobs or a consumer: jobs by status, and the workers (main
@@ -2539,6 +2691,11 @@ def _params(
         params["a_outcome"] = outcome.value
         params["a_error"] = error.model_dump() if error else None
     return params
+
+
+def _moment(value: datetime) -> datetime:
+    """A NOT NULL timestamp column's value, in UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _like_prefix(prefix: str) -> str:

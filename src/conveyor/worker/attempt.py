@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -18,16 +19,17 @@ from conveyor import payloads
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import ConveyorError, PermanentError
-from conveyor.jobs import Job, JobStatus
+from conveyor.jobs import AttemptOutcome, Job, JobStatus
 from conveyor.worker.identity import patiently, worker_id
 from conveyor.worker.limits import claim_limited
+from conveyor.worker.metrics import WorkerMetrics
 from conveyor.worker.monitor import ProcessMonitor, Running
 from conveyor.worker.outcomes import jsonable, record_failure, record_success
 
 log = structlog.get_logger("conveyor.worker")
 
 
-def execute(app: Conveyor, job_id: str, attempt: int) -> None:
+def execute(app: Conveyor, job_id: str, attempt: int, metrics: WorkerMetrics | None = None) -> None:
     monitor = ProcessMonitor.ensure(app)
     me = worker_id()
     claimed = patiently(lambda: app.store.claim(job_id, attempt, me))
@@ -48,7 +50,11 @@ def execute(app: Conveyor, job_id: str, attempt: int) -> None:
         job_id=job.id, task=job.task, attempt=attempt, correlation_id=job.correlation_id
     ):
         log.info("job.started")
+        if metrics is not None:
+            metrics.started(job)
         task = app.tasks.get(job.task)
+        began = time.monotonic()
+        reason = AttemptOutcome.FAILED
         try:
             try:
                 result = _run(app, job, monitor)
@@ -56,9 +62,13 @@ def execute(app: Conveyor, job_id: str, attempt: int) -> None:
                 if not isinstance(exc, Exception | SoftTimeLimitExceeded):
                     raise
                 failure: BaseException = exc
-                _finally(lambda: record_failure(app, job, failure, task))
+                if isinstance(exc, SoftTimeLimitExceeded | TimeoutError):
+                    reason = AttemptOutcome.TIMED_OUT
+                status = _finally(lambda: record_failure(app, job, failure, task))
             else:
-                _finally(lambda: record_success(app, job, result))
+                status = _finally(lambda: record_success(app, job, result))
+            if metrics is not None:
+                metrics.ended(job, time.monotonic() - began, status, reason)
         finally:
             monitor.running = None
 
@@ -79,13 +89,12 @@ def _claimed_before(job: Job | None, attempt: int, me: str) -> Job | None:
     return job if held else None
 
 
-def _finally(record: Callable[[], object]) -> None:
+def _finally(record: Callable[[], JobStatus | None]) -> JobStatus | None:
     """Record an attempt's outcome, whatever happens meanwhile: a store outage is
     waited out, a soft time limit firing during the write does not skip it."""
     while True:
         try:
-            patiently(record)
-            return
+            return patiently(record)
         except SoftTimeLimitExceeded:
             continue
 

@@ -29,7 +29,9 @@ def backoff(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** (attempt - 1)))
 
 
-def record_success(app: Conveyor, job: Job, result: Any) -> None:
+def record_success(app: Conveyor, job: Job, result: Any) -> JobStatus | None:
+    """Record the attempt's result; returns the job's new status, None if the attempt
+    was no longer current."""
     try:
         if job.pipeline_id is not None:
             recorded = _succeed_step(app, job, result)
@@ -40,20 +42,19 @@ def record_success(app: Conveyor, job: Job, result: Any) -> None:
     except StoreUnavailable:
         raise
     except NotStorable as exc:  # JSON or the store could not give it back as it is
-        end_attempt(
+        return end_attempt(
             app, job, _error(PermanentError(f"the result cannot be stored: {exc}")), retryable=False
         )
-        return
     except Exception as exc:  # the store refused the result itself
         log.exception("job.result_refused")
         error = _error(PermanentError(f"the store refused the result: {type(exc).__name__}"))
-        end_attempt(app, job, error, retryable=False)
-        return
+        return end_attempt(app, job, error, retryable=False)
     if recorded is None:
         log.info("job.abandoned", reason="cancelled or taken over while running")
-        return
+        return None
     log.info("job.succeeded")
     release(app, job)
+    return JobStatus.SUCCEEDED
 
 
 def _succeed_step(app: Conveyor, job: Job, result: Any) -> tuple[Job, Event] | None:
@@ -107,12 +108,13 @@ def jsonable(result: Any) -> Any:
 
 def record_failure(
     app: Conveyor, job: Job, exc: BaseException, task: Task[Any, Any] | None
-) -> None:
+) -> JobStatus | None:
+    """Record a failed attempt; returns the job's new status, as ``end_attempt``."""
     timed_out = isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
     # A soft time limit counts as retryable, whatever the task's ``retry_on``.
     retryable = timed_out or (task.retries(exc) if task else False)
     delay = exc.delay if isinstance(exc, RetryableError) else None
-    end_attempt(app, job, _error(exc), retryable=retryable, delay=delay)
+    return end_attempt(app, job, _error(exc), retryable=retryable, delay=delay)
 
 
 def _error(exc: BaseException) -> JobError:

@@ -29,7 +29,8 @@ from conveyor.recovery import Sweeper
 from conveyor.scheduler import Scheduler
 from conveyor.worker.arbiter import arbiter
 from conveyor.worker.attempt import execute
-from conveyor.worker.identity import NODE_ENV
+from conveyor.worker.identity import NODE_ENV, worker_id
+from conveyor.worker.metrics import WorkerMetrics
 from conveyor.worker.monitor import ProcessMonitor
 from conveyor.worker.outcomes import take_back
 
@@ -66,7 +67,7 @@ class ConveyorRequest(Request):
             log.error("job.timeout_not_recorded", job_id=job_id, error=str(exc))
 
 
-def executing_celery(app: Conveyor) -> Celery:
+def executing_celery(app: Conveyor, metrics: WorkerMetrics | None = None) -> Celery:
     """The app's Celery app, with the one task Conveyor runs registered: an attempt
     of a job, by ``(job id, attempt)``. What a worker (or a test's worker) runs."""
     celery = app.celery
@@ -75,7 +76,7 @@ def executing_celery(app: Conveyor) -> Celery:
 
         @celery.task(name=RUN_TASK, acks_late=True, shared=False, Request=request)
         def run(job_id: str, attempt: int) -> None:
-            execute(app, job_id, attempt)
+            execute(app, job_id, attempt, metrics)
 
     return celery
 
@@ -86,11 +87,14 @@ def run_worker(
     queues: list[str] | None = None,
     concurrency: int = 2,
     pool: str = "prefork",
+    metrics: WorkerMetrics | None = None,
+    metrics_address: tuple[str, int] | None = None,
 ) -> None:
     """Run a Celery worker for the app's jobs in this process until it is stopped.
 
     Besides Celery's worker, this process runs the recovery sweep, and on a warm
     shutdown gives running jobs ``shutdown_grace`` seconds before handing them back.
+    With ``metrics``, its processes record them, served at ``metrics_address``.
     """
     settings = app.settings
     app.store.check_schema()
@@ -99,13 +103,13 @@ def run_worker(
     app.close()  # forked pool processes must not inherit open database connections
     node = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     os.environ[NODE_ENV] = node  # pool processes inherit it: their ids start with it
-    celery = executing_celery(app)
+    celery = executing_celery(app, metrics)
     priorities = app.queue_priorities
     consumed = by_priority(queues or app.queues, priorities)
     if not settings.resolved_broker_url.startswith(("redis", "rediss")):
         celery.steps["consumer"].add(arbiter(consumed, priorities))
-    app.store.worker_started(node, queues=consumed)
-    sweeper = Sweeper(app, node=node)
+    app.store.worker_started(node, queues=consumed, concurrency=concurrency)
+    sweeper = Sweeper(app, node=node, metrics=metrics)
     shutting_down = threading.Event()
 
     @signals.setup_logging.connect(weak=False)
@@ -122,10 +126,25 @@ def run_worker(
     def _pool_process(**_: Any) -> None:
         ProcessMonitor.in_pool_process = True
 
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _pool_process_exit(pid: int | None = None, **_: Any) -> None:
+        # A pool process Celery replaces (max tasks or memory per child) stopped
+        # cleanly: without this it would be listed as lost until the worker stops.
+        with contextlib.suppress(ConveyorError):
+            app.store.workers_stopped(prefix=worker_id())
+        if metrics is not None:
+            with contextlib.suppress(OSError):
+                metrics.process_exited(pid)
+
     @signals.worker_ready.connect(weak=False)
     def _ready(**_: Any) -> None:
         sweeper.start()  # after the pool has forked: no thread is copied into it
         scheduler.start()
+        if metrics is not None and metrics_address is not None:
+            try:  # after the pool has forked, which would copy the listening socket
+                metrics.serve(*metrics_address)
+            except OSError as exc:
+                log.error("worker.metrics_not_served", error=str(exc))
 
     @signals.worker_shutdown.connect(weak=False)
     def _stopped(**_: Any) -> None:
@@ -157,6 +176,7 @@ def run_worker(
     receivers = [
         (signals.setup_logging, _logging),
         (signals.worker_process_init, _pool_process),
+        (signals.worker_process_shutdown, _pool_process_exit),
         (signals.worker_ready, _ready),
         (signals.worker_shutdown, _stopped),
         (signals.worker_shutting_down, _shutting_down),
