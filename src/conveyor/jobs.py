@@ -118,6 +118,8 @@ class Job(BaseModel):
     pipeline_id: str | None = None
     step: str | None = None
     item: int | None = None
+    #: The API key that owns the job (see ``conveyor.keys``); None: made from Python.
+    owner_key_id: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -14,6 +14,11 @@
     ScheduleInvalid                        422   (``errors`` name the field: cron, timezone...)
     ScheduleNotFound                       404
     ScheduleExists                         409
+    ScopeMissing                           403   (``scope`` names the scope the key lacks)
+    KeyInvalid                             422   (``errors`` name the field)
+    KeyNotFound                            404
+    KeyExists                              409
+    KeyRefused                             409   (the bootstrap admin key, the caller's own)
     BatchInvalid                           422   (``errors`` point at each bad item)
     EventRefused                           422   (``errors`` name the refusing tasks)
     NotStorable                            422
@@ -55,6 +60,10 @@ from conveyor.errors import (
     JobNotDead,
     JobNotEnded,
     JobNotFound,
+    KeyExists,
+    KeyInvalid,
+    KeyNotFound,
+    KeyRefused,
     NotStorable,
     PayloadInvalid,
     PipelineEnded,
@@ -64,6 +73,7 @@ from conveyor.errors import (
     ScheduleExists,
     ScheduleInvalid,
     ScheduleNotFound,
+    ScopeMissing,
     StoreUnavailable,
     TaskNotFound,
     TopicEventNotFound,
@@ -130,6 +140,11 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ScheduleInvalid: Kind(422, "invalid-schedule", "Invalid schedule"),
     ScheduleNotFound: Kind(404, "schedule-not-found", "Schedule not found"),
     ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
+    ScopeMissing: Kind(403, "scope-missing", "The API key lacks a scope"),
+    KeyInvalid: Kind(422, "invalid-key", "Invalid API key request; nothing was recorded"),
+    KeyNotFound: Kind(404, "key-not-found", "API key not found"),
+    KeyExists: Kind(409, "key-exists", "API key name taken"),
+    KeyRefused: Kind(409, "key-refused", "API key cannot be revoked"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -190,11 +205,20 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         ]
     if isinstance(exc, PipelineInvalid):
         errors = _pipeline_errors(exc)
+    if isinstance(exc, KeyInvalid):
+        errors = [_field_error(("body", exc.field), {"msg": str(exc), "type": "invalid_key"})]
+    extensions = {"scope": exc.scope} if isinstance(exc, ScopeMissing) else {}
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
     return problem(
-        kind.status, detail, slug=kind.slug, title=kind.title, errors=errors, headers=headers
+        kind.status,
+        detail,
+        slug=kind.slug,
+        title=kind.title,
+        errors=errors,
+        headers=headers,
+        **extensions,
     )
 
 

@@ -61,6 +61,7 @@ def job(row: Mapping[Any, Any]) -> Job:
         pipeline_id=row["pipeline_id"],
         step=row["step"],
         item=row["item"],
+        owner_key_id=row.get("owner_key_id"),
     )
 
 
