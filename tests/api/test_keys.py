@@ -364,9 +364,7 @@ async def test_pipelines_and_their_steps_belong_to_the_submitting_key(
     assert (await bob.post(f"/v1/pipelines/{pipeline['id']}/cancel")).status_code == 404
     assert (await bob.get(f"/v1/pipelines/{pipeline['id']}/events")).status_code == 404
     assert (await bob.get("/v1/pipelines")).json()["items"] == []
-    assert [p["id"] for p in (await alice.get("/v1/pipelines")).json()["items"]] == [
-        pipeline["id"]
-    ]
+    assert [p["id"] for p in (await alice.get("/v1/pipelines")).json()["items"]] == [pipeline["id"]]
     [step_job] = conveyor.store.get_pipeline(pipeline["id"]).steps[0].jobs
     assert conveyor.store.get_job(step_job.id).owner_key_id == alice_id
 
@@ -402,8 +400,8 @@ async def test_the_global_stream_carries_the_keys_own_jobs_only(
         httpx.AsyncClient(base_url=live, headers=bearer(alice_secret)) as alice,
         httpx.AsyncClient(base_url=live, headers=bearer(bob_secret)) as bob,
     ):
-        theirs = (await alice.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}}))
-        mine = (await bob.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 2}}))
+        theirs = await alice.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
+        mine = await bob.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 2}})
         await worker.arun(theirs.json()["id"])
         await worker.arun(mine.json()["id"])
         received: list[dict[str, Any]] = []
@@ -479,7 +477,7 @@ async def test_the_audit_trail_filters_and_pages(
     revokes = await audit_rows(client, action="key.revoke")
     about = await audit_rows(client, object_id=ids[0])
     first = (await client.get("/v1/audit", params={"limit": 4})).json()
-    rest = (await client.get("/v1/audit", params={"limit": 4, "cursor": first["next_cursor"]}))
+    rest = await client.get("/v1/audit", params={"limit": 4, "cursor": first["next_cursor"]})
 
     assert [r["object_id"] for r in revokes] == ids[::-1]
     assert [r["action"] for r in about] == ["key.revoke", "key.create"]

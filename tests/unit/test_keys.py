@@ -106,7 +106,7 @@ def test_bad_new_keys_are_refused_naming_the_field(
 
 
 def test_an_unknown_scope_is_named_with_the_known_ones() -> None:
-    with pytest.raises(KeyInvalid, match="'jobs:reed'.*jobs:read, jobs:read-all"):
+    with pytest.raises(KeyInvalid, match=r"'jobs:reed'.*jobs:read, jobs:read-all"):
         check_new_key("ci", ["jobs:read", "jobs:reed"], None, None)
 
 
