@@ -58,6 +58,7 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     insert,
     or_,
@@ -2246,9 +2247,13 @@ class Store:
         )
         taken = select(keys_t.c.id).where(keys_t.c.name == name, keys_t.c.revoked_at.is_(None))
         with self._tx() as conn:
+            # Two creates of one name take turns, the second seeing the first's key: on
+            # PostgreSQL by a lock on the name; on SQLite by writing first (a no-op),
+            # which takes the database's write lock before the check reads.
             if self.dialect == "postgresql":
-                # Two creates of one name take turns (SQLite writers do already).
                 conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+            else:
+                conn.execute(update(keys_t).where(false()).values(name=keys_t.c.name))
             if conn.execute(taken).first() is not None:
                 raise KeyExists(name)
             conn.execute(
