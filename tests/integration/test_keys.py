@@ -15,6 +15,7 @@ from conveyor.errors import KeyExists, KeyNotFound
 from conveyor.jobs import JobError
 from conveyor.keys import acting_as
 from conveyor.store import AuditEntry, AuditFilter, DeadLetterFilter, Store
+from conveyor.worker.attempt import execute
 from tests.api.conftest import AddPayload, add
 
 
@@ -162,3 +163,38 @@ def test_dead_letters_are_filtered_and_purged_by_owner(store: Store) -> None:
         owner_key_id="alice",
     )
     assert created and replay.owner_key_id == "alice"
+
+
+def test_jobs_submitted_by_a_running_job_belong_to_its_owner(
+    database_url: str, make_settings: Callable[..., Settings]
+) -> None:
+    """The worker runs each job as its owner: what the task submits (sync or async)
+    belongs to the key that submitted the job, whoever that is."""
+    app = Conveyor(settings=make_settings())
+    app.task(name="tests.add", queue="math")(add)
+
+    @app.task(name="tests.spawn")
+    def spawn(ctx: Context, payload: AddPayload) -> str:
+        return app.submit("tests.add", {"a": payload.a}).id
+
+    @app.task(name="tests.aspawn")
+    async def aspawn(ctx: Context, payload: AddPayload) -> str:
+        return app.submit("tests.add", {"a": payload.a}).id
+
+    app.store.migrate()
+    try:
+        parents = []
+        for task, owner in [
+            ("tests.spawn", "alice"),
+            ("tests.aspawn", "bob"),
+            ("tests.spawn", None),
+        ]:
+            with acting_as(owner):
+                parents.append((app.submit(task, {"a": 1}), owner))
+        for parent, owner in parents:
+            execute(app, parent.id, 1)
+            done = app.store.get_job(parent.id)
+            assert done.status == "succeeded", done.error
+            assert app.store.get_job(done.result).owner_key_id == owner
+    finally:
+        app.close()
