@@ -19,6 +19,7 @@ from conveyor import Context, Conveyor, Settings
 from conveyor.api.app import create_app
 from conveyor.errors import ConfigurationError
 from conveyor.jobs import JobError
+from conveyor.keys import KeyVerifier
 from tests.api.conftest import AddPayload, Worker, add, bearer
 
 pytestmark = pytest.mark.anyio
@@ -499,3 +500,15 @@ async def test_audit_rows_cannot_be_changed_or_deleted(
 
     assert response.status_code == 405
     assert len(await audit_rows(client)) == 1
+
+
+async def test_a_cached_key_stops_working_at_its_expiry(conveyor: Conveyor) -> None:
+    """Expiry does not wait for the cache: the remembered record knows when it ends."""
+    soon = datetime.now(UTC) + timedelta(seconds=0.5)
+    _, secret = conveyor.store.create_api_key("brief", ["jobs:read"], expires_at=soon)
+    verifier = KeyVerifier(conveyor.store, ttl=60)
+    assert await verifier.verify(secret) is not None  # now cached for a minute
+
+    await asyncio.sleep((soon - datetime.now(UTC)).total_seconds() + 0.05)
+
+    assert await verifier.verify(secret) is None
