@@ -388,6 +388,8 @@ async def test_published_events_and_their_jobs_belong_to_the_publishing_key(
 
     assert (await bob.get(f"/v1/topics/boards/events/{event['id']}")).status_code == 404
     assert (await bob.get("/v1/topics/boards/events")).json()["items"] == []
+    [topic] = (await bob.get("/v1/topics")).json()
+    assert (topic["topic"], topic["events"]) == ("boards", 0)
     [job_id] = event["jobs"]
     assert conveyor.store.get_job(job_id).owner_key_id == alice_id
 

@@ -101,11 +101,12 @@ class PublishedEventPage(BaseModel):
 
 
 @router.get("", response_model=list[TopicInfo], dependencies=[Scope("jobs:read")])
-def list_topics(request: Request) -> list[TopicInfo]:
-    """Topics tasks subscribe to (``@app.task(on=...)``) and topics with events."""
+def list_topics(request: Request, key: Authenticated) -> list[TopicInfo]:
+    """Topics tasks subscribe to (``@app.task(on=...)``) and topics with events (counted
+    among the key's own, for a key without ``jobs:read-all``)."""
     state = api_state(request)
     subscribed = state.conveyor.subscriptions
-    counts = state.store.topic_counts()
+    counts = state.store.topic_counts(owner_key_id=owner_filter(key))
     return [
         TopicInfo(topic=topic, subscribers=subscribed.get(topic, []), events=counts.get(topic, 0))
         for topic in sorted({*subscribed, *counts})

@@ -609,10 +609,12 @@ class Store:
             raise TopicEventNotFound(event_id)
         return rows.topic_event(row)
 
-    def topic_counts(self) -> dict[str, int]:
-        """How many events each topic that has any was given."""
+    def topic_counts(self, *, owner_key_id: str | None = None) -> dict[str, int]:
+        """How many events each topic that has any was given (by that API key's, if given)."""
         t = topic_events_t.c
         query = select(t.topic, func.count()).group_by(t.topic)
+        if owner_key_id is not None:
+            query = query.where(t.owner_key_id == owner_key_id)
         with self._tx() as conn:
             return {topic: int(count) for topic, count in conn.execute(query)}
 
