@@ -514,3 +514,17 @@ async def test_a_cached_key_stops_working_at_its_expiry(conveyor: Conveyor) -> N
     await asyncio.sleep((soon - datetime.now(UTC)).total_seconds() + 0.05)
 
     assert await verifier.verify(secret) is None
+
+
+async def test_a_refused_change_writes_no_audit_row(
+    client: httpx.AsyncClient, worker: Worker
+) -> None:
+    job = (await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})).json()
+    await worker.arun(job["id"])
+
+    assert (await client.post(f"/v1/jobs/{job['id']}/cancel")).status_code == 409
+    assert (await client.delete("/v1/schedules/none")).status_code == 404
+    assert (await client.delete(f"/v1/dead-letters/{job['id']}")).status_code == 409
+    assert (await client.patch("/v1/schedules/none", json={"enabled": False})).status_code == 404
+
+    assert await audit_rows(client) == []

@@ -151,15 +151,11 @@ def purge_dead_letters(body: PurgeRequest, request: Request, key: Authenticated)
     An empty filter is refused: purging everything takes ``"all": true``.
     """
     match = dataclasses.replace(body.match(), owner_key_id=owner_filter(key))
-    purged = api_state(request).store.purge_dead_letters(match)
-    audit.record(
-        request,
-        key,
-        "dead_letters.purge",
-        "dead_letters",
-        None,
-        **body.model_dump(mode="json"),
-        purged=purged,
+    purged = api_state(request).store.purge_dead_letters(
+        match,
+        audit=audit.entry(
+            request, key, "dead_letters.purge", "dead_letters", None, **body.model_dump(mode="json")
+        ),
     )
     log.info("dead_letters.purged", purged=purged, by=key.name, **body.model_dump(mode="json"))
     return Purged(purged=purged)
@@ -222,8 +218,9 @@ def purge_dead_letter(job_id: str, request: Request, key: Authenticated) -> Purg
     """Delete one dead job with its events and attempts; 409 if it is not dead."""
     store = api_state(request).store
     job = own_job(store, key, job_id)
-    store.purge_dead_letter(job_id)
-    audit.record(request, key, "dead_letter.purge", "job", job_id, task=job.task)
+    store.purge_dead_letter(
+        job_id, audit=audit.entry(request, key, "dead_letter.purge", "job", job_id, task=job.task)
+    )
     log.info("dead_letters.purged", purged=1, job_id=job_id, by=key.name)
     return Purged(purged=1)
 

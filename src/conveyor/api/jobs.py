@@ -245,9 +245,12 @@ def get_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
 def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
     """Cancel a job that has not ended; a running one is asked to stop within a second."""
     state = api_state(request)
-    own_job(state.store, key, job_id)
-    job, _ = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
-    audit.record(request, key, "job.cancel", "job", job_id, task=job.task)
+    mine = own_job(state.store, key, job_id)
+    job, _ = state.store.cancel(
+        job_id,
+        reason=f"cancelled through the API by {key.name!r}",
+        audit=audit.entry(request, key, "job.cancel", "job", job_id, task=mine.task),
+    )
     return JobResource.of(job, state.store.attempts(job.id))
 
 
@@ -264,7 +267,8 @@ def delete_job(job_id: str, request: Request, key: Authenticated) -> Purged:
     """
     store = api_state(request).store
     job = own_job(store, key, job_id)
-    store.delete_job(job_id)
-    audit.record(request, key, "job.delete", "job", job_id, task=job.task)
+    store.delete_job(
+        job_id, audit=audit.entry(request, key, "job.delete", "job", job_id, task=job.task)
+    )
     log.info("job.deleted", job_id=job_id, by=key.name)
     return Purged(purged=1)

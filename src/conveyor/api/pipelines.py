@@ -190,9 +190,10 @@ def cancel_pipeline(pipeline_id: str, request: Request, key: Authenticated) -> P
     store = api_state(request).store
     own_pipeline(store, key, pipeline_id)
     pipeline = store.cancel_pipeline(
-        pipeline_id, reason=f"cancelled through the API by {key.name!r}"
+        pipeline_id,
+        reason=f"cancelled through the API by {key.name!r}",
+        audit=audit.entry(request, key, "pipeline.cancel", "pipeline", pipeline_id),
     )
-    audit.record(request, key, "pipeline.cancel", "pipeline", pipeline_id)
     log.info("pipeline.cancelled", pipeline_id=pipeline_id, by=key.name)
     return PipelineResource.of(pipeline)
 

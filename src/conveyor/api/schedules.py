@@ -74,8 +74,12 @@ def create_schedule(
         priority=body.priority,
         catchup=body.catchup,
     )
-    schedule = state.store.create_schedule(spec, enabled=body.enabled, origin=Origin.API)
-    audit.record(request, key, "schedule.create", "schedule", schedule.name, task=schedule.task)
+    schedule = state.store.create_schedule(
+        spec,
+        enabled=body.enabled,
+        origin=Origin.API,
+        audit=audit.entry(request, key, "schedule.create", "schedule", spec.name, task=body.task),
+    )
     log.info("schedule.created", schedule=schedule.name, task=schedule.task, by=key.name)
     resource = ScheduleResource.of(schedule, None)
     response.headers["Location"] = resource.links.self
@@ -159,8 +163,12 @@ def update_schedule(
             priority=body.priority if body.priority is not None else current.priority,
             catchup=body.catchup or current.catchup.value,
         )
-    schedule = state.store.update_schedule(name, spec=spec, enabled=body.enabled)
-    audit.record(request, key, "schedule.update", "schedule", name, fields=sorted(given))
+    schedule = state.store.update_schedule(
+        name,
+        spec=spec,
+        enabled=body.enabled,
+        audit=audit.entry(request, key, "schedule.update", "schedule", name, fields=sorted(given)),
+    )
     log.info("schedule.updated", schedule=name, fields=sorted(given), by=key.name)
     return _resources(state.store, [schedule])[0]
 
@@ -174,8 +182,9 @@ def update_schedule(
 def delete_schedule(name: str, request: Request, key: Authenticated) -> Response:
     """Delete a schedule; the jobs it made stay. A schedule defined in code comes back
     when a worker starts with its definition."""
-    api_state(request).store.delete_schedule(name)
-    audit.record(request, key, "schedule.delete", "schedule", name)
+    api_state(request).store.delete_schedule(
+        name, audit=audit.entry(request, key, "schedule.delete", "schedule", name)
+    )
     log.info("schedule.deleted", schedule=name, by=key.name)
     return Response(status_code=204)
 

@@ -872,10 +872,17 @@ class Store:
         """The job's ended attempts, first to last."""
         return self.attempts_of([job_id])[job_id]
 
-    def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        reason: str = "cancelled by request",
+        audit: AuditEntry | None = None,
+    ) -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has. A running attempt is
         recorded as ended ``cancelled`` (its worker is asked to stop it). A job of a
-        pipeline cancels its step, whose dependents are skipped."""
+        pipeline cancels its step, whose dependents are skipped. ``audit`` is written
+        in the same transaction."""
         now = utcnow()
         with self._tx() as conn:
             pipeline_id = conn.execute(
@@ -888,6 +895,8 @@ class Store:
                 ledger.lock()  # the pipeline first, as every pipeline write does
                 found = self._cancel_in(conn, job_id, now, reason)
                 ledger.job_failed(found[0], f"job {job_id} was cancelled", cancelled=True)
+            if audit is not None:
+                self._audit(conn, audit)
         self.publish([found[1]])
         return found
 
@@ -1410,9 +1419,15 @@ class Store:
     # -- schedules -------------------------------------------------------------
 
     def create_schedule(
-        self, spec: ScheduleSpec, *, enabled: bool = True, origin: Origin = Origin.API
+        self,
+        spec: ScheduleSpec,
+        *,
+        enabled: bool = True,
+        origin: Origin = Origin.API,
+        audit: AuditEntry | None = None,
     ) -> Schedule:
-        """Record a schedule, its first tick the first after now; raises ScheduleExists."""
+        """Record a schedule, its first tick the first after now (and ``audit``, in the
+        same transaction); raises ScheduleExists."""
         now = self.clock()
         values = _schedule_values(spec)
         values.update(
@@ -1429,6 +1444,8 @@ class Store:
         try:
             with self._tx() as conn:
                 conn.execute(insert(schedules_t).values(**values))
+                if audit is not None:
+                    self._audit(conn, audit)
         except IntegrityError:
             raise ScheduleExists(spec.name) from None
         return self.get_schedule(spec.name)
@@ -1465,9 +1482,11 @@ class Store:
         spec: ScheduleSpec | None = None,
         enabled: bool | None = None,
         paused_reason: str | None = None,
+        audit: AuditEntry | None = None,
     ) -> Schedule:
-        """Change a schedule's definition and whether it fires. A new cadence, or
-        enabling a paused schedule, starts it again from the first tick after now."""
+        """Change a schedule's definition and whether it fires (and write ``audit``, in
+        the same transaction). A new cadence, or enabling a paused schedule, starts it
+        again from the first tick after now."""
         values: dict[str, Any] = {}
         restart = False
         current = self.get_schedule(name)
@@ -1490,14 +1509,19 @@ class Store:
             changed = conn.execute(
                 update(schedules_t).where(schedules_t.c.name == name).values(**values)
             ).rowcount
+            if changed and audit is not None:
+                self._audit(conn, audit)
         if not changed:
             raise ScheduleNotFound(name)
         return self.get_schedule(name)
 
-    def delete_schedule(self, name: str) -> None:
-        """Delete a schedule; the jobs it made stay, still naming it."""
+    def delete_schedule(self, name: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete a schedule (and write ``audit``, in the same transaction); the jobs it
+        made stay, still naming it."""
         with self._tx() as conn:
             if conn.execute(delete(schedules_t).where(schedules_t.c.name == name)).rowcount:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
         raise ScheduleNotFound(name)
 
@@ -1931,10 +1955,15 @@ class Store:
         return found
 
     def cancel_pipeline(
-        self, pipeline_id: str, *, reason: str = "cancelled by request"
+        self,
+        pipeline_id: str,
+        *,
+        reason: str = "cancelled by request",
+        audit: AuditEntry | None = None,
     ) -> Pipeline:
         """Cancel every step that has not ended and every unfinished job (running ones are
-        asked to stop), in one transaction; raises PipelineNotFound, or PipelineEnded."""
+        asked to stop), in one transaction with ``audit``; raises PipelineNotFound, or
+        PipelineEnded."""
         now = utcnow()
         events: list[Event] = []
         with self._tx() as conn:
@@ -1950,6 +1979,8 @@ class Store:
                 except IllegalTransition:  # ended meanwhile (a claim does not lock the pipeline)
                     continue
             ledger.end_cancelled()
+            if audit is not None:
+                self._audit(conn, audit)
         self.publish(events)
         return self.get_pipeline(pipeline_id)
 
@@ -2158,20 +2189,29 @@ class Store:
                 found[row["job_id"]].append(rows.attempt(row))
         return found
 
-    def purge_dead_letters(self, match: DeadLetterFilter) -> int:
+    def purge_dead_letters(
+        self, match: DeadLetterFilter, *, audit: AuditEntry | None = None
+    ) -> int:
         """Delete the dead jobs ``match`` selects (all of them if it is empty) with their
-        events and attempts; returns how many. Their replays stay, still naming them."""
+        events and attempts; returns how many. Their replays stay, still naming them.
+        ``audit`` is written in the same transaction, with the count in its detail."""
         statement = delete(jobs_t).where(*_dead_letter_conditions(match))
         with self._tx() as conn:
-            return int(conn.execute(statement).rowcount)
+            purged = int(conn.execute(statement).rowcount)
+            if audit is not None:
+                self._audit(conn, replace(audit, detail={**audit.detail, "purged": purged}))
+            return purged
 
-    def purge_dead_letter(self, job_id: str) -> None:
-        """Delete one dead job; raises JobNotFound, or JobNotDead if it is not dead."""
+    def purge_dead_letter(self, job_id: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete one dead job (and write ``audit``, in the same transaction); raises
+        JobNotFound, or JobNotDead if it is not dead."""
         statement = delete(jobs_t).where(
             jobs_t.c.id == job_id, jobs_t.c.status == JobStatus.DEAD.value
         )
         with self._tx() as conn:
             if conn.execute(statement).rowcount == 1:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
             status = conn.execute(
                 select(jobs_t.c.status).where(jobs_t.c.id == job_id)
@@ -2396,8 +2436,9 @@ class Store:
 
     # -- deleting and replaying -----------------------------------------------
 
-    def delete_job(self, job_id: str) -> None:
-        """Delete a job that has ended, with its events, attempts and idempotency keys.
+    def delete_job(self, job_id: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete a job that has ended, with its events, attempts and idempotency keys
+        (and write ``audit``, in the same transaction).
 
         Raises JobNotFound, or JobNotEnded if it has not ended (a worker may hold it:
         cancel it first). Jobs replaying it keep naming it in ``replay_of``.
@@ -2406,6 +2447,8 @@ class Store:
         statement = delete(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ended))
         with self._tx() as conn:
             if conn.execute(statement).rowcount == 1:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
             status = conn.execute(
                 select(jobs_t.c.status).where(jobs_t.c.id == job_id)
