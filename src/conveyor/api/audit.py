@@ -64,7 +64,7 @@ def record(
     api_state(request).store.audit(entry(request, key, action, object_type, object_id, **detail))
 
 
-Text = Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
+Filter = Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00]*$")]
 
 
 @router.get(
@@ -75,9 +75,9 @@ Text = Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x
 )
 def list_audit(
     request: Request,
-    action: Text = None,
-    key_id: Text = None,
-    object_id: Text = None,
+    action: Filter = None,
+    key_id: Filter = None,
+    object_id: Filter = None,
     since: Annotated[Timestamp | None, Query(description="At or after this.")] = None,
     until: Annotated[Timestamp | None, Query(description="Before this.")] = None,
     cursor: Cursor = None,
