@@ -42,6 +42,7 @@ from conveyor.errors import (
 from conveyor.events import Publisher, make_publisher
 from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.jobs import Event, Job, JobStatus
+from conveyor.keys import acting_key
 from conveyor.pipelines import Flow, Pipeline, PipelineSpec, StepRecord, StepSpec
 from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
 from conveyor.schedules import ScheduleSpec, define_schedule
@@ -437,12 +438,17 @@ class Conveyor:
         if connection is not None:
             conn = enlist(connection, self.store.engine.url)
             recorded, created = self.store.record_topic_event_in(
-                conn, topic, stored, fields, correlation_id=correlation_id
+                conn,
+                topic,
+                stored,
+                fields,
+                correlation_id=correlation_id,
+                owner_key_id=acting_key.get(),
             )
             self._after_commit(connection, created)
         else:
             recorded, jobs = self.store.record_topic_event(
-                topic, stored, fields, correlation_id=correlation_id
+                topic, stored, fields, correlation_id=correlation_id, owner_key_id=acting_key.get()
             )
             if jobs:
                 self.dispatch_many(jobs)
@@ -498,7 +504,8 @@ class Conveyor:
             # The request as made: a delay, not the start time it gives at this moment.
             # The limit key follows from the task and payload: left out, so that
             # fingerprints made before tasks had limits still match.
-            left_out = {"correlation_id", "run_at", "limit_key"}
+            # The owner too: keys are per caller already (``scope``).
+            left_out = {"correlation_id", "run_at", "limit_key", "owner_key_id"}
             request = {k: v for k, v in fields.items() if k not in left_out}
             run_at, delay = options.get("run_at"), options.get("delay")
             if run_at is not None:
@@ -540,6 +547,7 @@ class Conveyor:
             **self._options(task, options),
             "limit_key": task.limit_key(data),
             **self._hooks(task, options),
+            "owner_key_id": acting_key.get(),
         }
 
     def _hooks(self, task: Task[Any, Any], options: JobOptions) -> dict[str, str]:
@@ -640,7 +648,11 @@ class Conveyor:
                 )
             once = (scope, key, fingerprint)
         pipeline, jobs, created = self.store.create_pipeline(
-            records, name=spec.name, correlation_id=correlation_id, idempotency=once
+            records,
+            name=spec.name,
+            correlation_id=correlation_id,
+            idempotency=once,
+            owner_key_id=acting_key.get(),
         )
         if created:
             log.info("pipeline.submitted", pipeline_id=pipeline.id, steps=len(records))
@@ -746,12 +758,16 @@ class Conveyor:
         until: datetime | None = None,
         limit: int = 1000,
         correlation_id: str | None = None,
+        owner_key_id: str | None = None,
     ) -> Replays:
         """Replay the dead jobs that match and have not been replayed yet, the last to die
         first, handling at most ``limit`` of them; those that cannot be replayed are skipped,
-        and so are those another replay got to first.
+        and so are those another replay got to first. With ``owner_key_id``, only the dead
+        jobs of that API key.
         """
-        match = DeadLetterFilter(task=task, error_type=error_type, since=since, until=until)
+        match = DeadLetterFilter(
+            task=task, error_type=error_type, since=since, until=until, owner_key_id=owner_key_id
+        )
         correlation_id = correlation_id or uuid.uuid4().hex
         done = Replays()
         cursor: str | None = None
@@ -806,6 +822,7 @@ class Conveyor:
             item=dead.item,
             on_success=dead.on_success,  # a replay keeps its hooks (see conveyor.hooks)
             on_dead=dead.on_dead,
+            owner_key_id=dead.owner_key_id,  # a replay stays its owner's, whoever asks
         )
         if not created:  # another replay got there first
             return job, False

@@ -12,6 +12,8 @@
     pipelines submit, list, show and cancel pipelines over HTTP
     dlq       list, show, replay and purge dead jobs over HTTP
     schedules list, add, pause, resume, remove and trigger schedules over HTTP
+    keys      create, list and revoke API keys over HTTP
+    audit     the audit trail of changes made through the API
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
 setting or argument, 1 for anything the server or the job did. Neither prints
@@ -163,6 +165,8 @@ documents_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(documents_cli, name="documents")
+keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+cli.add_typer(keys_cli, name="keys")
 
 
 def main() -> None:
@@ -1564,6 +1568,111 @@ def delete_document(document_id: Annotated[str, typer.Argument(metavar="ID")]) -
         except httpx.TransportError as exc:
             raise CliError(f"cannot reach the API at {client.url} ({exc})") from None
     out.print(f"deleted {document_id}", markup=False)
+
+
+# -- API keys and the audit trail -------------------------------------------------
+
+
+@keys_cli.command("create")
+def create_key(
+    name: Annotated[str, typer.Argument(help="A name for the key, unique among active keys.")],
+    scope: Annotated[
+        list[str],
+        typer.Option(
+            "--scope",
+            help="A scope, repeatable: jobs:read, jobs:read-all, jobs:write,"
+            " dead-letters:write, schedules:write, keys:admin, admin.",
+        ),
+    ],
+    expires_at: Annotated[
+        str | None, typer.Option(help="When it stops working: ISO 8601, or a duration (30d).")
+    ] = None,
+    rate_limit: Annotated[
+        str | None, typer.Option(help="Its own API request budget: N/s, N/m or N/h.")
+    ] = None,
+) -> None:
+    """Create an API key and print its secret, only: it is shown this once."""
+    body: dict[str, Any] = {"name": name, "scopes": scope}
+    if expires_at is not None:
+        body["expires_at"] = _future(expires_at, "--expires-at")
+    if rate_limit is not None:
+        body["rate_limit"] = rate_limit
+    with ApiClient(load_settings()) as client:
+        made = client.request("POST", "/v1/keys", json=body)
+    out.print(made["secret"], markup=False)
+    err.print(f"[dim]key {made['id']} ({made['name']}): keep the secret, it is not shown again[/]")
+
+
+def _future(value: str, option: str) -> str:
+    """An ISO 8601 time, or a duration from now (``30d``, ``12h``), as ISO 8601."""
+    ahead = _AGO.match(value.strip())
+    if ahead:
+        at = datetime.now(UTC) + timedelta(seconds=float(ahead[1]) * _SECONDS[ahead[2]])
+        return at.isoformat()
+    return _moment(value, option)
+
+
+@keys_cli.command("list")
+def list_keys(
+    revoked: Annotated[bool, typer.Option("--revoked", help="Include revoked keys.")] = False,
+) -> None:
+    """API keys, oldest first (never their secrets)."""
+    with ApiClient(load_settings()) as client:
+        found = client.request("GET", "/v1/keys", params={"revoked": str(revoked).lower()})
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "NAME", "SCOPES", "CREATED", "EXPIRES", "REVOKED", "RATE"):
+        table.add_column(column, no_wrap=True)
+    for key in found["items"]:
+        table.add_row(
+            key["id"],
+            Text(key["name"]),
+            ",".join(key["scopes"]),
+            _when(key.get("created_at")),
+            _when(key.get("expires_at")),
+            _when(key.get("revoked_at")),
+            key.get("rate_limit") or "",
+        )
+    _print_page(table, found, min_width=160)
+
+
+@keys_cli.command("revoke")
+def revoke_key(key_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
+    """Revoke an API key; every API process refuses it within 5 seconds."""
+    with ApiClient(load_settings()) as client:
+        key = client.request("DELETE", f"/v1/keys/{quote(key_id, safe='')}")
+    out.print(f"revoked {key['id']} ({key['name']})", markup=False)
+
+
+@cli.command("audit")
+def list_audit(
+    action: Annotated[str | None, typer.Option(help="Only this action, e.g. job.cancel.")] = None,
+    key_id: Annotated[str | None, typer.Option(help="Only changes made with this key.")] = None,
+    object_id: Annotated[str | None, typer.Option(help="Only changes to this object.")] = None,
+    since: Annotated[str | None, typer.Option(help="At or after: ISO 8601 or 6h ago.")] = None,
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Rows per page.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """The audit trail, newest first: who changed what, when, from where (admin keys)."""
+    params: dict[str, str | int] = {"limit": limit}
+    chosen = {"action": action, "key_id": key_id, "object_id": object_id, "cursor": cursor}
+    params.update({k: v for k, v in chosen.items() if v})
+    if since:
+        params["since"] = _moment(since, "--since")
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/audit", params=params)
+    table = Table(box=None, header_style="bold")
+    for column in ("AT", "KEY", "ACTION", "OBJECT", "ADDRESS", "CORRELATION ID"):
+        table.add_column(column, no_wrap=True)
+    for row in page["items"]:
+        table.add_row(
+            _when(row["at"]),
+            Text(row.get("key_name") or ""),
+            row["action"],
+            Text(f"{row['object_type']} {row.get('object_id') or ''}".strip()),
+            row.get("address") or "",
+            row.get("correlation_id") or "",
+        )
+    _print_page(table, page, min_width=180)
 
 
 if __name__ == "__main__":

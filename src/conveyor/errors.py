@@ -26,6 +26,11 @@ ConveyorError
 ├── RateLimited             an API caller has spent its request budget for now
 ├── DocumentNotFound        no ingested document with that id
 ├── DocumentRefused         an upload the documents workload cannot take (empty, no name...)
+├── ScopeMissing            the API key lacks the scope a request needs
+├── KeyInvalid              a new API key's name, scopes, expiry or rate limit is wrong
+├── KeyNotFound             no API key with that id
+├── KeyExists               an active API key with that name exists already
+├── KeyRefused              the bootstrap admin key, or the caller's own, cannot be revoked
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 ├── NotificationInvalid     a notification request is wrong (channel, address, template)
@@ -289,6 +294,49 @@ class DocumentNotFound(ConveyorError):
 
 class DocumentRefused(ConveyorError):
     """An upload the documents workload cannot take as it is; nothing was recorded."""
+
+
+class ScopeMissing(ConveyorError):
+    """The API key lacks the scope the request needs."""
+
+    def __init__(self, scope: str) -> None:
+        #: The scope that would have allowed it.
+        self.scope = scope
+        super().__init__(f"this API key lacks the scope {scope!r}")
+
+
+class KeyInvalid(ConveyorError):
+    """A new API key is refused as asked for: its name, scopes, expiry or rate limit."""
+
+    def __init__(self, field: str, message: str) -> None:
+        #: The field at fault: ``name``, ``scopes``, ``expires_at`` or ``rate_limit``.
+        self.field = field
+        super().__init__(message)
+
+
+class KeyNotFound(ConveyorError):
+    """No API key exists with that id."""
+
+    def __init__(self, key_id: str) -> None:
+        self.key_id = key_id
+        super().__init__(f"API key {key_id!r} not found")
+
+
+class KeyExists(ConveyorError):
+    """An API key with that name exists already and is not revoked."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an API key named {name!r} exists already; revoke it or pick another")
+
+
+class KeyRefused(ConveyorError):
+    """That key cannot be revoked this way: the bootstrap admin key, or the caller's own."""
+
+    def __init__(self, key_id: str, reason: str) -> None:
+        self.key_id = key_id
+        self.reason = reason
+        super().__init__(f"API key {key_id} cannot be revoked: {reason}")
 
 
 class StoreUnavailable(ConveyorError):

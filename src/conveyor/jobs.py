@@ -124,6 +124,8 @@ class Job(BaseModel):
     on_dead: str | None = None
     #: For a hook job: the job whose outcome made it.
     hook_of: str | None = None
+    #: The API key that owns the job (see ``conveyor.keys``); None: made from Python.
+    owner_key_id: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

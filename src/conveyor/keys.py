@@ -1,23 +1,32 @@
-"""API keys at the process level: the bootstrap admin key, and checking keys.
+"""API keys: what each scope allows, whose jobs a key sees, the bootstrap admin key,
+and checking keys.
 
-Keys are stored hashed (see :class:`conveyor.store.Store`); this module only
-decides which key must exist at start-up and remembers recent answers briefly.
-Both the HTTP API and ``conveyor up`` use it, so it sits below them.
+Keys are stored hashed (see :class:`conveyor.store.Store`). This module decides
+what a key may do (:func:`allows`, :func:`may_see`, :func:`owner_filter`), which key
+must exist at start-up, and remembers recent answers briefly. The HTTP API, the
+worker and ``conveyor up`` use it, so it sits below them.
+
+Ownership travels in :data:`acting_key`: whatever is submitted while it is set
+(by the API for a request, by the worker for a running job) belongs to that key.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
+from datetime import UTC, datetime
 from pathlib import Path
 
 import structlog
 
-from conveyor.errors import ConfigurationError
+from conveyor.errors import ConfigurationError, KeyInvalid
+from conveyor.limits import parse_rate
 from conveyor.settings import Settings
 from conveyor.store import ApiKey, Store, hash_key
 
@@ -25,6 +34,82 @@ ADMIN_NAME = "admin"
 ADMIN_SCOPES = ("admin",)
 KEY_PREFIX = "cvk_"
 MAX_KEY_LENGTH = 512
+MAX_NAME_LENGTH = 200
+
+#: Every scope, with what it allows. ``admin`` allows everything.
+SCOPES: dict[str, str] = {
+    "jobs:read": "read its own jobs, pipelines, events, schedules, tasks, queues and topics",
+    "jobs:read-all": "read (and act on) every key's jobs, pipelines and events",
+    "jobs:write": "submit and cancel jobs and pipelines, publish events",
+    "dead-letters:write": "replay and purge dead letters",
+    "schedules:write": "create, change, delete and trigger schedules",
+    "keys:admin": "create, list and revoke API keys",
+    "admin": "everything, the audit trail included",
+}
+#: Scopes a scope brings with it.
+IMPLIED: dict[str, frozenset[str]] = {"jobs:read-all": frozenset({"jobs:read"})}
+
+#: The key on whose behalf jobs, pipelines and events are being made; None: nobody's.
+acting_key: ContextVar[str | None] = ContextVar("conveyor_acting_key", default=None)
+
+
+def allows(key: ApiKey, scope: str) -> bool:
+    """Whether ``key`` may do what ``scope`` covers: it has it, or one that implies it."""
+    held = set(key.scopes)
+    if "admin" in held or scope in held:
+        return True
+    return any(scope in IMPLIED.get(s, ()) for s in held)
+
+
+def sees_all(key: ApiKey) -> bool:
+    """Whether ``key`` sees every key's jobs, not only its own."""
+    return allows(key, "jobs:read-all")
+
+
+def may_see(key: ApiKey, owner_key_id: str | None) -> bool:
+    """Whether ``key`` may see (and act on) something owned by ``owner_key_id``."""
+    return sees_all(key) or owner_key_id == key.id
+
+
+def owner_filter(key: ApiKey) -> str | None:
+    """For list queries: only this owner's rows, or None for every row."""
+    return None if sees_all(key) else key.id
+
+
+@contextlib.contextmanager
+def acting_as(key_id: str | None) -> Iterator[None]:
+    """What is submitted inside belongs to ``key_id``."""
+    token = acting_key.set(key_id)
+    try:
+        yield
+    finally:
+        acting_key.reset(token)
+
+
+def check_new_key(
+    name: str, scopes: Sequence[str], expires_at: datetime | None, rate_limit: str | None
+) -> None:
+    """Refuse a key that cannot be made as asked (KeyInvalid, naming the field)."""
+    if not name.strip() or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        raise KeyInvalid("name", f"a key's name is 1 to {MAX_NAME_LENGTH} printable characters")
+    if not scopes:
+        raise KeyInvalid("scopes", f"give at least one scope of {', '.join(SCOPES)}")
+    unknown = [s for s in scopes if s not in SCOPES]
+    if unknown:
+        raise KeyInvalid(
+            "scopes", f"unknown scope {unknown[0]!r}; the scopes are {', '.join(SCOPES)}"
+        )
+    if expires_at is not None:
+        if expires_at.tzinfo is None:
+            raise KeyInvalid("expires_at", "expires_at needs a time zone (Z or +00:00)")
+        if expires_at <= datetime.now(UTC):
+            raise KeyInvalid("expires_at", "expires_at is in the past")
+    if rate_limit is not None:
+        try:
+            parse_rate(rate_limit)
+        except ValueError as exc:
+            raise KeyInvalid("rate_limit", str(exc)) from None
+
 
 log = structlog.get_logger("conveyor.keys")
 
@@ -77,18 +162,25 @@ def _create_secret_file(path: Path, content: str) -> bool:
         temporary.unlink(missing_ok=True)
 
 
+#: How long a process remembers a key by default, and the longest it may:
+#: revocation and expiry must reach every process within 5 seconds.
+CACHE_SECONDS = 4.0
+MAX_CACHE_SECONDS = 5.0
+
+
 class KeyVerifier:
     """Checks keys against the store, remembering valid ones for ``ttl`` seconds.
 
     Only successes are remembered, so a new key works at once; a revoked key
-    stops working within ``ttl``. Set ``ttl`` to 0 to ask the store every time.
+    stops working within ``ttl``, an expired one at its expiry. Set ``ttl`` to 0
+    to ask the store every time.
     """
 
     def __init__(
         self,
         store: Store,
         *,
-        ttl: float = 10.0,
+        ttl: float = CACHE_SECONDS,
         max_entries: int = 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -105,7 +197,9 @@ class KeyVerifier:
         now = self.clock()
         cached = self._cache.get(digest)
         if cached is not None and cached[1] > now:
-            return cached[0]
+            expires_at = cached[0].expires_at
+            if expires_at is None or expires_at > datetime.now(UTC):
+                return cached[0]
         record = await asyncio.to_thread(self.store.verify_api_key, key)
         if record is None or self.ttl <= 0:
             self._cache.pop(digest, None)

@@ -99,6 +99,8 @@ class JobRow(Base):
     on_dead: Mapped[str | None] = mapped_column(String(200))
     #: For a hook job: the job whose outcome made it (unique: one hook job per outcome).
     hook_of: Mapped[str | None] = mapped_column(String(36))
+    #: The API key that submitted it, or whose job, pipeline or event made it.
+    owner_key_id: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
@@ -112,6 +114,7 @@ class JobRow(Base):
         Index("ix_conveyor_jobs_limit_key_status", "limit_key", "status"),
         Index("ix_conveyor_jobs_pipeline_step", "pipeline_id", "step", "item"),
         Index("uq_conveyor_jobs_hook_of", "hook_of", unique=True),
+        Index("ix_conveyor_jobs_owner_key_id", "owner_key_id"),
     )
 
 
@@ -267,9 +270,11 @@ class PipelineRow(Base):
     idempotency_scope: Mapped[str | None] = mapped_column(String(100))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     fingerprint: Mapped[str | None] = mapped_column(String(64))
+    owner_key_id: Mapped[str | None] = mapped_column(String(36))
 
     __table_args__ = (
         Index("ix_conveyor_pipelines_created", "created_at"),
+        Index("ix_conveyor_pipelines_owner_key_id", "owner_key_id"),
         UniqueConstraint(
             "idempotency_scope", "idempotency_key", name="uq_conveyor_pipelines_idempotency"
         ),
@@ -304,6 +309,8 @@ class PipelineStepRow(Base):
 
 
 class ApiKeyRow(Base):
+    """An API key's hash and what it may do (see ``conveyor.keys``)."""
+
     __tablename__ = "conveyor_api_keys"
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
@@ -312,6 +319,35 @@ class ApiKeyRow(Base):
     scopes: Mapped[list[str]] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    #: Its own API request budget ("100/m"), for the rate limiter; None: the default.
+    rate_limit: Mapped[str | None] = mapped_column(String(64))
+
+    __table_args__ = (Index("ix_conveyor_api_keys_name", "name"),)
+
+
+class AuditRow(Base):
+    """A change made through the API: who, what, to which object, when, from where.
+    Written once, never updated; the API has no route to change or delete one."""
+
+    __tablename__ = "conveyor_audit"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime)
+    key_id: Mapped[str | None] = mapped_column(String(36))
+    key_name: Mapped[str | None] = mapped_column(String(200))
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str] = mapped_column(String(32))
+    object_id: Mapped[str | None] = mapped_column(String(200))
+    address: Mapped[str | None] = mapped_column(String(64))
+    correlation_id: Mapped[str | None] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+    __table_args__ = (
+        Index("ix_conveyor_audit_key_id", "key_id", "id"),
+        Index("ix_conveyor_audit_object_id", "object_id", "id"),
+        Index("ix_conveyor_audit_action", "action", "id"),
+    )
 
 
 class TopicEventRow(Base):
@@ -325,8 +361,12 @@ class TopicEventRow(Base):
     job_ids: Mapped[list[str]] = mapped_column(JSON)
     correlation_id: Mapped[str] = mapped_column(String(200))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    owner_key_id: Mapped[str | None] = mapped_column(String(36))
 
-    __table_args__ = (Index("ix_conveyor_topic_events_topic_created", "topic", "created_at"),)
+    __table_args__ = (
+        Index("ix_conveyor_topic_events_topic_created", "topic", "created_at"),
+        Index("ix_conveyor_topic_events_owner_key_id", "owner_key_id"),
+    )
 
 
 class LimitRow(Base):
@@ -391,6 +431,7 @@ class NotificationRecipientRow(Base):
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
+audit_t = Base.metadata.tables[AuditRow.__tablename__]
 attempts_t = Base.metadata.tables[AttemptRow.__tablename__]
 workers_t = Base.metadata.tables[WorkerRow.__tablename__]
 idempotency_t = Base.metadata.tables[IdempotencyKeyRow.__tablename__]

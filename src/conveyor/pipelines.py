@@ -386,6 +386,8 @@ class Pipeline(BaseModel):
     finished_at: datetime | None = None
     progress: PipelineProgress
     steps: list[Step]
+    #: The API key that submitted it; its steps' jobs belong to that key too.
+    owner_key_id: str | None = None
 
     @property
     def steps_by_name(self) -> dict[str, Step]:

@@ -63,6 +63,13 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="Key for CLI commands; default the admin key file."
     )
+    key_cache_seconds: float = Field(
+        default=4.0,
+        ge=0,
+        le=5,
+        description="How long an API process trusts a key it checked: at most 5, so that"
+        " revocation reaches every process within 5 s; 0 checks every request.",
+    )
     queues: Annotated[dict[str, int], NoDecode] = Field(
         default_factory=dict,
         description="Queue priorities, highest served first: ai:10,sync:7,maintenance:1.",

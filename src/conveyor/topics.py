@@ -45,6 +45,8 @@ class TopicEvent(BaseModel):
     jobs: list[str]
     correlation_id: str
     created_at: datetime
+    #: The API key that published it; the jobs it made belong to that key too.
+    owner_key_id: str | None = None
 
 
 def subscriptions(on: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:

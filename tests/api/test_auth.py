@@ -58,7 +58,7 @@ async def test_v1_with_the_admin_key(anonymous: httpx.AsyncClient, admin_key: st
 
 
 async def test_any_stored_key_works(anonymous: httpx.AsyncClient, conveyor: Conveyor) -> None:
-    _, key = conveyor.store.create_api_key("ci", ["jobs"])
+    _, key = conveyor.store.create_api_key("ci", ["jobs:read"])
 
     response = await anonymous.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
 

@@ -55,6 +55,7 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_document_chunks",
         "conveyor_notifications",
         "conveyor_notification_recipients",
+        "conveyor_audit",
         VERSION_TABLE,
     }
     empty_store.ping()
@@ -278,3 +279,39 @@ def test_hooks_migration_downgrades_without_touching_jobs(empty_store: Store) ->
     empty_store.migrate()  # and up again: the job is there, without hooks
     assert empty_store.get_job(job.id).on_success is None
     assert [e.job_id for e in empty_store.job_events(job.id)] == [job.id]
+
+
+def test_keys_migration_downgrades_without_touching_jobs(empty_store: Store) -> None:
+    """0010 adds owners, key expiry and the audit table in place; going back drops them
+    and every job keeps its events, and up again the jobs are nobody's."""
+    from alembic import command
+
+    from conveyor.store import AuditEntry, _alembic_config
+
+    config = _alembic_config()
+    empty_store.migrate()
+    key, _ = empty_store.create_api_key("ci", ["jobs:read"], rate_limit="10/s")
+    job = empty_store.create_job(
+        task="t",
+        payload={},
+        queue="default",
+        priority=5,
+        max_attempts=1,
+        timeout=None,
+        correlation_id="c",
+        owner_key_id=key.id,
+    )
+    empty_store.audit(AuditEntry("job.cancel", "job", job.id, key.id, key.name))
+    with empty_store.engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.downgrade(config, "0005")
+    tables = inspect(empty_store.engine)
+    assert "conveyor_audit" not in tables.get_table_names()
+    assert "owner_key_id" not in {c["name"] for c in tables.get_columns("conveyor_jobs")}
+    assert "expires_at" not in {c["name"] for c in tables.get_columns("conveyor_api_keys")}
+    with empty_store.engine.connect() as conn:
+        left = conn.execute(text("SELECT job_id, type FROM conveyor_job_events")).all()
+    assert [tuple(row) for row in left] == [(job.id, "status")]
+    empty_store.migrate()
+    assert empty_store.get_job(job.id).owner_key_id is None
+    assert empty_store.api_key(key.id).rate_limit is None

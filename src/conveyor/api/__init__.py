@@ -6,7 +6,9 @@ events       /v1/jobs/{id}/events and /v1/events: server-sent event streams
 tasks        /v1/tasks: the registry and payload schemas
 workers      /v1/workers: worker processes, their jobs and heartbeats
 health       /healthz, /readyz, /metrics
-auth         bearer keys, checked before any body is read
+auth         bearer keys, checked before any body is read; scopes and ownership per route
+keys         /v1/keys: create, list and revoke API keys
+audit        /v1/audit: the trail of changes, and the helpers routes write it with
 problems     errors as RFC 9457 problem details, mapped in one place
 middleware   request ids, methods (HEAD, 405, slash redirects), header and body limits,
              timing

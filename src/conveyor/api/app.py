@@ -23,12 +23,14 @@ from fastapi import FastAPI
 
 from conveyor import workloads
 from conveyor.api import (
+    audit,
     breakers,
     dead_letters,
     docs,
     events,
     health,
     jobs,
+    keys,
     openapi,
     pipelines,
     problems,
@@ -51,8 +53,9 @@ from conveyor.api.middleware import (
 from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor
+from conveyor.errors import ConfigurationError
 from conveyor.events import EventHub
-from conveyor.keys import KeyVerifier, bootstrap_admin_key
+from conveyor.keys import MAX_CACHE_SECONDS, KeyVerifier, bootstrap_admin_key
 from conveyor.logs import configure_logging
 from conveyor.metrics import Metrics
 from conveyor.settings import load_settings
@@ -60,12 +63,21 @@ from conveyor.settings import load_settings
 log = structlog.get_logger("conveyor.api")
 
 
-def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAPI:
+def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) -> FastAPI:
     """The API for ``conveyor``; its lifespan runs the event hub and makes the admin key.
 
-    ``key_cache_seconds`` bounds how long a revoked key keeps working.
+    ``key_cache_seconds`` (default: the setting) bounds how long a revoked key keeps
+    working; more than :data:`~conveyor.keys.MAX_CACHE_SECONDS` is refused, since
+    revocation must reach every process within 5 seconds.
     """
     settings = conveyor.settings
+    if key_cache_seconds is None:
+        key_cache_seconds = settings.key_cache_seconds
+    if not 0 <= key_cache_seconds <= MAX_CACHE_SECONDS:
+        raise ConfigurationError(
+            f"the key cache may hold keys 0 to {MAX_CACHE_SECONDS:g} seconds, not"
+            f" {key_cache_seconds:g}: revoked keys must stop working within 5 seconds"
+        )
     hub = EventHub(conveyor.store, settings)
     metrics = Metrics(
         conveyor.store,
@@ -128,7 +140,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
     routers = (
         *(jobs, pipelines, dead_letters, schedules, events, tasks),
-        *(queues, workers, topics, breakers, health),
+        *(queues, workers, topics, breakers, keys, audit, health),
     )
     for module in routers:
         app.include_router(module.router)

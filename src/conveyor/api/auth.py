@@ -1,25 +1,33 @@
-"""Bearer API keys: checked for every ``/v1`` request before its body is read.
+"""Bearer API keys: checked for every ``/v1`` request before its body is read, then
+held to the scope of the route and to the objects the key owns.
 
 :class:`Authentication` checks the key as soon as the request arrives, so an
 anonymous caller learns nothing from how its body would have been parsed (a
 malformed body without a key is 401, not 422) and costs no parsing. The
 ``require_key`` dependency every ``/v1`` router has hands the checked key to
-the routes and documents the scheme in the OpenAPI document.
+the routes and documents the scheme in the OpenAPI document. Every ``/v1``
+route also declares ``Scope(...)``: a key without it gets 403 naming the scope.
+:func:`own_job` and :func:`own_pipeline` answer 404 for another key's objects,
+so ids cannot be probed.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Scope as ASGIScope
 
 from conveyor.api.state import api_state
-from conveyor.keys import KeyVerifier
-from conveyor.store import ApiKey
+from conveyor.errors import JobNotFound, PipelineNotFound, ScopeMissing
+from conveyor.jobs import Job
+from conveyor.keys import SCOPES, KeyVerifier, allows, may_see
+from conveyor.pipelines import Pipeline
+from conveyor.store import ApiKey, Store
 
 #: Every path under this prefix needs a key, whether or not a route matches it.
 PROTECTED_PREFIX = "/v1"
@@ -58,7 +66,7 @@ class Authentication:
         self.app = app
         self.keys = keys
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def __call__(self, scope: ASGIScope, receive: Receive, send: Send) -> None:
         path: str = scope.get("path", "")
         if scope["type"] == "http" and (
             path == PROTECTED_PREFIX or path.startswith(f"{PROTECTED_PREFIX}/")
@@ -81,3 +89,33 @@ async def require_key(
 
 
 Authenticated = Annotated[ApiKey, Depends(require_key)]
+
+
+def Scope(scope: str) -> Any:
+    """A dependency refusing keys without ``scope`` (403, ScopeMissing); gives the key."""
+    if scope not in SCOPES:
+        raise ValueError(f"unknown scope {scope!r}")
+
+    async def check(key: Authenticated) -> ApiKey:
+        if not allows(key, scope):
+            raise ScopeMissing(scope)
+        return key
+
+    check.scope = scope  # type: ignore[attr-defined] # for the check that every route has one
+    return Depends(check)
+
+
+def own_job(store: Store, key: ApiKey, job_id: str) -> Job:
+    """The job, if ``key`` may see it; JobNotFound (404) for another key's, as for none."""
+    job = store.get_job(job_id)
+    if not may_see(key, job.owner_key_id):
+        raise JobNotFound(job_id)
+    return job
+
+
+def own_pipeline(store: Store, key: ApiKey, pipeline_id: str) -> Pipeline:
+    """The pipeline, if ``key`` may see it; PipelineNotFound (404) otherwise."""
+    pipeline = store.get_pipeline(pipeline_id)
+    if not may_see(key, pipeline.owner_key_id):
+        raise PipelineNotFound(pipeline_id)
+    return pipeline

@@ -16,7 +16,7 @@ from datetime import datetime
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, Field
 
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Scope, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import api_state
 from conveyor.breakers import BreakerConfig, BreakerSnapshot, BreakerState
@@ -24,8 +24,8 @@ from conveyor.breakers import BreakerConfig, BreakerSnapshot, BreakerState
 router = APIRouter(
     prefix="/v1/breakers",
     tags=["breakers"],
-    dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    dependencies=[Depends(require_key), Scope("jobs:read")],
+    responses=problem_responses(401, 403, 503),
 )
 
 

@@ -10,6 +10,7 @@ them in its thread pool, off the event loop.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Annotated
 
@@ -19,7 +20,8 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
-from conveyor.api.auth import Authenticated, require_key
+from conveyor.api import audit
+from conveyor.api.auth import Authenticated, Scope, own_job, require_key
 from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
@@ -37,6 +39,7 @@ from conveyor.api.schemas import (
 )
 from conveyor.api.state import api_state
 from conveyor.jobs import Job
+from conveyor.keys import owner_filter
 from conveyor.store import Store
 from conveyor.store.pages import dead_letter_cursor, decode_cursor
 
@@ -48,13 +51,19 @@ router = APIRouter(
     prefix="/v1/dead-letters",
     tags=["dead letters"],
     dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    responses=problem_responses(401, 403, 503),
 )
 
 
-@router.get("", response_model=DeadLetterPage, responses=problem_responses(400, 422))
+@router.get(
+    "",
+    response_model=DeadLetterPage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
+)
 def list_dead_letters(
     request: Request,
+    key: Authenticated,
     task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     error_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
     since: Annotated[Timestamp | None, Query(description="Died at or after this.")] = None,
@@ -77,7 +86,7 @@ def list_dead_letters(
     except ValidationError as exc:  # text the store cannot hold (NUL): an invalid query, 422
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError([{**e, "loc": ("query", *e["loc"])} for e in errors]) from None
-    match = selection.match()
+    match = dataclasses.replace(selection.match(), owner_key_id=owner_filter(key))
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:
@@ -93,7 +102,11 @@ def list_dead_letters(
 
 
 @router.post(
-    "/replay", status_code=202, response_model=ReplayReport, responses=problem_responses(422)
+    "/replay",
+    status_code=202,
+    response_model=ReplayReport,
+    responses=problem_responses(422),
+    dependencies=[Scope("dead-letters:write")],
 )
 def replay_dead_letters(body: ReplayRequest, request: Request, key: Authenticated) -> ReplayReport:
     """Replay every matching dead letter not replayed yet (at most ``limit``); those whose
@@ -105,6 +118,17 @@ def replay_dead_letters(body: ReplayRequest, request: Request, key: Authenticate
         until=body.until,
         limit=body.limit,
         correlation_id=request.state.correlation_id,
+        owner_key_id=owner_filter(key),
+    )
+    audit.record(
+        request,
+        key,
+        "dead_letters.replay",
+        "dead_letters",
+        None,
+        **body.model_dump(mode="json"),
+        replayed=len(done.jobs),
+        skipped=len(done.skipped),
     )
     log.info(
         "dead_letters.replayed", replayed=len(done.jobs), skipped=len(done.skipped), by=key.name
@@ -115,20 +139,37 @@ def replay_dead_letters(body: ReplayRequest, request: Request, key: Authenticate
     )
 
 
-@router.post("/purge", response_model=Purged, responses=problem_responses(422))
+@router.post(
+    "/purge",
+    response_model=Purged,
+    responses=problem_responses(422),
+    dependencies=[Scope("dead-letters:write")],
+)
 def purge_dead_letters(body: PurgeRequest, request: Request, key: Authenticated) -> Purged:
     """Delete the matching dead letters with their events and attempts.
 
     An empty filter is refused: purging everything takes ``"all": true``.
     """
-    purged = api_state(request).store.purge_dead_letters(body.match())
+    match = dataclasses.replace(body.match(), owner_key_id=owner_filter(key))
+    purged = api_state(request).store.purge_dead_letters(
+        match,
+        audit=audit.entry(
+            request, key, "dead_letters.purge", "dead_letters", None, **body.model_dump(mode="json")
+        ),
+    )
     log.info("dead_letters.purged", purged=purged, by=key.name, **body.model_dump(mode="json"))
     return Purged(purged=purged)
 
 
-@router.get("/{job_id}", response_model=DeadLetter, responses=problem_responses(404))
-def get_dead_letter(job_id: str, request: Request) -> DeadLetter:
+@router.get(
+    "/{job_id}",
+    response_model=DeadLetter,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
+)
+def get_dead_letter(job_id: str, request: Request, key: Authenticated) -> DeadLetter:
     store = api_state(request).store
+    own_job(store, key, job_id)
     return _dead_letters(store, [store.dead_letter(job_id)])[0]
 
 
@@ -140,6 +181,7 @@ def get_dead_letter(job_id: str, request: Request) -> DeadLetter:
         200: {"model": JobResource, "description": "It was replayed before: that job"},
         **problem_responses(404, 409),
     },
+    dependencies=[Scope("dead-letters:write")],
 )
 def replay_dead_letter(
     job_id: str, request: Request, response: Response, key: Authenticated
@@ -152,8 +194,10 @@ def replay_dead_letter(
     or its payload no longer fits the task.
     """
     conveyor = api_state(request).conveyor
+    own_job(conveyor.store, key, job_id)
     job, created = conveyor.replay_once(job_id, correlation_id=request.state.correlation_id)
     if created:
+        audit.record(request, key, "dead_letter.replay", "job", job_id, replay=job.id)
         log.info("dead_letter.replayed", job_id=job.id, replay_of=job_id, by=key.name)
         resource = JobResource.of(job)
     else:
@@ -164,10 +208,19 @@ def replay_dead_letter(
     return resource
 
 
-@router.delete("/{job_id}", response_model=Purged, responses=problem_responses(404, 409))
+@router.delete(
+    "/{job_id}",
+    response_model=Purged,
+    responses=problem_responses(404, 409),
+    dependencies=[Scope("dead-letters:write")],
+)
 def purge_dead_letter(job_id: str, request: Request, key: Authenticated) -> Purged:
     """Delete one dead job with its events and attempts; 409 if it is not dead."""
-    api_state(request).store.purge_dead_letter(job_id)
+    store = api_state(request).store
+    job = own_job(store, key, job_id)
+    store.purge_dead_letter(
+        job_id, audit=audit.entry(request, key, "dead_letter.purge", "job", job_id, task=job.task)
+    )
     log.info("dead_letters.purged", purged=1, job_id=job_id, by=key.name)
     return Purged(purged=1)
 

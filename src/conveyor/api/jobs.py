@@ -16,7 +16,8 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from conveyor import idempotency, payloads
-from conveyor.api.auth import Authenticated, require_key
+from conveyor.api import audit
+from conveyor.api.auth import Authenticated, Scope, own_job, require_key
 from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
@@ -31,6 +32,7 @@ from conveyor.api.schemas import (
 from conveyor.api.state import api_state
 from conveyor.errors import BatchInvalid, ConfigurationError, ConveyorError, PayloadInvalid
 from conveyor.jobs import Job, JobStatus
+from conveyor.keys import acting_as, owner_filter
 from conveyor.store.pages import decode_cursor, job_cursor
 from conveyor.tasks import Task
 
@@ -48,7 +50,7 @@ router = APIRouter(
     prefix="/v1/jobs",
     tags=["jobs"],
     dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    responses=problem_responses(401, 403, 503),
 )
 
 
@@ -60,6 +62,7 @@ router = APIRouter(
         200: {"model": JobResource, "description": "A repeat of an idempotent submit"},
         **problem_responses(400, 404, 409, 413, 422),
     },
+    dependencies=[Scope("jobs:write")],
 )
 def submit_job(
     body: JobRequest,
@@ -95,21 +98,23 @@ def submit_job(
         check_json_types(conveyor.tasks[body.task], body.payload)
     options = body.options(request.state.correlation_id)
     if idempotency_key is None:
-        job = conveyor.submit(body.task, body.payload, **options)
+        with acting_as(key.id):
+            job = conveyor.submit(body.task, body.payload, **options)
         created = True
     else:
         try:
             once = idempotency.parse_header(idempotency_key)
         except ConfigurationError as exc:
             raise HTTPException(400, str(exc)) from None
-        job, created = conveyor.submit_once(
-            body.task,
-            body.payload,
-            key=once,
-            scope=key.id,  # keys are per caller: two callers cannot collide
-            fingerprint=idempotency.fingerprint(body.fingerprinted()),
-            **options,
-        )
+        with acting_as(key.id):
+            job, created = conveyor.submit_once(
+                body.task,
+                body.payload,
+                key=once,
+                scope=key.id,  # keys are per caller: two callers cannot collide
+                fingerprint=idempotency.fingerprint(body.fingerprinted()),
+                **options,
+            )
     if created:
         log.info("job.submitted", job_id=job.id, task=job.task, queue=job.queue)
         resource = JobResource.of(job)
@@ -126,8 +131,9 @@ def submit_job(
     status_code=202,
     response_model=JobBatch,
     responses=problem_responses(413, 422),
+    dependencies=[Scope("jobs:write")],
 )
-def submit_jobs(body: JobBatchRequest, request: Request) -> JobBatch:
+def submit_jobs(body: JobBatchRequest, request: Request, key: Authenticated) -> JobBatch:
     """Submit up to 1,000 jobs at once: each is validated, and all are recorded in one
     transaction or none (a 422 lists every invalid item by its index), then published
     to the broker together. Each job's correlation id is the request's."""
@@ -143,7 +149,8 @@ def submit_jobs(body: JobBatchRequest, request: Request) -> JobBatch:
         raise BatchInvalid(wrong)
     correlation_id = request.state.correlation_id
     items = [(job.task, job.payload, job.options(correlation_id)) for job in body.jobs]
-    jobs = conveyor.submit_batch(items)
+    with acting_as(key.id):
+        jobs = conveyor.submit_batch(items)
     log.info("jobs.submitted", jobs=len(jobs))
     return JobBatch(items=[JobResource.of(job) for job in jobs])
 
@@ -178,9 +185,15 @@ def _integral(value: Any) -> Any:
     return value
 
 
-@router.get("", response_model=JobPage, responses=problem_responses(400, 422))
+@router.get(
+    "",
+    response_model=JobPage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
+)
 def list_jobs(
     request: Request,
+    key: Authenticated,
     status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     task: str | None = None,
     cursor: Cursor = None,
@@ -199,7 +212,9 @@ def list_jobs(
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:
-        return store.list_jobs(status=status, task=task, cursor=after, limit=count)
+        return store.list_jobs(
+            status=status, task=task, cursor=after, limit=count, owner_key_id=owner_filter(key)
+        )
 
     def render(jobs: Sequence[Job]) -> list[JobResource]:
         attempts = store.attempts_of([j.id for j in jobs])
@@ -208,28 +223,52 @@ def list_jobs(
     return bounded_page(fetch, render, job_cursor, cursor=cursor, limit=limit)
 
 
-@router.get("/{job_id}", response_model=JobResource, responses=problem_responses(404))
-def get_job(job_id: str, request: Request) -> JobResource:
+@router.get(
+    "/{job_id}",
+    response_model=JobResource,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
+)
+def get_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
     """One job, with its ended attempts (tracebacks are in ``/v1/dead-letters`` only)."""
     store = api_state(request).store
-    job = store.get_job(job_id)
+    job = own_job(store, key, job_id)
     return JobResource.of(job, attempts=store.attempts(job.id))
 
 
-@router.post("/{job_id}/cancel", response_model=JobResource, responses=problem_responses(404, 409))
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobResource,
+    responses=problem_responses(404, 409),
+    dependencies=[Scope("jobs:write")],
+)
 def cancel_job(job_id: str, request: Request, key: Authenticated) -> JobResource:
     """Cancel a job that has not ended; a running one is asked to stop within a second."""
     state = api_state(request)
-    job, _ = state.store.cancel(job_id, reason=f"cancelled through the API by {key.name!r}")
+    mine = own_job(state.store, key, job_id)
+    job, _ = state.store.cancel(
+        job_id,
+        reason=f"cancelled through the API by {key.name!r}",
+        audit=audit.entry(request, key, "job.cancel", "job", job_id, task=mine.task),
+    )
     return JobResource.of(job, state.store.attempts(job.id))
 
 
-@router.delete("/{job_id}", response_model=Purged, responses=problem_responses(404, 409))
+@router.delete(
+    "/{job_id}",
+    response_model=Purged,
+    responses=problem_responses(404, 409),
+    dependencies=[Scope("jobs:write")],
+)
 def delete_job(job_id: str, request: Request, key: Authenticated) -> Purged:
     """Delete a job that has ended, with its events, attempts and idempotency keys.
 
     409 if it has not ended: cancel it first. Jobs replaying it keep naming it.
     """
-    api_state(request).store.delete_job(job_id)
+    store = api_state(request).store
+    job = own_job(store, key, job_id)
+    store.delete_job(
+        job_id, audit=audit.entry(request, key, "job.delete", "job", job_id, task=job.task)
+    )
     log.info("job.deleted", job_id=job_id, by=key.name)
     return Purged(purged=1)

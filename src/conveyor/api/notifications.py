@@ -13,10 +13,11 @@ import structlog
 from fastapi import APIRouter, Depends, Path, Request, Response
 from pydantic import BaseModel, Field
 
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Authenticated, Scope, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import JobResource
 from conveyor.api.state import api_state
+from conveyor.keys import acting_as
 from conveyor.notifications import workload
 from conveyor.notifications.records import NotificationBook, Record, recipient
 from conveyor.notifications.workload import Notification
@@ -85,11 +86,14 @@ class Recipient(BaseModel):
 
 @router.post(
     "",
+    dependencies=[Scope("jobs:write")],
     status_code=202,
     response_model=JobResource,
     responses=problem_responses(413, 422),
 )
-def send_notification(body: Notification, request: Request, response: Response) -> JobResource:
+def send_notification(
+    body: Notification, request: Request, response: Response, key: Authenticated
+) -> JobResource:
     """Submit a notification job: ``channel`` email, webhook or sms, to one recipient.
 
     Refused (422, naming the field) before anything is recorded: an address that is
@@ -97,14 +101,17 @@ def send_notification(body: Notification, request: Request, response: Response) 
     unknown template, a channel that is not configured.
     """
     conveyor = api_state(request).conveyor
-    job = workload.submit(conveyor, body, correlation_id=request.state.correlation_id)
+    with acting_as(key.id):  # the job is the caller's, as a submit's is
+        job = workload.submit(conveyor, body, correlation_id=request.state.correlation_id)
     log.info("notification.submitted", job_id=job.id, channel=body.channel)
     resource = JobResource.of(job)
     response.headers["Location"] = resource.links.self
     return resource
 
 
-@router.get("/recipients/{address:path}", response_model=Recipient)
+@router.get(
+    "/recipients/{address:path}", response_model=Recipient, dependencies=[Scope("jobs:read")]
+)
 def read_recipient(address: Address, request: Request) -> Recipient:
     """Whether notifications go to this recipient (they do unless it opted out)."""
     book = NotificationBook(api_state(request).store.engine)
@@ -115,7 +122,10 @@ def read_recipient(address: Address, request: Request) -> Recipient:
 
 
 @router.put(
-    "/recipients/{address:path}", response_model=Recipient, responses=problem_responses(422)
+    "/recipients/{address:path}",
+    response_model=Recipient,
+    responses=problem_responses(422),
+    dependencies=[Scope("jobs:write")],
 )
 def set_recipient(address: Address, body: RecipientChoice, request: Request) -> Recipient:
     """Opt a recipient out (``false``) or back in; jobs not yet sent honour it."""
@@ -128,7 +138,12 @@ def set_recipient(address: Address, body: RecipientChoice, request: Request) -> 
     )
 
 
-@router.get("/{job_id}", response_model=SendRecords, responses=problem_responses(404))
+@router.get(
+    "/{job_id}",
+    response_model=SendRecords,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
+)
 def read_sends(job_id: str, request: Request) -> SendRecords:
     """What the notification job sent (empty until its first attempt runs)."""
     state = api_state(request)

@@ -17,7 +17,8 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.exceptions import HTTPException
 
 from conveyor import idempotency, payloads
-from conveyor.api.auth import Authenticated, require_key
+from conveyor.api import audit
+from conveyor.api.auth import Authenticated, Scope, own_pipeline, require_key
 from conveyor.api.events import After, EventStream, LastEventId, resume_point
 from conveyor.api.jobs import IDEMPOTENCY_KEY_PATTERN, check_json_types
 from conveyor.api.pages import bounded_page
@@ -26,6 +27,7 @@ from conveyor.api.schemas import Cursor, PipelinePage, PipelineRequest, Pipeline
 from conveyor.api.state import api_state
 from conveyor.errors import ConfigurationError, PayloadInvalid, PipelineInvalid, StoreUnavailable
 from conveyor.events import pipeline_pages
+from conveyor.keys import acting_as, owner_filter
 from conveyor.pipelines import Pipeline, PipelineEvent, PipelineStatus
 from conveyor.store.pages import decode_cursor, encode_cursor
 
@@ -48,7 +50,7 @@ router = APIRouter(
     prefix="/v1/pipelines",
     tags=["pipelines"],
     dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    responses=problem_responses(401, 403, 503),
 )
 
 
@@ -60,6 +62,7 @@ router = APIRouter(
         200: {"model": PipelineResource, "description": "A repeat of an idempotent submit"},
         **problem_responses(400, 409, 413, 422),
     },
+    dependencies=[Scope("jobs:write")],
 )
 def submit_pipeline(
     body: PipelineRequest,
@@ -108,13 +111,14 @@ def submit_pipeline(
             once = idempotency.parse_header(idempotency_key)
         except ConfigurationError as exc:
             raise HTTPException(400, str(exc)) from None
-    pipeline, created = conveyor.submit_pipeline(
-        body.spec(),
-        key=once,
-        scope=key.id,  # keys are per caller: two callers cannot collide
-        fingerprint=idempotency.fingerprint(body.model_dump(mode="json")) if once else None,
-        correlation_id=request.state.correlation_id,
-    )
+    with acting_as(key.id):
+        pipeline, created = conveyor.submit_pipeline(
+            body.spec(),
+            key=once,
+            scope=key.id,  # keys are per caller: two callers cannot collide
+            fingerprint=idempotency.fingerprint(body.model_dump(mode="json")) if once else None,
+            correlation_id=request.state.correlation_id,
+        )
     resource = PipelineResource.of(pipeline)
     if created:
         log.info("pipeline.submitted", pipeline_id=pipeline.id, steps=len(pipeline.steps))
@@ -125,9 +129,15 @@ def submit_pipeline(
     return resource
 
 
-@router.get("", response_model=PipelinePage, responses=problem_responses(400, 422))
+@router.get(
+    "",
+    response_model=PipelinePage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
+)
 def list_pipelines(
     request: Request,
+    key: Authenticated,
     status: Annotated[list[PipelineStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
@@ -141,7 +151,9 @@ def list_pipelines(
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Pipeline], str | None]:
-        return store.list_pipelines(status=status, cursor=after, limit=count)
+        return store.list_pipelines(
+            status=status, cursor=after, limit=count, owner_key_id=owner_filter(key)
+        )
 
     def render(found: Sequence[Pipeline]) -> list[PipelineResource]:
         return [PipelineResource.of(pipeline) for pipeline in found]
@@ -155,29 +167,48 @@ def list_pipelines(
     )
 
 
-@router.get("/{pipeline_id}", response_model=PipelineResource, responses=problem_responses(404))
-def get_pipeline(pipeline_id: str, request: Request) -> PipelineResource:
+@router.get(
+    "/{pipeline_id}",
+    response_model=PipelineResource,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
+)
+def get_pipeline(pipeline_id: str, request: Request, key: Authenticated) -> PipelineResource:
     """The pipeline, every step, and each step's jobs in item order."""
-    return PipelineResource.of(api_state(request).store.get_pipeline(pipeline_id))
+    return PipelineResource.of(own_pipeline(api_state(request).store, key, pipeline_id))
 
 
 @router.post(
-    "/{pipeline_id}/cancel", response_model=PipelineResource, responses=problem_responses(404, 409)
+    "/{pipeline_id}/cancel",
+    response_model=PipelineResource,
+    responses=problem_responses(404, 409),
+    dependencies=[Scope("jobs:write")],
 )
 def cancel_pipeline(pipeline_id: str, request: Request, key: Authenticated) -> PipelineResource:
     """Cancel the steps that have not ended and their jobs (running ones are asked to stop
     within a second); nothing downstream starts. 409 if the pipeline has ended."""
     store = api_state(request).store
+    own_pipeline(store, key, pipeline_id)
     pipeline = store.cancel_pipeline(
-        pipeline_id, reason=f"cancelled through the API by {key.name!r}"
+        pipeline_id,
+        reason=f"cancelled through the API by {key.name!r}",
+        audit=audit.entry(request, key, "pipeline.cancel", "pipeline", pipeline_id),
     )
     log.info("pipeline.cancelled", pipeline_id=pipeline_id, by=key.name)
     return PipelineResource.of(pipeline)
 
 
-@router.get("/{pipeline_id}/events", responses={**PIPELINE_STREAM, **problem_responses(400, 404)})
+@router.get(
+    "/{pipeline_id}/events",
+    responses={**PIPELINE_STREAM, **problem_responses(400, 404)},
+    dependencies=[Scope("jobs:read")],
+)
 async def pipeline_events(
-    pipeline_id: str, request: Request, after: After = None, last_event_id: LastEventId = None
+    pipeline_id: str,
+    request: Request,
+    key: Authenticated,
+    after: After = None,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """The pipeline's events (``pipeline``, ``step``) and its jobs' (``status``,
     ``progress``) in id order, from the start or the resume point, until the pipeline's
@@ -185,7 +216,7 @@ async def pipeline_events(
     event received."""
     state = api_state(request)
     after_id = resume_point(last_event_id, after) or 0
-    await asyncio.to_thread(state.store.get_pipeline, pipeline_id)  # 404 before streaming
+    await asyncio.to_thread(own_pipeline, state.store, key, pipeline_id)  # 404 before streaming
 
     async def messages() -> AsyncIterator[bytes]:
         pages = pipeline_pages(state.hub, state.store, pipeline_id, after_id=after_id)

@@ -16,6 +16,11 @@
     DocumentNotFound                       404
     DocumentRefused                        422
     ScheduleExists                         409
+    ScopeMissing                           403   (``scope`` names the scope the key lacks)
+    KeyInvalid                             422   (``errors`` name the field)
+    KeyNotFound                            404
+    KeyExists                              409
+    KeyRefused                             409   (the bootstrap admin key, the caller's own)
     BatchInvalid                           422   (``errors`` point at each bad item)
     EventRefused                           422   (``errors`` name the refusing tasks)
     NotStorable                            422
@@ -61,6 +66,10 @@ from conveyor.errors import (
     JobNotDead,
     JobNotEnded,
     JobNotFound,
+    KeyExists,
+    KeyInvalid,
+    KeyNotFound,
+    KeyRefused,
     NotificationInvalid,
     NotStorable,
     PayloadInvalid,
@@ -72,6 +81,7 @@ from conveyor.errors import (
     ScheduleExists,
     ScheduleInvalid,
     ScheduleNotFound,
+    ScopeMissing,
     StoreUnavailable,
     TaskNotFound,
     TopicEventNotFound,
@@ -100,6 +110,8 @@ class Problem(BaseModel):
     status: int
     detail: str
     errors: list[FieldError] | None = None
+    #: On a 403: the scope the API key lacks.
+    scope: str | None = None
 
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -142,6 +154,11 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
     RateLimited: Kind(429, "rate-limited", "Too many requests"),
     NotificationInvalid: Kind(422, "invalid-notification", "Invalid notification"),
+    ScopeMissing: Kind(403, "scope-missing", "The API key lacks a scope"),
+    KeyInvalid: Kind(422, "invalid-key", "Invalid API key request; nothing was recorded"),
+    KeyNotFound: Kind(404, "key-not-found", "API key not found"),
+    KeyExists: Kind(409, "key-exists", "API key name taken"),
+    KeyRefused: Kind(409, "key-refused", "API key cannot be revoked"),
     StoreUnavailable: Kind(503, "store-unavailable", "Store unavailable"),
     BrokerUnavailable: Kind(503, "broker-unavailable", "Broker unavailable"),
 }
@@ -208,11 +225,20 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = [
             _field_error(("body", exc.field), {"msg": detail, "type": "invalid_notification"})
         ]
+    if isinstance(exc, KeyInvalid):
+        errors = [_field_error(("body", exc.field), {"msg": str(exc), "type": "invalid_key"})]
+    extensions = {"scope": exc.scope} if isinstance(exc, ScopeMissing) else {}
     if isinstance(exc, ReplayRefused) and exc.errors:
         # The stored payload is at fault, not the request.
         errors = [_field_error(("payload", *e.get("loc", ())), e) for e in exc.errors]
     return problem(
-        kind.status, detail, slug=kind.slug, title=kind.title, errors=errors, headers=headers
+        kind.status,
+        detail,
+        slug=kind.slug,
+        title=kind.title,
+        errors=errors,
+        headers=headers,
+        **extensions,
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel
 
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Scope, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import api_state
 from conveyor.queues import DEFAULT_PRIORITY, by_priority
@@ -13,8 +13,8 @@ from conveyor.queues import DEFAULT_PRIORITY, by_priority
 router = APIRouter(
     prefix="/v1/queues",
     tags=["queues"],
-    dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    dependencies=[Depends(require_key), Scope("jobs:read")],
+    responses=problem_responses(401, 403, 503),
 )
 
 

@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.api.problems import conveyor_problem
 from conveyor.errors import RateLimited
-from conveyor.limits import Rate
+from conveyor.limits import Rate, parse_rate
 from conveyor.settings import Settings
 from conveyor.store import ApiKey
 
@@ -66,11 +66,11 @@ def limit_for(settings: Settings, key: ApiKey | None) -> Rate | None:
     """The rate a request may come at: by its key, or by its client address when it has
     none. None: unlimited (``CONVEYOR_API_RATE_LIMIT=off``).
 
-    Every caller gets the settings' default today. A key's own limit plugs in here:
-    when ``ApiKey`` carries ``rate_limit`` (text such as ``"100/m"``), return
-    ``conveyor.limits.parse_rate(key.rate_limit)`` for a key that has one, before
-    falling back to the default.
+    A key made with its own ``rate_limit`` (``conveyor keys create --rate-limit 100/m``)
+    gets that; every other caller the settings' default.
     """
+    if key is not None and key.rate_limit:
+        return parse_rate(key.rate_limit)
     return settings.api_rate_limit
 
 
@@ -274,7 +274,8 @@ class RateLimit:
         if rate is None:
             await self.app(scope, receive, send)
             return
-        burst = self.settings.api_rate_burst or rate.count
+        own = key is not None and key.rate_limit  # a key's own limit has its own burst
+        burst = rate.count if own else (self.settings.api_rate_burst or rate.count)
         decision = await self.limiter.acquire(_caller(scope, key), rate, burst)
         headers = rate_headers(rate, decision)
         if not decision.allowed:

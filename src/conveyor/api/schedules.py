@@ -15,7 +15,8 @@ import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.exceptions import HTTPException
 
-from conveyor.api.auth import Authenticated, require_key
+from conveyor.api import audit
+from conveyor.api.auth import Authenticated, Scope, require_key
 from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
@@ -29,6 +30,7 @@ from conveyor.api.schemas import (
 from conveyor.api.state import api_state
 from conveyor.app import Conveyor
 from conveyor.errors import ScheduleInvalid
+from conveyor.keys import acting_as
 from conveyor.scheduler import trigger
 from conveyor.schedules import Origin, Schedule, ScheduleSpec, define_schedule
 from conveyor.store import Store
@@ -42,7 +44,7 @@ router = APIRouter(
     prefix="/v1/schedules",
     tags=["schedules"],
     dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    responses=problem_responses(401, 403, 503),
 )
 
 
@@ -51,6 +53,7 @@ router = APIRouter(
     status_code=201,
     response_model=ScheduleResource,
     responses=problem_responses(409, 422),
+    dependencies=[Scope("schedules:write")],
 )
 def create_schedule(
     body: ScheduleRequest, request: Request, response: Response, key: Authenticated
@@ -71,14 +74,24 @@ def create_schedule(
         priority=body.priority,
         catchup=body.catchup,
     )
-    schedule = state.store.create_schedule(spec, enabled=body.enabled, origin=Origin.API)
+    schedule = state.store.create_schedule(
+        spec,
+        enabled=body.enabled,
+        origin=Origin.API,
+        audit=audit.entry(request, key, "schedule.create", "schedule", spec.name, task=body.task),
+    )
     log.info("schedule.created", schedule=schedule.name, task=schedule.task, by=key.name)
     resource = ScheduleResource.of(schedule, None)
     response.headers["Location"] = resource.links.self
     return resource
 
 
-@router.get("", response_model=SchedulePage, responses=problem_responses(400, 422))
+@router.get(
+    "",
+    response_model=SchedulePage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
+)
 def list_schedules(
     request: Request,
     cursor: Cursor = None,
@@ -104,14 +117,24 @@ def list_schedules(
     )
 
 
-@router.get("/{name}", response_model=ScheduleResource, responses=problem_responses(404))
+@router.get(
+    "/{name}",
+    response_model=ScheduleResource,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
+)
 def get_schedule(name: str, request: Request) -> ScheduleResource:
     """One schedule, with its next and last fire times and its last job."""
     store = api_state(request).store
     return _resources(store, [store.get_schedule(name)])[0]
 
 
-@router.patch("/{name}", response_model=ScheduleResource, responses=problem_responses(404, 422))
+@router.patch(
+    "/{name}",
+    response_model=ScheduleResource,
+    responses=problem_responses(404, 422),
+    dependencies=[Scope("schedules:write")],
+)
 def update_schedule(
     name: str, body: SchedulePatch, request: Request, key: Authenticated
 ) -> ScheduleResource:
@@ -140,16 +163,28 @@ def update_schedule(
             priority=body.priority if body.priority is not None else current.priority,
             catchup=body.catchup or current.catchup.value,
         )
-    schedule = state.store.update_schedule(name, spec=spec, enabled=body.enabled)
+    schedule = state.store.update_schedule(
+        name,
+        spec=spec,
+        enabled=body.enabled,
+        audit=audit.entry(request, key, "schedule.update", "schedule", name, fields=sorted(given)),
+    )
     log.info("schedule.updated", schedule=name, fields=sorted(given), by=key.name)
     return _resources(state.store, [schedule])[0]
 
 
-@router.delete("/{name}", status_code=204, responses=problem_responses(404))
+@router.delete(
+    "/{name}",
+    status_code=204,
+    responses=problem_responses(404),
+    dependencies=[Scope("schedules:write")],
+)
 def delete_schedule(name: str, request: Request, key: Authenticated) -> Response:
     """Delete a schedule; the jobs it made stay. A schedule defined in code comes back
     when a worker starts with its definition."""
-    api_state(request).store.delete_schedule(name)
+    api_state(request).store.delete_schedule(
+        name, audit=audit.entry(request, key, "schedule.delete", "schedule", name)
+    )
     log.info("schedule.deleted", schedule=name, by=key.name)
     return Response(status_code=204)
 
@@ -159,6 +194,7 @@ def delete_schedule(name: str, request: Request, key: Authenticated) -> Response
     status_code=202,
     response_model=JobResource,
     responses=problem_responses(404, 409),
+    dependencies=[Scope("schedules:write")],
 )
 def trigger_schedule(
     name: str, request: Request, response: Response, key: Authenticated
@@ -167,9 +203,11 @@ def trigger_schedule(
     the schedule's ticks go on as before. 409 if its task is no longer registered or
     its payload no longer fits the task."""
     try:
-        job = trigger(api_state(request).conveyor, name)
+        with acting_as(key.id):
+            job = trigger(api_state(request).conveyor, name)
     except ScheduleInvalid as exc:
         raise HTTPException(409, str(exc)) from None
+    audit.record(request, key, "schedule.trigger", "schedule", name, job_id=job.id)
     log.info("schedule.triggered", schedule=name, job_id=job.id, by=key.name)
     resource = JobResource.of(job)
     response.headers["Location"] = resource.links.self

@@ -28,10 +28,11 @@ from pydantic_core import PydanticCustomError
 
 from conveyor import payloads
 from conveyor.jobs import Attempt, AttemptOutcome, Job, JobError, JobStatus
+from conveyor.keys import SCOPES
 from conveyor.pipelines import STEP_NAME, Pipeline, PipelineSpec, StepSpec
 from conveyor.queues import QUEUE_PATTERN
 from conveyor.schedules import MAX_EVERY, MIN_EVERY, TIMEZONE_PATTERN, Schedule
-from conveyor.store import DeadLetterFilter
+from conveyor.store import ApiKey, AuditRecord, DeadLetterFilter
 from conveyor.tasks import (
     MAX_ATTEMPTS,
     MAX_BACKOFF,
@@ -801,4 +802,100 @@ class PipelinePage(BaseModel):
     ``next_cursor`` back as ``cursor`` for the next page."""
 
     items: list[PipelineResource]
+    next_cursor: str | None
+
+
+class KeyRequest(BaseModel):
+    """A new API key: its name (unique among keys not revoked), its scopes, and
+    optionally when it expires and its own API request budget."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Text = Field(min_length=1, max_length=200, examples=["billing-service"])
+    scopes: list[Text] = Field(
+        min_length=1,
+        max_length=len(SCOPES),
+        description="Of: " + ", ".join(f"`{s}` ({what})" for s, what in SCOPES.items()),
+        examples=[["jobs:read", "jobs:write"]],
+    )
+    expires_at: Timestamp | None = Field(
+        default=None, description="RFC 3339, in the future; absent: it never expires."
+    )
+    rate_limit: Text | None = Field(
+        default=None,
+        max_length=64,
+        description="Its own API request budget, `N/s`, `N/m` or `N/h`; absent: the default.",
+        examples=["100/m"],
+    )
+
+
+class KeyResource(BaseModel):
+    """An API key as the API shows it: never its secret."""
+
+    id: str
+    name: str
+    scopes: list[str]
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    rate_limit: str | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> KeyResource:
+        return cls(
+            id=key.id,
+            name=key.name,
+            scopes=list(key.scopes),
+            created_at=key.created_at,
+            expires_at=key.expires_at,
+            revoked_at=key.revoked_at,
+            rate_limit=key.rate_limit,
+        )
+
+
+class KeyCreated(KeyResource):
+    """A key just made, with its secret: shown this once, stored only as a hash."""
+
+    secret: str
+
+
+class KeyList(BaseModel):
+    items: list[KeyResource]
+
+
+class AuditResource(BaseModel):
+    """One change made through the API: who, what, to which object, when, from where."""
+
+    id: int
+    at: datetime
+    key_id: str | None
+    key_name: str | None
+    action: str
+    object_type: str
+    object_id: str | None
+    address: str | None
+    correlation_id: str | None
+    detail: dict[str, Any]
+
+    @classmethod
+    def of(cls, record: AuditRecord) -> AuditResource:
+        entry = record.entry
+        return cls(
+            id=record.id,
+            at=record.at,
+            key_id=entry.key_id,
+            key_name=entry.key_name,
+            action=entry.action,
+            object_type=entry.object_type,
+            object_id=entry.object_id,
+            address=entry.address,
+            correlation_id=entry.correlation_id,
+            detail=dict(entry.detail),
+        )
+
+
+class AuditPage(BaseModel):
+    """Newest first; pass ``next_cursor`` back as ``cursor`` for the next page."""
+
+    items: list[AuditResource]
     next_cursor: str | None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Request
 
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Scope, require_key
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import TaskInfo
 from conveyor.api.state import api_state
@@ -12,8 +12,8 @@ from conveyor.api.state import api_state
 router = APIRouter(
     prefix="/v1/tasks",
     tags=["tasks"],
-    dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    dependencies=[Depends(require_key), Scope("jobs:read")],
+    responses=problem_responses(401, 403, 503),
 )
 
 

@@ -16,13 +16,14 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 
 from conveyor import payloads
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Authenticated, Scope, require_key
 from conveyor.api.jobs import check_json_types
 from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor
 from conveyor.api.state import api_state
 from conveyor.errors import EventRefused, NotStorable, PayloadInvalid, TopicEventNotFound
+from conveyor.keys import acting_as, may_see, owner_filter
 from conveyor.store.pages import decode_cursor, encode_cursor
 from conveyor.topics import TOPIC_PATTERN, TopicEvent
 
@@ -34,7 +35,7 @@ router = APIRouter(
     prefix="/v1/topics",
     tags=["topics"],
     dependencies=[Depends(require_key)],
-    responses=problem_responses(401, 503),
+    responses=problem_responses(401, 403, 503),
 )
 
 Topic = Annotated[
@@ -99,12 +100,13 @@ class PublishedEventPage(BaseModel):
     next_cursor: str | None
 
 
-@router.get("", response_model=list[TopicInfo])
-def list_topics(request: Request) -> list[TopicInfo]:
-    """Topics tasks subscribe to (``@app.task(on=...)``) and topics with events."""
+@router.get("", response_model=list[TopicInfo], dependencies=[Scope("jobs:read")])
+def list_topics(request: Request, key: Authenticated) -> list[TopicInfo]:
+    """Topics tasks subscribe to (``@app.task(on=...)``) and topics with events (counted
+    among the key's own, for a key without ``jobs:read-all``)."""
     state = api_state(request)
     subscribed = state.conveyor.subscriptions
-    counts = state.store.topic_counts()
+    counts = state.store.topic_counts(owner_key_id=owner_filter(key))
     return [
         TopicInfo(topic=topic, subscribers=subscribed.get(topic, []), events=counts.get(topic, 0))
         for topic in sorted({*subscribed, *counts})
@@ -116,11 +118,13 @@ def list_topics(request: Request) -> list[TopicInfo]:
     status_code=202,
     response_model=PublishedEvent,
     responses=problem_responses(413, 422),
+    dependencies=[Scope("jobs:write")],
 )
 def publish_event(
     topic: Topic,
     request: Request,
     response: Response,
+    key: Authenticated,
     data: Annotated[dict[str, Any], Body(examples=[{"board_id": 7, "change": "renamed"}])],
 ) -> PublishedEvent:
     """Record an event and, in the same transaction, one job per subscribed task.
@@ -142,18 +146,23 @@ def publish_event(
             refused.append(exc)
     if refused:
         raise EventRefused(topic, refused)
-    event = conveyor.publish(topic, data, correlation_id=request.state.correlation_id)
+    with acting_as(key.id):
+        event = conveyor.publish(topic, data, correlation_id=request.state.correlation_id)
     resource = PublishedEvent.of(event)
     response.headers["Location"] = resource.links.self
     return resource
 
 
 @router.get(
-    "/{topic}/events", response_model=PublishedEventPage, responses=problem_responses(400, 422)
+    "/{topic}/events",
+    response_model=PublishedEventPage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
 )
 def list_events(
     topic: Topic,
     request: Request,
+    key: Authenticated,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
@@ -170,7 +179,7 @@ def list_events(
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[TopicEvent], str | None]:
-        return store.topic_events(topic, cursor=after, limit=count)
+        return store.topic_events(topic, cursor=after, limit=count, owner_key_id=owner_filter(key))
 
     def render(events: Sequence[TopicEvent]) -> list[PublishedEvent]:
         return [PublishedEvent.of(event) for event in events]
@@ -182,11 +191,14 @@ def list_events(
 
 
 @router.get(
-    "/{topic}/events/{event_id}", response_model=PublishedEvent, responses=problem_responses(404)
+    "/{topic}/events/{event_id}",
+    response_model=PublishedEvent,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
 )
-def get_event(topic: Topic, event_id: str, request: Request) -> PublishedEvent:
+def get_event(topic: Topic, event_id: str, request: Request, key: Authenticated) -> PublishedEvent:
     """One published event, with the ids of the jobs it made."""
     event = api_state(request).store.topic_event(event_id)
-    if event.topic != topic:
+    if event.topic != topic or not may_see(key, event.owner_key_id):
         raise TopicEventNotFound(event_id)
     return PublishedEvent.of(event)

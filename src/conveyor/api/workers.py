@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Scope, require_key
 from conveyor.api.pages import bounded_page
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor
@@ -64,7 +64,12 @@ class WorkerPage(BaseModel):
     next_cursor: str | None
 
 
-@router.get("", response_model=WorkerPage, responses=problem_responses(400, 422))
+@router.get(
+    "",
+    response_model=WorkerPage,
+    responses=problem_responses(400, 422),
+    dependencies=[Scope("jobs:read")],
+)
 def list_workers(
     request: Request,
     state: Annotated[WorkerState | None, Query(description="Only processes in this state.")] = None,

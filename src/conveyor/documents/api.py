@@ -25,7 +25,7 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from conveyor.api import pipelines as pipeline_routes
-from conveyor.api.auth import require_key
+from conveyor.api.auth import Authenticated, Scope, require_key
 from conveyor.api.events import After, LastEventId
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import api_state
@@ -33,6 +33,7 @@ from conveyor.documents import tasks
 from conveyor.documents.embedding import default_embedder
 from conveyor.documents.store import Document, DocumentStore
 from conveyor.errors import DocumentRefused, PipelineEnded, PipelineNotFound
+from conveyor.keys import acting_as
 from conveyor.pipelines import PipelineStatus, StepStatus
 
 COLLECTION_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -103,6 +104,7 @@ def _documents(request: Request) -> DocumentStore:
 
 @router.post(
     UPLOAD_PATH,
+    dependencies=[Scope("jobs:write")],
     status_code=202,
     response_model=DocumentAccepted,
     responses={
@@ -113,6 +115,7 @@ def _documents(request: Request) -> DocumentStore:
 def upload_document(
     request: Request,
     response: Response,
+    key: Authenticated,
     file: Annotated[UploadFile, File(description="TXT, Markdown, HTML, PDF or DOCX.")],
     collection: Annotated[str, Form(pattern=COLLECTION_PATTERN)] = "default",
     metadata: Annotated[
@@ -154,9 +157,10 @@ def upload_document(
         path = folder / f"document{Path(filename).suffix.lower()[:16]}"
         spooled.replace(path)
         try:
-            pipeline = tasks.ingest(
-                state.conveyor, document, path, correlation_id=request.state.correlation_id
-            )
+            with acting_as(key.id):  # the pipeline is the uploader's
+                pipeline = tasks.ingest(
+                    state.conveyor, document, path, correlation_id=request.state.correlation_id
+                )
         except Exception:  # nothing half-written: no document without its pipeline
             store.delete(document.id)
             tasks.remove_upload(state.conveyor, document.id)
@@ -170,7 +174,10 @@ def upload_document(
 
 
 @router.get(
-    "/v1/documents/{document_id}", response_model=DocumentResource, responses=problem_responses(404)
+    "/v1/documents/{document_id}",
+    response_model=DocumentResource,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:read")],
 )
 def get_document(document_id: str, request: Request) -> DocumentResource:
     """The document's status, pages, chunk count and errors (its own and its pipeline's)."""
@@ -178,7 +185,12 @@ def get_document(document_id: str, request: Request) -> DocumentResource:
     return _resource(request, document)
 
 
-@router.delete("/v1/documents/{document_id}", status_code=204, responses=problem_responses(404))
+@router.delete(
+    "/v1/documents/{document_id}",
+    status_code=204,
+    responses=problem_responses(404),
+    dependencies=[Scope("jobs:write")],
+)
 def delete_document(document_id: str, request: Request) -> Response:
     """Delete the document, its chunks and vectors; a pipeline still running is cancelled."""
     state = api_state(request)
@@ -193,10 +205,15 @@ def delete_document(document_id: str, request: Request) -> Response:
 
 @router.get(
     "/v1/documents/{document_id}/events",
+    dependencies=[Scope("jobs:read")],
     responses={**pipeline_routes.PIPELINE_STREAM, **problem_responses(400, 404)},
 )
 async def document_events(
-    document_id: str, request: Request, after: After = None, last_event_id: LastEventId = None
+    document_id: str,
+    request: Request,
+    key: Authenticated,
+    after: After = None,
+    last_event_id: LastEventId = None,
 ) -> EventSourceResponse:
     """The stream of the document's pipeline: steps, and each job's status and progress
     (``step`` is extracting, chunking, embedding or indexing) until the pipeline ends."""
@@ -204,11 +221,16 @@ async def document_events(
     if document.pipeline_id is None:  # the upload is between its record and its pipeline
         raise HTTPException(404, f"document {document_id} has no pipeline yet; try again")
     return await pipeline_routes.pipeline_events(
-        document.pipeline_id, request, after=after, last_event_id=last_event_id
+        document.pipeline_id, request, key, after=after, last_event_id=last_event_id
     )
 
 
-@router.get("/v1/search", response_model=SearchResults, responses=problem_responses(422))
+@router.get(
+    "/v1/search",
+    response_model=SearchResults,
+    responses=problem_responses(422),
+    dependencies=[Scope("jobs:read")],
+)
 def search(
     request: Request,
     q: Annotated[str, Query(min_length=1, max_length=1000, description="What to look for.")],

@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
@@ -59,10 +59,12 @@ from sqlalchemy import (
     create_engine,
     delete,
     event,
+    false,
     func,
     insert,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -80,6 +82,8 @@ from conveyor.errors import (
     JobNotDead,
     JobNotEnded,
     JobNotFound,
+    KeyExists,
+    KeyNotFound,
     NotStorable,
     PipelineEnded,
     PipelineNotFound,
@@ -95,6 +99,7 @@ from conveyor.jobs import TERMINAL, Attempt, AttemptOutcome, Event, Job, JobErro
 from conveyor.limits import CONCURRENCY_RECHECK, Limits, Rate
 from conveyor.models import (
     attempts_t,
+    audit_t,
     events_t,
     idempotency_t,
     jobs_t,
@@ -187,9 +192,50 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True)
 class ApiKey:
+    """A stored key, never its secret (see :mod:`conveyor.keys` for what scopes allow)."""
+
     id: str
     name: str
     scopes: tuple[str, ...]
+    created_at: datetime | None = None
+    expires_at: datetime | None = None
+    revoked_at: datetime | None = None
+    #: Its own API request budget ("100/m"); None: the deployment's default.
+    rate_limit: str | None = None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One change made through the API, as :meth:`Store.audit` writes it."""
+
+    action: str
+    object_type: str
+    object_id: str | None
+    key_id: str | None
+    key_name: str | None
+    address: str | None = None
+    correlation_id: str | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """An audit row as read back: the entry, its id (the cursor's order) and when."""
+
+    id: int
+    at: datetime
+    entry: AuditEntry
+
+
+@dataclass(frozen=True)
+class AuditFilter:
+    """Which audit rows: every field left None matches everything (``until`` exclusive)."""
+
+    action: str | None = None
+    key_id: str | None = None
+    object_id: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -212,6 +258,8 @@ class DeadLetterFilter:
     error_type: str | None = None
     since: datetime | None = None
     until: datetime | None = None
+    #: Only the dead jobs of this API key; not a filter a purge counts as one.
+    owner_key_id: str | None = None
 
     @property
     def empty(self) -> bool:
@@ -405,6 +453,7 @@ class Store:
         limit_key: str | None = None,
         on_success: str | None = None,
         on_dead: str | None = None,
+        owner_key_id: str | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails.
@@ -429,6 +478,7 @@ class Store:
             limit_key=limit_key,
             on_success=on_success,
             on_dead=on_dead,
+            owner_key_id=owner_key_id,
         )
         change = _creation(values)
         found = self._write(change, now=now, values=values, data=_created_data(values))
@@ -530,13 +580,14 @@ class Store:
         jobs: Sequence[Mapping[str, Any]],
         *,
         correlation_id: str,
+        owner_key_id: str | None = None,
     ) -> tuple[TopicEvent, list[Job]]:
         """Record a published event and its jobs (:meth:`create_job`'s arguments, one per
         subscriber) in one transaction; the jobs count as dispatched (the caller
         dispatches them next) and their events are published on commit."""
         with self._tx() as conn:
             recorded, created = self._record_topic_event(
-                conn, topic, data, jobs, correlation_id, dispatched=True
+                conn, topic, data, jobs, correlation_id, owner_key_id, dispatched=True
             )
         self.publish([event_ for _, event_ in created])
         return recorded, [job for job, _ in created]
@@ -549,10 +600,11 @@ class Store:
         jobs: Sequence[Mapping[str, Any]],
         *,
         correlation_id: str,
+        owner_key_id: str | None = None,
     ) -> tuple[TopicEvent, list[tuple[Job, Event]]]:
         """:meth:`record_topic_event` in the caller's transaction on ``conn``, the jobs
         as :meth:`create_jobs_in` records them."""
-        return self._record_topic_event(conn, topic, data, jobs, correlation_id)
+        return self._record_topic_event(conn, topic, data, jobs, correlation_id, owner_key_id)
 
     def _record_topic_event(
         self,
@@ -561,6 +613,7 @@ class Store:
         data: dict[str, Any],
         jobs: Sequence[Mapping[str, Any]],
         correlation_id: str,
+        owner_key_id: str | None,
         *,
         dispatched: bool = False,
     ) -> tuple[TopicEvent, list[tuple[Job, Event]]]:
@@ -572,6 +625,7 @@ class Store:
             jobs=[job.id for job, _ in created],
             correlation_id=correlation_id,
             created_at=utcnow(),
+            owner_key_id=owner_key_id,
         )
         conn.execute(
             insert(topic_events_t).values(
@@ -581,18 +635,27 @@ class Store:
                 job_ids=recorded.jobs,
                 correlation_id=correlation_id,
                 created_at=recorded.created_at,
+                owner_key_id=owner_key_id,
             )
         )
         return recorded, created
 
     def topic_events(
-        self, topic: str, *, cursor: str | None = None, limit: int = 50
+        self,
+        topic: str,
+        *,
+        cursor: str | None = None,
+        limit: int = 50,
+        owner_key_id: str | None = None,
     ) -> tuple[list[TopicEvent], str | None]:
-        """Events published on ``topic``, newest first, and the cursor after the page."""
+        """Events published on ``topic``, newest first, and the cursor after the page;
+        with ``owner_key_id``, only that API key's."""
         t = topic_events_t.c
         query = pages.newest_first(
             select(topic_events_t).where(t.topic == topic), t.created_at, t.id, cursor
         )
+        if owner_key_id is not None:
+            query = query.where(t.owner_key_id == owner_key_id)
         with self._tx() as conn:
             found = conn.execute(query.limit(limit + 1)).mappings().all()
         page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
@@ -606,10 +669,12 @@ class Store:
             raise TopicEventNotFound(event_id)
         return rows.topic_event(row)
 
-    def topic_counts(self) -> dict[str, int]:
-        """How many events each topic that has any was given."""
+    def topic_counts(self, *, owner_key_id: str | None = None) -> dict[str, int]:
+        """How many events each topic that has any was given (by that API key's, if given)."""
         t = topic_events_t.c
         query = select(t.topic, func.count()).group_by(t.topic)
+        if owner_key_id is not None:
+            query = query.where(t.owner_key_id == owner_key_id)
         with self._tx() as conn:
             return {topic: int(count) for topic, count in conn.execute(query)}
 
@@ -729,9 +794,13 @@ class Store:
         task: str | None = None,
         cursor: str | None = None,
         limit: int = 50,
+        owner_key_id: str | None = None,
     ) -> tuple[list[Job], str | None]:
-        """Newest first; pass the returned cursor back for the next page."""
+        """Newest first; pass the returned cursor back for the next page. With
+        ``owner_key_id``, only that API key's jobs."""
         query = pages.newest_first(select(jobs_t), jobs_t.c.created_at, jobs_t.c.id, cursor)
+        if owner_key_id is not None:
+            query = query.where(jobs_t.c.owner_key_id == owner_key_id)
         if status:
             query = query.where(jobs_t.c.status.in_([s.value for s in status]))
         if task:
@@ -963,10 +1032,17 @@ class Store:
         """The job's ended attempts, first to last."""
         return self.attempts_of([job_id])[job_id]
 
-    def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
+    def cancel(
+        self,
+        job_id: str,
+        *,
+        reason: str = "cancelled by request",
+        audit: AuditEntry | None = None,
+    ) -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has. A running attempt is
         recorded as ended ``cancelled`` (its worker is asked to stop it). A job of a
-        pipeline cancels its step, whose dependents are skipped."""
+        pipeline cancels its step, whose dependents are skipped. ``audit`` is written
+        in the same transaction."""
         now = utcnow()
         with self._tx() as conn:
             pipeline_id = conn.execute(
@@ -979,6 +1055,8 @@ class Store:
                 ledger.lock()  # the pipeline first, as every pipeline write does
                 found = self._cancel_in(conn, job_id, now, reason)
                 ledger.job_failed(found[0], f"job {job_id} was cancelled", cancelled=True)
+            if audit is not None:
+                self._audit(conn, audit)
         self.publish([found[1]])
         return found
 
@@ -1501,9 +1579,15 @@ class Store:
     # -- schedules -------------------------------------------------------------
 
     def create_schedule(
-        self, spec: ScheduleSpec, *, enabled: bool = True, origin: Origin = Origin.API
+        self,
+        spec: ScheduleSpec,
+        *,
+        enabled: bool = True,
+        origin: Origin = Origin.API,
+        audit: AuditEntry | None = None,
     ) -> Schedule:
-        """Record a schedule, its first tick the first after now; raises ScheduleExists."""
+        """Record a schedule, its first tick the first after now (and ``audit``, in the
+        same transaction); raises ScheduleExists."""
         now = self.clock()
         values = _schedule_values(spec)
         values.update(
@@ -1520,6 +1604,8 @@ class Store:
         try:
             with self._tx() as conn:
                 conn.execute(insert(schedules_t).values(**values))
+                if audit is not None:
+                    self._audit(conn, audit)
         except IntegrityError:
             raise ScheduleExists(spec.name) from None
         return self.get_schedule(spec.name)
@@ -1556,9 +1642,11 @@ class Store:
         spec: ScheduleSpec | None = None,
         enabled: bool | None = None,
         paused_reason: str | None = None,
+        audit: AuditEntry | None = None,
     ) -> Schedule:
-        """Change a schedule's definition and whether it fires. A new cadence, or
-        enabling a paused schedule, starts it again from the first tick after now."""
+        """Change a schedule's definition and whether it fires (and write ``audit``, in
+        the same transaction). A new cadence, or enabling a paused schedule, starts it
+        again from the first tick after now."""
         values: dict[str, Any] = {}
         restart = False
         current = self.get_schedule(name)
@@ -1581,14 +1669,19 @@ class Store:
             changed = conn.execute(
                 update(schedules_t).where(schedules_t.c.name == name).values(**values)
             ).rowcount
+            if changed and audit is not None:
+                self._audit(conn, audit)
         if not changed:
             raise ScheduleNotFound(name)
         return self.get_schedule(name)
 
-    def delete_schedule(self, name: str) -> None:
-        """Delete a schedule; the jobs it made stay, still naming it."""
+    def delete_schedule(self, name: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete a schedule (and write ``audit``, in the same transaction); the jobs it
+        made stay, still naming it."""
         with self._tx() as conn:
             if conn.execute(delete(schedules_t).where(schedules_t.c.name == name)).rowcount:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
         raise ScheduleNotFound(name)
 
@@ -1941,6 +2034,7 @@ class Store:
         name: str | None,
         correlation_id: str,
         idempotency: tuple[str, str, str] | None = None,
+        owner_key_id: str | None = None,
     ) -> tuple[Pipeline, list[Job], bool]:
         """Record a pipeline, its steps and the jobs of the steps that need nothing, in one
         transaction; returns it, those jobs (the caller dispatches them) and True.
@@ -1967,6 +2061,7 @@ class Store:
                         idempotency_scope=scope,
                         idempotency_key=key,
                         fingerprint=fingerprint,
+                        owner_key_id=owner_key_id,
                     )
                 )
                 conn.execute(
@@ -2028,9 +2123,23 @@ class Store:
         statement however many (a mapped step's thousand items are one insert)."""
         now = utcnow()
         values = []
+        # A step's jobs belong to whoever owns the pipeline.
+        pipeline_ids = {job["pipeline_id"] for job in jobs}
+        owners = (
+            dict(
+                conn.execute(
+                    select(pipelines_t.c.id, pipelines_t.c.owner_key_id).where(
+                        pipelines_t.c.id.in_(pipeline_ids)
+                    )
+                ).all()
+            )
+            if pipeline_ids
+            else {}
+        )
         for job in jobs:
             fields = {k: v for k, v in job.items() if k not in ("pipeline_id", "step", "item")}
             fields["limit_key"] = self.limit_key_of(fields["task"], fields["payload"])
+            fields["owner_key_id"] = owners.get(job["pipeline_id"])
             values.append(
                 {
                     **_new_job(now, **fields),
@@ -2114,10 +2223,15 @@ class Store:
         return found
 
     def cancel_pipeline(
-        self, pipeline_id: str, *, reason: str = "cancelled by request"
+        self,
+        pipeline_id: str,
+        *,
+        reason: str = "cancelled by request",
+        audit: AuditEntry | None = None,
     ) -> Pipeline:
         """Cancel every step that has not ended and every unfinished job (running ones are
-        asked to stop), in one transaction; raises PipelineNotFound, or PipelineEnded."""
+        asked to stop), in one transaction with ``audit``; raises PipelineNotFound, or
+        PipelineEnded."""
         now = utcnow()
         events: list[Event] = []
         with self._tx() as conn:
@@ -2133,6 +2247,8 @@ class Store:
                 except IllegalTransition:  # ended meanwhile (a claim does not lock the pipeline)
                     continue
             ledger.end_cancelled()
+            if audit is not None:
+                self._audit(conn, audit)
         self.publish(events)
         return self.get_pipeline(pipeline_id)
 
@@ -2181,11 +2297,15 @@ class Store:
         status: Sequence[PipelineStatus] = (),
         cursor: str | None = None,
         limit: int = 50,
+        owner_key_id: str | None = None,
     ) -> tuple[list[Pipeline], str | None]:
-        """Newest first, with their steps (not their jobs); pass the cursor back for more."""
+        """Newest first, with their steps (not their jobs); pass the cursor back for more.
+        With ``owner_key_id``, only that API key's pipelines."""
         query = pages.newest_first(
             select(pipelines_t), pipelines_t.c.created_at, pipelines_t.c.id, cursor
         )
+        if owner_key_id is not None:
+            query = query.where(pipelines_t.c.owner_key_id == owner_key_id)
         if status:
             query = query.where(pipelines_t.c.status.in_([s.value for s in status]))
         with self._tx() as conn:
@@ -2337,20 +2457,29 @@ class Store:
                 found[row["job_id"]].append(rows.attempt(row))
         return found
 
-    def purge_dead_letters(self, match: DeadLetterFilter) -> int:
+    def purge_dead_letters(
+        self, match: DeadLetterFilter, *, audit: AuditEntry | None = None
+    ) -> int:
         """Delete the dead jobs ``match`` selects (all of them if it is empty) with their
-        events and attempts; returns how many. Their replays stay, still naming them."""
+        events and attempts; returns how many. Their replays stay, still naming them.
+        ``audit`` is written in the same transaction, with the count in its detail."""
         statement = delete(jobs_t).where(*_dead_letter_conditions(match))
         with self._tx() as conn:
-            return int(conn.execute(statement).rowcount)
+            purged = int(conn.execute(statement).rowcount)
+            if audit is not None:
+                self._audit(conn, replace(audit, detail={**audit.detail, "purged": purged}))
+            return purged
 
-    def purge_dead_letter(self, job_id: str) -> None:
-        """Delete one dead job; raises JobNotFound, or JobNotDead if it is not dead."""
+    def purge_dead_letter(self, job_id: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete one dead job (and write ``audit``, in the same transaction); raises
+        JobNotFound, or JobNotDead if it is not dead."""
         statement = delete(jobs_t).where(
             jobs_t.c.id == job_id, jobs_t.c.status == JobStatus.DEAD.value
         )
         with self._tx() as conn:
             if conn.execute(statement).rowcount == 1:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
             status = conn.execute(
                 select(jobs_t.c.status).where(jobs_t.c.id == job_id)
@@ -2406,21 +2535,50 @@ class Store:
     # -- API keys -------------------------------------------------------------
 
     def create_api_key(
-        self, name: str, scopes: Sequence[str], *, key: str | None = None
+        self,
+        name: str,
+        scopes: Sequence[str],
+        *,
+        key: str | None = None,
+        expires_at: datetime | None = None,
+        rate_limit: str | None = None,
+        audit: AuditEntry | None = None,
     ) -> tuple[ApiKey, str]:
-        """Store a key's hash; returns the key record and the key itself."""
+        """Store a key's hash (and ``audit``, in the same transaction); returns the key
+        record and the key itself. KeyExists if an active key has that name."""
         key = key or f"cvk_{secrets.token_urlsafe(32)}"
-        record = ApiKey(id=str(uuid.uuid4()), name=name, scopes=tuple(scopes))
+        record = ApiKey(
+            id=str(uuid.uuid4()),
+            name=name,
+            scopes=tuple(scopes),
+            created_at=utcnow(),
+            expires_at=expires_at,
+            rate_limit=rate_limit,
+        )
+        taken = select(keys_t.c.id).where(keys_t.c.name == name, keys_t.c.revoked_at.is_(None))
         with self._tx() as conn:
+            # Two creates of one name take turns, the second seeing the first's key: on
+            # PostgreSQL by a lock on the name; on SQLite by writing first (a no-op),
+            # which takes the database's write lock before the check reads.
+            if self.dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_xact_lock(hashtext(:n))"), {"n": name})
+            else:
+                conn.execute(update(keys_t).where(false()).values(name=keys_t.c.name))
+            if conn.execute(taken).first() is not None:
+                raise KeyExists(name)
             conn.execute(
                 insert(keys_t).values(
                     id=record.id,
                     name=name,
                     key_hash=hash_key(key),
                     scopes=list(scopes),
-                    created_at=utcnow(),
+                    created_at=record.created_at,
+                    expires_at=expires_at,
+                    rate_limit=rate_limit,
                 )
             )
+            if audit is not None:
+                self._audit(conn, replace(audit, object_id=record.id))
         return record, key
 
     def ensure_api_key(self, name: str, scopes: Sequence[str], key: str) -> ApiKey:
@@ -2429,27 +2587,126 @@ class Store:
         if found is not None:
             return found
         try:
-            return self.create_api_key(name, scopes, key=key)[0]
+            return self._insert_bootstrap_key(name, scopes, key)
         except IntegrityError:  # another process stored the same key first
             found = self.verify_api_key(key)
             if found is None:
                 raise
             return found
 
+    def _insert_bootstrap_key(self, name: str, scopes: Sequence[str], key: str) -> ApiKey:
+        """The bootstrap key is stored whatever other key has its name (a changed
+        ``CONVEYOR_ADMIN_KEY`` adds a second ``admin``): it must work."""
+        record = ApiKey(id=str(uuid.uuid4()), name=name, scopes=tuple(scopes), created_at=utcnow())
+        with self._tx() as conn:
+            conn.execute(
+                insert(keys_t).values(
+                    id=record.id,
+                    name=name,
+                    key_hash=hash_key(key),
+                    scopes=list(scopes),
+                    created_at=record.created_at,
+                )
+            )
+        return record
+
     def verify_api_key(self, key: str) -> ApiKey | None:
+        """The key's record if it is stored, not revoked and not expired."""
+        now = utcnow()
         query = select(keys_t).where(
-            keys_t.c.key_hash == hash_key(key), keys_t.c.revoked_at.is_(None)
+            keys_t.c.key_hash == hash_key(key),
+            keys_t.c.revoked_at.is_(None),
+            or_(keys_t.c.expires_at.is_(None), keys_t.c.expires_at > now),
         )
         with self._tx() as conn:
             row = conn.execute(query).mappings().first()
+        return None if row is None else _api_key(row)
+
+    def api_keys(self, *, revoked: bool = False) -> list[ApiKey]:
+        """Keys oldest first: the active ones (expired included), or with ``revoked``
+        every key."""
+        query = select(keys_t).order_by(keys_t.c.created_at, keys_t.c.id)
+        if not revoked:
+            query = query.where(keys_t.c.revoked_at.is_(None))
+        with self._tx() as conn:
+            return [_api_key(row) for row in conn.execute(query).mappings()]
+
+    def api_key(self, key_id: str) -> ApiKey:
+        with self._tx() as conn:
+            row = conn.execute(select(keys_t).where(keys_t.c.id == key_id)).mappings().first()
         if row is None:
-            return None
-        return ApiKey(id=row["id"], name=row["name"], scopes=tuple(row["scopes"]))
+            raise KeyNotFound(key_id)
+        return _api_key(row)
+
+    def revoke_api_key(
+        self, key_id: str, *, audit: AuditEntry | None = None
+    ) -> tuple[ApiKey, bool]:
+        """Revoke a key (and write ``audit`` in the same transaction); returns it and
+        whether this call revoked it (False: it was already). Raises KeyNotFound."""
+        statement = (
+            update(keys_t)
+            .where(keys_t.c.id == key_id, keys_t.c.revoked_at.is_(None))
+            .values(revoked_at=utcnow())
+        )
+        with self._tx() as conn:
+            revoked = conn.execute(statement).rowcount == 1
+            if revoked and audit is not None:
+                self._audit(conn, audit)
+            row = conn.execute(select(keys_t).where(keys_t.c.id == key_id)).mappings().first()
+        if row is None:
+            raise KeyNotFound(key_id)
+        return _api_key(row), revoked
+
+    # -- the audit trail ------------------------------------------------------
+
+    def audit(self, entry: AuditEntry) -> None:
+        """Append an audit row. There is no method to change or delete one."""
+        with self._tx() as conn:
+            self._audit(conn, entry)
+
+    def _audit(self, conn: Connection, entry: AuditEntry) -> None:
+        conn.execute(
+            insert(audit_t).values(
+                at=utcnow(),
+                key_id=entry.key_id,
+                key_name=entry.key_name,
+                action=entry.action,
+                object_type=entry.object_type,
+                object_id=entry.object_id,
+                address=entry.address,
+                correlation_id=entry.correlation_id,
+                detail=dict(entry.detail),
+            )
+        )
+
+    def audit_trail(
+        self, match: AuditFilter, *, cursor: str | None = None, limit: int = 50
+    ) -> tuple[list[AuditRecord], str | None]:
+        """Audit rows newest first (by id: the order they were written in); pass the
+        returned cursor back for the next page."""
+        query = select(audit_t).order_by(audit_t.c.id.desc())
+        if cursor:
+            query = query.where(audit_t.c.id < int(pages.decode_cursor(cursor)[1]))
+        if match.action is not None:
+            query = query.where(audit_t.c.action == match.action)
+        if match.key_id is not None:
+            query = query.where(audit_t.c.key_id == match.key_id)
+        if match.object_id is not None:
+            query = query.where(audit_t.c.object_id == match.object_id)
+        if match.since is not None:
+            query = query.where(audit_t.c.at >= match.since)
+        if match.until is not None:
+            query = query.where(audit_t.c.at < match.until)
+        with self._tx() as conn:
+            found = conn.execute(query.limit(limit + 1)).mappings().all()
+        page, after = pages.cut(found, limit, lambda row: (rows.utc(row["at"]), str(row["id"])))
+        return [_audit_record(row) for row in page], after
 
     # -- deleting and replaying -----------------------------------------------
 
-    def delete_job(self, job_id: str) -> None:
-        """Delete a job that has ended, with its events, attempts and idempotency keys.
+    def delete_job(self, job_id: str, *, audit: AuditEntry | None = None) -> None:
+        """Delete a job that has ended, with its events, attempts and idempotency keys
+        (and write ``audit``, in the same transaction).
 
         Raises JobNotFound, or JobNotEnded if it has not ended (a worker may hold it:
         cancel it first). Jobs replaying it keep naming it in ``replay_of``.
@@ -2458,6 +2715,8 @@ class Store:
         statement = delete(jobs_t).where(jobs_t.c.id == job_id, jobs_t.c.status.in_(ended))
         with self._tx() as conn:
             if conn.execute(statement).rowcount == 1:
+                if audit is not None:
+                    self._audit(conn, audit)
                 return
             status = conn.execute(
                 select(jobs_t.c.status).where(jobs_t.c.id == job_id)
@@ -2562,6 +2821,7 @@ def _new_job(
     limit_key: str | None = None,
     on_success: str | None = None,
     on_dead: str | None = None,
+    owner_key_id: str | None = None,
 ) -> dict[str, Any]:
     """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
     ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
@@ -2585,6 +2845,7 @@ def _new_job(
         "limit_key": limit_key,
         "on_success": on_success,
         "on_dead": on_dead,
+        "owner_key_id": owner_key_id,
     }
 
 
@@ -2633,6 +2894,34 @@ def _created_data(values: Mapping[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _api_key(row: Mapping[Any, Any]) -> ApiKey:
+    return ApiKey(
+        id=row["id"],
+        name=row["name"],
+        scopes=tuple(row["scopes"]),
+        created_at=rows.utc(row["created_at"]),
+        expires_at=rows.utc(row["expires_at"]),
+        revoked_at=rows.utc(row["revoked_at"]),
+        rate_limit=row["rate_limit"],
+    )
+
+
+def _audit_record(row: Mapping[Any, Any]) -> AuditRecord:
+    at = rows.utc(row["at"])
+    assert at is not None
+    entry = AuditEntry(
+        action=row["action"],
+        object_type=row["object_type"],
+        object_id=row["object_id"],
+        key_id=row["key_id"],
+        key_name=row["key_name"],
+        address=row["address"],
+        correlation_id=row["correlation_id"],
+        detail=row["detail"] or {},
+    )
+    return AuditRecord(id=int(row["id"]), at=at, entry=entry)
+
+
 def _readable_jobs(found: Sequence[Mapping[Any, Any]]) -> list[Job]:
     """The jobs of a page; a row that does not even map to a Job (written by hand,
     not by Conveyor) is left out and logged, so one bad row never fails a page."""
@@ -2666,6 +2955,8 @@ def _dead_letter_conditions(match: DeadLetterFilter) -> list[ColumnElement[bool]
         conditions.append(jobs_t.c.finished_at >= match.since)
     if match.until is not None:
         conditions.append(jobs_t.c.finished_at < match.until)
+    if match.owner_key_id is not None:
+        conditions.append(jobs_t.c.owner_key_id == match.owner_key_id)
     return conditions
 
 

@@ -431,6 +431,7 @@ def pipeline_view(
         finished_at=rows.utc(row["finished_at"]),
         progress=progress(steps),
         steps=steps,
+        owner_key_id=row.get("owner_key_id"),
     )
 
 

@@ -64,6 +64,7 @@ def job(row: Mapping[Any, Any]) -> Job:
         on_success=row.get("on_success"),
         on_dead=row.get("on_dead"),
         hook_of=row.get("hook_of"),
+        owner_key_id=row.get("owner_key_id"),
     )
 
 

@@ -20,6 +20,7 @@ from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import ConveyorError, PermanentError
 from conveyor.jobs import AttemptOutcome, Job, JobStatus
+from conveyor.keys import acting_as
 from conveyor.worker.identity import patiently, worker_id
 from conveyor.worker.limits import claim_limited
 from conveyor.worker.metrics import WorkerMetrics
@@ -122,11 +123,13 @@ def _run(app: Conveyor, job: Job, monitor: ProcessMonitor) -> Any:
         upstream=upstream,
     )
     running = monitor.running = Running(job, ctx)
-    if task.is_async:
-        coro = task.fn(ctx, payload)
-        result = run_coroutine(coro, timeout=job.timeout, running=running)  # type: ignore[arg-type]
-    else:
-        result = task.fn(ctx, payload)
+    # What the task submits or publishes belongs to whoever owns its job.
+    with acting_as(job.owner_key_id):
+        if task.is_async:
+            coro = task.fn(ctx, payload)
+            result = run_coroutine(coro, timeout=job.timeout, running=running)  # type: ignore[arg-type]
+        else:
+            result = task.fn(ctx, payload)
     return jsonable(result)
 
 
