@@ -118,6 +118,9 @@ class Job(BaseModel):
     pipeline_id: str | None = None
     step: str | None = None
     item: int | None = None
+    #: The W3C trace context the job was submitted in (see :mod:`conveyor.tracing`).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -94,6 +94,9 @@ class JobRow(Base):
     pipeline_id: Mapped[str | None] = mapped_column(String(36))
     step: Mapped[str | None] = mapped_column(String(200))
     item: Mapped[int | None] = mapped_column(Integer)
+    #: The W3C trace context the job was submitted in; its attempts' spans continue it.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    tracestate: Mapped[str | None] = mapped_column(String(512))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),

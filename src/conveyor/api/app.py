@@ -2,11 +2,12 @@
 
 Middleware, outermost first::
 
-    SecurityHeaders ─> CorrelationId ─> RequestTimer ─> ErrorBoundary ─> Methods
-        ─> Authentication ─> BodyLimit ─> routes (+ problem handlers)
+    SecurityHeaders ─> Traces ─> CorrelationId ─> RequestTimer ─> ErrorBoundary
+        ─> Methods ─> Authentication ─> BodyLimit ─> routes (+ problem handlers)
 
-so every response, a 500 included, carries its request id and is measured, and
-no body is read before the method, the path and the key have been checked.
+so every response, a 500 included, carries its request id, is measured and has
+its server span, and no body is read before the method, the path and the key
+have been checked.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 from fastapi import FastAPI
 
+from conveyor import tracing
 from conveyor.api import (
     breakers,
     dead_letters,
@@ -42,6 +44,7 @@ from conveyor.api.middleware import (
     Methods,
     RequestTimer,
     SecurityHeaders,
+    Traces,
 )
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor, load_app
@@ -84,6 +87,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
             with contextlib.suppress(asyncio.CancelledError):
                 await follower
             await hub.stop()
+            await asyncio.to_thread(tracing.shutdown)  # the spans still batched
 
     app = FastAPI(
         title="Conveyor",
@@ -103,6 +107,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float = 10.0) -> FastAP
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
+    app.add_middleware(Traces)
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
     routers = (
         *(jobs, pipelines, dead_letters, schedules, events, tasks),
@@ -120,6 +125,7 @@ def factory() -> FastAPI:
     settings = load_settings()
     configure_logging(settings)
     conveyor = load_app(settings.app)
+    tracing.configure("conveyor-api")  # after the app's import, which may install its own
     conveyor.configure(settings)
     app = create_app(conveyor)
     # What exists by now (modules, the app, its models and schemas: 150,000 objects)

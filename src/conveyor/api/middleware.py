@@ -1,5 +1,5 @@
-"""Pure ASGI middleware: request ids, methods and paths, the body size limit, timing,
-security headers.
+"""Pure ASGI middleware: request ids, traces, methods and paths, the body size limit,
+timing, security headers.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
 pass straight through and the request body is never buffered here.
@@ -16,12 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
+from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor import tracing
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH = 200
@@ -70,6 +73,50 @@ class CorrelationId:
 
         with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
             await self.app(scope, receive, send_with_id)
+
+
+class Traces:
+    """Continues the caller's trace: a W3C ``traceparent`` (and ``tracestate``) makes
+    the request part of it, so jobs it submits are too; a malformed one is ignored
+    and the request starts a new trace. While tracing is on, each request is a
+    server span named after its route."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        parent = tracing.parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+        if tracing.tracer() is None:  # tracing is off: only the context is kept, for jobs
+            with tracing.remote_parent(parent):
+                await self.app(scope, receive, send)
+            return
+        method = scope["method"] if scope["method"] in KNOWN_METHODS else "HTTP"
+        attributes = {"http.request.method": method, "url.path": scope["path"]}
+        server = SpanKind.SERVER
+        with tracing.span(method, kind=server, parent=parent, attributes=attributes) as span:
+            assert span is not None
+            status = 500
+
+            async def send_with_status(message: Message) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
+
+            try:
+                await self.app(scope, receive, send_with_status)
+            finally:
+                route = getattr(scope.get("route"), "path", None)
+                if route is not None:  # a template, never the path: names stay few
+                    span.update_name(f"{method} {route}")
+                    span.set_attribute("http.route", route)
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_status(Status(StatusCode.ERROR))
 
 
 class Methods:

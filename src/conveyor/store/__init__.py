@@ -69,7 +69,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from conveyor import payloads
+from conveyor import payloads, tracing
 from conveyor.errors import (
     ConfigurationError,
     DeadLetterNotFound,
@@ -332,6 +332,7 @@ class Store:
 
     # -- jobs -----------------------------------------------------------------
 
+    @tracing.store_write("create_job")
     def create_job(
         self,
         *,
@@ -347,6 +348,8 @@ class Store:
         replay_of: str | None = None,
         run_at: datetime | None = None,
         limit_key: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails.
@@ -369,12 +372,15 @@ class Store:
             replay_of=replay_of,
             run_at=run_at,
             limit_key=limit_key,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         change = _creation(values)
         found = self._write(change, now=now, values=values, data=_created_data(values))
         assert found is not None
         return found[0]
 
+    @tracing.store_write("create_jobs")
     def create_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> list[Job]:
         """:meth:`create_job` for many jobs (each mapping its keyword arguments), in one
         transaction: all are recorded, or none. Returns them in the order given."""
@@ -409,6 +415,7 @@ class Store:
         self.publish([event for _, event in created])
         return [job for job, _ in created]
 
+    @tracing.store_write("create_jobs_in")
     def create_jobs_in(
         self, conn: Connection, jobs: Sequence[Mapping[str, Any]], *, dispatched: bool = False
     ) -> list[tuple[Job, Event]]:
@@ -435,6 +442,7 @@ class Store:
         if events:
             self.publish(list(events))
 
+    @tracing.store_write("take_dispatches")
     def take_dispatches(self, jobs: Sequence[Job]) -> list[Job]:
         """Of ``jobs``, recorded as not dispatched, those whose dispatch this call took
         (counted as dispatched now); a job another process took, or that does not
@@ -463,6 +471,7 @@ class Store:
 
     # -- domain events ---------------------------------------------------------
 
+    @tracing.store_write("record_topic_event")
     def record_topic_event(
         self,
         topic: str,
@@ -481,6 +490,7 @@ class Store:
         self.publish([event_ for _, event_ in created])
         return recorded, [job for job, _ in created]
 
+    @tracing.store_write("record_topic_event_in")
     def record_topic_event_in(
         self,
         conn: Connection,
@@ -553,6 +563,7 @@ class Store:
         with self._tx() as conn:
             return {topic: int(count) for topic, count in conn.execute(query)}
 
+    @tracing.store_write("create_job_once")
     def create_job_once(
         self, scope: str, key: str, fingerprint: str, **job: Any
     ) -> tuple[Job, bool]:
@@ -681,6 +692,7 @@ class Store:
         page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
         return _readable_jobs(page), after
 
+    @tracing.store_write("claim")
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
         now = utcnow()
@@ -693,6 +705,7 @@ class Store:
             data={"attempt": attempt, "worker": worker},
         )
 
+    @tracing.store_write("progress")
     def progress(
         self,
         job_id: str,
@@ -722,6 +735,7 @@ class Store:
         )
         return found[1] if found else None
 
+    @tracing.store_write("succeed")
     def succeed(self, job_id: str, attempt: int, result: Any) -> tuple[Job, Event] | None:
         """End the held attempt and the job with its result; raises NotStorable for a
         result that could not be read back as it is (see ``conveyor.payloads``)."""
@@ -739,6 +753,7 @@ class Store:
             outcome=AttemptOutcome.SUCCEEDED,
         )
 
+    @tracing.store_write("die")
     def die(
         self,
         job_id: str,
@@ -761,6 +776,7 @@ class Store:
             error=error,
         )
 
+    @tracing.store_write("schedule_retry")
     def schedule_retry(
         self,
         job_id: str,
@@ -803,6 +819,7 @@ class Store:
         """The job's ended attempts, first to last."""
         return self.attempts_of([job_id])[job_id]
 
+    @tracing.store_write("cancel")
     def cancel(self, job_id: str, *, reason: str = "cancelled by request") -> tuple[Job, Event]:
         """Cancel a job that has not ended; raises if it has. A running attempt is
         recorded as ended ``cancelled`` (its worker is asked to stop it). A job of a
@@ -1018,6 +1035,7 @@ class Store:
 
     # -- limits ---------------------------------------------------------------
 
+    @tracing.store_write("claim_limited")
     def claim_limited(
         self, job_id: str, attempt: int, worker: str, limits: Limits
     ) -> tuple[Job, Event] | Throttled | None:
@@ -1239,6 +1257,7 @@ class Store:
         with self._tx() as conn:
             return conn.execute(stmt).rowcount == 1
 
+    @tracing.store_write("undispatched")
     def undispatched(self, job_id: str, attempt: int) -> None:
         """The broker did not take this attempt: dispatch it again later."""
         stmt = (
@@ -1666,6 +1685,7 @@ class Store:
 
     # -- pipelines ------------------------------------------------------------
 
+    @tracing.store_write("create_pipeline")
     def create_pipeline(
         self,
         steps: Sequence[StepRecord],
@@ -1797,6 +1817,7 @@ class Store:
             for v in values
         ]
 
+    @tracing.store_write("succeed_step")
     def succeed_step(
         self, job_id: str, attempt: int, result: Any, *, pipeline_id: str
     ) -> Advanced | None:
@@ -1819,6 +1840,7 @@ class Store:
         self.publish([found[1], *(event for _, event in ledger.created)])
         return Advanced(found[0], found[1], [job for job, _ in ledger.created])
 
+    @tracing.store_write("die_step")
     def die_step(
         self,
         job_id: str,
@@ -2198,6 +2220,7 @@ class Store:
             raise JobNotFound(job_id)
         raise JobNotEnded(job_id, status)
 
+    @tracing.store_write("replay_once")
     def replay_once(self, dead_id: str, **job: Any) -> tuple[Job, bool]:
         """:meth:`create_job` (same keyword arguments) for a job replaying the dead job
         ``dead_id``, and True; unless one replays it already: then the first of those,
@@ -2292,6 +2315,8 @@ def _new_job(
     schedule_tick: datetime | None = None,
     dispatched: bool = True,
     limit_key: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> dict[str, Any]:
     """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
     ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
@@ -2313,6 +2338,8 @@ def _new_job(
         "schedule": schedule,
         "schedule_tick": schedule_tick,
         "limit_key": limit_key,
+        "traceparent": traceparent,
+        "tracestate": tracestate,
     }
 
 

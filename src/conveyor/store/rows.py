@@ -61,6 +61,8 @@ def job(row: Mapping[Any, Any]) -> Job:
         pipeline_id=row["pipeline_id"],
         step=row["step"],
         item=row["item"],
+        traceparent=row.get("traceparent"),
+        tracestate=row.get("tracestate"),
     )
 
 
