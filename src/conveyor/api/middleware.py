@@ -16,7 +16,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import structlog
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from prometheus_client import Histogram
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
@@ -76,47 +75,23 @@ class CorrelationId:
 
 
 class Traces:
-    """Continues the caller's trace: a W3C ``traceparent`` (and ``tracestate``) makes
-    the request part of it, so jobs it submits are too; a malformed one is ignored
-    and the request starts a new trace. While tracing is on, each request is a
-    server span named after its route."""
+    """Keeps the caller's trace for the jobs a request submits while tracing is off:
+    a W3C ``traceparent`` (and ``tracestate``) becomes the current context, which a
+    submit records; a malformed one is ignored. While tracing is on, FastAPI's own
+    telemetry (outside this stack) has made the request's server span from the
+    same headers, and this does nothing."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or tracing.tracer() is not None:
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
         parent = tracing.parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
-        if tracing.tracer() is None:  # tracing is off: only the context is kept, for jobs
-            with tracing.remote_parent(parent):
-                await self.app(scope, receive, send)
-            return
-        method = scope["method"] if scope["method"] in KNOWN_METHODS else "HTTP"
-        attributes = {"http.request.method": method, "url.path": scope["path"]}
-        server = SpanKind.SERVER
-        with tracing.span(method, kind=server, parent=parent, attributes=attributes) as span:
-            assert span is not None
-            status = 500
-
-            async def send_with_status(message: Message) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-                await send(message)
-
-            try:
-                await self.app(scope, receive, send_with_status)
-            finally:
-                route = getattr(scope.get("route"), "path", None)
-                if route is not None:  # a template, never the path: names stay few
-                    span.update_name(f"{method} {route}")
-                    span.set_attribute("http.route", route)
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_status(Status(StatusCode.ERROR))
+        with tracing.remote_parent(parent):
+            await self.app(scope, receive, send)
 
 
 class Methods:
