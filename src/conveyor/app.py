@@ -713,8 +713,9 @@ class Conveyor:
 
     def dispatch_many(self, jobs: Sequence[Job]) -> bool:
         """:meth:`dispatch` for many jobs over one broker connection."""
+        attributes = _dispatch_attributes(jobs) if tracing.on() else None
         with tracing.span(
-            "conveyor.dispatch", kind=SpanKind.PRODUCER, attributes=_dispatch_attributes(jobs)
+            "conveyor.dispatch", kind=SpanKind.PRODUCER, attributes=attributes
         ) as span:
             try:
                 broker.dispatch_many(self.celery, jobs, hard_grace=self.settings.hard_timeout_grace)
@@ -834,6 +835,8 @@ def _submitting(
 ) -> contextlib.AbstractContextManager[Any]:
     """The ``conveyor.submit`` span around a submit: the parent of its store writes, its
     dispatch, and each attempt of the job it makes."""
+    if not tracing.on():
+        return contextlib.nullcontext()
     attributes: dict[str, str | int] = {"messaging.batch.message_count": jobs}
     if task is not None:
         attributes["conveyor.task"] = task if isinstance(task, str) else task.name

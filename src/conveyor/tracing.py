@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import time
 from collections.abc import Callable, Iterator, Mapping
 from functools import wraps
 from typing import Any, ParamSpec, TypeVar
@@ -32,7 +33,6 @@ from opentelemetry.trace import (
     SpanKind,
     TraceFlags,
     Tracer,
-    TracerProvider,
     TraceState,
 )
 
@@ -47,8 +47,12 @@ _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-
 TRACEPARENT_LENGTH = 55
 TRACESTATE_LENGTH = 512
 
+#: Seconds for which "no tracer provider is installed" is taken as still true.
+RECHECK = 1.0
+
 _configured: Any = None  # the SDK provider configure() installed, flushed by shutdown()
-_tracer: tuple[TracerProvider, Tracer] | None = None
+_tracer: Tracer | None = None
+_next_check = 0.0
 
 
 # -- trace context ------------------------------------------------------------
@@ -103,7 +107,7 @@ def current_fields() -> dict[str, str | None]:
 def remote_parent(span_context: SpanContext | None) -> Iterator[None]:
     """Make a remote span context current: what spans and submits inside continue."""
     if span_context is None:
-        yield
+        yield None
         return
     token = otel_context.attach(trace.set_span_in_context(NonRecordingSpan(span_context)))
     try:
@@ -132,37 +136,47 @@ def carried() -> contextlib.AbstractContextManager[None]:
 
 
 def tracer() -> Tracer | None:
-    """Conveyor's tracer, or None while no real provider is installed (no spans then)."""
-    global _tracer
+    """Conveyor's tracer, or None while no real provider is installed (no spans then).
+
+    Asking OpenTelemetry for the global provider costs a look-up in the environment,
+    so while there is none the answer is kept for :data:`RECHECK` seconds: a provider
+    an application installs later is used from then on. Once installed, a global
+    provider cannot be replaced, so it is kept for good.
+    """
+    global _tracer, _next_check
+    if _tracer is not None:
+        return _tracer
+    now = time.monotonic()
+    if now < _next_check:
+        return None
     provider = trace.get_tracer_provider()
     if isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider):
+        _next_check = now + RECHECK
         return None
-    if _tracer is None or _tracer[0] is not provider:
-        _tracer = (provider, provider.get_tracer("conveyor"))
-    return _tracer[1]
+    _tracer = provider.get_tracer("conveyor")
+    return _tracer
 
 
-@contextlib.contextmanager
+def on() -> bool:
+    """Whether spans are made: for work done only to describe one (its attributes)."""
+    return tracer() is not None
+
+
 def span(
     name: str,
     *,
     kind: SpanKind = SpanKind.INTERNAL,
     attributes: Mapping[str, str | int | float | bool] | None = None,
     parent: SpanContext | None = None,
-) -> Iterator[Span | None]:
+) -> contextlib.AbstractContextManager[Span | None]:
     """A span around the block, current inside it; None (and nothing made) when
     tracing is off. ``parent``: a stored context to continue instead of the current one.
     An exception leaving the block is recorded on the span and marks it as an error."""
     found = tracer()
     if found is None:
-        with remote_parent(parent):
-            yield None
-        return
+        return remote_parent(parent) if parent is not None else contextlib.nullcontext()
     context = trace.set_span_in_context(NonRecordingSpan(parent)) if parent else None
-    with found.start_as_current_span(
-        name, context=context, kind=kind, attributes=attributes
-    ) as made:
-        yield made
+    return found.start_as_current_span(name, context=context, kind=kind, attributes=attributes)
 
 
 def failed(made: Span | None, exc: BaseException) -> None:
@@ -221,7 +235,8 @@ def configure(service: str, environ: Mapping[str, str] = os.environ) -> bool:
     A provider the application installed itself is left as it is, and used.
     The SDK reads its own variables (endpoint, headers, timeouts, batching).
     """
-    global _configured
+    global _configured, _next_check
+    _next_check = 0.0  # look again now
     if tracer() is not None:
         return True
     if not wanted(environ):
@@ -244,6 +259,7 @@ def configure(service: str, environ: Mapping[str, str] = os.environ) -> bool:
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _configured = provider
+    _next_check = 0.0
     log.info("tracing.configured", service=resource.attributes.get(SERVICE_NAME))
     return True
 
