@@ -5,7 +5,9 @@ source of a git revision before traces, ``--baseline``).
     hooks    the tracing calls one ``Conveyor.submit`` makes (its ``conveyor.submit``
              span, recording the trace context, one ``store`` write span, the
              ``conveyor.dispatch`` span), timed alone over many iterations: the
-             overhead itself, free of the store's noise.
+             overhead itself, free of the store's noise. On: once exported, and
+             once made but not exported (a provider with no span processor), which
+             separates making spans from encoding and sending them.
     submit   whole ``Conveyor.submit`` calls on SQLite and the embedded broker (in a
              temporary directory), off, on, and at the baseline revision.
 
@@ -59,6 +61,12 @@ def child_hooks(iterations: int) -> float:
     from conveyor import tracing
     from conveyor.app import _submitting
 
+    if os.environ.get("TRACING_COST_UNEXPORTED"):
+        # An application's own provider with no processor: spans made, never sent.
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+
+        trace.set_tracer_provider(TracerProvider())
     tracing.configure("tracing-cost")
 
     @tracing.store_write("create_job")
@@ -192,12 +200,14 @@ def main() -> None:
     plain = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "CONVEYOR_"))}
     plain["CONVEYOR_LOG_LEVEL"] = "WARNING"
     traced = plain | {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint}
+    unexported = plain | {"TRACING_COST_UNEXPORTED": "1"}
     results: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         source = baseline_source(args.baseline, Path(folder))
         baseline = plain | {"PYTHONPATH": str(source)}
         modes = [
             ("hooks, tracing off", "hooks", args.iterations, plain),
+            ("hooks, tracing on, not exported", "hooks", args.iterations // 10, unexported),
             ("hooks, tracing on", "hooks", args.iterations // 10, traced),
             (f"submit, no tracing code ({args.baseline})", "submit", args.submits, baseline),
             ("submit, tracing off", "submit", args.submits, plain),

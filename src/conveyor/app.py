@@ -713,9 +713,13 @@ class Conveyor:
 
     def dispatch_many(self, jobs: Sequence[Job]) -> bool:
         """:meth:`dispatch` for many jobs over one broker connection."""
-        attributes = _dispatch_attributes(jobs) if tracing.on() else None
-        with tracing.span(
-            "conveyor.dispatch", kind=SpanKind.PRODUCER, attributes=attributes
+        # Inside a traced submit or attempt only: the sweeps' re-dispatches start no trace.
+        traced = tracing.recording()
+        attributes = _dispatch_attributes(jobs) if traced else None
+        with (
+            tracing.span("conveyor.dispatch", kind=SpanKind.PRODUCER, attributes=attributes)
+            if traced
+            else contextlib.nullcontext()
         ) as span:
             try:
                 broker.dispatch_many(self.celery, jobs, hard_grace=self.settings.hard_timeout_grace)
