@@ -66,6 +66,19 @@ def test_outside_any_trace_a_job_records_none() -> None:
     assert tracing.current_fields() == {}
 
 
+def test_off_an_attempt_still_hands_its_jobs_trace_to_what_it_submits() -> None:
+    """A worker that does not trace makes no attempt span, but a job submitted inside
+    the attempt records the job's own stored context: the trace goes on."""
+    stored = tracing.parse_traceparent(f"00-{TRACE_ID}-{SPAN_ID}-01", "a=1")
+    with tracing.span("conveyor.attempt t", parent=stored) as span:
+        assert span is None
+        assert tracing.current_fields() == {
+            "traceparent": f"00-{TRACE_ID}-{SPAN_ID}-01",
+            "tracestate": "a=1",
+        }
+    assert tracing.current_fields() == {}
+
+
 @pytest.mark.parametrize(
     ("environ", "wanted"),
     [
