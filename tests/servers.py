@@ -1,5 +1,6 @@
 """Servers the tests start themselves from the local binaries: a throwaway
-PostgreSQL or Redis when none is running, and private ones a test may restart.
+PostgreSQL or Redis when none is running, and private ones a test may restart;
+and an OTLP/HTTP trace receiver, in process.
 
 A missing binary skips the tests that need it, except under CI (env ``CI`` set),
 where it fails them: a green CI run must have run everything.
@@ -7,20 +8,29 @@ where it fails them: a green CI run must have run everything.
 
 from __future__ import annotations
 
+import gzip
 import os
 import pwd
 import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import psycopg
 import pytest
 import redis
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 
 class ServerError(RuntimeError):
@@ -204,3 +214,95 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=30)
         self.process = None
+
+
+@dataclass(frozen=True)
+class ReceivedSpan:
+    """A span as an OTLP exporter sent it, ids in hex as ``traceparent`` writes them."""
+
+    name: str
+    service: str
+    trace_id: str
+    span_id: str
+    parent_id: str
+    kind: int
+    attributes: dict[str, Any]
+    status: int
+    events: list[str] = field(default_factory=list)
+
+
+class OtlpReceiver:
+    """A real OTLP/HTTP trace receiver on 127.0.0.1: accepts ``POST /v1/traces``
+    (protobuf, gzip or not) as a collector does, and keeps every span it decodes."""
+
+    def __init__(self) -> None:
+        self.spans: list[ReceivedSpan] = []
+        self.lock = threading.Lock()
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if self.headers.get("Content-Encoding") == "gzip":
+                    body = gzip.decompress(body)
+                ok = self.path == "/v1/traces"
+                if ok:
+                    request = ExportTraceServiceRequest()
+                    request.ParseFromString(body)
+                    receiver.add(request)
+                answer = ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200 if ok else 404)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.send_header("Content-Length", str(len(answer)))
+                self.end_headers()
+                self.wfile.write(answer)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # quiet: the test reports what it received
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def endpoint(self) -> str:
+        """For ``OTEL_EXPORTER_OTLP_ENDPOINT`` (the exporter appends ``/v1/traces``)."""
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def start(self) -> OtlpReceiver:
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def add(self, request: ExportTraceServiceRequest) -> None:
+        found = []
+        for resource_spans in request.resource_spans:
+            resource = {a.key: _value(a.value) for a in resource_spans.resource.attributes}
+            for scope_spans in resource_spans.scope_spans:
+                for span in scope_spans.spans:
+                    found.append(
+                        ReceivedSpan(
+                            name=span.name,
+                            service=str(resource.get("service.name", "")),
+                            trace_id=span.trace_id.hex(),
+                            span_id=span.span_id.hex(),
+                            parent_id=span.parent_span_id.hex(),
+                            kind=span.kind,
+                            attributes={a.key: _value(a.value) for a in span.attributes},
+                            status=span.status.code,
+                            events=[event.name for event in span.events],
+                        )
+                    )
+        with self.lock:
+            self.spans.extend(found)
+
+    def received(self) -> list[ReceivedSpan]:
+        with self.lock:
+            return list(self.spans)
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    return getattr(value, kind) if kind else None

@@ -8,6 +8,7 @@ recovery and the HTTP API build on this module; it imports none of them.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
 import os
@@ -20,9 +21,10 @@ from typing import Any, TypeVar, Unpack, cast, overload
 
 import structlog
 from celery import Celery
+from opentelemetry.trace import SpanKind
 from pydantic import BaseModel
 
-from conveyor import broker, diag, hooks, idempotency, payloads, pipelines
+from conveyor import broker, diag, hooks, idempotency, payloads, pipelines, tracing
 from conveyor.breakers import Breaker, BreakerOptions, Breakers
 from conveyor.errors import (
     BatchInvalid,
@@ -346,19 +348,21 @@ class Conveyor:
         you commit, and does not exist if you roll back (see :mod:`conveyor.transactions`).
         """
         key = options.pop("idempotency_key", None)
-        if connection is not None:
+        if connection is not None and key is not None:
+            raise ConfigurationError(
+                "idempotency_key and connection do not go together: in your own"
+                " transaction, make the job once the way you make your own rows once"
+            )
+        with _submitting(task):
+            if connection is not None:
+                return self._enlist(connection, [self._new_job(task, payload, options)])[0]
             if key is not None:
-                raise ConfigurationError(
-                    "idempotency_key and connection do not go together: in your own"
-                    " transaction, make the job once the way you make your own rows once"
-                )
-            return self._enlist(connection, [self._new_job(task, payload, options)])[0]
-        if key is not None:
-            return self.submit_once(task, payload, key=key, **cast(JobOptions, options))[0]
-        job = self.store.create_job(**self._new_job(task, payload, options))
-        if job.status is JobStatus.QUEUED:  # a scheduled one is dispatched when it is due
-            self.dispatch(job)
-        return job
+                once = cast(JobOptions, options)
+                return self._submit_once(task, payload, key, PYTHON_SCOPE, None, once)[0]
+            job = self.store.create_job(**self._new_job(task, payload, options))
+            if job.status is JobStatus.QUEUED:  # a scheduled one is dispatched when it is due
+                self.dispatch(job)
+            return job
 
     def submit_many(
         self,
@@ -382,24 +386,25 @@ class Conveyor:
     ) -> list[Job]:
         """:meth:`submit_many` for jobs of different tasks or options: ``items`` are
         ``(task, payload, options)``."""
-        fields: list[dict[str, Any]] = []
-        errors: list[tuple[int, ConveyorError]] = []
-        for index, (task, payload, options) in enumerate(items):
-            try:
-                fields.append(self._new_job(task, payload, options))
-            except (TaskNotFound, PayloadInvalid, ConfigurationError) as exc:
-                errors.append((index, exc))
-        if errors:
-            raise BatchInvalid(errors)
-        if not fields:
-            return []
-        if connection is not None:
-            return self._enlist(connection, fields)
-        jobs = self.store.create_jobs(fields)
-        queued = [job for job in jobs if job.status is JobStatus.QUEUED]
-        if queued:
-            self.dispatch_many(queued)
-        return jobs
+        with _submitting(None, jobs=len(items)):
+            fields: list[dict[str, Any]] = []
+            errors: list[tuple[int, ConveyorError]] = []
+            for index, (task, payload, options) in enumerate(items):
+                try:
+                    fields.append(self._new_job(task, payload, options))
+                except (TaskNotFound, PayloadInvalid, ConfigurationError) as exc:
+                    errors.append((index, exc))
+            if errors:
+                raise BatchInvalid(errors)
+            if not fields:
+                return []
+            if connection is not None:
+                return self._enlist(connection, fields)
+            jobs = self.store.create_jobs(fields)
+            queued = [job for job in jobs if job.status is JobStatus.QUEUED]
+            if queued:
+                self.dispatch_many(queued)
+            return jobs
 
     def publish(
         self,
@@ -424,36 +429,43 @@ class Conveyor:
         problems = payloads.check_input(data) or payloads.check_storable(data)
         if problems:
             raise NotStorable("the event's data", problems)
-        correlation_id = correlation_id or uuid.uuid4().hex
-        fields: list[dict[str, Any]] = []
-        refused: list[PayloadInvalid] = []
-        for name in self.subscriptions.get(topic, []):
-            try:
-                fields.append(self._new_job(name, data, {"correlation_id": correlation_id}))
-            except PayloadInvalid as exc:
-                refused.append(exc)
-        if refused:
-            raise EventRefused(topic, refused)
-        stored = dict(data)
-        if connection is not None:
-            conn = enlist(connection, self.store.engine.url)
-            recorded, created = self.store.record_topic_event_in(
-                conn,
-                topic,
-                stored,
-                fields,
-                correlation_id=correlation_id,
-                owner_key_id=acting_key.get(),
-            )
-            self._after_commit(connection, created)
-        else:
-            recorded, jobs = self.store.record_topic_event(
-                topic, stored, fields, correlation_id=correlation_id, owner_key_id=acting_key.get()
-            )
-            if jobs:
-                self.dispatch_many(jobs)
-        log.info("event.published", topic=topic, event_id=recorded.id, jobs=len(recorded.jobs))
-        return recorded
+        with tracing.span(
+            "conveyor.publish", kind=SpanKind.PRODUCER, attributes={"conveyor.topic": topic}
+        ):
+            correlation_id = correlation_id or uuid.uuid4().hex
+            fields: list[dict[str, Any]] = []
+            refused: list[PayloadInvalid] = []
+            for name in self.subscriptions.get(topic, []):
+                try:
+                    fields.append(self._new_job(name, data, {"correlation_id": correlation_id}))
+                except PayloadInvalid as exc:
+                    refused.append(exc)
+            if refused:
+                raise EventRefused(topic, refused)
+            stored = dict(data)
+            if connection is not None:
+                conn = enlist(connection, self.store.engine.url)
+                recorded, created = self.store.record_topic_event_in(
+                    conn,
+                    topic,
+                    stored,
+                    fields,
+                    correlation_id=correlation_id,
+                    owner_key_id=acting_key.get(),
+                )
+                self._after_commit(connection, created)
+            else:
+                recorded, jobs = self.store.record_topic_event(
+                    topic,
+                    stored,
+                    fields,
+                    correlation_id=correlation_id,
+                    owner_key_id=acting_key.get(),
+                )
+                if jobs:
+                    self.dispatch_many(jobs)
+            log.info("event.published", topic=topic, event_id=recorded.id, jobs=len(recorded.jobs))
+            return recorded
 
     def _enlist(self, connection: CallerConnection, fields: list[dict[str, Any]]) -> list[Job]:
         """Record jobs in the caller's transaction; they are dispatched once it commits."""
@@ -497,15 +509,31 @@ class Conveyor:
         IdempotencyMismatch if the key was used for a different request, and
         IdempotencyConflict while the submit that used it is still under way.
         """
+        with _submitting(task):
+            return self._submit_once(task, payload, key, scope, fingerprint, options)
+
+    def _submit_once(
+        self,
+        task: str | Task[Any, Any],
+        payload: BaseModel | Mapping[str, Any],
+        key: str,
+        scope: str,
+        fingerprint: str | None,
+        options: JobOptions,
+    ) -> tuple[Job, bool]:
         check_key(key)
         check_scope(scope)
         fields = self._new_job(task, payload, options)
         if fingerprint is None:
             # The request as made: a delay, not the start time it gives at this moment.
             # The limit key follows from the task and payload: left out, so that
-            # fingerprints made before tasks had limits still match.
-            # The owner too: keys are per caller already (``scope``).
-            left_out = {"correlation_id", "run_at", "limit_key", "owner_key_id"}
+            # fingerprints made before tasks had limits still match. The owner
+            # too: keys are per caller already (``scope``). The trace context says
+            # where the request came from, not what it asks.
+            left_out = {
+                *("correlation_id", "run_at", "limit_key", "owner_key_id"),
+                *("traceparent", "tracestate"),
+            }
             request = {k: v for k, v in fields.items() if k not in left_out}
             run_at, delay = options.get("run_at"), options.get("delay")
             if run_at is not None:
@@ -587,6 +615,7 @@ class Conveyor:
         run_at = start_time(options.get("run_at"), options.get("delay"), datetime.now(UTC))
         if run_at is not None:
             fields["run_at"] = run_at
+        fields.update(tracing.current_fields())  # the trace its attempts continue
         return fields
 
     # -- pipelines ------------------------------------------------------------
@@ -622,6 +651,18 @@ class Conveyor:
     ) -> tuple[Pipeline, bool]:
         """:meth:`pipeline`, saying whether this call made it (False: a repeat of an
         idempotent submit, answered with the first pipeline)."""
+        with tracing.span("conveyor.pipeline", kind=SpanKind.PRODUCER):
+            return self._submit_pipeline(steps, name, key, scope, fingerprint, correlation_id)
+
+    def _submit_pipeline(
+        self,
+        steps: Flow | PipelineSpec | Sequence[StepSpec | Mapping[str, Any]],
+        name: str | None,
+        key: str | None,
+        scope: str,
+        fingerprint: str | None,
+        correlation_id: str | None,
+    ) -> tuple[Pipeline, bool]:
         spec = pipelines.as_spec(steps, name)
         pipelines.check(spec, max_steps=self.settings.pipeline_max_steps)
         correlation_id = correlation_id or uuid.uuid4().hex
@@ -639,7 +680,7 @@ class Conveyor:
                                 **{f: getattr(r, f) for f in ("name", "task", "payload", "map")},
                                 "after": list(r.after),
                                 "options": {
-                                    k: v for k, v in r.options.items() if k != "correlation_id"
+                                    k: v for k, v in r.options.items() if k not in _NOT_ASKED
                                 },
                             }
                             for r in records
@@ -721,14 +762,23 @@ class Conveyor:
 
     def dispatch_many(self, jobs: Sequence[Job]) -> bool:
         """:meth:`dispatch` for many jobs over one broker connection."""
-        try:
-            broker.dispatch_many(self.celery, jobs, hard_grace=self.settings.hard_timeout_grace)
-        except BrokerUnavailable as exc:
-            log.error("job.dispatch_failed", jobs=len(jobs), error=str(exc))
-            for job in jobs:
-                self.store.undispatched(job.id, job.attempt)
-            return False
-        return True
+        # Inside a traced submit or attempt only: the sweeps' re-dispatches start no trace.
+        traced = tracing.recording()
+        attributes = _dispatch_attributes(jobs) if traced else None
+        with (
+            tracing.span("conveyor.dispatch", kind=SpanKind.PRODUCER, attributes=attributes)
+            if traced
+            else contextlib.nullcontext()
+        ) as span:
+            try:
+                broker.dispatch_many(self.celery, jobs, hard_grace=self.settings.hard_timeout_grace)
+            except BrokerUnavailable as exc:
+                tracing.failed(span, exc)
+                log.error("job.dispatch_failed", jobs=len(jobs), error=str(exc))
+                for job in jobs:
+                    self.store.undispatched(job.id, job.attempt)
+                return False
+            return True
 
     # -- dead letters ---------------------------------------------------------
 
@@ -823,6 +873,8 @@ class Conveyor:
             on_success=dead.on_success,  # a replay keeps its hooks (see conveyor.hooks)
             on_dead=dead.on_dead,
             owner_key_id=dead.owner_key_id,  # a replay stays its owner's, whoever asks
+            traceparent=dead.traceparent,  # the replay belongs to the trace that made it
+            tracestate=dead.tracestate,
         )
         if not created:  # another replay got there first
             return job, False
@@ -833,6 +885,37 @@ class Conveyor:
 
 #: Dead letters read per page by a bulk replay.
 REPLAY_PAGE = 100
+#: Job options that say where a request came from, not what it asks: no part of a
+#: pipeline's idempotency fingerprint.
+_NOT_ASKED = frozenset({"correlation_id", "traceparent", "tracestate"})
+
+
+def _submitting(
+    task: str | Task[Any, Any] | None, *, jobs: int = 1
+) -> contextlib.AbstractContextManager[Any]:
+    """The ``conveyor.submit`` span around a submit: the parent of its store writes, its
+    dispatch, and each attempt of the job it makes."""
+    if not tracing.on():
+        return contextlib.nullcontext()
+    attributes: dict[str, str | int] = {"messaging.batch.message_count": jobs}
+    if task is not None:
+        attributes["conveyor.task"] = task if isinstance(task, str) else task.name
+    return tracing.span("conveyor.submit", kind=SpanKind.PRODUCER, attributes=attributes)
+
+
+def _dispatch_attributes(jobs: Sequence[Job]) -> dict[str, str | int]:
+    """``messaging.*`` attributes of a publish to the broker (OpenTelemetry's conventions)."""
+    attributes: dict[str, str | int] = {
+        "messaging.system": "celery",
+        "messaging.operation.type": "send",
+        "messaging.batch.message_count": len(jobs),
+    }
+    queues = {job.queue for job in jobs}
+    if len(queues) == 1:
+        attributes["messaging.destination.name"] = queues.pop()
+    if len(jobs) == 1:
+        attributes["conveyor.job_id"] = jobs[0].id
+    return attributes
 
 
 @dataclass

@@ -126,6 +126,9 @@ class Job(BaseModel):
     hook_of: str | None = None
     #: The API key that owns the job (see ``conveyor.keys``); None: made from Python.
     owner_key_id: str | None = None
+    #: The W3C trace context the job was submitted in (see :mod:`conveyor.tracing`).
+    traceparent: str | None = None
+    tracestate: str | None = None
 
 
 class AttemptOutcome(enum.StrEnum):

@@ -101,6 +101,9 @@ class JobRow(Base):
     hook_of: Mapped[str | None] = mapped_column(String(36))
     #: The API key that submitted it, or whose job, pipeline or event made it.
     owner_key_id: Mapped[str | None] = mapped_column(String(36))
+    #: The W3C trace context the job was submitted in; its attempts' spans continue it.
+    traceparent: Mapped[str | None] = mapped_column(String(55))
+    tracestate: Mapped[str | None] = mapped_column(String(512))
 
     __table_args__ = (
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),

@@ -2,12 +2,13 @@
 
 Middleware, outermost first::
 
-    SecurityHeaders ─> CorrelationId ─> RequestTimer ─> ErrorBoundary ─> HeaderLimit
-        ─> Methods ─> Authentication ─> RateLimit ─> BodyLimit ─> routes (+ problem handlers)
+    SecurityHeaders ─> Traces ─> CorrelationId ─> RequestTimer ─> ErrorBoundary
+        ─> HeaderLimit ─> Methods ─> Authentication ─> RateLimit ─> BodyLimit
+        ─> routes (+ problem handlers)
 
-so every response, a 500 included, carries its request id and is measured, and
-no body is read before the headers' size, the method, the path, the key and its
-request budget have been checked.
+so every response, a 500 included, carries its request id, is measured and has
+its server span, and no body is read before the headers' size, the method, the
+path, the key and its request budget have been checked.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from importlib.metadata import PackageNotFoundError, version
 import structlog
 from fastapi import FastAPI
 
-from conveyor import workloads
+from conveyor import tracing, workloads
 from conveyor.api import (
     audit,
     breakers,
@@ -49,6 +50,7 @@ from conveyor.api.middleware import (
     Methods,
     RequestTimer,
     SecurityHeaders,
+    Traces,
 )
 from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
@@ -109,6 +111,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
                 await follower
             await hub.stop()
             await limiter.close()
+            await asyncio.to_thread(tracing.shutdown)  # the spans still batched
 
     app = FastAPI(
         title="Conveyor",
@@ -137,6 +140,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
     app.add_middleware(problems.ErrorBoundary)
     app.add_middleware(RequestTimer, histogram=metrics.http_duration)
     app.add_middleware(CorrelationId)
+    app.add_middleware(Traces)
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
     routers = (
         *(jobs, pipelines, dead_letters, schedules, events, tasks),
@@ -158,6 +162,7 @@ def factory() -> FastAPI:
     settings = load_settings()
     configure_logging(settings)
     conveyor = workloads.load(settings)
+    tracing.configure("conveyor-api")  # after the app's import, which may install its own
     conveyor.configure(settings)
     app = create_app(conveyor)
     # What exists by now (modules, the app, its models and schemas: 150,000 objects)

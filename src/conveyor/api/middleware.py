@@ -1,4 +1,4 @@
-"""Pure ASGI middleware: request ids, methods and paths, the header and body size limits,
+"""Pure ASGI middleware: request ids, traces, methods and paths, the header and body size limits,
 timing, security headers.
 
 Pure ASGI rather than ``BaseHTTPMiddleware`` so that streaming responses (SSE)
@@ -22,6 +22,8 @@ from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from conveyor import tracing
 
 REQUEST_ID_HEADER = "X-Request-ID"
 MAX_REQUEST_ID_LENGTH = 200
@@ -73,6 +75,26 @@ class CorrelationId:
 
         with structlog.contextvars.bound_contextvars(correlation_id=correlation_id):
             await self.app(scope, receive, send_with_id)
+
+
+class Traces:
+    """Keeps the caller's trace for the jobs a request submits while tracing is off:
+    a W3C ``traceparent`` (and ``tracestate``) becomes the current context, which a
+    submit records; a malformed one is ignored. While tracing is on, FastAPI's own
+    telemetry (outside this stack) has made the request's server span from the
+    same headers, and this does nothing."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or tracing.tracer() is not None:
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        parent = tracing.parse_traceparent(headers.get("traceparent"), headers.get("tracestate"))
+        with tracing.remote_parent(parent):
+            await self.app(scope, receive, send)
 
 
 class Methods:

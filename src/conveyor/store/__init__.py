@@ -72,7 +72,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-from conveyor import payloads
+from conveyor import payloads, tracing
 from conveyor.errors import (
     ConfigurationError,
     DeadLetterNotFound,
@@ -436,6 +436,7 @@ class Store:
 
     # -- jobs -----------------------------------------------------------------
 
+    @tracing.store_write("create_job")
     def create_job(
         self,
         *,
@@ -454,6 +455,8 @@ class Store:
         on_success: str | None = None,
         on_dead: str | None = None,
         owner_key_id: str | None = None,
+        traceparent: str | None = None,
+        tracestate: str | None = None,
     ) -> Job:
         """Record a queued job, counted as dispatched: the caller dispatches it next,
         and calls :meth:`undispatched` if that fails.
@@ -479,12 +482,15 @@ class Store:
             on_success=on_success,
             on_dead=on_dead,
             owner_key_id=owner_key_id,
+            traceparent=traceparent,
+            tracestate=tracestate,
         )
         change = _creation(values)
         found = self._write(change, now=now, values=values, data=_created_data(values))
         assert found is not None
         return found[0]
 
+    @tracing.store_write("create_jobs")
     def create_jobs(self, jobs: Sequence[Mapping[str, Any]]) -> list[Job]:
         """:meth:`create_job` for many jobs (each mapping its keyword arguments), in one
         transaction: all are recorded, or none. Returns them in the order given."""
@@ -519,6 +525,7 @@ class Store:
         self.publish([event for _, event in created])
         return [job for job, _ in created]
 
+    @tracing.store_write("create_jobs_in")
     def create_jobs_in(
         self, conn: Connection, jobs: Sequence[Mapping[str, Any]], *, dispatched: bool = False
     ) -> list[tuple[Job, Event]]:
@@ -545,6 +552,7 @@ class Store:
         if events:
             self.publish(list(events))
 
+    @tracing.store_write("take_dispatches")
     def take_dispatches(self, jobs: Sequence[Job]) -> list[Job]:
         """Of ``jobs``, recorded as not dispatched, those whose dispatch this call took
         (counted as dispatched now); a job another process took, or that does not
@@ -573,6 +581,7 @@ class Store:
 
     # -- domain events ---------------------------------------------------------
 
+    @tracing.store_write("record_topic_event")
     def record_topic_event(
         self,
         topic: str,
@@ -592,6 +601,7 @@ class Store:
         self.publish([event_ for _, event_ in created])
         return recorded, [job for job, _ in created]
 
+    @tracing.store_write("record_topic_event_in")
     def record_topic_event_in(
         self,
         conn: Connection,
@@ -678,6 +688,7 @@ class Store:
         with self._tx() as conn:
             return {topic: int(count) for topic, count in conn.execute(query)}
 
+    @tracing.store_write("create_job_once")
     def create_job_once(
         self, scope: str, key: str, fingerprint: str, **job: Any
     ) -> tuple[Job, bool]:
@@ -810,6 +821,7 @@ class Store:
         page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
         return _readable_jobs(page), after
 
+    @tracing.store_write("claim")
     def claim(self, job_id: str, attempt: int, worker: str) -> tuple[Job, Event] | None:
         """Move a delivered attempt to running; None if it is stale or a duplicate."""
         now = utcnow()
@@ -822,6 +834,7 @@ class Store:
             data={"attempt": attempt, "worker": worker},
         )
 
+    @tracing.store_write("progress")
     def progress(
         self,
         job_id: str,
@@ -851,6 +864,7 @@ class Store:
         )
         return found[1] if found else None
 
+    @tracing.store_write("succeed")
     def succeed(self, job_id: str, attempt: int, result: Any) -> tuple[Job, Event] | None:
         """End the held attempt and the job with its result; raises NotStorable for a
         result that could not be read back as it is (see ``conveyor.payloads``)."""
@@ -868,6 +882,7 @@ class Store:
             outcome=AttemptOutcome.SUCCEEDED,
         )
 
+    @tracing.store_write("die")
     def die(
         self,
         job_id: str,
@@ -990,6 +1005,7 @@ class Store:
         assert event_id is not None
         return rows.job(row), Event(id=event_id, **event)
 
+    @tracing.store_write("schedule_retry")
     def schedule_retry(
         self,
         job_id: str,
@@ -1032,6 +1048,7 @@ class Store:
         """The job's ended attempts, first to last."""
         return self.attempts_of([job_id])[job_id]
 
+    @tracing.store_write("cancel")
     def cancel(
         self,
         job_id: str,
@@ -1256,6 +1273,7 @@ class Store:
 
     # -- limits ---------------------------------------------------------------
 
+    @tracing.store_write("claim_limited")
     def claim_limited(
         self, job_id: str, attempt: int, worker: str, limits: Limits
     ) -> tuple[Job, Event] | Throttled | None:
@@ -1477,6 +1495,7 @@ class Store:
         with self._tx() as conn:
             return conn.execute(stmt).rowcount == 1
 
+    @tracing.store_write("undispatched")
     def undispatched(self, job_id: str, attempt: int) -> None:
         """The broker did not take this attempt: dispatch it again later."""
         stmt = (
@@ -2027,6 +2046,7 @@ class Store:
 
     # -- pipelines ------------------------------------------------------------
 
+    @tracing.store_write("create_pipeline")
     def create_pipeline(
         self,
         steps: Sequence[StepRecord],
@@ -2174,6 +2194,7 @@ class Store:
             for v in values
         ]
 
+    @tracing.store_write("succeed_step")
     def succeed_step(
         self, job_id: str, attempt: int, result: Any, *, pipeline_id: str
     ) -> Advanced | None:
@@ -2196,6 +2217,7 @@ class Store:
         self.publish([found[1], *(event for _, event in ledger.created)])
         return Advanced(found[0], found[1], [job for job, _ in ledger.created])
 
+    @tracing.store_write("die_step")
     def die_step(
         self,
         job_id: str,
@@ -2725,6 +2747,7 @@ class Store:
             raise JobNotFound(job_id)
         raise JobNotEnded(job_id, status)
 
+    @tracing.store_write("replay_once")
     def replay_once(self, dead_id: str, **job: Any) -> tuple[Job, bool]:
         """:meth:`create_job` (same keyword arguments) for a job replaying the dead job
         ``dead_id``, and True; unless one replays it already: then the first of those,
@@ -2822,6 +2845,8 @@ def _new_job(
     on_success: str | None = None,
     on_dead: str | None = None,
     owner_key_id: str | None = None,
+    traceparent: str | None = None,
+    tracestate: str | None = None,
 ) -> dict[str, Any]:
     """The values of :data:`CREATE` (or, with ``run_at``, :data:`DEFER`) for a new job;
     ``dispatched=False`` leaves its dispatch to :meth:`Store.due_for_dispatch`."""
@@ -2846,6 +2871,8 @@ def _new_job(
         "on_success": on_success,
         "on_dead": on_dead,
         "owner_key_id": owner_key_id,
+        "traceparent": traceparent,
+        "tracestate": tracestate,
     }
 
 

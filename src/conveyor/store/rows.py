@@ -65,6 +65,8 @@ def job(row: Mapping[Any, Any]) -> Job:
         on_dead=row.get("on_dead"),
         hook_of=row.get("hook_of"),
         owner_key_id=row.get("owner_key_id"),
+        traceparent=row.get("traceparent"),
+        tracestate=row.get("tracestate"),
     )
 
 

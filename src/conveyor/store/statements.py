@@ -148,7 +148,7 @@ _NEW_JOB_COLUMNS = (
     *("id", "task", "queue", "priority", "payload", "attempt", "max_attempts", "timeout"),
     *("correlation_id", "backoff_base", "backoff_cap", "replay_of", "dispatched_at"),
     *("run_at", "schedule", "schedule_tick", "limit_key", "on_success", "on_dead"),
-    "owner_key_id",
+    *("owner_key_id", "traceparent", "tracestate"),
 )
 CREATE = Change("create", EventType.STATUS, JobStatus.QUEUED, frozenset(), _NEW_JOB_COLUMNS)
 #: A new job that waits in the store until its ``run_at`` (see ``Store.promote_due``).

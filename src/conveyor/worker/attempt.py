@@ -13,9 +13,10 @@ from typing import Any
 
 import structlog
 from celery.exceptions import SoftTimeLimitExceeded
+from opentelemetry.trace import Span, SpanKind
 from pydantic import ValidationError
 
-from conveyor import payloads
+from conveyor import payloads, tracing
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import ConveyorError, PermanentError
@@ -47,8 +48,16 @@ def execute(app: Conveyor, job_id: str, attempt: int, metrics: WorkerMetrics | N
             return
     else:
         job = claimed[0]
-    with structlog.contextvars.bound_contextvars(
-        job_id=job.id, task=job.task, attempt=attempt, correlation_id=job.correlation_id
+    with (
+        structlog.contextvars.bound_contextvars(
+            job_id=job.id, task=job.task, attempt=attempt, correlation_id=job.correlation_id
+        ),
+        tracing.span(
+            f"conveyor.attempt {job.task}",
+            kind=SpanKind.CONSUMER,
+            parent=tracing.parse_traceparent(job.traceparent, job.tracestate),
+            attributes=_attributes(job),
+        ) as span,
     ):
         log.info("job.started")
         if metrics is not None:
@@ -63,15 +72,44 @@ def execute(app: Conveyor, job_id: str, attempt: int, metrics: WorkerMetrics | N
                 if not isinstance(exc, Exception | SoftTimeLimitExceeded):
                     raise
                 failure: BaseException = exc
-                if isinstance(exc, SoftTimeLimitExceeded | TimeoutError):
+                if _timed_out(exc):
                     reason = AttemptOutcome.TIMED_OUT
                 status = _finally(lambda: record_failure(app, job, failure, task))
+                _ended(span, "timed_out" if _timed_out(exc) else "failed", exc)
             else:
                 status = _finally(lambda: record_success(app, job, result))
+                _ended(span, "succeeded")
             if metrics is not None:
                 metrics.ended(job, time.monotonic() - began, status, reason)
         finally:
             monitor.running = None
+
+
+def _attributes(job: Job) -> dict[str, str | int]:
+    """The attempt span's attributes: Conveyor's, and OpenTelemetry's ``messaging.*``."""
+    return {
+        "conveyor.task": job.task,
+        "conveyor.job_id": job.id,
+        "conveyor.attempt": job.attempt,
+        "conveyor.correlation_id": job.correlation_id,
+        "messaging.system": "celery",
+        "messaging.operation.type": "process",
+        "messaging.destination.name": job.queue,
+        "messaging.message.id": job.id,
+    }
+
+
+def _timed_out(exc: BaseException) -> bool:
+    return isinstance(exc, SoftTimeLimitExceeded | TimeoutError)
+
+
+def _ended(span: Span | None, outcome: str, exc: BaseException | None = None) -> None:
+    """Say how the attempt ended on its span: ``conveyor.outcome``, and the error."""
+    if span is None:
+        return
+    span.set_attribute("conveyor.outcome", outcome)
+    if exc is not None:
+        tracing.failed(span, exc)
 
 
 def _current(app: Conveyor, job_id: str) -> Job | None:
@@ -180,9 +218,12 @@ def run_coroutine(
     """Run ``coro`` on the process loop; a Celery soft time limit or a cancellation
     of the job cancels it."""
 
+    trace = tracing.carried()  # the loop's thread runs the coroutine: in this trace
+
     async def guarded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
+        with trace:
+            async with asyncio.timeout(timeout):
+                return await coro
 
     future = asyncio.run_coroutine_threadsafe(guarded(), event_loop())
     if running is not None:

@@ -19,6 +19,7 @@ import structlog
 from celery import Celery, signals
 from celery.worker.request import Request
 
+from conveyor import tracing
 from conveyor.app import Conveyor
 from conveyor.broker import RUN_TASK
 from conveyor.errors import ConveyorError
@@ -109,6 +110,9 @@ def run_worker(
     if not settings.resolved_broker_url.startswith(("redis", "rediss")):
         celery.steps["consumer"].add(arbiter(consumed, priorities))
     app.store.worker_started(node, queues=consumed, concurrency=concurrency)
+    # The recovery sweep's and the scheduler's dispatches, and (threads and solo
+    # pools) the attempts themselves, run in this process.
+    tracing.configure("conveyor-worker")
     sweeper = Sweeper(app, node=node, metrics=metrics)
     shutting_down = threading.Event()
 
@@ -125,6 +129,13 @@ def run_worker(
     @signals.worker_process_init.connect(weak=False)
     def _pool_process(**_: Any) -> None:
         ProcessMonitor.in_pool_process = True
+        # Inherited from the parent at the fork (the SDK restarts its export thread);
+        # made here when the parent had none to give.
+        tracing.configure("conveyor-worker")
+
+    @signals.worker_process_shutdown.connect(weak=False)
+    def _pool_process_ends(**_: Any) -> None:
+        tracing.flush()  # the pool ends its processes without running exit handlers
 
     @signals.worker_process_shutdown.connect(weak=False)
     def _pool_process_exit(pid: int | None = None, **_: Any) -> None:
@@ -150,6 +161,7 @@ def run_worker(
     def _stopped(**_: Any) -> None:
         with contextlib.suppress(ConveyorError):
             app.store.workers_stopped(prefix=node)  # this process and its pool's
+        tracing.shutdown()
 
     @signals.worker_shutting_down.connect(weak=False)
     def _shutting_down(**_: Any) -> None:
@@ -177,6 +189,7 @@ def run_worker(
         (signals.setup_logging, _logging),
         (signals.worker_process_init, _pool_process),
         (signals.worker_process_shutdown, _pool_process_exit),
+        (signals.worker_process_shutdown, _pool_process_ends),
         (signals.worker_ready, _ready),
         (signals.worker_shutdown, _stopped),
         (signals.worker_shutting_down, _shutting_down),
