@@ -218,3 +218,20 @@ def test_only_jobs_with_a_hook_for_their_outcome_leave_the_group_commit(app: Con
     assert writes_to_run(dead_hook_only) == 2  # it succeeded: no hook, the usual path
     assert writes_to_run(hooked) == 1  # the claim; its outcome is its own transaction
     assert [j.task for j in hook_jobs(app, hooked.id)] == ["hooks.notify"]
+
+
+def test_a_hook_job_is_its_jobs_owners_and_continues_its_trace(app: Conveyor) -> None:
+    from conveyor.keys import acting_as
+
+    key, _ = app.store.create_api_key("hook-owner", ["jobs:read", "jobs:write"])
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    with acting_as(key.id):
+        job = app.submit("hooks.work", {"n": 3})
+    with app.store.engine.begin() as conn:  # as a traced submit would have stored it
+        conn.execute(jobs_t.update().where(jobs_t.c.id == job.id).values(traceparent=traceparent))
+
+    run_job(app, job)
+
+    [hook] = hook_jobs(app, job.id)
+    assert hook.owner_key_id == key.id  # a key without jobs:read-all still sees it
+    assert hook.traceparent == traceparent

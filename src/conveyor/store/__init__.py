@@ -962,6 +962,10 @@ class Store:
             correlation_id=ended.correlation_id,
             dispatched=False,
             limit_key=self.limit_key_of(hook.task, payload),
+            # The hook job is its job's: the same owner, the same trace.
+            owner_key_id=ended.owner_key_id,
+            traceparent=ended.traceparent,
+            tracestate=ended.tracestate,
         )
         data = {"attempt": 1, "hook_of": ended.id}
         if self.dialect == "postgresql":  # the row and its event in one statement
