@@ -390,7 +390,7 @@ class ApiClient:
             raise CliError(f"cannot reach the API at {self.url} ({reason})") from None
         if response.is_error:
             raise problem(response)
-        return response.json()
+        return None if response.status_code == 204 else response.json()
 
 
 def _api_key(settings: Settings) -> str:
@@ -1346,12 +1346,7 @@ def resume_schedule(name: Annotated[str, typer.Argument(help="The schedule's nam
 def remove_schedule(name: Annotated[str, typer.Argument(help="The schedule's name.")]) -> None:
     """Delete a schedule (the jobs it made stay)."""
     with ApiClient(load_settings()) as client:
-        try:
-            client.http.delete(_schedule_path(name)).raise_for_status()
-        except httpx.HTTPStatusError as exc:
-            raise problem(exc.response) from None
-        except httpx.TransportError as exc:
-            raise CliError(f"cannot reach the API at {client.url} ({exc})") from None
+        client.request("DELETE", _schedule_path(name))
     out.print(f"removed {name}", markup=False)
 
 
@@ -1561,12 +1556,7 @@ def search_documents(
 def delete_document(document_id: Annotated[str, typer.Argument(metavar="ID")]) -> None:
     """Delete a document with its chunks and vectors."""
     with ApiClient(load_settings()) as client:
-        try:
-            client.http.delete(_document_path(document_id)).raise_for_status()
-        except httpx.HTTPStatusError as exc:
-            raise problem(exc.response) from None
-        except httpx.TransportError as exc:
-            raise CliError(f"cannot reach the API at {client.url} ({exc})") from None
+        client.request("DELETE", _document_path(document_id))
     out.print(f"deleted {document_id}", markup=False)
 
 
