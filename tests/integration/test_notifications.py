@@ -10,10 +10,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
-from conveyor import Conveyor
+from conveyor import Conveyor, PermanentError
 from conveyor.context import Context
 from conveyor.errors import NotificationInvalid
+from conveyor.hooks import JobOutcome
 from conveyor.jobs import JobStatus
 from conveyor.notifications.records import NotificationBook
 from conveyor.notifications.workload import TASKS, Notification, Sender, install, notify
@@ -319,3 +321,57 @@ def test_each_channel_has_its_own_rate_limit(make_settings: Callable[..., Settin
         "conveyor.notify.webhook": "None",
         "conveyor.notify.sms": "10/m",
     }
+
+
+class Order(BaseModel):
+    n: int
+
+
+def test_a_completion_hook_sends_a_notification_when_a_job_dies(
+    app: Conveyor, smtp: SmtpSink, database_url: str
+) -> None:
+    """``on_dead`` names a task of the user's that calls ``notify``: the outcome becomes
+    an e-mail, through three durable jobs (the job, its hook job, the notification)."""
+
+    def ship(ctx: Context, order: Order) -> None:
+        raise PermanentError(f"order {order.n} cannot ship")
+
+    def tell_ops(ctx: Context, outcome: JobOutcome) -> str:
+        assert outcome.error is not None
+        sent = notify(
+            app,
+            "email",
+            "ops@example.com",
+            subject=f"{outcome.task} is dead",
+            data={"message": f"{outcome.job_id}: {outcome.error.message}"},
+            idempotency_key=f"tell-ops-{outcome.job_id}",
+        )
+        return sent.id
+
+    app.task(name="orders.tell_ops")(tell_ops)
+    app.task(name="orders.ship", max_attempts=1, on_dead="orders.tell_ops")(ship)
+
+    job = app.submit("orders.ship", {"n": 7})
+    execute(app, job.id, 1)
+    assert app.store.get_job(job.id).status is JobStatus.DEAD
+    hooks, _ = app.store.list_jobs(task="orders.tell_ops")
+    [hook] = [j for j in hooks if j.hook_of == job.id]
+    execute(app, hook.id, 1)
+    notification_id = app.store.get_job(hook.id).result
+    ctx = Context(
+        job_id=hook.id,
+        task=hook.task,
+        attempt=2,
+        max_attempts=hook.max_attempts,
+        correlation_id=hook.correlation_id,
+        report=lambda *_: None,
+    )
+    outcome = JobOutcome.model_validate(app.store.get_job(hook.id).payload)
+    assert tell_ops(ctx, outcome) == notification_id  # the hook run again submits nothing new
+    execute(app, notification_id, 1)
+
+    assert app.store.get_job(notification_id).status is JobStatus.SUCCEEDED
+    [message] = smtp.messages
+    assert message["Subject"] == "orders.ship is dead"
+    text = next(part for part in message.walk() if not part.is_multipart())
+    assert f"{job.id}: order 7 cannot ship" in text.get_payload(decode=True).decode()
