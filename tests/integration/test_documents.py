@@ -191,3 +191,23 @@ async def test_bad_uploads_are_refused_with_problems(
     # Nothing half-written: no document, no file left behind.
     assert [p.name for p in (app.settings.documents_dir / ".incoming").iterdir()] == []
     assert drain(app) == []
+
+
+async def test_another_keys_document_is_not_found(
+    client: httpx.AsyncClient, app: Conveyor, tmp_path: Path
+) -> None:
+    """A document is its uploader's, as its pipeline is: another key gets the 404 of a
+    document that does not exist, unless it may read every job."""
+    sent = (await upload(client, document_files.pdf(tmp_path / "r.pdf"))).json()
+    _, other = app.store.create_api_key("other", ["jobs:read", "jobs:write"])
+    _, auditor = app.store.create_api_key("auditor", ["jobs:read-all"])
+    path = f"/v1/documents/{sent['document_id']}"
+
+    def as_(secret: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {secret}"}
+
+    assert (await client.get(path, headers=as_(other))).status_code == 404
+    assert (await client.delete(path, headers=as_(other))).status_code == 404
+    assert (await client.get(f"{path}/events", headers=as_(other))).status_code == 404
+    assert (await client.get(path, headers=as_(auditor))).status_code == 200
+    assert (await client.get(path)).status_code == 200  # the uploader's still there

@@ -25,16 +25,17 @@ from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 
 from conveyor.api import pipelines as pipeline_routes
-from conveyor.api.auth import Authenticated, Scope, require_key
+from conveyor.api.auth import Authenticated, Scope, own_pipeline, require_key
 from conveyor.api.events import After, LastEventId
 from conveyor.api.problems import problem_responses
 from conveyor.api.state import api_state
 from conveyor.documents import tasks
 from conveyor.documents.embedding import default_embedder
 from conveyor.documents.store import Document, DocumentStore
-from conveyor.errors import DocumentRefused, PipelineEnded, PipelineNotFound
-from conveyor.keys import acting_as
+from conveyor.errors import DocumentNotFound, DocumentRefused, PipelineEnded, PipelineNotFound
+from conveyor.keys import acting_as, sees_all
 from conveyor.pipelines import PipelineStatus, StepStatus
+from conveyor.store import ApiKey
 
 COLLECTION_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
 MAX_METADATA = 16 * 1024
@@ -179,10 +180,22 @@ def upload_document(
     responses=problem_responses(404),
     dependencies=[Scope("jobs:read")],
 )
-def get_document(document_id: str, request: Request) -> DocumentResource:
+def get_document(document_id: str, request: Request, key: Authenticated) -> DocumentResource:
     """The document's status, pages, chunk count and errors (its own and its pipeline's)."""
     document = _documents(request).get(document_id)
+    _check_owner(request, key, document)
     return _resource(request, document)
+
+
+def _check_owner(request: Request, key: ApiKey, document: Document) -> None:
+    """A document is its pipeline's owner's: another key without ``jobs:read-all`` gets
+    the 404 a document that does not exist gets."""
+    if document.pipeline_id is None or sees_all(key):
+        return
+    try:
+        own_pipeline(api_state(request).store, key, document.pipeline_id)
+    except PipelineNotFound:
+        raise DocumentNotFound(document.id) from None
 
 
 @router.delete(
@@ -191,9 +204,10 @@ def get_document(document_id: str, request: Request) -> DocumentResource:
     responses=problem_responses(404),
     dependencies=[Scope("jobs:write")],
 )
-def delete_document(document_id: str, request: Request) -> Response:
+def delete_document(document_id: str, request: Request, key: Authenticated) -> Response:
     """Delete the document, its chunks and vectors; a pipeline still running is cancelled."""
     state = api_state(request)
+    _check_owner(request, key, _documents(request).get(document_id))
     document = _documents(request).delete(document_id)
     if document.pipeline_id is not None:
         with contextlib.suppress(PipelineEnded, PipelineNotFound):
