@@ -55,6 +55,7 @@ from conveyor.api.middleware import (
 from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor
+from conveyor.dashboard import pages as dashboard
 from conveyor.errors import ConfigurationError
 from conveyor.events import EventHub
 from conveyor.keys import MAX_CACHE_SECONDS, KeyVerifier, bootstrap_admin_key
@@ -153,6 +154,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
     if settings.notifications:
         app.include_router(notification_routes.router)
     docs.install(app)
+    dashboard.install(app, settings)
     openapi.install(app, conveyor)
     return app
 
