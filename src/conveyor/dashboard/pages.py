@@ -136,7 +136,9 @@ def _page(request: Request, template: str, user: SignedIn | None, **context: Any
     html = _templates.get_template(template).render(
         user=user, static=STATIC_URL, path=request.url.path, **context
     )
-    return HTMLResponse(html)
+    # "no-referrer", the API's policy, would make browsers post forms with "Origin: null";
+    # "same-origin" leaves other sites the same nothing and lets the Origin check work.
+    return HTMLResponse(html, headers={"Referrer-Policy": "same-origin"})
 
 
 def _json(response: Response) -> Any:
@@ -474,7 +476,7 @@ def install(app: FastAPI, settings: Settings) -> None:
 
     @app.get("/", include_in_schema=False)
     async def root(request: Request) -> Response:
-        """Browsers go to the dashboard; API clients learn where the API is."""
+        """Browsers go to the dashboard; for API clients ``/`` stays a 404, as it was."""
         if "text/html" in request.headers.get("accept", ""):
             return _see_other(PREFIX)
-        return JSONResponse({"dashboard": PREFIX, "api": "/v1", "docs": "/docs"})
+        raise HTTPException(404)
