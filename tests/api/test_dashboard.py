@@ -10,7 +10,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from conveyor import Settings
+from conveyor import Conveyor, Settings
+from tests.api.test_dead_letters import kill
 
 pytestmark = pytest.mark.anyio
 
@@ -218,3 +219,30 @@ async def test_bad_filters_are_a_4xx_not_a_500(admin_key: str, sign_in: SignIn) 
         data={"csrf": csrf_of((await browser.get("/ui/dead-letters")).text), "task": "add"},
     )
     assert purge.status_code == 422  # no confirmation
+
+
+async def test_dead_letters_are_replayed_and_purged_by_filter(
+    client: httpx.AsyncClient, conveyor: Conveyor, admin_key: str, sign_in: SignIn
+) -> None:
+    dead = [kill(conveyor, kind="ValueError"), kill(conveyor, kind="KeyError")]
+    browser = await sign_in(admin_key)
+    page = await browser.get("/ui/dead-letters", params={"error_type": "ValueError"})
+    assert dead[0].id in page.text and dead[1].id not in page.text
+    token = csrf_of(page.text)
+
+    replayed = await browser.post(
+        "/ui/dead-letters/replay", data={"csrf": token, "error_type": "ValueError"}
+    )
+    assert replayed.status_code == 303
+    assert replayed.headers["location"] == "/ui/dead-letters?replayed=1"
+    shown = (await client.get(f"/v1/dead-letters/{dead[0].id}")).json()
+    assert len(shown["replayed_by"]) == 1
+
+    purged = await browser.post(
+        "/ui/dead-letters/purge",
+        data={"csrf": token, "error_type": "KeyError", "confirm": "yes"},
+    )
+    assert purged.status_code == 303
+    assert purged.headers["location"] == "/ui/dead-letters?purged=1"
+    assert (await client.get(f"/v1/dead-letters/{dead[1].id}")).status_code == 404
+    assert (await client.get(f"/v1/dead-letters/{dead[0].id}")).status_code == 200

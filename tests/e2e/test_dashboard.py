@@ -135,6 +135,8 @@ def test_a_job_pages_timeline_gains_events_live(admin: Page, site: Site, tmp_pat
     events = admin.locator("#timeline li").all_inner_texts()
     assert any("progress 100%" in e for e in events), events
     assert len(events) >= 6  # queued, running, 4 progress, succeeded
+    expect(admin.locator("#result")).to_contain_text('"slept"')  # shown once it ended
+    assert admin.locator("#cancel").count() == 0
     assert admin.evaluate("window.sameDocument") is True
     shoot(admin, tmp_path, "job")
 

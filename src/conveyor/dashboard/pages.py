@@ -32,7 +32,7 @@ from starlette.staticfiles import StaticFiles
 from conveyor.api import breakers, dead_letters, events, jobs, pipelines, queues, schedules
 from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
-from conveyor.api.schemas import PurgeRequest, SchedulePatch
+from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch
 from conveyor.api.state import api_state
 from conveyor.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
 from conveyor.jobs import JobStatus
@@ -133,9 +133,7 @@ async def _form(request: Request, user: SignedIn | None) -> dict[str, str]:
 
 
 def _page(request: Request, template: str, user: SignedIn | None, **context: Any) -> HTMLResponse:
-    html = _templates.get_template(template).render(
-        user=user, static=STATIC_URL, path=request.url.path, **context
-    )
+    html = _templates.get_template(template).render(user=user, static=STATIC_URL, **context)
     # "no-referrer", the API's policy, would make browsers post forms with "Origin: null";
     # "same-origin" leaves other sites the same nothing and lets the Origin check work.
     return HTMLResponse(html, headers={"Referrer-Policy": "same-origin"})
@@ -212,6 +210,7 @@ async def logout(request: Request, user: User) -> Response:
 def overview(request: Request, user: User) -> HTMLResponse:
     """Queues, workers, dead letters of the last hour and open breakers."""
     require_scope(user.key, "jobs:read")
+    head = api_state(request).store.last_event_id()
     depth = queues.list_queues(request)
     found = _json(worker_routes.list_workers(request, state=None, cursor=None, limit=200))
     alive = sum(1 for w in found["items"] if w["state"] == "alive")
@@ -228,6 +227,7 @@ def overview(request: Request, user: User) -> HTMLResponse:
         request,
         "overview.html",
         user,
+        head=head,
         queues=depth,
         alive=alive,
         lost=lost,
@@ -252,6 +252,7 @@ def job_list(
         choices = ", ".join(s.value for s in JobStatus)
         raise HTTPException(422, f"status is one of {choices}") from None
     task = _blank(task)
+    head = api_state(request).store.last_event_id()
     page = _json(
         jobs.list_jobs(
             request, user.key, status=wanted, task=task, cursor=_blank(cursor), limit=PAGE_SIZE
@@ -263,6 +264,7 @@ def job_list(
         request,
         "jobs.html",
         user,
+        head=head,
         jobs=page["items"],
         statuses=[s.value for s in JobStatus],
         chosen=filters["status"],
@@ -318,6 +320,7 @@ def dead_letter_list(
         error_type=error_type or "",
         next_url=f"{PREFIX}/dead-letters?{_query(**filters, cursor=after)}" if after else None,
         purged=request.query_params.get("purged"),
+        replayed=request.query_params.get("replayed"),
     )
 
 
@@ -339,6 +342,16 @@ async def purge_dead_letters(request: Request, user: User) -> Response:
     body = PurgeRequest(task=_blank(form.get("task")), error_type=_blank(form.get("error_type")))
     done = await run_in_threadpool(dead_letters.purge_dead_letters, body, request, user.key)
     return _see_other(f"{PREFIX}/dead-letters?{_query(purged=str(done.purged))}")
+
+
+@router.post("/dead-letters/replay")
+async def replay_dead_letters(request: Request, user: User) -> Response:
+    """Replay the dead letters matching the list's filter (those not replayed yet)."""
+    form = await _form(request, user)
+    require_scope(user.key, "dead-letters:write")
+    body = ReplayRequest(task=_blank(form.get("task")), error_type=_blank(form.get("error_type")))
+    done = await run_in_threadpool(dead_letters.replay_dead_letters, body, request, user.key)
+    return _see_other(f"{PREFIX}/dead-letters?{_query(replayed=str(len(done.replayed)))}")
 
 
 @router.post("/dead-letters/{job_id}/replay")
@@ -399,8 +412,9 @@ def pipeline_list(request: Request, user: User, cursor: str | None = None) -> HT
 @router.get("/pipelines/{pipeline_id}")
 def pipeline_page(pipeline_id: str, request: Request, user: User) -> HTMLResponse:
     require_scope(user.key, "jobs:read")
+    head = api_state(request).store.last_event_id()
     pipeline = pipelines.get_pipeline(pipeline_id, request, user.key)
-    return _page(request, "pipeline.html", user, pipeline=pipeline)
+    return _page(request, "pipeline.html", user, pipeline=pipeline, head=head)
 
 
 @router.get("/workers")
@@ -427,13 +441,15 @@ def worker_list(request: Request, user: User, cursor: str | None = None) -> HTML
 async def all_events(
     request: Request,
     user: User,
+    after: events.After = None,
     last_event_id: Annotated[str | None, Header()] = None,
 ) -> EventSourceResponse:
-    """Every event the session's key may see, from now (or where the browser left off):
-    one stream per page, however many progress bars it shows."""
+    """Every event the session's key may see after ``after`` (the last one when its page
+    was read, so that nothing between falls through): one stream per page, however many
+    progress bars it shows."""
     require_scope(user.key, "jobs:read")
     return await events.all_events(
-        request, user.key, status=[], task=None, after=None, last_event_id=last_event_id
+        request, user.key, status=[], task=None, after=after, last_event_id=last_event_id
     )
 
 

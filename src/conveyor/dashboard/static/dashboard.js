@@ -51,23 +51,40 @@
     timeline.append(item);
   }
 
+  // Re-reads this page and swaps in the parts named by a comma-separated selector list.
+  function reread(selectors, done) {
+    fetch(window.location.href, { credentials: "same-origin" })
+      .then(function (response) { return response.ok ? response.text() : null; })
+      .then(function (html) {
+        done();
+        if (!html) return;
+        const fresh = new DOMParser().parseFromString(html, "text/html");
+        selectors.split(",").forEach(function (selector) {
+          const now = fresh.querySelector(selector);
+          const current = document.querySelector(selector);
+          if (now && current) current.replaceWith(now);
+        });
+      })
+      .catch(done);
+  }
+
   // Pages summarising many things (the overview) are re-read at most once a second.
   const refresh = body.dataset.refresh;
   let pending = null;
   function refreshSoon() {
     if (!refresh || pending) return;
     pending = setTimeout(function () {
-      fetch(window.location.href, { credentials: "same-origin" })
-        .then(function (response) { return response.ok ? response.text() : null; })
-        .then(function (html) {
-          pending = null;
-          if (!html) return;
-          const fresh = new DOMParser().parseFromString(html, "text/html").querySelector(refresh);
-          const current = document.querySelector(refresh);
-          if (fresh && current) current.replaceWith(fresh);
-        })
-        .catch(function () { pending = null; });
+      reread(refresh, function () { pending = null; });
     }, 1000);
+  }
+
+  // A job page shows its result, attempts and actions anew once the job has ended.
+  const final = body.dataset.final;
+  const TERMINAL = ["succeeded", "cancelled", "dead"];
+  function showEnd(event) {
+    if (final && event.type === "status" && TERMINAL.indexOf(event.status) >= 0) {
+      reread(final, function () {});
+    }
   }
 
   const source = new EventSource(url);
@@ -79,6 +96,7 @@
       if (kind === "status") showStatus(event);
       addToTimeline(event);
       refreshSoon();
+      showEnd(event);
     };
   }
   source.addEventListener("progress", handle("progress"));
