@@ -43,6 +43,7 @@ from conveyor.api import (
 )
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
+from conveyor.api.dashboard import pages as dashboard
 from conveyor.api.middleware import (
     BodyLimit,
     CorrelationId,
@@ -55,7 +56,6 @@ from conveyor.api.middleware import (
 from conveyor.api.ratelimit import RateLimit, limiter_for
 from conveyor.api.state import ApiState
 from conveyor.app import Conveyor
-from conveyor.dashboard import pages as dashboard
 from conveyor.errors import ConfigurationError
 from conveyor.events import EventHub
 from conveyor.keys import MAX_CACHE_SECONDS, KeyVerifier, bootstrap_admin_key

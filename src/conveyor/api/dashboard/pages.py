@@ -32,9 +32,9 @@ from starlette.staticfiles import StaticFiles
 from conveyor.api import breakers, dead_letters, events, jobs, pipelines, queues, schedules
 from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
+from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
 from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch
 from conveyor.api.state import api_state
-from conveyor.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
 from conveyor.jobs import JobStatus
 from conveyor.keys import allows
 from conveyor.settings import Settings
@@ -44,7 +44,7 @@ PREFIX = "/ui"
 STATIC_URL = f"{PREFIX}/static"
 PAGE_SIZE = 50
 
-_HERE = Path(str(files("conveyor.dashboard")))
+_HERE = Path(str(files("conveyor.api.dashboard")))
 _templates = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True)
 
 
