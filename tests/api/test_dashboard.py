@@ -3,17 +3,24 @@ checks, scopes (403 for a read-only key posting anyway), escaping and the CSP.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
+from httpx_sse import aconnect_sse
 
 from conveyor import Conveyor, Settings
+from tests.api.conftest import Worker
 from tests.api.test_dead_letters import kill
 
 pytestmark = pytest.mark.anyio
+
+STREAM_TIMEOUT = 10
 
 SignIn = Callable[..., Awaitable[httpx.AsyncClient]]
 
@@ -246,3 +253,34 @@ async def test_dead_letters_are_replayed_and_purged_by_filter(
     assert purged.headers["location"] == "/ui/dead-letters?purged=1"
     assert (await client.get(f"/v1/dead-letters/{dead[1].id}")).status_code == 404
     assert (await client.get(f"/v1/dead-letters/{dead[0].id}")).status_code == 200
+
+
+async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
+    live: str, client: httpx.AsyncClient, worker: Worker
+) -> None:
+    _, secret = await make_key(client, "bob", "jobs:read", "jobs:write")
+    async with httpx.AsyncClient(base_url=live, timeout=STREAM_TIMEOUT) as browser:
+        assert (await browser.post("/ui/login", data={"key": secret})).status_code == 303
+        theirs = (
+            await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
+        ).json()
+        mine = (
+            await browser.post(
+                "/v1/jobs",
+                json={"task": "tests.add", "payload": {"a": 2}},
+                headers={"Authorization": f"Bearer {secret}"},
+            )
+        ).json()
+        await worker.arun(theirs["id"])
+        await worker.arun(mine["id"])
+        received: list[dict[str, Any]] = []
+        async with asyncio.timeout(STREAM_TIMEOUT):
+            # No Authorization header: the session cookie alone opens it.
+            async with aconnect_sse(browser, "GET", "/ui/events?after=0") as source:
+                assert source.response.status_code == 200
+                async for message in source.aiter_sse():
+                    received.append(json.loads(message.data))
+                    if len(received) == 4:  # queued, running, progress, succeeded
+                        break
+    assert {e["job_id"] for e in received} == {mine["id"]}
+    assert received[-1]["status"] == "succeeded"
