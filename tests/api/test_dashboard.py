@@ -226,6 +226,13 @@ async def test_bad_filters_are_a_4xx_not_a_500(admin_key: str, sign_in: SignIn) 
         data={"csrf": csrf_of((await browser.get("/ui/dead-letters")).text), "task": "add"},
     )
     assert purge.status_code == 422  # no confirmation
+    token = csrf_of((await browser.get("/ui/dead-letters")).text)
+    for task in ("nul\x00", "x" * 201):
+        for action, extra in (("purge", {"confirm": "yes"}), ("replay", {})):
+            refused = await browser.post(
+                f"/ui/dead-letters/{action}", data={"csrf": token, "task": task, **extra}
+            )
+            assert refused.status_code == 422, refused.text
 
 
 async def test_dead_letters_are_replayed_and_purged_by_filter(

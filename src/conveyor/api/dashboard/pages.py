@@ -22,7 +22,9 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
 from jinja2 import Environment, FileSystemLoader
+from pydantic import BaseModel, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -339,9 +341,19 @@ async def purge_dead_letters(request: Request, user: User) -> Response:
     require_scope(user.key, "dead-letters:write")
     if form.get("confirm") != "yes":
         raise HTTPException(422, "tick the confirmation box to purge")
-    body = PurgeRequest(task=_blank(form.get("task")), error_type=_blank(form.get("error_type")))
+    body: PurgeRequest = _selection(PurgeRequest, form)
     done = await run_in_threadpool(dead_letters.purge_dead_letters, body, request, user.key)
     return _see_other(f"{PREFIX}/dead-letters?{_query(purged=str(done.purged))}")
+
+
+def _selection(model: type[BaseModel], form: dict[str, str]) -> Any:
+    """The form's filter as the API's request body; what it refuses is a 422, as there."""
+    try:
+        return model(task=_blank(form.get("task")), error_type=_blank(form.get("error_type")))
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        found: list[dict[str, Any]] = [{**e, "loc": ("body", *e["loc"])} for e in errors]
+        raise RequestValidationError(found) from None
 
 
 @router.post("/dead-letters/replay")
@@ -349,7 +361,7 @@ async def replay_dead_letters(request: Request, user: User) -> Response:
     """Replay the dead letters matching the list's filter (those not replayed yet)."""
     form = await _form(request, user)
     require_scope(user.key, "dead-letters:write")
-    body = ReplayRequest(task=_blank(form.get("task")), error_type=_blank(form.get("error_type")))
+    body: ReplayRequest = _selection(ReplayRequest, form)
     done = await run_in_threadpool(dead_letters.replay_dead_letters, body, request, user.key)
     return _see_other(f"{PREFIX}/dead-letters?{_query(replayed=str(len(done.replayed)))}")
 
