@@ -25,7 +25,7 @@ from pathlib import Path
 
 import structlog
 
-from conveyor.errors import ConfigurationError, KeyInvalid
+from conveyor.errors import ConfigurationError, KeyInvalid, KeyNotFound
 from conveyor.limits import parse_rate
 from conveyor.settings import Settings
 from conveyor.store import ApiKey, Store, hash_key
@@ -210,3 +210,32 @@ class KeyVerifier:
                 self._cache.clear()
         self._cache[digest] = (record, now + self.ttl)
         return record
+
+    async def verify_id(self, key_id: str) -> ApiKey | None:
+        """The key with this id if it is still valid: for sessions, which hold the id of
+        the key they were opened with, never the key. Remembered like :meth:`verify`."""
+        if not key_id or len(key_id) > MAX_KEY_LENGTH:
+            return None
+        slot = f"id:{key_id}"
+        now = self.clock()
+        cached = self._cache.get(slot)
+        if cached is not None and cached[1] > now and _valid(cached[0]):
+            return cached[0]
+        try:
+            record: ApiKey | None = await asyncio.to_thread(self.store.api_key, key_id)
+        except KeyNotFound:
+            record = None
+        if record is not None and not _valid(record):
+            record = None
+        if record is None or self.ttl <= 0:
+            self._cache.pop(slot, None)
+            return record
+        if len(self._cache) >= self.max_entries:
+            self._cache.clear()
+        self._cache[slot] = (record, now + self.ttl)
+        return record
+
+
+def _valid(key: ApiKey) -> bool:
+    """Neither revoked nor expired."""
+    return key.revoked_at is None and (key.expires_at is None or key.expires_at > datetime.now(UTC))

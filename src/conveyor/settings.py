@@ -63,6 +63,17 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="Key for CLI commands; default the admin key file."
     )
+    ui_session_hours: float = Field(
+        default=8.0,
+        gt=0,
+        le=24 * 30,
+        description="How long a dashboard sign-in lasts (it also ends when its key is revoked).",
+    )
+    ui_session_secret: SecretStr | None = Field(
+        default=None,
+        description="Signs dashboard sessions; unset: a random one per API process, so"
+        " sessions end when it restarts. Set it when several API processes serve /ui.",
+    )
     key_cache_seconds: float = Field(
         default=4.0,
         ge=0,

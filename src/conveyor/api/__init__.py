@@ -17,4 +17,5 @@ openapi      the document made to say what the API accepts and answers
 docs         /docs and /redoc, with their assets served here
 pages        list responses bounded in items and in bytes
 server       the server's protocol: dropping clients that stop reading
+dashboard/   /ui: the web dashboard, pages over these same routes with a session cookie
 """

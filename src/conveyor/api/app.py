@@ -43,6 +43,7 @@ from conveyor.api import (
 )
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
+from conveyor.api.dashboard import pages as dashboard
 from conveyor.api.middleware import (
     BodyLimit,
     CorrelationId,
@@ -153,6 +154,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
     if settings.notifications:
         app.include_router(notification_routes.router)
     docs.install(app)
+    dashboard.install(app, settings)
     openapi.install(app, conveyor)
     return app
 

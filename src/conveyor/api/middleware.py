@@ -323,6 +323,12 @@ CONTENT_SECURITY_POLICY = (
     " img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:;"
     " frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 )
+#: The dashboard's pages: its own script and stylesheet only, nothing inline at all,
+#: and forms may post back to it alone.
+UI_CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self';"
+    " connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
 _INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
 
 
@@ -337,15 +343,18 @@ class SecurityHeaders:
     injected script would not match. HTML responses are small and never streamed.
     """
 
-    def __init__(self, app: ASGIApp, *, cacheable: str) -> None:
+    def __init__(self, app: ASGIApp, *, cacheable: str, strict: str = "/ui") -> None:
         self.app = app
         self.cacheable = cacheable
+        self.strict = strict  # pages under this prefix get UI_CONTENT_SECURITY_POLICY
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        cache = not str(scope.get("path", "")).startswith(self.cacheable)
+        path = str(scope.get("path", ""))
+        cache = not path.startswith(self.cacheable)
+        strict = path == self.strict or path.startswith(f"{self.strict}/")
         start: Message | None = None
         body: list[bytes] = []
 
@@ -369,7 +378,8 @@ class SecurityHeaders:
             if message.get("more_body", False):
                 return
             page = b"".join(body)
-            MutableHeaders(scope=start)["Content-Security-Policy"] = _policy(page)
+            policy = UI_CONTENT_SECURITY_POLICY if strict else _policy(page)
+            MutableHeaders(scope=start)["Content-Security-Policy"] = policy
             await send(start)
             await send({"type": "http.response.body", "body": page})
 
