@@ -41,6 +41,9 @@ from conveyor.api import (
     topics,
     workers,
 )
+from conveyor.ai.book import AiTaskBook
+from conveyor.ai.metrics import TokenCollector
+from conveyor.api import ai_tasks as ai_task_routes
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import (
@@ -152,6 +155,9 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
         app.include_router(documents_api.router)
     if settings.notifications:
         app.include_router(notification_routes.router)
+    if settings.ai_tasks:
+        app.include_router(ai_task_routes.router)
+        metrics.registry.register(TokenCollector(AiTaskBook(conveyor.store.engine)))
     docs.install(app)
     openapi.install(app, conveyor)
     return app
