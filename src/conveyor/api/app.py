@@ -23,6 +23,9 @@ import structlog
 from fastapi import FastAPI
 
 from conveyor import tracing, workloads
+from conveyor.ai.book import AiTaskBook
+from conveyor.ai.metrics import TokenCollector
+from conveyor.api import ai_tasks as ai_task_routes
 from conveyor.api import (
     audit,
     breakers,
@@ -41,9 +44,6 @@ from conveyor.api import (
     topics,
     workers,
 )
-from conveyor.ai.book import AiTaskBook
-from conveyor.ai.metrics import TokenCollector
-from conveyor.api import ai_tasks as ai_task_routes
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
 from conveyor.api.middleware import (
