@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from conveyor import Conveyor, Settings
+from conveyor.ai.book import AiTaskBook
 from conveyor.models import audit_t
 from tests.api.conftest import bearer
 
@@ -96,3 +97,15 @@ async def test_reads_need_jobs_read_and_changes_schedules_write(
         refused = await client.request(method, path, headers=reader)
         assert refused.status_code == 403
         assert refused.json()["scope"] == "schedules:write"
+
+
+async def test_token_usage_is_exported_as_a_counter(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    book = AiTaskBook(conveyor.store.engine)
+    book.record_usage("job-1", "m-1", 10, 4)
+    book.record_usage("job-2", "m-1", 5, 1)
+    book.record_usage("job-2", "m-1", 5, 1)  # the same job again: counted once
+    text = (await client.get("/metrics")).text
+    assert 'conveyor_llm_tokens_total{kind="prompt",model="m-1"} 15.0' in text
+    assert 'conveyor_llm_tokens_total{kind="completion",model="m-1"} 5.0' in text

@@ -5,6 +5,7 @@ breaker opening while the stub is down and the jobs succeeding once it is back,
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
@@ -21,9 +22,11 @@ from conveyor.ai.workload import AiTaskDefinition
 from conveyor.breakers import BreakerState
 from conveyor.errors import AiTaskExists, AiTaskInvalid
 from conveyor.jobs import JobStatus
+from conveyor.notifications import workload as notifications
 from conveyor.settings import Settings
 from conveyor.worker.attempt import execute
 from tests.ai.llm_stub import COMPLETION_TOKENS, PROMPT_TOKENS, LlmStub
+from tests.notifications.receivers import SECRET, WebhookReceiver
 
 OPEN_FOR = 1.0
 
@@ -207,3 +210,37 @@ def test_a_name_is_defined_once_and_removing_it_removes_its_schedule(
     workload.remove(app, "digest")
     assert AiTaskBook(app.store.engine).all() == []
     assert app.store.list_schedules()[0] == []
+
+
+def test_the_answer_is_sent_to_the_notify_target_once(
+    make_settings: Callable[..., Settings], stub: LlmStub, database_url: str
+) -> None:
+    """With notifications on: the answer goes to a real webhook receiver on loopback."""
+    stub.start()
+    with WebhookReceiver() as receiver:
+        settings = make_settings(
+            ai_tasks=True,
+            notifications=True,
+            webhook_secret=SECRET,
+            notify_allow_hosts=("127.0.0.1",),
+            llm_base_url=stub.base_url,
+        )
+        app = Conveyor(settings=settings)
+        try:
+            notifications.install(app, settings)
+            workload.install(app, settings)
+            app.store.migrate()
+            target = {"channel": "webhook", "to": receiver.url()}
+            workload.define(app, AiTaskDefinition(name="digest", prompt="hello", notify=target))
+            job = workload.run(app, "digest")
+            execute(app, job.id, 1)
+            result = app.store.get_job(job.id).result
+            notification = result["notification_job_id"]
+            execute(app, notification, 1)
+            assert app.store.get_job(notification).status is JobStatus.SUCCEEDED
+            [delivery] = receiver.unique.values()
+            sent = json.loads(delivery.body)
+            assert sent["data"]["message"] == "answer to: hello"
+            assert sent["data"]["job_id"] == job.id
+        finally:
+            app.close()
