@@ -5,7 +5,6 @@ down opens the ``llm`` breaker; its jobs wait and succeed once the stub is back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -41,8 +40,8 @@ def test_ai_jobs_wait_for_the_open_breaker_and_succeed_once_the_provider_is_back
             jobs = [client.post("/v1/ai-tasks/digest/run").json()["id"] for _ in range(3)]
 
             def breaker_opened() -> bool:
-                found = client.get("/v1/breakers/llm")
-                return found.status_code == 200 and found.json()["state"] != "closed"
+                found = client.get("/v1/breakers").json()["items"]
+                return any(b["name"] == "llm" and b["state"] == "open" for b in found)
 
             wait_for(breaker_opened, timeout=30, what="the llm breaker to open")
             assert stub.requests == []
@@ -63,9 +62,9 @@ def test_ai_jobs_wait_for_the_open_breaker_and_succeed_once_the_provider_is_back
         env = {**processes.env, "CONVEYOR_API_URL": url, "CONVEYOR_API_KEY": key}
         ran = run_cli("maintenance", "run", "--dry-run", env=env)
         assert ran.returncode == 0, ran.stderr + ran.stdout
-        results = [json.loads(line) for line in ran.stdout.splitlines() if line.startswith("{")]
-        assert len(results) == 3
-        assert all(r["dry_run"] is True for r in results)
-        assert {"succeeded", "events", "attempts"} <= set(results[0]["removed"])
+        assert ran.stdout.count("succeeded") >= 3 + 1  # each job, and the retention count
+        assert ran.stdout.count('"dry_run": true') == 3
+        for removed in ('"succeeded": 0', '"workers": 0', '"idempotency_keys": 0'):
+            assert removed in ran.stdout, ran.stdout
     finally:
         stub.stop()
