@@ -202,6 +202,10 @@ class IdempotencyKeyRow(Base):
     #: None while the request that made it is still being answered.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    #: Deleting a job deletes its keys (cascade): without this each deleted job would
+    #: scan the keys; retention deletes jobs by the thousand.
+    __table_args__ = (Index("ix_conveyor_idempotency_keys_job_id", "job_id"),)
+
 
 class ScheduleRow(Base):
     """A schedule: a task fired on a cron expression or an interval (``conveyor.schedules``).

@@ -1,4 +1,5 @@
-"""Scheduled AI tasks: their definitions, and the tokens each AI job used.
+"""Scheduled AI tasks: their definitions, and the tokens each AI job used; and an
+index on idempotency keys' job, which retention's cascading deletes look them up by.
 
 Revision ID: 0017
 Revises: 0012
@@ -38,7 +39,10 @@ def upgrade() -> None:
         sa.Column("created_at", UTCDateTime(), nullable=False),
     )
 
+    op.create_index("ix_conveyor_idempotency_keys_job_id", "conveyor_idempotency_keys", ["job_id"])
+
 
 def downgrade() -> None:
+    op.drop_index("ix_conveyor_idempotency_keys_job_id", table_name="conveyor_idempotency_keys")
     op.drop_table("conveyor_llm_usage")
     op.drop_table("conveyor_ai_tasks")
