@@ -244,3 +244,12 @@ def test_the_answer_is_sent_to_the_notify_target_once(
             assert sent["data"]["job_id"] == job.id
         finally:
             app.close()
+
+
+def test_a_prompt_that_fails_when_run_is_permanent(app: Conveyor, database_url: str) -> None:
+    """A payload edited through /v1/schedules is not checked as a definition is."""
+    job = app.submit(workload.TASK, {"prompt": "{{ nobody }}", "model": "m"})
+    execute(app, job.id, 1)
+    dead = app.store.get_job(job.id)
+    assert dead.status is JobStatus.DEAD
+    assert dead.error is not None and "nobody" in dead.error.message

@@ -26,7 +26,9 @@ from conveyor.context import Context
 from conveyor.errors import (
     AiTaskInvalid,
     ConfigurationError,
+    ModelRefused,
     NotificationInvalid,
+    PermanentError,
     ScheduleInvalid,
     ScheduleNotFound,
 )
@@ -123,8 +125,11 @@ def install(app: Conveyor, settings: Settings) -> None:
 def _complete(app: Conveyor, ctx: Context, payload: AiCompletion) -> dict[str, Any]:
     settings = app.settings
     if not settings.llm_base_url:
-        raise ConfigurationError("no LLM endpoint: set CONVEYOR_LLM_BASE_URL")
-    prompt = prompts.render(payload.prompt, payload.name, ctx.job_id)
+        raise ModelRefused("no LLM endpoint: set CONVEYOR_LLM_BASE_URL on the workers")
+    try:
+        prompt = prompts.render(payload.prompt, payload.name, ctx.job_id)
+    except AiTaskInvalid as exc:  # a payload changed through /v1/schedules: retrying won't help
+        raise PermanentError(str(exc)) from None
     key = settings.llm_api_key.get_secret_value() if settings.llm_api_key else None
     with ctx.breaker(BREAKER):
         response = client.send(
@@ -199,7 +204,7 @@ def define(
     if spec is not None:
         try:
             app.store.create_schedule(spec, origin=Origin.API, audit=audit)
-        except BaseException:
+        except Exception:
             book.remove(task.name)  # nothing half-written
             raise
     elif audit is not None:
