@@ -51,6 +51,7 @@ from conveyor.embedded import STOP_GRACE, Stack, check_port, local_url, prepare
 from conveyor.errors import ConfigurationError, ConveyorError
 from conveyor.jobs import TERMINAL as TERMINAL_STATUSES
 from conveyor.jobs import JobStatus
+from conveyor.maintenance import TASKS as MAINTENANCE_TASKS
 from conveyor.settings import Settings, load_settings
 from conveyor.store import WorkerState
 
@@ -166,6 +167,11 @@ documents_cli = typer.Typer(
 )
 cli.add_typer(documents_cli, name="documents")
 keys_cli = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+maintenance_cli = typer.Typer(
+    help="Run the maintenance tasks now (the API needs CONVEYOR_MAINTENANCE=true).",
+    no_args_is_help=True,
+)
+cli.add_typer(maintenance_cli, name="maintenance")
 cli.add_typer(keys_cli, name="keys")
 
 
@@ -754,6 +760,23 @@ def notify(
         out.print(job["id"], markup=False)
         if follow and Follower(client, job["id"]).run() != "succeeded":
             raise typer.Exit(1)
+
+
+@maintenance_cli.command("run")
+def maintenance_run(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Count what would be removed; remove nothing.")
+    ] = False,
+) -> None:
+    """Submit each maintenance task once now, one after the other, and print what each
+    removed (or would); exit 1 if one does not succeed."""
+    with ApiClient(load_settings()) as client:
+        for task in MAINTENANCE_TASKS:
+            body = {"task": task, "payload": {"dry_run": dry_run}}
+            job = client.request("POST", "/v1/jobs", json=body)
+            out.print(f"{task} {job['id']}", markup=False)
+            if Follower(client, job["id"]).run() != "succeeded":  # prints the result
+                raise typer.Exit(1)
 
 
 @cli.command("tasks")

@@ -34,13 +34,18 @@ ConveyorError
 ├── StoreUnavailable        the durable store cannot be reached
 ├── BrokerUnavailable       the Celery broker cannot be reached
 ├── NotificationInvalid     a notification request is wrong (channel, address, template)
+├── AiTaskInvalid           an AI task definition is wrong (prompt template, schedule, notify)
+├── AiTaskNotFound          no AI task with that name
+├── AiTaskExists            an AI task with that name exists already
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
     │   ├── CircuitOpenError  a circuit breaker refused the call; retry once it may close
-    │   └── DeliveryFailed  a channel failed for now (5xx, 408, 429, timeout, unreachable)
+    │   ├── DeliveryFailed  a channel failed for now (5xx, 408, 429, timeout, unreachable)
+    │   └── ModelUnavailable  the LLM endpoint failed for now (5xx, 408, 429, timeout)
     └── PermanentError      do not try again
         └── ExtractionFailed  a document's text cannot be extracted (type, corrupt, encrypted)
-        └── DeliveryRefused a channel refused for good (4xx, guarded address, no such template)
+        ├── DeliveryRefused a channel refused for good (4xx, guarded address, no such template)
+        └── ModelRefused    the LLM endpoint refused the request for good (4xx but 408/429)
 """
 
 from __future__ import annotations
@@ -356,6 +361,31 @@ class NotificationInvalid(ConveyorError):
         super().__init__(f"{field}: {message}")
 
 
+class AiTaskInvalid(ConveyorError):
+    """An AI task definition is invalid: its prompt template, schedule or notify target."""
+
+    def __init__(self, field: str, message: str) -> None:
+        #: The request field at fault (``prompt``, ``schedule``, ``notify``...).
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class AiTaskNotFound(ConveyorError):
+    """No AI task is defined with that name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"AI task {name!r} not found")
+
+
+class AiTaskExists(ConveyorError):
+    """An AI task with that name is defined already."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an AI task named {name!r} exists already")
+
+
 class TaskError(ConveyorError):
     """Raised by task code to decide what happens to its job."""
 
@@ -398,3 +428,11 @@ class DeliveryFailed(RetryableError):
 
 class DeliveryRefused(PermanentError):
     """A notification channel refused the message for good, or it may not be sent there."""
+
+
+class ModelUnavailable(RetryableError):
+    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429)."""
+
+
+class ModelRefused(PermanentError):
+    """The LLM endpoint refused the request for good (a 4xx other than 408 and 429)."""

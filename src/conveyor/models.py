@@ -202,6 +202,10 @@ class IdempotencyKeyRow(Base):
     #: None while the request that made it is still being answered.
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
+    #: Deleting a job deletes its keys (cascade): without this each deleted job would
+    #: scan the keys; retention deletes jobs by the thousand.
+    __table_args__ = (Index("ix_conveyor_idempotency_keys_job_id", "job_id"),)
+
 
 class ScheduleRow(Base):
     """A schedule: a task fired on a cron expression or an interval (``conveyor.schedules``).
@@ -431,6 +435,34 @@ class NotificationRecipientRow(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class AiTaskRow(Base):
+    """An AI task defined over the API: a prompt template, a model, where its answer goes;
+    its schedule (if any) is a row of ``conveyor_schedules`` named ``ai:<name>``."""
+
+    __tablename__ = "conveyor_ai_tasks"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    prompt: Mapped[str] = mapped_column(Text)
+    model: Mapped[str] = mapped_column(String(200))
+    schedule: Mapped[str | None] = mapped_column(String(200))
+    notify: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    owner_key_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class LlmUsageRow(Base):
+    """The tokens one ``conveyor.ai.complete`` job used, once per job; kept when
+    retention deletes the job, so that ``conveyor_llm_tokens_total`` never goes down."""
+
+    __tablename__ = "conveyor_llm_usage"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    model: Mapped[str] = mapped_column(String(200))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -447,3 +479,5 @@ pipelines_t = Base.metadata.tables[PipelineRow.__tablename__]
 steps_t = Base.metadata.tables[PipelineStepRow.__tablename__]
 notifications_t = Base.metadata.tables[NotificationRow.__tablename__]
 recipients_t = Base.metadata.tables[NotificationRecipientRow.__tablename__]
+ai_tasks_t = Base.metadata.tables[AiTaskRow.__tablename__]
+llm_usage_t = Base.metadata.tables[LlmUsageRow.__tablename__]

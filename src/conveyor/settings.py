@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from croniter import croniter
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -235,6 +236,57 @@ class Settings(BaseSettings):
         default=None, description="Your Jinja2 templates, found before the built-in ones."
     )
 
+    # -- maintenance (conveyor.maintenance), off unless switched on -------------------
+    maintenance: bool = Field(
+        default=False,
+        description="Register the maintenance tasks (retention, workers, idempotency keys)"
+        " and their schedules on the maintenance queue.",
+    )
+    maintenance_cron: str = Field(
+        default="17 3 * * *", description="When the maintenance tasks run (cron, UTC): nightly."
+    )
+    retention_days: float = Field(
+        default=30.0, gt=0, le=36_500, description="Days succeeded and cancelled jobs are kept."
+    )
+    dead_retention_days: float = Field(
+        default=90.0, gt=0, le=36_500, description="Days dead jobs (dead letters) are kept."
+    )
+    workers_retention_days: float = Field(
+        default=7.0, gt=0, le=36_500, description="Days a stopped worker's row is kept."
+    )
+    idempotency_key_days: float = Field(
+        default=1.0,
+        gt=0,
+        le=36_500,
+        description="Days an Idempotency-Key is remembered (the IETF draft suggests 24 hours).",
+    )
+    maintenance_batch: int = Field(
+        default=500, ge=1, le=10_000, description="Rows deleted per transaction."
+    )
+
+    # -- scheduled AI tasks (conveyor.ai), off unless switched on ----------------------
+    ai_tasks: bool = Field(
+        default=False,
+        description="Register conveyor.ai.complete and mount /v1/ai-tasks.",
+    )
+    llm_base_url: str | None = Field(
+        default=None,
+        description="An OpenAI-compatible API, e.g. https://api.openai.com/v1.",
+    )
+    llm_api_key: SecretStr | None = Field(default=None, description="Sent as a bearer token.")
+    llm_model: str = Field(
+        default="gpt-4o-mini", min_length=1, max_length=200, description="The default model."
+    )
+    llm_timeout: float = Field(
+        default=60.0, gt=0, le=3600, description="Seconds one chat-completions call may take."
+    )
+    llm_breaker_threshold: int = Field(
+        default=5, ge=1, le=1000, description="Failed calls within a minute that open `llm`."
+    )
+    llm_breaker_open_for: float = Field(
+        default=30.0, gt=0, le=86_400, description="Seconds the `llm` breaker stays open."
+    )
+
     @field_validator("smtp_url")
     @classmethod
     def _check_smtp(cls, value: SecretStr | None) -> SecretStr | None:
@@ -329,6 +381,18 @@ class Settings(BaseSettings):
     @classmethod
     def _check_database(cls, value: str | None) -> str | None:
         return _check_scheme(value, DATABASE_SCHEMES, "postgresql://user@host/db or sqlite:///path")
+
+    @field_validator("llm_base_url")
+    @classmethod
+    def _check_llm_url(cls, value: str | None) -> str | None:
+        return _check_scheme(value, {"http", "https"}, "https://api.openai.com/v1")
+
+    @field_validator("maintenance_cron")
+    @classmethod
+    def _check_maintenance_cron(cls, value: str) -> str:
+        if not croniter.is_valid(value) or len(value.split()) != 5:
+            raise ValueError(f"{value!r} is not a five-field cron expression")
+        return value
 
     @field_validator("broker_url")
     @classmethod

@@ -7,6 +7,8 @@ apps through :func:`load` rather than ``app.load_app`` alone.
 
 from __future__ import annotations
 
+from conveyor import maintenance
+from conveyor.ai import workload as ai
 from conveyor.app import Conveyor, load_app
 from conveyor.errors import ConfigurationError
 from conveyor.notifications import workload as notifications
@@ -33,3 +35,7 @@ def install(app: Conveyor, settings: Settings) -> None:
                 " pip install 'conveyor[documents]'"
             ) from None
         install_documents(app)
+    if settings.maintenance:
+        maintenance.install(app, settings)
+    if settings.ai_tasks:
+        ai.install(app, settings)

@@ -55,6 +55,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_document_chunks",
         "conveyor_notifications",
         "conveyor_notification_recipients",
+        "conveyor_ai_tasks",
+        "conveyor_llm_usage",
         "conveyor_audit",
         VERSION_TABLE,
     }

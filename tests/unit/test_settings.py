@@ -98,6 +98,12 @@ def test_resolved_redis_url(
         ("CONVEYOR_REDIS_URL", "amqp://guest@localhost//"),
         ("CONVEYOR_STORE_POOL_SIZE", "0"),
         ("CONVEYOR_LOG_FORMAT", "xml"),
+        ("CONVEYOR_MAINTENANCE_CRON", "nightly"),
+        ("CONVEYOR_MAINTENANCE_CRON", "0 3 * * * *"),
+        ("CONVEYOR_RETENTION_DAYS", "0"),
+        ("CONVEYOR_MAINTENANCE_BATCH", "0"),
+        ("CONVEYOR_LLM_BASE_URL", "ftp://llm.example/v1"),
+        ("CONVEYOR_LLM_BREAKER_THRESHOLD", "0"),
     ],
 )
 def test_bad_value_is_one_line_naming_the_variable(

@@ -23,6 +23,9 @@ import structlog
 from fastapi import FastAPI
 
 from conveyor import tracing, workloads
+from conveyor.ai.book import AiTaskBook
+from conveyor.ai.metrics import TokenCollector
+from conveyor.api import ai_tasks as ai_task_routes
 from conveyor.api import (
     audit,
     breakers,
@@ -153,6 +156,9 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
         app.include_router(documents_api.router)
     if settings.notifications:
         app.include_router(notification_routes.router)
+    if settings.ai_tasks:
+        app.include_router(ai_task_routes.router)
+        metrics.registry.register(TokenCollector(AiTaskBook(conveyor.store.engine)))
     docs.install(app)
     dashboard.install(app, settings)
     openapi.install(app, conveyor)

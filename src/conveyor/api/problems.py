@@ -28,6 +28,9 @@
     a body JSON cannot parse               422   (nested too deep for the parser, huge numbers)
     RateLimited                            429   (``Retry-After``; see ``api.ratelimit``)
     NotificationInvalid                    422   (``errors`` name the request field)
+    AiTaskInvalid                          422   (``errors`` name the request field)
+    AiTaskNotFound                         404
+    AiTaskExists                           409
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
     anything else                          500, logged with its traceback, never shown
@@ -52,6 +55,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.errors import (
+    AiTaskExists,
+    AiTaskInvalid,
+    AiTaskNotFound,
     BatchInvalid,
     BrokerUnavailable,
     ConfigurationError,
@@ -154,6 +160,9 @@ KINDS: dict[type[ConveyorError], Kind] = {
     ScheduleExists: Kind(409, "schedule-exists", "Schedule exists already"),
     RateLimited: Kind(429, "rate-limited", "Too many requests"),
     NotificationInvalid: Kind(422, "invalid-notification", "Invalid notification"),
+    AiTaskInvalid: Kind(422, "invalid-ai-task", "Invalid AI task; nothing was recorded"),
+    AiTaskNotFound: Kind(404, "ai-task-not-found", "AI task not found"),
+    AiTaskExists: Kind(409, "ai-task-exists", "AI task exists already"),
     ScopeMissing: Kind(403, "scope-missing", "The API key lacks a scope"),
     KeyInvalid: Kind(422, "invalid-key", "Invalid API key request; nothing was recorded"),
     KeyNotFound: Kind(404, "key-not-found", "API key not found"),
@@ -225,6 +234,8 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = [
             _field_error(("body", exc.field), {"msg": detail, "type": "invalid_notification"})
         ]
+    if isinstance(exc, AiTaskInvalid):
+        errors = [_field_error(("body", exc.field), {"msg": detail, "type": "invalid_ai_task"})]
     if isinstance(exc, KeyInvalid):
         errors = [_field_error(("body", exc.field), {"msg": str(exc), "type": "invalid_key"})]
     extensions = {"scope": exc.scope} if isinstance(exc, ScopeMissing) else {}
