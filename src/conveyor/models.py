@@ -106,6 +106,7 @@ class JobRow(Base):
     tracestate: Mapped[str | None] = mapped_column(String(512))
 
     __table_args__ = (
+        Index("ix_conveyor_jobs_created", "created_at", "id"),  # the newest-first list
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
         Index("ix_conveyor_jobs_task_created", "task", "created_at"),
         Index("ix_conveyor_jobs_replay_of", "replay_of"),
