@@ -169,9 +169,17 @@ def prepare(case: Case, keys: dict[str, str]) -> None:
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return
     for name, value in (case.query or {}).items():
-        if name == "cursor" and not _is_cursor(value):
-            case.query[name] = _cursor(datetime.now(UTC), str(uuid.uuid4()))
+        if name == "cursor" and not _is_cursor(value, audit=case.path == "/v1/audit"):
+            key = "1" if case.path == "/v1/audit" else str(uuid.uuid4())  # audit: row ids
+            case.query[name] = _cursor(datetime.now(UTC), key)
+    if case.path == "/v1/audit" and case.query:
+        since, until = case.query.get("since"), case.query.get("until")
+        if since is not None and until is not None and str(since) >= str(until):
+            del case.query["until"]  # the document cannot say "until after since"
     if not isinstance(case.body, dict):
+        return
+    if case.path == "/v1/keys" and case.method == "POST":
+        _keep_key_valid(case.body)
         return
     if case.path.startswith("/v1/schedules") and case.method in {"POST", "PATCH"}:
         _keep_valid_schedule(case.body, patch=case.method == "PATCH")
@@ -218,6 +226,9 @@ def _keep_valid(job: dict[str, Any]) -> None:
         job["backoff_cap"] = job["backoff_base"] = base
     if "payload" in job:
         job["payload"] = _storable(job["payload"])
+    for hook in ("on_success", "on_dead"):  # a hook names a task taking a JobOutcome
+        if job.get(hook) is not None:
+            job[hook] = None
 
 
 def _keep_valid_schedule(body: dict[str, Any], *, patch: bool) -> None:
@@ -276,12 +287,23 @@ def _storable(value: Any) -> Any:
     return value
 
 
-def _is_cursor(value: object) -> bool:
+def _is_cursor(value: object, *, audit: bool = False) -> bool:
     try:
-        decode_cursor(str(value))
+        _, key = decode_cursor(str(value))
+        if audit:
+            int(key)
     except ValueError:
         return False
     return True
+
+
+def _keep_key_valid(body: dict[str, Any]) -> None:
+    """A key request as generated valid stays valid where the document cannot say how:
+    an expiry in the future, a rate as ``N/s|m|h``."""
+    if isinstance(body.get("expires_at"), str):
+        body["expires_at"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
+    if body.get("rate_limit") is not None:
+        body["rate_limit"] = "100/m"
 
 
 def _number(value: object) -> bool:

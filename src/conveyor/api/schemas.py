@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -812,7 +813,8 @@ class KeyRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Text = Field(min_length=1, max_length=200, examples=["billing-service"])
-    scopes: list[Text] = Field(
+    # The enum documents the scopes; the check that names a wrong one is check_new_key's.
+    scopes: list[Annotated[Text, WithJsonSchema({"type": "string", "enum": list(SCOPES)})]] = Field(
         min_length=1,
         max_length=len(SCOPES),
         description="Of: " + ", ".join(f"`{s}` ({what})" for s, what in SCOPES.items()),
