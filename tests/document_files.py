@@ -1,9 +1,10 @@
-"""Documents made at test time: a multi-page PDF (reportlab), a DOCX with a table
-(python-docx), an HTML page with boilerplate, and broken ones (corrupt, encrypted,
-scanned with no text layer)."""
+"""Documents made at test time: a multi-page PDF (reportlab), a long PDF of generated
+prose, a DOCX with a table (python-docx), an HTML page with boilerplate, and broken
+ones (corrupt, encrypted, scanned with no text layer)."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 #: Page 3 of the PDF says this; searches find it by paraphrase and by its rare word.
@@ -30,6 +31,40 @@ def pdf(path: Path, *, pages: int = 4, encrypt: str | None = None) -> Path:
         words = text.split()
         for start in range(0, len(words), 10):
             lines.textLine(" ".join(words[start : start + 10]))
+        sheet.drawText(lines)
+        sheet.showPage()
+    sheet.save()
+    return path
+
+
+#: Words the long PDF's sentences are drawn from: ordinary prose, so the model sees
+#: text like a real document's rather than one repeated token.
+VOCABULARY = (
+    "the a an of to in on for with by from about after before under over between"
+    " court contract party clause notice payment delivery tenant landlord witness"
+    " evidence record hearing judge counsel agreement term breach damages claim"
+    " river harbour village market winter summer garden bridge station library"
+    " engineer teacher farmer doctor sailor baker writer painter builder keeper"
+    " signed reviewed delivered filed argued measured repaired planted painted"
+    " quickly carefully rarely often later early again together alone"
+)
+
+
+def long_pdf(path: Path, *, pages: int, words_per_page: int = 300, seed: int = 13) -> Path:
+    """A PDF of ``pages`` pages of generated sentences (the same for the same seed);
+    page N ends with the marker word ``pageN`` so a search can find any page."""
+    from reportlab.lib.pagesizes import A4
+    from reportlab.pdfgen import canvas
+
+    rng = random.Random(seed)
+    vocabulary = VOCABULARY.split()
+    sheet = canvas.Canvas(str(path), pagesize=A4)
+    for number in range(1, pages + 1):
+        words = [rng.choice(vocabulary) for _ in range(words_per_page - 1)] + [f"page{number}"]
+        lines = sheet.beginText(40, 800)
+        lines.setFont("Helvetica", 8)
+        for start in range(0, len(words), 16):
+            lines.textLine(" ".join(words[start : start + 16]))
         sheet.drawText(lines)
         sheet.showPage()
     sheet.save()
