@@ -11,15 +11,14 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException
 
 from conveyor.api.auth import Scope, require_key
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import AuditPage, AuditResource, Cursor, Timestamp
 from conveyor.api.state import api_state
 from conveyor.store import ApiKey, AuditEntry, AuditFilter, AuditRecord
-from conveyor.store.pages import decode_cursor, encode_cursor
+from conveyor.store.pages import encode_cursor
 
 MAX_PAGE = 200
 
@@ -88,11 +87,7 @@ def list_audit(
     ``dead_letter.replay``, ``dead_letter.purge``, ``dead_letters.replay``,
     ``dead_letters.purge``, ``schedule.create``, ``schedule.update``,
     ``schedule.delete``, ``schedule.trigger``, ``key.create``, ``key.revoke``."""
-    if cursor is not None:
-        try:
-            int(decode_cursor(cursor)[1])
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor, numeric=True)
     if since is not None and until is not None and since >= until:
         wrong = {"loc": ("query", "until"), "msg": "until must be after since", "type": "value"}
         raise RequestValidationError([wrong])

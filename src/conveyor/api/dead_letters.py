@@ -18,11 +18,10 @@ import structlog
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 
 from conveyor.api import audit
 from conveyor.api.auth import Authenticated, Scope, own_job, require_key
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
     Cursor,
@@ -41,7 +40,7 @@ from conveyor.api.state import api_state
 from conveyor.jobs import Job
 from conveyor.keys import owner_filter
 from conveyor.store import Store
-from conveyor.store.pages import dead_letter_cursor, decode_cursor
+from conveyor.store.pages import dead_letter_cursor
 
 MAX_PAGE = 200
 
@@ -76,11 +75,7 @@ def list_dead_letters(
     A page holds at most ``limit`` dead letters and ends early once its items reach
     1 MiB of JSON (one bigger than that comes alone); follow ``next_cursor``.
     """
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     try:
         selection = DeadLetterSelection(task=task, error_type=error_type, since=since, until=until)
     except ValidationError as exc:  # text the store cannot hold (NUL): an invalid query, 422

@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 from conveyor import idempotency, payloads
 from conveyor.api import audit
 from conveyor.api.auth import Authenticated, Scope, own_job, require_key
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
     Cursor,
@@ -33,7 +33,7 @@ from conveyor.api.state import api_state
 from conveyor.errors import BatchInvalid, ConfigurationError, ConveyorError, PayloadInvalid
 from conveyor.jobs import Job, JobStatus
 from conveyor.keys import acting_as, owner_filter
-from conveyor.store.pages import decode_cursor, job_cursor
+from conveyor.store.pages import job_cursor
 from conveyor.tasks import Task
 
 MAX_PAGE = 200
@@ -204,11 +204,7 @@ def list_jobs(
     A page holds at most ``limit`` jobs and ends early once its items reach
     1 MiB of JSON (a job bigger than that comes alone); follow ``next_cursor``.
     """
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:

@@ -14,7 +14,10 @@ from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 from pydantic import BaseModel
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
+
+from conveyor.store.pages import decode_cursor
 
 T = TypeVar("T")
 
@@ -26,6 +29,20 @@ FIRST_CHUNK = 25
 #: Reads up to ``count`` rows after ``cursor``; returns them and the cursor after them
 #: (None when there are no more).
 Fetch = Callable[[str | None, int], tuple[list[T], str | None]]
+
+
+def check_cursor(cursor: str | None, *, numeric: bool = False) -> None:
+    """400 for a cursor no page of this API made, before anything is read: the store
+    would otherwise take a forged one for a position. ``numeric``: its key is a row
+    number (the audit trail's)."""
+    if cursor is None:
+        return
+    try:
+        _, key = decode_cursor(cursor)
+        if numeric:
+            int(key)
+    except ValueError:
+        raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
 
 
 def bounded_page(

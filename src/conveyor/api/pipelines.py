@@ -21,7 +21,7 @@ from conveyor.api import audit
 from conveyor.api.auth import Authenticated, Scope, own_pipeline, require_key
 from conveyor.api.events import After, EventStream, LastEventId, resume_point
 from conveyor.api.jobs import IDEMPOTENCY_KEY_PATTERN, check_json_types
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor, PipelinePage, PipelineRequest, PipelineResource
 from conveyor.api.state import api_state
@@ -29,7 +29,7 @@ from conveyor.errors import ConfigurationError, PayloadInvalid, PipelineInvalid,
 from conveyor.events import pipeline_pages
 from conveyor.keys import acting_as, owner_filter
 from conveyor.pipelines import Pipeline, PipelineEvent, PipelineStatus
-from conveyor.store.pages import decode_cursor, encode_cursor
+from conveyor.store.pages import encode_cursor
 
 MAX_PAGE = 200
 
@@ -143,11 +143,7 @@ def list_pipelines(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
     """Pipelines newest first, with their steps (``GET /v1/pipelines/{id}`` lists the jobs)."""
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Pipeline], str | None]:

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from conveyor.api import audit
 from conveyor.api.auth import Authenticated, Scope, require_key
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import (
     Cursor,
@@ -34,7 +34,7 @@ from conveyor.keys import acting_as
 from conveyor.scheduler import trigger
 from conveyor.schedules import Origin, Schedule, ScheduleSpec, define_schedule
 from conveyor.store import Store
-from conveyor.store.pages import decode_cursor, encode_cursor
+from conveyor.store.pages import encode_cursor
 
 MAX_PAGE = 200
 
@@ -98,11 +98,7 @@ def list_schedules(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
     """Schedules, the newest first; follow ``next_cursor``."""
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[Schedule], str | None]:

@@ -13,18 +13,17 @@ from typing import Annotated, Any
 import structlog
 from fastapi import APIRouter, Body, Depends, Path, Query, Request, Response
 from pydantic import BaseModel
-from starlette.exceptions import HTTPException
 
 from conveyor import payloads
 from conveyor.api.auth import Authenticated, Scope, require_key
 from conveyor.api.jobs import check_json_types
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor
 from conveyor.api.state import api_state
 from conveyor.errors import EventRefused, NotStorable, PayloadInvalid, TopicEventNotFound
 from conveyor.keys import acting_as, may_see, owner_filter
-from conveyor.store.pages import decode_cursor, encode_cursor
+from conveyor.store.pages import encode_cursor
 from conveyor.topics import TOPIC_PATTERN, TopicEvent
 
 MAX_PAGE = 200
@@ -171,11 +170,7 @@ def list_events(
     A page holds at most ``limit`` events and ends early once its items reach
     1 MiB of JSON; follow ``next_cursor``.
     """
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     store = api_state(request).store
 
     def fetch(after: str | None, count: int) -> tuple[list[TopicEvent], str | None]:

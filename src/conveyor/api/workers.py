@@ -17,15 +17,14 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException
 
 from conveyor.api.auth import Scope, require_key
-from conveyor.api.pages import bounded_page
+from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor
 from conveyor.api.state import api_state
 from conveyor.store import WorkerProcess, WorkerState
-from conveyor.store.pages import decode_cursor, encode_cursor
+from conveyor.store.pages import encode_cursor
 
 MAX_PAGE = 200
 
@@ -77,11 +76,7 @@ def list_workers(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
     """Worker processes, the last started first; follow ``next_cursor``."""
-    if cursor is not None:
-        try:
-            decode_cursor(cursor)
-        except ValueError:
-            raise HTTPException(400, "invalid cursor: pass back a next_cursor unchanged") from None
+    check_cursor(cursor)
     store = api_state(request).store
     timeout = api_state(request).settings.heartbeat_timeout
 
