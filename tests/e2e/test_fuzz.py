@@ -299,7 +299,10 @@ def _is_cursor(value: object, *, audit: bool = False) -> bool:
 
 def _keep_key_valid(body: dict[str, Any]) -> None:
     """A key request as generated valid stays valid where the document cannot say how:
-    an expiry in the future, a rate as ``N/s|m|h``."""
+    a printable name, an expiry in the future, a rate as ``N/s|m|h``."""
+    name = body.get("name")
+    if isinstance(name, str) and not (name.strip() and name.isprintable()):
+        body["name"] = f"fuzz-{secrets.token_hex(8)}"
     if isinstance(body.get("expires_at"), str):
         body["expires_at"] = (datetime.now(UTC) + timedelta(days=1)).isoformat()
     if body.get("rate_limit") is not None:

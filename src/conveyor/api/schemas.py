@@ -812,7 +812,12 @@ class KeyRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: Text = Field(min_length=1, max_length=200, examples=["billing-service"])
+    name: Text = Field(
+        min_length=1,
+        max_length=200,
+        description="Printable characters, not only spaces.",
+        examples=["billing-service"],
+    )
     # The enum documents the scopes; the check that names a wrong one is check_new_key's.
     scopes: list[Annotated[Text, WithJsonSchema({"type": "string", "enum": list(SCOPES)})]] = Field(
         min_length=1,
