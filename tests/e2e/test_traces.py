@@ -46,6 +46,10 @@ def one(spans: list[ReceivedSpan], **match: Any) -> ReceivedSpan:
     return found[0]
 
 
+def _is_attempt(span: ReceivedSpan) -> bool:
+    return span.name.startswith("conveyor.attempt ")
+
+
 def attempt_of(spans: list[ReceivedSpan], job_id: str) -> ReceivedSpan:
     found = [s for s in spans if s.attributes.get("conveyor.job_id") == job_id]
     found = [s for s in found if s.name.startswith("conveyor.attempt ")]
@@ -111,7 +115,10 @@ def test_a_trace_runs_from_the_request_through_every_job_it_causes(
     jobs = [checkout["id"], receipt["id"], archive["id"], refused["id"], fresh["id"]]
 
     def attempts_exported() -> bool:
-        ids = {s.attributes.get("conveyor.job_id") for s in receiver.received()}
+        # The attempt spans themselves: a job's id is on its dispatch span (exported by
+        # the process that submitted it) before its attempt's span is exported.
+        spans = receiver.received()
+        ids = {s.attributes.get("conveyor.job_id") for s in spans if _is_attempt(s)}
         return all(job_id in ids for job_id in jobs)
 
     wait_for(attempts_exported, timeout=30, what="every attempt's span at the receiver")
