@@ -168,9 +168,13 @@ def test_concurrent_claims_never_exceed_the_concurrency_limit(store: Store) -> N
     spans = []
     for job in jobs:
         [attempt] = store.attempts(job.id)
-        assert attempt.started_at is not None
+        assert attempt.started_at is not None and attempt.finished_at is not None
         spans.append((attempt.started_at, attempt.finished_at))
-    assert max_overlap(spans) <= limit
+    # The recorded times are not held to the limit: a limited start is the database's
+    # clock (read under the limit's lock) and an end is this process's, so their order
+    # to the millisecond is not the order of the claims. In the whole suite they twice
+    # showed 4 overlapping while the count above, taken inside each claim's hold, never
+    # passed 3: why is an open question.
     assert max_overlap(spans) >= 2  # the limit, not one thread at a time, held them back
 
 
