@@ -224,3 +224,20 @@ async def test_the_document_lists_429_where_budgets_apply_and_431_everywhere(
     assert "application/problem+json" in submit["429"]["content"]
     assert "429" not in health
     assert "431" in submit and "431" in health
+
+
+async def test_a_key_made_with_its_own_rate_limit_gets_that_budget(
+    api: FastAPI, conveyor: Conveyor
+) -> None:
+    """``rate_limit`` on a key replaces the default (3 a minute here) with its own, burst
+    included."""
+    _, secret = await asyncio.to_thread(
+        conveyor.store.create_api_key, "metered", ["jobs:read"], rate_limit="5/m"
+    )
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=api), base_url="http://api", headers=bearer(secret)
+    ) as metered:
+        answers = [await metered.get("/v1/jobs") for _ in range(6)]
+
+    assert [a.status_code for a in answers] == [200] * 5 + [429]
+    assert answers[0].headers["RateLimit-Policy"].endswith(";q=5;w=60")

@@ -20,6 +20,7 @@ never limited: orchestrators and scrapers must not be refused.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import time
@@ -70,8 +71,14 @@ def limit_for(settings: Settings, key: ApiKey | None) -> Rate | None:
     gets that; every other caller the settings' default.
     """
     if key is not None and key.rate_limit:
-        return parse_rate(key.rate_limit)
+        return _key_rate(key.rate_limit)
     return settings.api_rate_limit
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_rate(text: str) -> Rate:
+    """A key's own rate, parsed once per text rather than on each of its requests."""
+    return parse_rate(text)
 
 
 @dataclass(frozen=True)
