@@ -47,6 +47,9 @@ from tests.e2e.faults import (
 from tests.e2e.support import Process, Processes, wait_for, wait_ready
 from tests.servers import PostgresCluster, RedisServer, free_port
 
+#: Alone in the full gate: the scenarios measure recovery, which a neighbour's load skews.
+pytestmark = pytest.mark.serial
+
 #: Hang guards only: a scenario that needs them has failed.
 DRAIN_TIMEOUT = 240.0
 

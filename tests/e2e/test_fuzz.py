@@ -62,6 +62,9 @@ from conveyor.store.pages import decode_cursor
 from tests.e2e.support import Process, environment, run_cli, wait_ready
 from tests.servers import free_port
 
+#: Alone in the full gate: it keeps a core busy for minutes.
+pytestmark = pytest.mark.serial
+
 #: Per operation and phase; the stateful phase runs scenarios of up to MAX_STEPS calls.
 MAX_EXAMPLES = int(os.environ.get("CONVEYOR_TEST_FUZZ_EXAMPLES", "25"))
 MAX_STEPS = 8
