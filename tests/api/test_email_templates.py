@@ -3,12 +3,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from click.testing import Result
+from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
+from conveyor.cli import cli as commands
 from conveyor.notifications import mailing
 from conveyor.notifications.email_templates import EmailTemplateBook
 
@@ -176,3 +182,41 @@ async def test_a_batch_is_checked_whole_then_submitted(
 async def test_the_routes_need_a_key(anonymous: httpx.AsyncClient) -> None:
     response = await anonymous.get("/v1/email-templates")
     assert response.status_code == 401
+
+
+async def test_the_cli_puts_lists_shows_and_sends(
+    live: str, admin_key: str, conveyor: Conveyor, tmp_path: Path
+) -> None:
+    """``conveyor email-templates`` against a real server (the CLI in a thread: it is
+    synchronous, and the server runs on this test's event loop)."""
+    (tmp_path / "welcome.txt").write_text("Hello {{ data.name }}", encoding="utf-8")
+    (tmp_path / "signups.json").write_text(
+        json.dumps([{"to": "ada@example.com"}, {"to": "bob@example.com"}]), encoding="utf-8"
+    )
+    env = {"CONVEYOR_API_URL": live, "CONVEYOR_API_KEY": admin_key}
+
+    async def cli(*args: str) -> tuple[Result, str]:
+        result = await asyncio.to_thread(CliRunner().invoke, commands, list(args), env=env)
+        # The server logs to the same stdout the runner captures: keep the CLI's lines.
+        said = [line for line in result.output.splitlines() if "[info" not in line]
+        return result, "\n".join(said).strip()
+
+    text = str(tmp_path / "welcome.txt")
+    put, said = await cli("email-templates", "put", "welcome", "--subject", "Hi", "--text", text)
+    assert put.exit_code == 0, put.output
+    assert said == "welcome version 1"
+    _, said = await cli("email-templates", "list")
+    assert "welcome" in said
+    _, said = await cli("email-templates", "show", "welcome")
+    assert json.loads(said)["text_body"] == "Hello {{ data.name }}"
+
+    sent, said = await cli("email-templates", "send", "welcome", "ada@example.com")
+    assert sent.exit_code == 0, sent.output
+    assert conveyor.store.get_pipeline(said).name == "email:welcome"
+    signups = str(tmp_path / "signups.json")
+    batch, said = await cli("email-templates", "send", "welcome", "--recipients", signups)
+    assert batch.exit_code == 0, batch.output
+    assert len(said.split()) == 3  # the batch id, then two pipelines
+    broken, said = await cli("email-templates", "put", "bad", "--subject", "{{", "--text", text)
+    assert broken.exit_code == 1
+    assert "subject" in said
