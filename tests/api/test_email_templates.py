@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
 from conveyor.cli import cli as commands
+from conveyor.errors import NotificationInvalid
 from conveyor.notifications import mailing
 from conveyor.notifications.email_templates import EmailTemplateBook
 
@@ -155,6 +156,16 @@ async def test_a_batch_is_checked_whole_then_submitted(
     refused = await client.post("/v1/email-templates/welcome/batch", json={"recipients": wrong})
     assert refused.status_code == 422, refused.text
     assert refused.json()["errors"][0]["loc"] == ["body", "recipients", 7, "to"]
+    assert conveyor.store.list_jobs() == ([], None)
+    nul = [{"to": "a@x.test"}, {"to": "b@x.test", "data": {"name": "nul \u0000 inside"}}]
+    unstorable = await client.post("/v1/email-templates/welcome/batch", json={"recipients": nul})
+    assert unstorable.status_code == 422, unstorable.text
+    assert unstorable.json()["errors"][0]["loc"][:4] == ["body", "recipients", 1, "data"]
+    # Far past the first chunk (the Python API: the test server takes small bodies only).
+    many: list[dict[str, Any]] = [{"to": f"u{i}@x.test"} for i in range(mailing.CHUNK + 5)]
+    many[-1]["data"] = {"n": 2**70}
+    with pytest.raises(NotificationInvalid, match=rf"recipients\.{len(many) - 1}\.data"):
+        mailing.send_batch(conveyor, "welcome", many)
     assert conveyor.store.list_jobs() == ([], None)
 
     accepted = await client.post(

@@ -26,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from conveyor import payloads
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import (
@@ -195,6 +196,12 @@ def _recipient(value: Recipient | dict[str, Any], at: str) -> Recipient:
     address = parseaddr(recipient.to)[1]
     if not address or "," in recipient.to or address.count("@") != 1:
         raise NotificationInvalid(at + "to", f"{recipient.to!r} is not one e-mail address")
+    # Checked here, not when its chunk is recorded: a bad one must stop the whole batch.
+    unstorable = payloads.check_storable(recipient.data)
+    if unstorable:
+        where = ".".join(str(p) for p in unstorable[0].get("loc", ()))
+        field = f"{at}data" + (f".{where}" if where else "")
+        raise NotificationInvalid(field, f"cannot be stored: {unstorable[0]['msg']}")
     return recipient
 
 
