@@ -142,6 +142,9 @@ async def test_a_send_is_a_pipeline_pinned_to_the_version(
 
     missing = await client.post("/v1/email-templates/nope/send", json={"to": "a@x.test"})
     assert missing.status_code == 404
+    unrendered = await client.post("/v1/email-templates/welcome/send", json={"to": "a@x.test"})
+    assert unrendered.status_code == 422  # data.name is missing
+    assert unrendered.json()["errors"][0]["loc"] == ["body", "data"]
     bad = await client.post("/v1/email-templates/welcome/send", json={"to": "not an address"})
     assert bad.status_code == 422
     assert bad.json()["errors"][0]["loc"] == ["body", "to"]
@@ -158,12 +161,22 @@ async def test_a_batch_is_checked_whole_then_submitted(
     assert refused.json()["errors"][0]["loc"] == ["body", "recipients", 7, "to"]
     assert conveyor.store.list_jobs() == ([], None)
     nul = [{"to": "a@x.test"}, {"to": "b@x.test", "data": {"name": "nul \u0000 inside"}}]
+    nul[0]["data"] = {"name": "A"}
     unstorable = await client.post("/v1/email-templates/welcome/batch", json={"recipients": nul})
     assert unstorable.status_code == 422, unstorable.text
     assert unstorable.json()["errors"][0]["loc"][:4] == ["body", "recipients", 1, "data"]
+    missing = [{"to": "a@x.test", "data": {"name": "A"}}, {"to": "b@x.test", "data": {}}]
+    unrendered = await client.post(
+        "/v1/email-templates/welcome/batch", json={"recipients": missing}
+    )
+    assert unrendered.status_code == 422, unrendered.text
+    assert unrendered.json()["errors"][0]["loc"] == ["body", "recipients", 1, "data"]
+    assert "does not render" in unrendered.json()["detail"]
     # Far past the first chunk (the Python API: the test server takes small bodies only).
-    many: list[dict[str, Any]] = [{"to": f"u{i}@x.test"} for i in range(mailing.CHUNK + 5)]
-    many[-1]["data"] = {"n": 2**70}
+    many: list[dict[str, Any]] = [
+        {"to": f"u{i}@x.test", "data": {"name": "U"}} for i in range(mailing.CHUNK + 5)
+    ]
+    many[-1]["data"] = {"name": "U", "n": 2**70}
     with pytest.raises(NotificationInvalid, match=rf"recipients\.{len(many) - 1}\.data"):
         mailing.send_batch(conveyor, "welcome", many)
     assert conveyor.store.list_jobs() == ([], None)
@@ -202,7 +215,8 @@ async def test_the_cli_puts_lists_shows_and_sends(
     synchronous, and the server runs on this test's event loop)."""
     (tmp_path / "welcome.txt").write_text("Hello {{ data.name }}", encoding="utf-8")
     (tmp_path / "signups.json").write_text(
-        json.dumps([{"to": "ada@example.com"}, {"to": "bob@example.com"}]), encoding="utf-8"
+        json.dumps([{"to": f"{n}@example.com", "data": {"name": n}} for n in ("ada", "bob")]),
+        encoding="utf-8",
     )
     env = {"CONVEYOR_API_URL": live, "CONVEYOR_API_KEY": admin_key}
 
@@ -221,7 +235,9 @@ async def test_the_cli_puts_lists_shows_and_sends(
     _, said = await cli("email-templates", "show", "welcome")
     assert json.loads(said)["text_body"] == "Hello {{ data.name }}"
 
-    sent, said = await cli("email-templates", "send", "welcome", "ada@example.com")
+    sent, said = await cli(
+        "email-templates", "send", "welcome", "ada@example.com", "--data", '{"name": "Ada"}'
+    )
     assert sent.exit_code == 0, sent.output
     assert conveyor.store.get_pipeline(said).name == "email:welcome"
     signups = str(tmp_path / "signups.json")

@@ -146,21 +146,25 @@ def send_template(
     NotificationInvalid naming the field, EmailTemplateNotFound, before recording anything."""
     _require(app)
     template = EmailTemplateBook(app.store.engine).get(name)
-    recipient = _recipient({"to": to, "data": data or {}}, "")
+    recipient = _renderable(template, _recipient({"to": to, "data": data or {}}, ""), "")
     return app.pipeline(_flow(template, recipient), correlation_id=correlation_id)
 
 
 def send_batch(app: Conveyor, name: str, recipients: Sequence[Recipient | dict[str, Any]]) -> Batch:
     """Submit one pipeline per recipient, all pinned to the template's current version.
-    Every recipient is checked first (NotificationInvalid names ``recipients.<index>``,
-    nothing recorded); then a transaction records each chunk of :data:`CHUNK`."""
+    Every recipient is checked first, its data rendered with the template
+    (NotificationInvalid names ``recipients.<index>``, nothing recorded); then a
+    transaction records each chunk of :data:`CHUNK`."""
     _require(app)
     if not 1 <= len(recipients) <= MAX_BATCH:
         raise NotificationInvalid(
             "recipients", f"{len(recipients)} recipients; a batch has 1 to {MAX_BATCH}"
         )
     template = EmailTemplateBook(app.store.engine).get(name)
-    checked = [_recipient(r, f"recipients.{i}.") for i, r in enumerate(recipients)]
+    checked = [
+        _renderable(template, _recipient(r, f"recipients.{i}."), f"recipients.{i}.")
+        for i, r in enumerate(recipients)
+    ]
     batch_id = str(uuid.uuid4())
     ids: list[str] = []
     for start in range(0, len(checked), CHUNK):
@@ -202,6 +206,16 @@ def _recipient(value: Recipient | dict[str, Any], at: str) -> Recipient:
         where = ".".join(str(p) for p in unstorable[0].get("loc", ()))
         field = f"{at}data" + (f".{where}" if where else "")
         raise NotificationInvalid(field, f"cannot be stored: {unstorable[0]['msg']}")
+    return recipient
+
+
+def _renderable(template: EmailTemplate, recipient: Recipient, at: str) -> Recipient:
+    """The recipient, once its data renders the template (as the render step will: the
+    version is pinned, so a failure now would be one then); NotificationInvalid else."""
+    try:
+        template.render(recipient.data)
+    except DeliveryRefused as exc:
+        raise NotificationInvalid(at + "data", f"does not render the template: {exc}") from None
     return recipient
 
 
