@@ -701,6 +701,30 @@ class Conveyor:
                 self.dispatch_many(jobs)
         return pipeline, created
 
+    def submit_pipelines(
+        self,
+        specs: Sequence[Flow | PipelineSpec | Sequence[StepSpec | Mapping[str, Any]]],
+        *,
+        correlation_id: str | None = None,
+    ) -> list[str]:
+        """Many pipelines at once, as :meth:`submit_many` is many jobs: each validated as
+        :meth:`pipeline` validates one (PipelineInvalid, naming the step, before recording
+        anything), then all recorded in one transaction and their first jobs enqueued
+        together. Returns their ids in order; they share ``correlation_id`` if given."""
+        with tracing.span("conveyor.pipelines", kind=SpanKind.PRODUCER):
+            made = []
+            for steps in specs:
+                spec = pipelines.as_spec(steps)
+                pipelines.check(spec, max_steps=self.settings.pipeline_max_steps)
+                correlation = correlation_id or uuid.uuid4().hex
+                records = [self._step_record(i, s, correlation) for i, s in enumerate(spec.steps)]
+                made.append((records, spec.name, correlation))
+            ids, jobs = self.store.create_pipelines(made, owner_key_id=acting_key.get())
+            log.info("pipelines.submitted", pipelines=len(ids))
+            if jobs:
+                self.dispatch_many(jobs)
+            return ids
+
     def _step_record(self, index: int, step: StepSpec, correlation_id: str) -> StepRecord:
         try:
             task = self.get_task(step.task)

@@ -173,6 +173,12 @@ maintenance_cli = typer.Typer(
 )
 cli.add_typer(maintenance_cli, name="maintenance")
 cli.add_typer(keys_cli, name="keys")
+email_templates_cli = typer.Typer(
+    help="List, show, put, delete and send e-mail templates (the API needs"
+    " CONVEYOR_NOTIFICATIONS=true).",
+    no_args_is_help=True,
+)
+cli.add_typer(email_templates_cli, name="email-templates")
 
 
 def main() -> None:
@@ -760,6 +766,124 @@ def notify(
         out.print(job["id"], markup=False)
         if follow and Follower(client, job["id"]).run() != "succeeded":
             raise typer.Exit(1)
+
+
+def _template_path(name: str) -> str:
+    return f"/v1/email-templates/{quote(name, safe='')}"
+
+
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise CliError(f"{option} is not valid JSON: {exc}", code=2) from None
+    if not isinstance(value, dict):
+        raise CliError(f"{option} must be a JSON object", code=2)
+    return value
+
+
+@email_templates_cli.command("list")
+def list_email_templates(
+    limit: Annotated[int, typer.Option(min=1, max=200, help="Templates per page.")] = 50,
+    cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
+) -> None:
+    """Templates, the newest first."""
+    params: dict[str, str | int] = {"limit": limit}
+    if cursor:
+        params["cursor"] = cursor
+    with ApiClient(load_settings()) as client:
+        page = client.request("GET", "/v1/email-templates", params=params)
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "TYPE", "VERSION", "SUBJECT", "UPDATED"):
+        table.add_column(column, no_wrap=True)
+    for template in page["items"]:
+        table.add_row(
+            template["name"],
+            template["template_type"],
+            str(template["version"]),
+            template["subject"],
+            _when(template["updated_at"]),
+        )
+    _print_page(table, page, min_width=120)
+
+
+@email_templates_cli.command("show")
+def show_email_template(name: Annotated[str, typer.Argument()]) -> None:
+    """Print a template, as JSON."""
+    with ApiClient(load_settings()) as client:
+        out.print_json(data=client.request("GET", _template_path(name)))
+
+
+@email_templates_cli.command("put")
+def put_email_template(
+    name: Annotated[str, typer.Argument(help="The template's name, e.g. welcome.")],
+    subject: Annotated[str, typer.Option(help="The subject, a template.")],
+    text: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="The text body's file.")
+    ] = None,
+    html: Annotated[
+        Path | None, typer.Option(exists=True, dir_okay=False, help="The HTML body's file.")
+    ] = None,
+    template_type: Annotated[
+        str, typer.Option("--type", help="welcome, transactional or any text.")
+    ] = "transactional",
+    metadata: Annotated[str, typer.Option(help="Yours, a JSON object.")] = "{}",
+) -> None:
+    """Create a template, or save a new version of it; prints its version."""
+    body: dict[str, Any] = {
+        "template_type": template_type,
+        "subject": subject,
+        "text_body": text.read_text(encoding="utf-8") if text else None,
+        "html_body": html.read_text(encoding="utf-8") if html else None,
+        "metadata": _json_object(metadata, "--metadata"),
+    }
+    with ApiClient(load_settings()) as client:
+        template = client.request("PUT", _template_path(name), json=body)
+    out.print(f"{template['name']} version {template['version']}", markup=False)
+
+
+@email_templates_cli.command("delete")
+def delete_email_template(name: Annotated[str, typer.Argument()]) -> None:
+    """Delete a template (sends in flight still render their version)."""
+    with ApiClient(load_settings()) as client:
+        client.request("DELETE", _template_path(name))
+    out.print(f"deleted {name}", markup=False)
+
+
+@email_templates_cli.command("send")
+def send_email_template(
+    name: Annotated[str, typer.Argument(help="The template.")],
+    to: Annotated[str | None, typer.Argument(help="One e-mail address (or --recipients).")] = None,
+    data: Annotated[str, typer.Option(help="Template data, a JSON object.")] = "{}",
+    recipients: Annotated[
+        Path | None,
+        typer.Option(
+            exists=True,
+            dir_okay=False,
+            help='A batch: a JSON list of {"to": ..., "data": {...}}, up to 10,000.',
+        ),
+    ] = None,
+) -> None:
+    """Send a template through the pipeline render, send, record; prints the pipeline id
+    (for a batch, its id, then one pipeline id a line)."""
+    if (to is None) == (recipients is None):
+        raise CliError("give one address, or --recipients FILE for a batch", code=2)
+    with ApiClient(load_settings()) as client:
+        if recipients is not None:
+            try:
+                listed = json.loads(recipients.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise CliError(f"--recipients is not valid JSON: {exc}", code=2) from None
+            batch = client.request(
+                "POST", f"{_template_path(name)}/batch", json={"recipients": listed}
+            )
+            out.print(batch["batch_id"], markup=False)
+            for pipeline_id in batch["pipeline_ids"]:
+                out.print(pipeline_id, markup=False)
+            return
+        body = {"to": to, "data": _json_object(data, "--data")}
+        sent = client.request("POST", f"{_template_path(name)}/send", json=body)
+    out.print(sent["pipeline_id"], markup=False)
 
 
 @maintenance_cli.command("run")

@@ -37,6 +37,9 @@ ConveyorError
 ├── AiTaskInvalid           an AI task definition is wrong (prompt template, schedule, notify)
 ├── AiTaskNotFound          no AI task with that name
 ├── AiTaskExists            an AI task with that name exists already
+├── EmailTemplateInvalid    an e-mail template does not compile (subject, text, html...)
+├── EmailTemplateNotFound   no e-mail template with that name
+├── EmailTemplateExists     an e-mail template with that name exists already
 └── TaskError               raised by task code to steer its job
     ├── RetryableError      try again, by the task's retry policy
     │   ├── CircuitOpenError  a circuit breaker refused the call; retry once it may close
@@ -384,6 +387,33 @@ class AiTaskExists(ConveyorError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"an AI task named {name!r} exists already")
+
+
+class EmailTemplateInvalid(ConveyorError):
+    """An e-mail template is invalid: a part that does not compile, or a missing body."""
+
+    def __init__(self, field: str, message: str) -> None:
+        #: The request field at fault (``subject``, ``text_body``, ``html_body``...).
+        self.field = field
+        super().__init__(f"{field}: {message}")
+
+
+class EmailTemplateNotFound(ConveyorError):
+    """No e-mail template is stored with that name (or that version)."""
+
+    def __init__(self, name: str, version: int | None = None) -> None:
+        self.name = name
+        self.version = version
+        which = f"{name!r} version {version}" if version is not None else repr(name)
+        super().__init__(f"e-mail template {which} not found")
+
+
+class EmailTemplateExists(ConveyorError):
+    """An e-mail template with that name is stored already."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"an e-mail template named {name!r} exists already")
 
 
 class TaskError(ConveyorError):

@@ -464,6 +464,41 @@ class LlmUsageRow(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
 
 
+class EmailTemplateRow(Base):
+    """An e-mail template managed over the API: the version sends use now. Every version
+    saved is also kept in ``conveyor_email_template_versions``, which a send pins."""
+
+    __tablename__ = "conveyor_email_templates"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    #: What it is for: "welcome", "transactional" or any text.
+    template_type: Mapped[str] = mapped_column(String(100))
+    subject: Mapped[str] = mapped_column(Text)
+    text_body: Mapped[str | None] = mapped_column(Text)
+    html_body: Mapped[str | None] = mapped_column(Text)
+    meta: Mapped[dict[str, Any]] = mapped_column("metadata", JSON)
+    version: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+    __table_args__ = (Index("ix_conveyor_email_templates_created", "created_at", "name"),)
+
+
+class EmailTemplateVersionRow(Base):
+    """One saved version of an e-mail template, kept (after a delete too) so that a send
+    renders the version it was submitted with, and an audit can read it later."""
+
+    __tablename__ = "conveyor_email_template_versions"
+
+    name: Mapped[str] = mapped_column(String(100), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    template_type: Mapped[str] = mapped_column(String(100))
+    subject: Mapped[str] = mapped_column(Text)
+    text_body: Mapped[str | None] = mapped_column(Text)
+    html_body: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
 jobs_t = Base.metadata.tables[JobRow.__tablename__]
 events_t = Base.metadata.tables[EventRow.__tablename__]
 keys_t = Base.metadata.tables[ApiKeyRow.__tablename__]
@@ -482,3 +517,5 @@ notifications_t = Base.metadata.tables[NotificationRow.__tablename__]
 recipients_t = Base.metadata.tables[NotificationRecipientRow.__tablename__]
 ai_tasks_t = Base.metadata.tables[AiTaskRow.__tablename__]
 llm_usage_t = Base.metadata.tables[LlmUsageRow.__tablename__]
+email_templates_t = Base.metadata.tables[EmailTemplateRow.__tablename__]
+email_template_versions_t = Base.metadata.tables[EmailTemplateVersionRow.__tablename__]

@@ -11,6 +11,7 @@ from conveyor import maintenance
 from conveyor.ai import workload as ai
 from conveyor.app import Conveyor, load_app
 from conveyor.errors import ConfigurationError
+from conveyor.notifications import mailing
 from conveyor.notifications import workload as notifications
 from conveyor.settings import Settings
 
@@ -26,6 +27,7 @@ def install(app: Conveyor, settings: Settings) -> None:
     """Register the switched-on workloads' tasks into ``app`` (idempotent)."""
     if settings.notifications:
         notifications.install(app, settings)
+        mailing.install(app, settings)
     if settings.documents:
         try:  # imported only when switched on: it needs the conveyor[documents] extra
             from conveyor.documents.tasks import install as install_documents

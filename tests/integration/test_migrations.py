@@ -58,6 +58,8 @@ def test_migrate_creates_the_schema_once(empty_store: Store) -> None:
         "conveyor_ai_tasks",
         "conveyor_llm_usage",
         "conveyor_audit",
+        "conveyor_email_templates",
+        "conveyor_email_template_versions",
         VERSION_TABLE,
     }
     empty_store.ping()

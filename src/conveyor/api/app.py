@@ -44,6 +44,7 @@ from conveyor.api import (
     topics,
     workers,
 )
+from conveyor.api import email_templates as email_template_routes
 from conveyor.api import notifications as notification_routes
 from conveyor.api.auth import Authentication
 from conveyor.api.dashboard import pages as dashboard
@@ -156,6 +157,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
         app.include_router(documents_api.router)
     if settings.notifications:
         app.include_router(notification_routes.router)
+        app.include_router(email_template_routes.router)
     if settings.ai_tasks:
         app.include_router(ai_task_routes.router)
         metrics.registry.register(TokenCollector(AiTaskBook(conveyor.store.engine)))

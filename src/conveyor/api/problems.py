@@ -31,6 +31,9 @@
     AiTaskInvalid                          422   (``errors`` name the request field)
     AiTaskNotFound                         404
     AiTaskExists                           409
+    EmailTemplateInvalid                   422   (``errors`` name the request field)
+    EmailTemplateNotFound                  404
+    EmailTemplateExists                    409
     StoreUnavailable, BrokerUnavailable    503   (``Retry-After``)
     HTTPException                          its own status and headers (401, 413, 404, 405...)
     anything else                          500, logged with its traceback, never shown
@@ -65,6 +68,9 @@ from conveyor.errors import (
     DeadLetterNotFound,
     DocumentNotFound,
     DocumentRefused,
+    EmailTemplateExists,
+    EmailTemplateInvalid,
+    EmailTemplateNotFound,
     EventRefused,
     IdempotencyConflict,
     IdempotencyMismatch,
@@ -163,6 +169,9 @@ KINDS: dict[type[ConveyorError], Kind] = {
     AiTaskInvalid: Kind(422, "invalid-ai-task", "Invalid AI task; nothing was recorded"),
     AiTaskNotFound: Kind(404, "ai-task-not-found", "AI task not found"),
     AiTaskExists: Kind(409, "ai-task-exists", "AI task exists already"),
+    EmailTemplateInvalid: Kind(422, "invalid-email-template", "Invalid e-mail template"),
+    EmailTemplateNotFound: Kind(404, "email-template-not-found", "E-mail template not found"),
+    EmailTemplateExists: Kind(409, "email-template-exists", "E-mail template exists already"),
     ScopeMissing: Kind(403, "scope-missing", "The API key lacks a scope"),
     KeyInvalid: Kind(422, "invalid-key", "Invalid API key request; nothing was recorded"),
     KeyNotFound: Kind(404, "key-not-found", "API key not found"),
@@ -231,8 +240,12 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
     if isinstance(exc, PipelineInvalid):
         errors = _pipeline_errors(exc)
     if isinstance(exc, NotificationInvalid):
+        # A dotted field points into a list: ``recipients.3.to`` is body.recipients[3].to.
+        at = [int(p) if p.isdigit() else p for p in exc.field.split(".")]
+        errors = [_field_error(("body", *at), {"msg": detail, "type": "invalid_notification"})]
+    if isinstance(exc, EmailTemplateInvalid):
         errors = [
-            _field_error(("body", exc.field), {"msg": detail, "type": "invalid_notification"})
+            _field_error(("body", exc.field), {"msg": detail, "type": "invalid_email_template"})
         ]
     if isinstance(exc, AiTaskInvalid):
         errors = [_field_error(("body", exc.field), {"msg": detail, "type": "invalid_ai_task"})]

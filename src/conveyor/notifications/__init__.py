@@ -10,8 +10,11 @@ it is also an example of a workload a user could write::
     templates.py  Jinja2 templates: the built-in ones here, yours before them
     records.py    what was sent (checked before sending again) and recipients' opt-outs
     workload.py   the tasks, ``install(app)`` and ``notify(app, ...)``
+    email_templates.py  e-mail templates stored in the database, compiled and versioned
+    mailing.py    a stored template sent as a pipeline render -> send -> record; batches
 
-Its HTTP face, ``/v1/notifications``, is ``conveyor.api.notifications``.
+Its HTTP faces, ``/v1/notifications`` and ``/v1/email-templates``, are
+``conveyor.api.notifications`` and ``conveyor.api.email_templates``.
 
 How its settings are written (the SMTP URL, the allow list, the webhook secret)
 is checked by ``conveyor.settings`` at start-up, like every other setting.

@@ -5,6 +5,9 @@
 HTML is autoescaped, so ``data`` from a request cannot inject markup; text and
 subjects are not (they are not HTML). Templates run sandboxed: a template may
 read ``data`` but not reach into Python objects' internals.
+
+Templates stored in the database (``email_templates.py``) are compiled from their
+text by :func:`compile_part` and rendered by :func:`render_parts` under the same rules.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from jinja2 import ChoiceLoader, FileSystemLoader, StrictUndefined, TemplateError, TemplateNotFound
+from jinja2 import (
+    ChoiceLoader,
+    FileSystemLoader,
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateNotFound,
+)
 from jinja2.sandbox import SandboxedEnvironment
 
 from conveyor.errors import DeliveryRefused
@@ -41,6 +51,49 @@ def environment(directory: Path | None) -> SandboxedEnvironment:
         undefined=StrictUndefined,
         keep_trailing_newline=False,
     )
+
+
+@lru_cache(maxsize=2)
+def _source_environment(html: bool) -> SandboxedEnvironment:
+    return SandboxedEnvironment(
+        autoescape=html, undefined=StrictUndefined, keep_trailing_newline=False
+    )
+
+
+@lru_cache(maxsize=512)
+def compile_part(source: str, *, html: bool) -> Template:
+    """A template part from its text, autoescaped when ``html``; TemplateSyntaxError
+    (a TemplateError) if it does not parse. Cached: a batch renders one part many times."""
+    return _source_environment(html).from_string(source)
+
+
+def render_parts(
+    subject: str, text: str | None, html: str | None, data: dict[str, Any]
+) -> Rendered:
+    """A stored template's parts rendered with ``data``, as :func:`render` renders files
+    (the subject on one line). DeliveryRefused if a part fails with this data."""
+    context = {"data": data, "subject": None}
+    parts: dict[str, str | None] = {}
+    for field, source, is_html in (
+        ("subject", subject, False),
+        ("text", text, False),
+        ("html", html, True),
+    ):
+        if source is None:
+            parts[field] = None
+            continue
+        try:
+            parts[field] = compile_part(source, html=is_html).render(context)
+        except (TemplateError, ValueError, TypeError) as exc:
+            raise DeliveryRefused(f"template {field}: {exc}") from None
+    return Rendered(subject=one_line(parts["subject"]), text=parts["text"], html=parts["html"])
+
+
+def one_line(subject: str | None) -> str | None:
+    """A subject on one line (no header injection); None for an empty one."""
+    if subject is None:
+        return None
+    return " ".join(subject.split()) or None
 
 
 def check_name(name: str) -> str:
@@ -74,9 +127,7 @@ def render(
             raise DeliveryRefused(f"template {name}.{suffix}: {exc}") from None
     if parts["txt"] is None and parts["html"] is None:
         raise DeliveryRefused(f"no template {name!r} (.txt or .html)")
-    rendered_subject = subject or (parts["subject"] or "").strip() or None
-    if rendered_subject is not None:
-        rendered_subject = " ".join(rendered_subject.split())  # no header injection
+    rendered_subject = one_line(subject or parts["subject"])
     return Rendered(subject=rendered_subject, text=parts["txt"], html=parts["html"])
 
 

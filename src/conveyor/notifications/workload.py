@@ -202,20 +202,27 @@ class Sender:
         self.allow = guard.AllowList.parse(self.settings.notify_allow_hosts)
 
     def send(self, payload: Notification) -> dict[str, Any]:
+        if payload.channel == "email":
+            return self._settle("email", payload.to, lambda r: self._email_of(r, payload))
+        if payload.channel == "webhook":
+            return self._settle("webhook", payload.to, lambda r: self._webhook(r, payload))
+        return self._settle("sms", payload.to, lambda r: self._sms(r, payload))
+
+    def send_rendered(self, to: str, rendered: templates.Rendered) -> dict[str, Any]:
+        """Send an e-mail rendered already (from a stored template), with the same record,
+        opt-out and once-per-job rules as a notification job's."""
+        return self._settle("email", to, lambda record: self._email(record, to, rendered))
+
+    def _settle(self, channel: str, to: str, deliver: Callable[[Record], Record]) -> dict[str, Any]:
         ctx = self.ctx
-        record = self.book.begin(ctx.job_id, payload.channel, payload.to, ctx.attempt)
+        record = self.book.begin(ctx.job_id, channel, to, ctx.attempt)
         if record.status in SETTLED:
             ctx.log.info("notification.settled_before", status=record.status)
             return record.as_result()
-        if not self.book.enabled(payload.to):
+        if not self.book.enabled(to):
             return self._mark(record, "skipped", detail="the recipient opted out").as_result()
         try:
-            if payload.channel == "email":
-                record = self._email(record, payload)
-            elif payload.channel == "webhook":
-                record = self._webhook(record, payload)
-            else:
-                record = self._sms(record, payload)
+            record = deliver(record)
         except DeliveryRefused as exc:
             self._mark(record, "failed", detail=str(exc))
             raise
@@ -227,7 +234,18 @@ class Sender:
     def _mark(self, record: Record, status: str, **fields: Any) -> Record:
         return self.book.mark(record, status, self.ctx.attempt, **fields)
 
-    def _email(self, record: Record, payload: Notification) -> Record:
+    def _email_of(self, record: Record, payload: Notification) -> Record:
+        if record.status == "sending":
+            return self._email(record, payload.to, None)  # not sent again: no need to render
+        rendered = templates.render(
+            payload.template or templates.DEFAULT,
+            payload.data,
+            subject=payload.subject,
+            directory=self.settings.notify_templates_dir,
+        )
+        return self._email(record, payload.to, rendered)
+
+    def _email(self, record: Record, to: str, rendered: templates.Rendered | None) -> Record:
         if record.status == "sending":
             return self._mark(
                 record,
@@ -241,17 +259,12 @@ class Sender:
             )
         target = settings.smtp
         assert target is not None  # smtp_url is set
-        rendered = templates.render(
-            payload.template or templates.DEFAULT,
-            payload.data,
-            subject=payload.subject,
-            directory=settings.notify_templates_dir,
-        )
+        assert rendered is not None  # only an attempt found mid-send has none
         domain = parseaddr(settings.smtp_from)[1].rpartition("@")[2] or "conveyor.invalid"
         message_id = f"<{self.ctx.job_id}@{domain}>"
         message = EmailMessage()
         message["From"] = settings.smtp_from
-        message["To"] = payload.to
+        message["To"] = to
         message["Subject"] = rendered.subject or ""
         message["Date"] = formatdate(usegmt=True)
         message["Message-ID"] = message_id

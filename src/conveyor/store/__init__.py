@@ -127,6 +127,7 @@ from conveyor.store.batching import GroupCommit, Write
 from conveyor.store.breakers import BreakerBook
 from conveyor.store.pipelines import (
     PIPELINE_EVENT,
+    STEP_EVENT,
     Advanced,
     Ledger,
     pipeline_event,
@@ -2118,6 +2119,104 @@ class Store:
             return self._keyed_pipeline(scope, key, fingerprint), [], False
         self.publish([event for _, event in ledger.created])
         return self.get_pipeline(pipeline_id), [job for job, _ in ledger.created], True
+
+    @tracing.store_write("create_pipelines")
+    def create_pipelines(
+        self,
+        pipelines: Sequence[tuple[Sequence[StepRecord], str | None, str]],
+        *,
+        owner_key_id: str | None = None,
+    ) -> tuple[list[str], list[Job]]:
+        """Record many pipelines, each ``(steps, name, correlation_id)``, their steps and
+        the jobs of the steps that need nothing, in one transaction of a few multi-row
+        statements (not a round trip per pipeline); returns their ids, in order, and
+        those jobs (the caller dispatches them). As :meth:`create_pipeline` leaves each."""
+        if not pipelines:
+            return [], []
+        now = utcnow()
+        running = PipelineStatus.RUNNING.value
+        ids = [str(uuid.uuid4()) for _ in pipelines]
+        pipeline_rows, step_rows, event_rows, jobs = [], [], [], []
+        for pipeline_id, (steps, name, correlation_id) in zip(ids, pipelines, strict=True):
+            pipeline_rows.append(
+                {
+                    "id": pipeline_id,
+                    "name": name,
+                    "status": running,
+                    "steps": len(steps),
+                    "correlation_id": correlation_id,
+                    "created_at": now,
+                    "updated_at": now,
+                    "finished_at": None,
+                    "idempotency_scope": None,
+                    "idempotency_key": None,
+                    "fingerprint": None,
+                    "owner_key_id": owner_key_id,
+                }
+            )
+            event_rows.append(
+                {
+                    "job_id": None,
+                    "pipeline_id": pipeline_id,
+                    "seq": 0,
+                    "type": PIPELINE_EVENT,
+                    "task": "",
+                    "status": running,
+                    "data": {"status": running, "steps": len(steps)},
+                    "at": now,
+                }
+            )
+            for position, step in enumerate(steps):
+                # A step that needs nothing (never a mapped one) starts now, with one job.
+                ready = not step.after and step.map is None
+                step_rows.append(
+                    {
+                        "pipeline_id": pipeline_id,
+                        "name": step.name,
+                        "position": position,
+                        "task": step.task,
+                        "payload": step.payload,
+                        "after": list(step.after),
+                        "map": step.map,
+                        "options": step.options,
+                        "status": (StepStatus.RUNNING if ready else StepStatus.PENDING).value,
+                        "items": 1 if ready else None,
+                        "done": 0,
+                        "error": None,
+                        "started_at": now if ready else None,
+                    }
+                )
+                if not ready:
+                    continue
+                event_rows.append(
+                    {
+                        "job_id": None,
+                        "pipeline_id": pipeline_id,
+                        "seq": 0,
+                        "type": STEP_EVENT,
+                        "task": step.task,
+                        "status": StepStatus.RUNNING.value,
+                        "data": {"step": step.name, "status": StepStatus.RUNNING.value, "items": 1},
+                        "at": now,
+                    }
+                )
+                jobs.append(
+                    {
+                        **step.options,
+                        "task": step.task,
+                        "payload": step.payload or {},
+                        "pipeline_id": pipeline_id,
+                        "step": step.name,
+                        "item": None,
+                    }
+                )
+        with self._tx() as conn:
+            conn.execute(insert(pipelines_t), pipeline_rows)
+            conn.execute(insert(steps_t), step_rows)
+            conn.execute(insert(events_t), event_rows)
+            created = self._create_step_jobs(conn, jobs) if jobs else []
+        self.publish([event for _, event in created])
+        return ids, [job for job, _ in created]
 
     def _keyed_pipeline(self, scope: str, key: str, fingerprint: str) -> Pipeline:
         query = select(pipelines_t.c.id, pipelines_t.c.fingerprint).where(

@@ -1,0 +1,303 @@
+"""The templated e-mail pipeline: sending a stored template is a pipeline of three steps.
+
+    render ──> send ──> record
+       └────────────────┘
+
+``render`` renders the template at the version current when the send was submitted
+and returns the message (subject, text, html): the job's result keeps it for audit.
+``send`` hands it to the SMTP server with the notification channel's code (its
+record, the recipient's opt-out, a Message-ID from the job id, at most once per
+job), retried on a transient failure as a notification job is, and limited by
+``CONVEYOR_NOTIFY_EMAIL_RATE_LIMIT``. ``record`` returns the final record: template
+and version, the render job holding the message, what was sent.
+
+A batch is many such pipelines, validated whole first, then recorded a chunk per
+transaction (``Conveyor.submit_pipelines``). Also the templates' Python API:
+``create_template``, ``put_template``, ``delete_template``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from email.utils import parseaddr
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from conveyor import payloads
+from conveyor.app import Conveyor
+from conveyor.context import Context
+from conveyor.errors import (
+    ConfigurationError,
+    DeliveryRefused,
+    EmailTemplateNotFound,
+    NotificationInvalid,
+)
+from conveyor.notifications import templates
+from conveyor.notifications.email_templates import (
+    EmailTemplate,
+    EmailTemplateBody,
+    EmailTemplateBook,
+    EmailTemplateDefinition,
+)
+from conveyor.notifications.workload import BACKOFF_BASE, BACKOFF_CAP, MAX_ATTEMPTS, QUEUE, Sender
+from conveyor.pipelines import Flow, Pipeline
+from conveyor.settings import Settings
+from conveyor.store import AuditEntry
+
+RENDER, SEND, RECORD = "conveyor.mail.render", "conveyor.mail.send", "conveyor.mail.record"
+#: Recipients of one batch, at most; and how many pipelines one transaction records.
+MAX_BATCH, CHUNK = 10_000, 500
+
+
+class Recipient(BaseModel):
+    """One recipient of a send: the address and the template's data for it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    to: str = Field(min_length=1, max_length=2048, description="One e-mail address.")
+    data: dict[str, Any] = Field(default_factory=dict, description="The template's `data`.")
+
+    @field_validator("to")
+    @classmethod
+    def _plain(cls, value: str) -> str:
+        if any(c in value for c in "\r\n\x00"):
+            raise ValueError("must be one line")
+        return value.strip()
+
+
+class RenderStep(BaseModel):
+    template: str
+    version: int
+    to: str
+    data: dict[str, Any] = {}
+
+
+class SendStep(BaseModel):
+    to: str
+
+
+class RecordStep(BaseModel):
+    template: str
+    version: int
+    to: str
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch send: its id (every pipeline's correlation id) and pipelines, in order."""
+
+    id: str
+    template: str
+    version: int
+    pipeline_ids: list[str]
+
+
+# -- templates ------------------------------------------------------------------------
+
+
+def create_template(
+    app: Conveyor, definition: EmailTemplateDefinition, *, audit: AuditEntry | None = None
+) -> EmailTemplate:
+    """Compile and store a template; EmailTemplateInvalid naming the part that does not
+    compile, EmailTemplateExists if the name is taken."""
+    template = EmailTemplateBook(app.store.engine).create(definition.name, definition)
+    if audit is not None:
+        app.store.audit(audit)
+    return template
+
+
+def put_template(
+    app: Conveyor, name: str, body: EmailTemplateBody, *, audit: AuditEntry | None = None
+) -> tuple[EmailTemplate, bool]:
+    """Store a new version of template ``name``, or the template if there is none;
+    returns it and whether it was created. Sends submitted before keep their version."""
+    book = EmailTemplateBook(app.store.engine)
+    try:
+        template, created = book.replace(name, body), False
+    except EmailTemplateNotFound:
+        template, created = book.create(name, body), True
+    if audit is not None:
+        app.store.audit(audit)
+    return template, created
+
+
+def delete_template(app: Conveyor, name: str, *, audit: AuditEntry | None = None) -> None:
+    """Delete a template; its versions stay for the sends in flight and for audit."""
+    EmailTemplateBook(app.store.engine).remove(name)
+    if audit is not None:
+        app.store.audit(audit)
+
+
+# -- sending --------------------------------------------------------------------------
+
+
+def send_template(
+    app: Conveyor,
+    name: str,
+    to: str,
+    data: dict[str, Any] | None = None,
+    *,
+    correlation_id: str | None = None,
+) -> Pipeline:
+    """Submit the pipeline sending template ``name`` (its current version) to ``to``;
+    NotificationInvalid naming the field, EmailTemplateNotFound, before recording anything."""
+    _require(app)
+    template = EmailTemplateBook(app.store.engine).get(name)
+    recipient = _renderable(template, _recipient({"to": to, "data": data or {}}, ""), "")
+    return app.pipeline(_flow(template, recipient), correlation_id=correlation_id)
+
+
+def send_batch(app: Conveyor, name: str, recipients: Sequence[Recipient | dict[str, Any]]) -> Batch:
+    """Submit one pipeline per recipient, all pinned to the template's current version.
+    Every recipient is checked first, its data rendered with the template
+    (NotificationInvalid names ``recipients.<index>``, nothing recorded); then a
+    transaction records each chunk of :data:`CHUNK`."""
+    _require(app)
+    if not 1 <= len(recipients) <= MAX_BATCH:
+        raise NotificationInvalid(
+            "recipients", f"{len(recipients)} recipients; a batch has 1 to {MAX_BATCH}"
+        )
+    template = EmailTemplateBook(app.store.engine).get(name)
+    checked = [
+        _renderable(template, _recipient(r, f"recipients.{i}."), f"recipients.{i}.")
+        for i, r in enumerate(recipients)
+    ]
+    batch_id = str(uuid.uuid4())
+    ids: list[str] = []
+    for start in range(0, len(checked), CHUNK):
+        flows = [_flow(template, r, batch=batch_id) for r in checked[start : start + CHUNK]]
+        ids += app.submit_pipelines(flows, correlation_id=batch_id)
+    return Batch(id=batch_id, template=template.name, version=template.version, pipeline_ids=ids)
+
+
+def _require(app: Conveyor) -> None:
+    if RENDER not in app.tasks:
+        raise ConfigurationError(
+            "notifications are off in this app: set CONVEYOR_NOTIFICATIONS=true"
+            " (or call conveyor.notifications.mailing.install(app, settings))"
+        )
+    settings = app.settings
+    if settings.smtp_url is None or not settings.smtp_from:
+        raise NotificationInvalid(
+            "channel", "e-mail is not configured: set CONVEYOR_SMTP_URL and CONVEYOR_SMTP_FROM"
+        )
+
+
+def _recipient(value: Recipient | dict[str, Any], at: str) -> Recipient:
+    """A recipient checked as a notification's address is; the error names ``at``+field."""
+    if isinstance(value, Recipient):
+        recipient = value
+    else:
+        try:
+            recipient = Recipient.model_validate(value)
+        except ValidationError as exc:
+            first = exc.errors(include_url=False)[0]
+            field = ".".join(str(p) for p in first["loc"]) or "to"
+            raise NotificationInvalid(at + field, first["msg"]) from None
+    address = parseaddr(recipient.to)[1]
+    if not address or "," in recipient.to or address.count("@") != 1:
+        raise NotificationInvalid(at + "to", f"{recipient.to!r} is not one e-mail address")
+    # Checked here, not when its chunk is recorded: a bad one must stop the whole batch.
+    unstorable = payloads.check_storable(recipient.data)
+    if unstorable:
+        where = ".".join(str(p) for p in unstorable[0].get("loc", ()))
+        field = f"{at}data" + (f".{where}" if where else "")
+        raise NotificationInvalid(field, f"cannot be stored: {unstorable[0]['msg']}")
+    return recipient
+
+
+def _renderable(template: EmailTemplate, recipient: Recipient, at: str) -> Recipient:
+    """The recipient, once its data renders the template (as the render step will: the
+    version is pinned, so a failure now would be one then); NotificationInvalid else."""
+    try:
+        template.render(recipient.data)
+    except DeliveryRefused as exc:
+        raise NotificationInvalid(at + "data", f"does not render the template: {exc}") from None
+    return recipient
+
+
+def _flow(template: EmailTemplate, recipient: Recipient, *, batch: str | None = None) -> Flow:
+    flow = Flow(f"email:{template.name}" + (f":{batch}" if batch else ""))
+    pinned = {"template": template.name, "version": template.version, "to": recipient.to}
+    render = flow.step("render", RENDER, RenderStep(**pinned, data=recipient.data))
+    send = flow.step("send", SEND, SendStep(to=recipient.to), after=[render])
+    flow.step("record", RECORD, RecordStep(**pinned), after=[render, send])
+    return flow
+
+
+# -- the steps ------------------------------------------------------------------------
+
+
+def install(app: Conveyor, settings: Settings) -> None:
+    """Register the pipeline's three tasks into ``app`` (again: nothing happens)."""
+    if RENDER in app.tasks:
+        return
+
+    @app.task(name=RENDER, queue=QUEUE)
+    def render(ctx: Context, payload: RenderStep) -> dict[str, Any]:
+        """Render the pinned version of the template: the result is the message, kept."""
+        ctx.progress(0, step="render", message=f"{payload.template} v{payload.version}")
+        try:
+            template = EmailTemplateBook(app.store.engine).version(
+                payload.template, payload.version
+            )
+        except EmailTemplateNotFound as exc:
+            raise DeliveryRefused(str(exc)) from None
+        rendered = template.render(payload.data)
+        ctx.progress(100, step="render", message="rendered")
+        return {
+            "job_id": ctx.job_id,
+            "template": template.name,
+            "version": template.version,
+            "to": payload.to,
+            "subject": rendered.subject,
+            "text": rendered.text,
+            "html": rendered.html,
+        }
+
+    @app.task(
+        name=SEND,
+        queue=QUEUE,
+        max_attempts=MAX_ATTEMPTS,
+        backoff_base=BACKOFF_BASE,
+        backoff_cap=BACKOFF_CAP,
+        rate_limit=settings.notify_email_rate_limit,
+    )
+    def send(ctx: Context, payload: SendStep) -> dict[str, Any]:
+        """Send the rendered message over SMTP, once per job (see ``Sender``)."""
+        message = ctx.upstream.get("render")
+        if not isinstance(message, dict):
+            raise DeliveryRefused("the render step left no message")
+        ctx.progress(0, step="send", message=f"to {payload.to}")
+        rendered = templates.Rendered(
+            subject=message.get("subject"), text=message.get("text"), html=message.get("html")
+        )
+        result = Sender(app, ctx).send_rendered(payload.to, rendered)
+        ctx.progress(100, step="send", message=str(result["status"]))
+        return {**result, "job_id": ctx.job_id}
+
+    @app.task(name=RECORD, queue=QUEUE)
+    def record(ctx: Context, payload: RecordStep) -> dict[str, Any]:
+        """The final record of the send: what, which version, where the message is kept."""
+        ctx.progress(0, step="record")
+        rendered = ctx.upstream.get("render") or {}
+        sent = ctx.upstream.get("send") or {}
+        final = {
+            "template": payload.template,
+            "version": payload.version,
+            "to": payload.to,
+            "subject": rendered.get("subject"),
+            "rendered_job_id": rendered.get("job_id"),
+            "notification": sent,
+        }
+        ctx.log.info(
+            "mail.recorded",
+            template=payload.template,
+            version=payload.version,
+            status=sent.get("status"),
+        )
+        ctx.progress(100, step="record", message=str(sent.get("status")))
+        return final

@@ -1,0 +1,249 @@
+"""``/v1/email-templates`` on SQLite: storing, versioning and compiling templates, the
+422s that store nothing, and sends and batches submitted as pipelines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from conveyor import Conveyor, Settings
+from conveyor.cli import cli as commands
+from conveyor.errors import NotificationInvalid
+from conveyor.notifications import mailing
+from conveyor.notifications.email_templates import EmailTemplateBook
+
+pytestmark = pytest.mark.anyio
+
+WELCOME: dict[str, Any] = {
+    "name": "welcome",
+    "template_type": "welcome",
+    "subject": "Welcome,\n{{ data.name }}",
+    "text_body": "Hello {{ data.name }}",
+    "html_body": "<p>Hello {{ data.name }}</p>",
+    "metadata": {"owner": "growth"},
+}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(
+        update={
+            "notifications": True,
+            "smtp_url": Settings(smtp_url="smtp://127.0.0.1:2525").smtp_url,
+            "smtp_from": "noreply@conveyor.test",
+        }
+    )
+
+
+async def test_a_template_is_created_read_versioned_listed_and_deleted(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    created = await client.post("/v1/email-templates", json=WELCOME)
+    assert created.status_code == 201, created.text
+    assert created.headers["Location"] == "/v1/email-templates/welcome"
+    assert created.json()["version"] == 1
+    assert created.json()["metadata"] == {"owner": "growth"}
+    again = await client.post("/v1/email-templates", json=WELCOME)
+    assert again.status_code == 409
+    assert again.json()["type"] == "urn:conveyor:problem:email-template-exists"
+
+    changed = {k: v for k, v in WELCOME.items() if k != "name"} | {"subject": "Hi"}
+    put = await client.put("/v1/email-templates/welcome", json=changed)
+    assert put.status_code == 200, put.text
+    assert (put.json()["version"], put.json()["subject"]) == (2, "Hi")
+    made = await client.put("/v1/email-templates/receipt", json=changed)
+    assert made.status_code == 201
+    assert made.json()["version"] == 1
+
+    first = await client.get("/v1/email-templates", params={"limit": 1})
+    assert [t["name"] for t in first.json()["items"]] == ["receipt"]
+    second = await client.get(
+        "/v1/email-templates", params={"limit": 1, "cursor": first.json()["next_cursor"]}
+    )
+    assert [t["name"] for t in second.json()["items"]] == ["welcome"]
+    assert second.json()["next_cursor"] is None
+
+    assert (await client.delete("/v1/email-templates/welcome")).status_code == 204
+    assert (await client.get("/v1/email-templates/welcome")).status_code == 404
+    assert (await client.delete("/v1/email-templates/welcome")).status_code == 404
+    book = EmailTemplateBook(conveyor.store.engine)
+    assert book.version("welcome", 1).subject == WELCOME["subject"]  # kept for sends, audit
+    recreated = await client.post("/v1/email-templates", json=WELCOME)
+    assert recreated.json()["version"] == 3  # numbers are never reused
+
+    trail = await client.get("/v1/audit", params={"object_id": "welcome"})
+    actions = [row["action"] for row in trail.json()["items"]]
+    assert actions.count("email_template.create") == 2
+    assert {"email_template.put", "email_template.delete"} <= set(actions)
+
+
+@pytest.mark.parametrize(
+    ("change", "field", "detail"),
+    [
+        ({"subject": "{{ data.name "}, "subject", "does not compile"),
+        ({"text_body": "{% for x in data %}"}, "text_body", "does not compile"),
+        ({"html_body": "{{ data.name | nope }}"}, "html_body", "nope"),
+        ({"text_body": None, "html_body": None}, "text_body", "needs a text_body"),
+    ],
+)
+async def test_a_template_that_does_not_compile_is_refused_and_nothing_stored(
+    client: httpx.AsyncClient, conveyor: Conveyor, change: dict[str, Any], field: str, detail: str
+) -> None:
+    response = await client.post("/v1/email-templates", json=WELCOME | change)
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert problem["type"] == "urn:conveyor:problem:invalid-email-template"
+    assert problem["errors"][0]["loc"] == ["body", field]
+    assert detail in problem["detail"]
+    listed = await client.get("/v1/email-templates")
+    assert listed.json()["items"] == []
+
+
+async def test_rendering_escapes_html_and_keeps_the_subject_on_one_line(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    await client.post("/v1/email-templates", json=WELCOME)
+    template = EmailTemplateBook(conveyor.store.engine).get("welcome")
+    rendered = template.render({"name": "<b>Ada</b>\r\nBcc: x@y.test"})
+    assert rendered.subject == "Welcome, <b>Ada</b> Bcc: x@y.test"
+    assert rendered.html == "<p>Hello &lt;b&gt;Ada&lt;/b&gt;\r\nBcc: x@y.test</p>"
+    assert rendered.text is not None and rendered.text.startswith("Hello <b>Ada</b>")
+
+
+async def test_a_send_is_a_pipeline_pinned_to_the_version(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    await client.post("/v1/email-templates", json=WELCOME)
+    response = await client.post(
+        "/v1/email-templates/welcome/send", json={"to": "ada@example.com", "data": {"name": "A"}}
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["version"] == 1
+    assert [s["name"] for s in body["pipeline"]["steps"]] == ["render", "send", "record"]
+    assert set(body["job_ids"]) == {"render"}  # the others start once it has succeeded
+    job = conveyor.store.get_job(body["job_ids"]["render"])
+    assert job.task == mailing.RENDER
+    assert job.payload == {
+        "template": "welcome",
+        "version": 1,
+        "to": "ada@example.com",
+        "data": {"name": "A"},
+    }
+    assert job.pipeline_id == body["pipeline_id"]
+
+    missing = await client.post("/v1/email-templates/nope/send", json={"to": "a@x.test"})
+    assert missing.status_code == 404
+    unrendered = await client.post("/v1/email-templates/welcome/send", json={"to": "a@x.test"})
+    assert unrendered.status_code == 422  # data.name is missing
+    assert unrendered.json()["errors"][0]["loc"] == ["body", "data"]
+    bad = await client.post("/v1/email-templates/welcome/send", json={"to": "not an address"})
+    assert bad.status_code == 422
+    assert bad.json()["errors"][0]["loc"] == ["body", "to"]
+
+
+async def test_a_batch_is_checked_whole_then_submitted(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    await client.post("/v1/email-templates", json=WELCOME)
+    recipients = [{"to": f"user{i}@example.com", "data": {"name": str(i)}} for i in range(30)]
+    wrong = [*recipients[:7], {"to": "a@x.test, b@x.test"}, *recipients[8:]]
+    refused = await client.post("/v1/email-templates/welcome/batch", json={"recipients": wrong})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["errors"][0]["loc"] == ["body", "recipients", 7, "to"]
+    assert conveyor.store.list_jobs() == ([], None)
+    nul = [{"to": "a@x.test"}, {"to": "b@x.test", "data": {"name": "nul \u0000 inside"}}]
+    nul[0]["data"] = {"name": "A"}
+    unstorable = await client.post("/v1/email-templates/welcome/batch", json={"recipients": nul})
+    assert unstorable.status_code == 422, unstorable.text
+    assert unstorable.json()["errors"][0]["loc"][:4] == ["body", "recipients", 1, "data"]
+    missing = [{"to": "a@x.test", "data": {"name": "A"}}, {"to": "b@x.test", "data": {}}]
+    unrendered = await client.post(
+        "/v1/email-templates/welcome/batch", json={"recipients": missing}
+    )
+    assert unrendered.status_code == 422, unrendered.text
+    assert unrendered.json()["errors"][0]["loc"] == ["body", "recipients", 1, "data"]
+    assert "does not render" in unrendered.json()["detail"]
+    # Far past the first chunk (the Python API: the test server takes small bodies only).
+    many: list[dict[str, Any]] = [
+        {"to": f"u{i}@x.test", "data": {"name": "U"}} for i in range(mailing.CHUNK + 5)
+    ]
+    many[-1]["data"] = {"name": "U", "n": 2**70}
+    with pytest.raises(NotificationInvalid, match=rf"recipients\.{len(many) - 1}\.data"):
+        mailing.send_batch(conveyor, "welcome", many)
+    assert conveyor.store.list_jobs() == ([], None)
+
+    accepted = await client.post(
+        "/v1/email-templates/welcome/batch", json={"recipients": recipients}
+    )
+    assert accepted.status_code == 202, accepted.text
+    batch = accepted.json()
+    assert (batch["template"], batch["version"]) == ("welcome", 1)
+    assert len(set(batch["pipeline_ids"])) == 30
+    pipeline = conveyor.store.get_pipeline(batch["pipeline_ids"][7])
+    render = pipeline.steps_by_name["render"]
+    assert (render.status, len(render.jobs)) == ("running", 1)
+    assert pipeline.correlation_id == batch["batch_id"]
+    job = conveyor.store.get_job(render.jobs[0].id)
+    assert job.payload["to"] == "user7@example.com"
+    assert job.correlation_id == batch["batch_id"]
+
+    too_many = await client.post(
+        "/v1/email-templates/welcome/batch",
+        json={"recipients": [{"to": "a@x.test"}] * (mailing.MAX_BATCH + 1)},
+    )
+    assert too_many.status_code in (413, 422)
+
+
+async def test_the_routes_need_a_key(anonymous: httpx.AsyncClient) -> None:
+    response = await anonymous.get("/v1/email-templates")
+    assert response.status_code == 401
+
+
+async def test_the_cli_puts_lists_shows_and_sends(
+    live: str, admin_key: str, conveyor: Conveyor, tmp_path: Path
+) -> None:
+    """``conveyor email-templates`` against a real server (the CLI in a thread: it is
+    synchronous, and the server runs on this test's event loop)."""
+    (tmp_path / "welcome.txt").write_text("Hello {{ data.name }}", encoding="utf-8")
+    (tmp_path / "signups.json").write_text(
+        json.dumps([{"to": f"{n}@example.com", "data": {"name": n}} for n in ("ada", "bob")]),
+        encoding="utf-8",
+    )
+    env = {"CONVEYOR_API_URL": live, "CONVEYOR_API_KEY": admin_key}
+
+    async def cli(*args: str) -> tuple[Result, str]:
+        result = await asyncio.to_thread(CliRunner().invoke, commands, list(args), env=env)
+        # The server logs to the same stdout the runner captures: keep the CLI's lines.
+        said = [line for line in result.output.splitlines() if "[info" not in line]
+        return result, "\n".join(said).strip()
+
+    text = str(tmp_path / "welcome.txt")
+    put, said = await cli("email-templates", "put", "welcome", "--subject", "Hi", "--text", text)
+    assert put.exit_code == 0, put.output
+    assert said == "welcome version 1"
+    _, said = await cli("email-templates", "list")
+    assert "welcome" in said
+    _, said = await cli("email-templates", "show", "welcome")
+    assert json.loads(said)["text_body"] == "Hello {{ data.name }}"
+
+    sent, said = await cli(
+        "email-templates", "send", "welcome", "ada@example.com", "--data", '{"name": "Ada"}'
+    )
+    assert sent.exit_code == 0, sent.output
+    assert conveyor.store.get_pipeline(said).name == "email:welcome"
+    signups = str(tmp_path / "signups.json")
+    batch, said = await cli("email-templates", "send", "welcome", "--recipients", signups)
+    assert batch.exit_code == 0, batch.output
+    assert len(said.split()) == 3  # the batch id, then two pipelines
+    broken, said = await cli("email-templates", "put", "bad", "--subject", "{{", "--text", text)
+    assert broken.exit_code == 1
+    assert "subject" in said
