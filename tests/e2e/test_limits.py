@@ -95,7 +95,9 @@ def test_limits_hold_across_two_workers(
 
 
 def spans(jobs: list[Job]) -> list[tuple[datetime, datetime]]:
-    """When each attempt of these jobs ran, from the store's record of its start and end."""
+    """When each attempt of these jobs ran, from the store's record of its start and end:
+    an end is stamped before it commits and a limited start after the count that saw
+    it, so on one machine (one clock) they overlap no deeper than the limit."""
     found = []
     for attempts in app.store.attempts_of([job.id for job in jobs]).values():
         for attempt in attempts:

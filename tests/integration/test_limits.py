@@ -8,13 +8,15 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from conveyor.jobs import EventType, Job, JobError, JobStatus
 from conveyor.limits import CONCURRENCY_RECHECK, Limits, Rate
 from conveyor.models import jobs_t
+from conveyor.settings import Settings
 from conveyor.store import Store, Throttled
 
 BOOM = JobError(type="ValueError", message="boom")
@@ -170,12 +172,41 @@ def test_concurrent_claims_never_exceed_the_concurrency_limit(store: Store) -> N
         [attempt] = store.attempts(job.id)
         assert attempt.started_at is not None and attempt.finished_at is not None
         spans.append((attempt.started_at, attempt.finished_at))
-    # The recorded times are not held to the limit: a limited start is the database's
-    # clock (read under the limit's lock) and an end is this process's, so their order
-    # to the millisecond is not the order of the claims. In the whole suite they twice
-    # showed 4 overlapping while the count above, taken inside each claim's hold, never
-    # passed 3: why is an open question.
-    assert max_overlap(spans) >= 2  # the limit, not one thread at a time, held them back
+    # The recorded times hold to the limit too: an end is stamped before its commit, and
+    # a start after the count that saw it (one machine, so the two clocks are one).
+    assert 2 <= max_overlap(spans) <= limit  # the limit, not one at a time, held them back
+
+
+def test_an_end_committed_during_a_claim_is_recorded_before_its_start(
+    postgres_url: str, tmp_path: Path
+) -> None:
+    """An attempt ending takes no limit lock, so on PostgreSQL it may commit while a
+    claim of its key waits between statements; the claim then takes its slot, and its
+    start must be stamped after that end. (On SQLite the write lock orders them.)"""
+    store = Store(Settings(database_url=postgres_url, data_dir=tmp_path).resolved_database_url)
+    try:
+        limits = Limits(concurrency=1)
+        ending, starting = submit(store), submit(store)
+        assert isinstance(store.claim_limited(ending.id, 1, "w1", limits), tuple)
+        ended: list[Any] = []
+
+        def end_first(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+            """Just before the claim counts the key's running jobs: the latest moment."""
+            if not ended and "count(*)" in sql and "conveyor_jobs" in sql:
+                ended.append(store.succeed(ending.id, 1, None))
+
+        event.listen(store.engine, "before_cursor_execute", end_first)
+        try:
+            claimed = store.claim_limited(starting.id, 1, "w2", limits)
+        finally:
+            event.remove(store.engine, "before_cursor_execute", end_first)
+        assert ended and ended[0] is not None  # it ended inside the claim's transaction
+        assert isinstance(claimed, tuple)  # and the claim saw its slot free
+        [attempt] = store.attempts(ending.id)
+        assert attempt.finished_at is not None and claimed[0].started_at is not None
+        assert attempt.finished_at < claimed[0].started_at
+    finally:
+        store.dispose()
 
 
 def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:

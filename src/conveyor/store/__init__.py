@@ -1289,8 +1289,8 @@ class Store:
         Claims under one limit key take turns: each first writes the key's row in
         ``conveyor_limits`` (inserting it if missing), which locks it on PostgreSQL
         and takes the database's write lock on SQLite, then counts the key's running
-        jobs and the task's starts in the window, by one clock (the database's), and
-        claims or holds back in the same transaction. A held-back job stays waiting,
+        jobs, reads the database's clock, counts the task's starts in the window by
+        that clock, and claims or holds back in the same transaction. A held-back job stays waiting,
         undispatched until it may start (``next_attempt_at``), when the recovery
         sweep or a job leaving ``running`` (:meth:`wake_held`) dispatches it again.
         """
@@ -1306,16 +1306,20 @@ class Store:
             locks = ([row.task] if limits.rate else []) + ([key] if limits.concurrency else [])
             for lock in dict.fromkeys(locks):
                 self._lock_limit(conn, lock)
-            now = self._clock(conn)
-            hold = None
+            running = 0
             if limits.concurrency is not None:
                 running = conn.execute(
                     select(func.count()).where(
                         jobs_t.c.limit_key == key, jobs_t.c.status == JobStatus.RUNNING.value
                     )
                 ).scalar_one()
-                if running >= limits.concurrency:
-                    hold = ("concurrency", now + timedelta(seconds=CONCURRENCY_RECHECK))
+            # The start is read after the count: an attempt ending (which takes no limit
+            # lock) may commit between the two, and its end, stamped before its commit,
+            # must not fall after the start of the claim its slot let in.
+            now = self._clock(conn)
+            hold = None
+            if limits.concurrency is not None and running >= limits.concurrency:
+                hold = ("concurrency", now + timedelta(seconds=CONCURRENCY_RECHECK))
             if hold is None and limits.rate is not None:
                 hold = self._rate_hold(conn, row.task, limits.rate, now)
             if hold is not None:
