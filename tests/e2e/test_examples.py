@@ -1,0 +1,142 @@
+"""The runnable examples under ``examples/``, started the way their READMEs say.
+
+    board events     a FastAPI app publishes card events; the index and the webhook
+                     receiver get every one, although Redis is stopped mid-run
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.faults import TIMINGS
+from tests.e2e.support import Process, Processes, run_cli, wait_for
+from tests.notifications.receivers import SECRET, WebhookReceiver
+from tests.servers import RedisServer, free_port
+
+pytestmark = pytest.mark.e2e
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
+UVICORN = [sys.executable, "-m", "uvicorn"]
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """An example's ``.env``-style file, as ``uv run --env-file`` reads it."""
+    found = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            found[name.strip()] = value.strip()
+    return found
+
+
+def wait_http(url: str, process: Process, *, timeout: float = 60) -> None:
+    """Until ``url`` answers at all (any status); fails at once if ``process`` exits."""
+
+    def answers() -> bool:
+        if not process.running():
+            raise AssertionError(f"{process.name} exited:\n{process.describe()}")
+        try:
+            httpx.get(url, timeout=2)
+        except httpx.HTTPError:
+            return False
+        return True
+
+    wait_for(answers, timeout=timeout, what=url)
+
+
+# -- 1. board events ---------------------------------------------------------------
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path, why="the board example stops a Redis of its own").start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.mark.timeout(120)
+def test_board_events_reach_the_index_and_the_webhook_across_a_redis_restart(
+    processes: Processes, private_redis: RedisServer, tmp_path: Path
+) -> None:
+    env = processes.env | env_file(EXAMPLES / "board_events" / "board.env") | TIMINGS
+    env |= {
+        "CONVEYOR_BROKER_URL": private_redis.url,
+        "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
+        "CONVEYOR_WEBHOOK_SECRET": SECRET,
+    }
+    migrated = run_cli("migrate", env=env, cwd=ROOT)
+    assert migrated.returncode == 0, migrated
+    port = free_port()
+    board_url = f"http://127.0.0.1:{port}"
+    worker = processes.start("worker", "worker", "-c", "2", env=env, cwd=ROOT)
+    board = processes.start(
+        "board",
+        "examples.board_events.app:api",
+        "--port",
+        str(port),
+        env=env,
+        cwd=ROOT,
+        program=UVICORN,
+    )
+    wait_http(f"{board_url}/search?q=x", board)
+
+    with WebhookReceiver() as receiver, httpx.Client(base_url=board_url, timeout=30) as client:
+
+        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            response = client.post(path, json=body)
+            assert response.status_code in (200, 201), response.text
+            found: dict[str, Any] = response.json()
+            return found
+
+        def column_of(word: str) -> str | None:
+            found = client.get("/search", params={"q": word}).json()
+            return found[0]["column"] if len(found) == 1 else None
+
+        board_id = post("/boards", {"name": "launch", "webhook": receiver.url()})["id"]
+        events: list[str] = []
+        expected: dict[str, str] = {}
+        for n in range(3):
+            card = post(f"/boards/{board_id}/cards", {"title": f"write card{n}"})
+            events.append(card["event_id"])
+            expected[f"card{n}"] = "todo"
+        wait_for(
+            lambda: all(column_of(w) == c for w, c in expected.items()),
+            timeout=60,
+            what="the first cards in the index",
+        )
+
+        private_redis.stop()  # the broker is gone: changes are still saved, with their events
+        for n in range(3, 6):
+            card = post(f"/boards/{board_id}/cards", {"title": f"write card{n}"})
+            events.append(card["event_id"])
+            expected[f"card{n}"] = "todo"
+        moved = post(f"/cards/{card['id']}/move", {"column": "done"})
+        events.append(moved["event_id"])
+        expected["card5"] = "done"
+        private_redis.start()
+
+        wait_for(
+            lambda: all(column_of(w) == c for w, c in expected.items()),
+            timeout=60,
+            what="every change in the index",
+        )
+        wait_for(
+            lambda: len(receiver.unique) == len(events),
+            timeout=60,
+            what=f"{len(events)} webhooks",
+        )
+    assert worker.running(), worker.describe()
+    assert all(delivery.valid for delivery in receiver.requests)
+    bodies = [delivery.body for delivery in receiver.unique.values()]
+    assert sum(b'"card.moved"' in body for body in bodies) == 1
+    assert sum(b'"card.created"' in body for body in bodies) == 6
