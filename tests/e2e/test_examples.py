@@ -1,11 +1,12 @@
 """The runnable examples under ``examples/``, started the way their READMEs say.
 
-    board events     a FastAPI app publishes card events; the index and the webhook
-                     receiver get every one, although Redis is stopped mid-run
+board events     a FastAPI app publishes card events; the index and the webhook
+                 receiver get every one, although Redis is stopped mid-run
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,3 +141,35 @@ def test_board_events_reach_the_index_and_the_webhook_across_a_redis_restart(
     bodies = [delivery.body for delivery in receiver.unique.values()]
     assert sum(b'"card.moved"' in body for body in bodies) == 1
     assert sum(b'"card.created"' in body for body in bodies) == 6
+
+
+# -- 2. case documents -------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)  # the model's first load takes seconds on a busy 2-core box
+def test_case_documents_are_filed_followed_live_and_searched(
+    processes: Processes, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = processes.env | {"CONVEYOR_DOCUMENTS": "true", "CONVEYOR_API_URL": url}
+    up = processes.start("up", "up", "--port", str(port), "--workers", "1", env=env, cwd=ROOT)
+    letter = EXAMPLES / "case_documents" / "files" / "engagement-letter.md"
+    case = ["smith-v-jones", str(letter), "--search", "how long is the notice period"]
+    filed = subprocess.run(
+        [sys.executable, "-m", "examples.case_documents.case", *case],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=150,
+    )
+    assert filed.returncode == 0, filed.stdout + filed.stderr + up.describe()
+    lines = filed.stdout.splitlines()
+    # Followed live: each stage ran and reported, in the pipeline's order.
+    stages = [line.split()[1] for line in lines if line.endswith(" succeeded") and ":" in line]
+    assert stages == ["extract", "chunk", "embed", "index", "succeeded"], lines
+    assert any(line.split()[1:3] == ["embed", "100%"] for line in lines), lines
+    assert "engagement-letter.md: ready, 1 chunks" in lines
+    [hit] = [line for line in lines if line.split()[1:3] == ["engagement-letter.md", "p.1"]]
+    assert "Engagement letter" in hit
