@@ -6,6 +6,7 @@ board events     a FastAPI app publishes card events; the index and the webhook
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -15,9 +16,10 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.ai.llm_stub import LlmStub
 from tests.e2e.faults import TIMINGS
-from tests.e2e.support import Process, Processes, run_cli, wait_for
-from tests.notifications.receivers import SECRET, WebhookReceiver
+from tests.e2e.support import Process, Processes, api_client, run_cli, wait_for, wait_ready
+from tests.notifications.receivers import SECRET, SmtpSink, WebhookReceiver
 from tests.servers import RedisServer, free_port
 
 pytestmark = pytest.mark.e2e
@@ -173,3 +175,69 @@ def test_case_documents_are_filed_followed_live_and_searched(
     assert "engagement-letter.md: ready, 1 chunks" in lines
     [hit] = [line for line in lines if line.split()[1:3] == ["engagement-letter.md", "p.1"]]
     assert "Engagement letter" in hit
+
+
+# -- 4. assistant ------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_assistants_scheduled_brief_arrives_by_email_and_webhook(
+    processes: Processes, tmp_path: Path
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with SmtpSink() as smtp, WebhookReceiver() as receiver, LlmStub() as llm:
+        env = processes.env | env_file(EXAMPLES / "assistant" / "assistant.env")
+        env |= {
+            "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
+            "CONVEYOR_API_URL": url,
+            "CONVEYOR_LLM_BASE_URL": llm.base_url,
+            "CONVEYOR_SMTP_URL": smtp.url,
+            "CONVEYOR_WEBHOOK_SECRET": SECRET,
+            "ASSISTANT_WEBHOOK": receiver.url("/assistant"),
+        }
+        up = processes.start("up", "up", "--port", str(port), "--workers", "2", env=env, cwd=ROOT)
+        wait_ready(url, up)
+        key = (tmp_path / "data" / "admin.key").read_text().strip()
+        with api_client(url, key) as client:
+            queues = {q["name"]: q["priority"] for q in client.get("/v1/queues").json()}
+            assert {n: queues.get(n) for n in ("ai", "sync", "email", "file", "maintenance")} == {
+                "ai": 10,
+                "sync": 7,
+                "email": 5,
+                "file": 3,
+                "maintenance": 1,
+            }
+            wait_for(
+                lambda: client.get("/v1/schedules/assistant.morning_brief").status_code == 200,
+                timeout=30,
+                what="the worker to write the brief's schedule",
+            )
+            schedules = [s["name"] for s in client.get("/v1/schedules").json()["items"]]
+            assert "conveyor.maintenance.retention" in schedules, schedules
+            # The schedule's tick, now rather than at 07:00.
+            fired = run_cli("schedules", "trigger", "assistant.morning_brief", env=env)
+            assert fired.returncode == 0, fired.stdout + fired.stderr
+
+            wait_for(lambda: len(smtp.messages) == 1, timeout=60, what="the brief by e-mail")
+            wait_for(lambda: len(receiver.unique) == 1, timeout=60, what="the brief by webhook")
+            notes = tmp_path / "data" / "notes"
+            wait_for(lambda: any(notes.glob("*.md")), timeout=30, what="the brief filed")
+
+            [(_, asked)] = llm.requests
+            prompt = asked["messages"][-1]["content"]
+            assert "Lunch with Grace" in prompt and "{{" not in prompt
+            [message] = smtp.messages
+            assert message["Subject"] == "Your morning brief"
+            text = next(p for p in message.walk() if p.get_content_type() == "text/plain")
+            body = text.get_payload(decode=True).decode().splitlines()
+            assert body == f"answer to: {prompt}".splitlines()
+            [delivery] = receiver.unique.values()
+            assert json.loads(delivery.body)["data"]["brief"] == f"answer to: {prompt}"
+            [note] = notes.glob("*.md")
+            ai_job = client.get(f"/v1/jobs/{note.stem}").json()
+            assert (ai_job["task"], ai_job["queue"], ai_job["status"]) == (
+                "conveyor.ai.complete",
+                "ai",
+                "succeeded",
+            )
