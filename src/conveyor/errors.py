@@ -410,6 +410,15 @@ class CircuitOpenError(RetryableError):
         )
 
 
+class RetryLater(RetryableError):
+    """Nothing failed, but the task was told "not now" (an HTTP 429 with Retry-After):
+    the job runs again after ``delay`` seconds, and the attempt does not count against
+    its ``max_attempts`` (up to ``conveyor.worker.outcomes.MAX_DEFERRALS`` of them)."""
+
+    def __init__(self, message: str | None = None, *, delay: float) -> None:
+        super().__init__(message, delay=max(0.0, delay))
+
+
 class PermanentError(TaskError):
     """The job cannot succeed; retrying would not help."""
 
@@ -431,7 +440,12 @@ class DeliveryRefused(PermanentError):
 
 
 class ModelUnavailable(RetryableError):
-    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429)."""
+    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429 without a
+    Retry-After)."""
+
+
+class ModelBusy(RetryLater):
+    """The LLM endpoint is rate limiting (429) and said when to come back (Retry-After)."""
 
 
 class ModelRefused(PermanentError):
