@@ -411,10 +411,10 @@ class CircuitOpenError(RetryableError):
 
 
 class RetryLater(RetryableError):
-    """Nothing failed, but the task was told "not now" (an HTTP 429 with Retry-After):
-    the job runs again after ``delay`` seconds, and the attempt does not count against
-    its ``max_attempts`` (up to ``conveyor.worker.outcomes.MAX_DEFERRALS`` of them)."""
+    """Told "not now" (a 429 with Retry-After): the job runs again after ``delay``, uncounted."""
 
+    # Uncounted against ``max_attempts`` up to ``conveyor.worker.outcomes.MAX_DEFERRALS``
+    # per job: past those a deferral counts, so a job refused forever still ends.
     def __init__(self, message: str | None = None, *, delay: float) -> None:
         super().__init__(message, delay=max(0.0, delay))
 
@@ -440,8 +440,7 @@ class DeliveryRefused(PermanentError):
 
 
 class ModelUnavailable(RetryableError):
-    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429 without a
-    Retry-After)."""
+    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429 with no Retry-After)."""
 
 
 class ModelBusy(RetryLater):
