@@ -1,7 +1,14 @@
-"""The runnable examples under ``examples/``, started the way their READMEs say.
+"""The runnable examples under ``examples/``, started the way their READMEs say: the
+same processes, from the repository root, with the example's env file (a test's own
+ports, data directory and servers on top).
 
-board events     a FastAPI app publishes card events; the index and the webhook
-                 receiver get every one, although Redis is stopped mid-run
+1. board events     a FastAPI app publishes card events; the index and the webhook
+                    receiver get every one, although Redis is stopped mid-run
+2. case documents   ``conveyor up`` with the documents workload; a letter filed into
+                    a case, its ingestion followed live, the case searched
+4. assistant        ``conveyor up`` with the assistant's app; its scheduled brief (an
+                    AI job against an OpenAI-compatible stub) arrives by e-mail and
+                    webhook and is filed
 """
 
 from __future__ import annotations
