@@ -14,6 +14,8 @@
     schedules list, add, pause, resume, remove and trigger schedules over HTTP
     keys      create, list and revoke API keys over HTTP
     audit     the audit trail of changes made through the API
+    notify, documents, email-templates, ai-tasks, maintenance
+              the built-in workloads over HTTP (each switched on in the API's settings)
 
 Errors are mapped to exit codes in one place (:class:`_Group`): 2 for a bad
 setting or argument, 1 for anything the server or the job did. Neither prints
@@ -179,6 +181,11 @@ email_templates_cli = typer.Typer(
     no_args_is_help=True,
 )
 cli.add_typer(email_templates_cli, name="email-templates")
+ai_tasks_cli = typer.Typer(
+    help="List, add, delete and run AI tasks (the API needs CONVEYOR_AI_TASKS=true).",
+    no_args_is_help=True,
+)
+cli.add_typer(ai_tasks_cli, name="ai-tasks")
 
 
 def main() -> None:
@@ -1503,6 +1510,94 @@ def trigger_schedule(name: Annotated[str, typer.Argument(help="The schedule's na
     with ApiClient(load_settings()) as client:
         job = client.request("POST", f"{_schedule_path(name)}/trigger")
     out.print(job["id"], markup=False)
+
+
+# -- AI tasks -----------------------------------------------------------------------
+
+
+def _ai_task_path(name: str) -> str:
+    return f"/v1/ai-tasks/{quote(name, safe='')}"
+
+
+def _notify_target(notify: dict[str, Any] | None) -> str:
+    return f"{notify['channel']} {notify['to']}" if notify else ""
+
+
+@ai_tasks_cli.command("list")
+def list_ai_tasks() -> None:
+    """AI tasks, by name, with their model, schedule and where answers go."""
+    with ApiClient(load_settings()) as client:
+        found = client.request("GET", "/v1/ai-tasks")
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "MODEL", "SCHEDULE", "NOTIFY", "PROMPT"):
+        table.add_column(column, no_wrap=column != "PROMPT", overflow="ellipsis")
+    for task in found["items"]:
+        table.add_row(
+            task["name"],
+            task["model"],
+            task.get("schedule") or "",
+            _notify_target(task.get("notify")),
+            " ".join(task["prompt"].split()),
+        )
+    out.print(table, width=max(out.width, 140))
+
+
+@ai_tasks_cli.command("add")
+def add_ai_task(
+    name: Annotated[str, typer.Argument(help="Letters, digits, _ . -; at most 100.")],
+    prompt: Annotated[
+        str,
+        typer.Option(help="A Jinja2 template: {{ name }}, {{ job_id }}, {{ now }}, {{ today }}."),
+    ],
+    model: Annotated[str | None, typer.Option(help="Default CONVEYOR_LLM_MODEL.")] = None,
+    schedule: Annotated[
+        str | None, typer.Option(help="A five-field cron expression (UTC); none: run it by hand.")
+    ] = None,
+    notify: Annotated[
+        str | None, typer.Option(help="Send each answer on this channel: email, webhook or sms.")
+    ] = None,
+    to: Annotated[str | None, typer.Option(help="With --notify: where to send it.")] = None,
+    subject: Annotated[str | None, typer.Option(help="With --notify email: the subject.")] = None,
+    template: Annotated[str | None, typer.Option(help="With --notify: the template.")] = None,
+) -> None:
+    """Define an AI task; the API checks the prompt, the schedule and the target."""
+    if (notify is None) != (to is None):
+        raise CliError("give --notify CHANNEL and --to ADDRESS together", code=2)
+    if notify is None and (subject is not None or template is not None):
+        raise CliError("--subject and --template go with --notify", code=2)
+    body: dict[str, Any] = {"name": name, "prompt": prompt}
+    body.update({k: v for k, v in {"model": model, "schedule": schedule}.items() if v is not None})
+    if notify is not None:
+        target = {"channel": notify, "to": to, "subject": subject, "template": template}
+        body["notify"] = {k: v for k, v in target.items() if v is not None}
+    with ApiClient(load_settings()) as client:
+        made = client.request("POST", "/v1/ai-tasks", json=body)
+    when = f"on {made['schedule']} (schedule {made['schedule_name']})" if made["schedule"] else ""
+    out.print(" ".join(filter(None, [f"{made['name']}: {made['model']}", when])), markup=False)
+
+
+@ai_tasks_cli.command("delete")
+def delete_ai_task(name: Annotated[str, typer.Argument(help="The AI task's name.")]) -> None:
+    """Delete an AI task and its schedule (the jobs it made stay)."""
+    with ApiClient(load_settings()) as client:
+        client.request("DELETE", _ai_task_path(name))
+    out.print(f"deleted {name}", markup=False)
+
+
+@ai_tasks_cli.command("run")
+def run_ai_task(
+    name: Annotated[str, typer.Argument(help="The AI task's name.")],
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Wait for the job and print its result.")
+    ] = False,
+) -> None:
+    """Run an AI task now, outside its schedule; prints the job id (and, with --follow,
+    the result: the answer's text, model and token usage)."""
+    with ApiClient(load_settings()) as client:
+        job = client.request("POST", f"{_ai_task_path(name)}/run")
+        out.print(job["id"], markup=False)
+        if follow and Follower(client, job["id"]).run() != "succeeded":
+            raise typer.Exit(1)
 
 
 # -- documents ----------------------------------------------------------------------

@@ -440,6 +440,15 @@ class CircuitOpenError(RetryableError):
         )
 
 
+class RetryLater(RetryableError):
+    """Told "not now" (a 429 with Retry-After): the job runs again after ``delay``, uncounted."""
+
+    # Uncounted against ``max_attempts`` up to ``conveyor.worker.outcomes.MAX_DEFERRALS``
+    # per job: past those a deferral counts, so a job refused forever still ends.
+    def __init__(self, message: str | None = None, *, delay: float) -> None:
+        super().__init__(message, delay=max(0.0, delay))
+
+
 class PermanentError(TaskError):
     """The job cannot succeed; retrying would not help."""
 
@@ -461,7 +470,11 @@ class DeliveryRefused(PermanentError):
 
 
 class ModelUnavailable(RetryableError):
-    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429)."""
+    """The LLM endpoint failed for now (unreachable, timeout, 5xx, 408, 429 with no Retry-After)."""
+
+
+class ModelBusy(RetryLater):
+    """The LLM endpoint is rate limiting (429) and said when to come back (Retry-After)."""
 
 
 class ModelRefused(PermanentError):

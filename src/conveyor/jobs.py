@@ -138,6 +138,7 @@ class AttemptOutcome(enum.StrEnum):
     LOST = "lost"  # the worker stopped heart-beating
     CANCELLED = "cancelled"
     INTERRUPTED = "interrupted"  # handed back by a worker shutting down
+    DEFERRED = "deferred"  # the task raised RetryLater: runs again, not counted
 
 
 class Attempt(BaseModel):

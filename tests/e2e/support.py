@@ -125,21 +125,32 @@ def child_running(parent: int, *words: str) -> int:
 
 
 class Process:
-    """One ``conveyor`` command running in the background."""
+    """One ``conveyor`` command (or another ``program``) running in the background,
+    its output in ``logs`` (default: ``cwd``)."""
 
-    def __init__(self, name: str, args: list[str], *, env: dict[str, str], cwd: Path) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        env: dict[str, str],
+        cwd: Path,
+        program: list[str] = CONVEYOR,
+        logs: Path | None = None,
+    ) -> None:
         self.name = name
         self.args = args
         self.env = env
         self.cwd = cwd
-        self.log_path = cwd / f"{name}.log"
+        self.program = program
+        self.log_path = (logs or cwd) / f"{name}.log"
         self.popen: subprocess.Popen[bytes] | None = None
         self.family: set[int] = set()
 
     def start(self) -> Process:
         with self.log_path.open("ab") as log:
             self.popen = subprocess.Popen(
-                [*CONVEYOR, *self.args],
+                [*self.program, *self.args],
                 env=self.env,
                 cwd=self.cwd,
                 stdin=subprocess.DEVNULL,
@@ -201,8 +212,23 @@ class Processes:
         self.env = env
         self.started: list[Process] = []
 
-    def start(self, name: str, *args: str, env: dict[str, str] | None = None) -> Process:
-        process = Process(name, list(args), env=env or self.env, cwd=self.root)
+    def start(
+        self,
+        name: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+        program: list[str] = CONVEYOR,
+    ) -> Process:
+        """Start ``program args`` in ``cwd`` (default: the root, where every log goes)."""
+        process = Process(
+            name,
+            list(args),
+            env=env or self.env,
+            cwd=cwd or self.root,
+            program=program,
+            logs=self.root,
+        )
         self.started.append(process)
         return process.start()
 

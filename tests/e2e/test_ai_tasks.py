@@ -1,7 +1,8 @@
 """AI tasks and maintenance through ``conveyor up`` (the API and a worker, embedded):
 an AI task defined over HTTP whose provider (an OpenAI-compatible stub on loopback) is
 down opens the ``llm`` breaker; its jobs wait and succeed once the stub is back.
-``conveyor maintenance run`` runs the maintenance tasks and prints what they removed."""
+``conveyor maintenance run`` runs the maintenance tasks and prints what they removed;
+``conveyor ai-tasks`` defines, lists, runs and deletes AI tasks."""
 
 from __future__ import annotations
 
@@ -66,5 +67,26 @@ def test_ai_jobs_wait_for_the_open_breaker_and_succeed_once_the_provider_is_back
         assert ran.stdout.count('"dry_run": true') == 3
         for removed in ('"succeeded": 0', '"workers": 0', '"idempotency_keys": 0'):
             assert removed in ran.stdout, ran.stdout
+
+        # The same over the CLI: define, list, run and follow, delete.
+        added = run_cli(
+            "ai-tasks", "add", "weekly", "--prompt", "week {{ name }}", "--schedule", "0 8 * * 1",
+            env=env,
+        )  # fmt: skip
+        assert added.returncode == 0, added.stderr
+        assert "weekly: gpt-4o-mini on 0 8 * * 1 (schedule ai:weekly)" in added.stdout
+        listed = run_cli("ai-tasks", "list", env=env)
+        assert listed.returncode == 0, listed.stderr
+        assert [line.split()[0] for line in listed.stdout.splitlines()[1:]] == ["digest", "weekly"]
+        followed = run_cli("ai-tasks", "run", "weekly", "--follow", env=env)
+        assert followed.returncode == 0, followed.stderr + followed.stdout
+        assert "succeeded" in followed.stdout
+        assert '"text": "answer to: week weekly"' in followed.stdout
+        refused = run_cli("ai-tasks", "add", "bad", "--prompt", "x", "--notify", "email", env=env)
+        assert refused.returncode == 2, refused
+        assert run_cli("ai-tasks", "delete", "weekly", env=env).returncode == 0
+        gone = run_cli("ai-tasks", "run", "weekly", env=env)
+        assert gone.returncode == 1
+        assert "weekly" in gone.stderr and "Traceback" not in gone.stderr
     finally:
         stub.stop()

@@ -1,7 +1,8 @@
 """AI jobs through the worker's own code path (``execute``), in this process, against a
 real OpenAI-compatible stub on 127.0.0.1: the answer and its token usage, the ``llm``
 breaker opening while the stub is down and the jobs succeeding once it is back,
-429 with Retry-After, permanent 4xx. On SQLite and PostgreSQL."""
+429 with Retry-After (not counted as an attempt), permanent 4xx. On SQLite and
+PostgreSQL."""
 
 from __future__ import annotations
 
@@ -21,10 +22,11 @@ from conveyor.ai.metrics import TokenCollector
 from conveyor.ai.workload import AiTaskDefinition
 from conveyor.breakers import BreakerState
 from conveyor.errors import AiTaskExists, AiTaskInvalid
-from conveyor.jobs import JobStatus
+from conveyor.jobs import AttemptOutcome, JobStatus
 from conveyor.notifications import workload as notifications
 from conveyor.settings import Settings
 from conveyor.worker.attempt import execute
+from conveyor.worker.outcomes import MAX_DEFERRALS
 from tests.ai.llm_stub import COMPLETION_TOKENS, PROMPT_TOKENS, LlmStub
 from tests.notifications.receivers import SECRET, WebhookReceiver
 
@@ -154,6 +156,53 @@ def test_a_429_retries_after_its_retry_after_without_counting_against_the_breake
 
     execute(app, jobs[0].id, 2)
     assert app.store.get_job(jobs[0].id).status is JobStatus.SUCCEEDED
+
+
+def test_a_429_with_retry_after_does_not_use_up_an_attempt(
+    app: Conveyor, stub: LlmStub, database_url: str
+) -> None:
+    """Two 429s on a job of two attempts: each deferred, not counted, then it succeeds."""
+    stub.start()
+    define(app)
+    stub.reply(429, retry_after="0")
+    stub.reply(429, retry_after="0")
+    job = workload.run(app, "digest", max_attempts=2)
+    for attempt in (1, 2):
+        execute(app, job.id, attempt)
+        waiting = app.store.get_job(job.id)
+        assert waiting.status is JobStatus.RETRYING, waiting.error
+        assert waiting.error is not None and waiting.error.type == "conveyor.errors.ModelBusy"
+    execute(app, job.id, 3)  # past max_attempts by number, the first counted attempt
+    done = app.store.get_job(job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    outcomes = [a.outcome for a in app.store.attempts(job.id)]
+    assert outcomes == [AttemptOutcome.DEFERRED, AttemptOutcome.DEFERRED, AttemptOutcome.SUCCEEDED]
+    assert len(stub.requests) == 3
+
+
+def test_a_429_without_retry_after_counts_and_deferrals_past_the_cap_count(
+    app: Conveyor, stub: LlmStub, database_url: str
+) -> None:
+    """Nothing says when to come back: an ordinary retry. And a job told "not now" more
+    than MAX_DEFERRALS times has its further deferrals counted, so it ends."""
+    stub.start()
+    define(app)
+    stub.reply(429)
+    job = workload.run(app, "digest", max_attempts=1)
+    execute(app, job.id, 1)
+    dead = app.store.get_job(job.id)
+    assert dead.status is JobStatus.DEAD
+    assert dead.error is not None and dead.error.type == "conveyor.errors.ModelUnavailable"
+
+    for _ in range(MAX_DEFERRALS + 1):
+        stub.reply(429, retry_after="0")
+    job = workload.run(app, "digest", max_attempts=1)
+    for attempt in range(1, MAX_DEFERRALS + 2):
+        execute(app, job.id, attempt)
+    ended = app.store.get_job(job.id)
+    assert ended.status is JobStatus.DEAD
+    outcomes = [a.outcome for a in app.store.attempts(job.id)]
+    assert outcomes == [AttemptOutcome.DEFERRED] * MAX_DEFERRALS + [AttemptOutcome.FAILED]
 
 
 @pytest.mark.parametrize("status", [400, 401, 404])

@@ -109,6 +109,22 @@ def test_an_email_is_sent_once_with_a_message_id_from_its_job(
     assert len(smtp.messages) == 1
 
 
+def test_an_email_longer_than_one_smtp_line_is_sent_with_crlf_line_ends(
+    app: Conveyor, smtp: SmtpSink, database_url: str
+) -> None:
+    """A server reads lines by CRLF: a message of short lines ended by bare LFs would be
+    one line of over 1,000 bytes to it, refused as too long."""
+    lines = [f"line {n}: the quick brown fox jumps over the lazy dog" for n in range(40)]
+    job = notify(app, "email", "ada@example.com", data={"message": "\n".join(lines)})
+    execute(app, job.id, 1)
+
+    done = app.store.get_job(job.id)
+    assert done.status is JobStatus.SUCCEEDED, done.error
+    [message] = smtp.messages
+    text = next(part for part in message.walk() if part.get_content_type() == "text/plain")
+    assert text.get_payload(decode=True).decode().splitlines()[:40] == lines
+
+
 def test_an_email_whose_attempt_died_mid_send_is_not_sent_again(
     app: Conveyor, smtp: SmtpSink, database_url: str
 ) -> None:

@@ -4,7 +4,8 @@
 ModelUnavailable when the provider is down (unreachable, timeout, 5xx, 408), which
 the breaker counts. :func:`read` runs outside it: a 429 is the provider answering
 (it is up, only busy), so it retries after ``Retry-After`` without counting against
-the breaker; another 4xx is ModelRefused, for good.
+the breaker, nor, when the header is there (ModelBusy), against the job's attempts;
+another 4xx is ModelRefused, for good.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from conveyor.errors import ModelRefused, ModelUnavailable
+from conveyor.errors import ModelBusy, ModelRefused, ModelUnavailable
 
 #: Longest Retry-After honoured, seconds; a provider asking for more is asked again then.
 MAX_RETRY_AFTER = 3600.0
@@ -65,15 +66,16 @@ def send(
 
 
 def read(response: httpx.Response) -> Answer:
-    """The answer in a response :func:`send` returned; ModelUnavailable (with the delay
-    ``Retry-After`` asks for) on 429, ModelRefused on any other 4xx or a body that is
-    not a chat completion."""
+    """The answer in a response :func:`send` returned; on 429 ModelBusy with the delay
+    ``Retry-After`` asks for (ModelUnavailable, retried on the job's backoff, without
+    one); ModelRefused on any other 4xx or a body that is not a chat completion."""
     status = response.status_code
     if status == 429:
         delay = retry_after(response.headers.get("retry-after"))
-        raise ModelUnavailable(
-            "the LLM endpoint is rate limiting (HTTP 429)"
-            + (f"; retrying after {delay:g} s" if delay is not None else ""),
+        if delay is None:  # no word on when: an ordinary retry, so it cannot go on forever
+            raise ModelUnavailable("the LLM endpoint is rate limiting (HTTP 429)")
+        raise ModelBusy(
+            f"the LLM endpoint is rate limiting (HTTP 429); retrying after {delay:g} s",
             delay=delay,
         )
     if status >= 400:

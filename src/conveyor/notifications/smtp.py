@@ -11,6 +11,7 @@ import contextlib
 import smtplib
 import ssl
 from collections.abc import Callable
+from email import policy
 from email.message import EmailMessage
 
 from conveyor.errors import DeliveryFailed, DeliveryRefused
@@ -56,7 +57,10 @@ def send(
                 code, answer = client.rcpt(recipient)
                 _check(code, answer, f"RCPT TO {recipient}")
             before_data()
-            code, answer = client.data(message.as_bytes())
+            # Lines end in CRLF on the wire: smtplib fixes bare LFs only in str data, and
+            # servers read a bare-LF message as one line (refused past 1,000 bytes, and
+            # refused outright by many since the SMTP smuggling fixes).
+            code, answer = client.data(message.as_bytes(policy=policy.SMTP))
             _check(code, answer, "DATA")
             after_data(answer.decode("utf-8", "replace"))
             with contextlib.suppress(smtplib.SMTPException, OSError):

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from conveyor import payloads, tracing
 from conveyor.app import Conveyor
 from conveyor.context import Context
-from conveyor.errors import ConveyorError, PermanentError
+from conveyor.errors import ConveyorError, PermanentError, RetryLater
 from conveyor.jobs import AttemptOutcome, Job, JobStatus
 from conveyor.keys import acting_as
 from conveyor.worker.identity import patiently, worker_id
@@ -74,6 +74,8 @@ def execute(app: Conveyor, job_id: str, attempt: int, metrics: WorkerMetrics | N
                 failure: BaseException = exc
                 if _timed_out(exc):
                     reason = AttemptOutcome.TIMED_OUT
+                elif isinstance(exc, RetryLater):
+                    reason = AttemptOutcome.DEFERRED
                 status = _finally(lambda: record_failure(app, job, failure, task))
                 _ended(span, "timed_out" if _timed_out(exc) else "failed", exc)
             else:

@@ -14,7 +14,13 @@ from pydantic import BaseModel
 
 from conveyor import payloads
 from conveyor.app import Conveyor
-from conveyor.errors import NotStorable, PermanentError, RetryableError, StoreUnavailable
+from conveyor.errors import (
+    NotStorable,
+    PermanentError,
+    RetryableError,
+    RetryLater,
+    StoreUnavailable,
+)
 from conveyor.hooks import HookJob
 from conveyor.jobs import AttemptOutcome, Event, Job, JobError, JobStatus
 from conveyor.store import Hooked
@@ -22,6 +28,11 @@ from conveyor.tasks import Task
 from conveyor.worker.limits import release
 
 log = structlog.get_logger("conveyor.worker")
+
+
+#: Attempts a job may end with RetryLater without their counting against its
+#: ``max_attempts``; past these they count, so a job told "not now" forever still ends.
+MAX_DEFERRALS = 50
 
 
 def backoff(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
@@ -114,7 +125,8 @@ def record_failure(
     # A soft time limit counts as retryable, whatever the task's ``retry_on``.
     retryable = timed_out or (task.retries(exc) if task else False)
     delay = exc.delay if isinstance(exc, RetryableError) else None
-    return end_attempt(app, job, _error(exc), retryable=retryable, delay=delay)
+    deferred = retryable and isinstance(exc, RetryLater)
+    return end_attempt(app, job, _error(exc), retryable=retryable, delay=delay, deferred=deferred)
 
 
 def _error(exc: BaseException) -> JobError:
@@ -138,16 +150,28 @@ def end_attempt(
     delay: float | None = None,
     outcome: AttemptOutcome = AttemptOutcome.FAILED,
     dispatch_now: bool = True,
+    deferred: bool = False,
 ) -> JobStatus | None:
     """Record a failed attempt: retry it after a backoff while attempts remain,
     else the job is dead. Returns the job's new status, None if the attempt was
     no longer current (cancelled, or already ended elsewhere).
 
+    A ``deferred`` attempt (the task raised RetryLater) is recorded as such and is
+    not counted against ``max_attempts``, up to :data:`MAX_DEFERRALS` per job.
+
     A retry due at once is dispatched here unless ``dispatch_now`` is false (the
     old attempt may still be running for a moment): then the next sweep does it.
     """
+    # The attempts a job made are its attempt number; those deferred are not counted
+    # (read only when they matter: a deferral, or a job at its last counted attempt).
+    uncounted = _deferrals(app, job) if deferred or job.attempt >= job.max_attempts else 0
+    if deferred and uncounted < MAX_DEFERRALS:
+        outcome = AttemptOutcome.DEFERRED
     # A hand-back at shutdown is no failure of the job's: it never makes it dead.
-    exhausted = job.attempt >= job.max_attempts and outcome is not AttemptOutcome.INTERRUPTED
+    exhausted = job.attempt - uncounted >= job.max_attempts and outcome not in (
+        AttemptOutcome.INTERRUPTED,
+        AttemptOutcome.DEFERRED,
+    )
     if not retryable or exhausted:
         if job.pipeline_id is not None:
             recorded = app.store.die_step(
@@ -191,6 +215,12 @@ def end_attempt(
     if dispatch_now:  # else the old attempt may still run: the held job's own hold ends it
         release(app, job)
     return JobStatus.RETRYING
+
+
+def _deferrals(app: Conveyor, job: Job) -> int:
+    """How many of the job's ended attempts were deferred (not counted)."""
+    attempts = app.store.attempts(job.id)
+    return sum(1 for a in attempts if a.outcome is AttemptOutcome.DEFERRED)
 
 
 def take_back(
