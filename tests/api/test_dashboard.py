@@ -235,6 +235,39 @@ async def test_bad_filters_are_a_4xx_not_a_500(admin_key: str, sign_in: SignIn) 
             assert refused.status_code == 422, refused.text
 
 
+async def test_the_job_list_filters_by_queue_and_time_and_keeps_them_in_its_links(
+    client: httpx.AsyncClient, admin_key: str, sign_in: SignIn
+) -> None:
+    made = [
+        (
+            await client.post(
+                "/v1/jobs", json={"task": "tests.add", "payload": {"a": i}, "queue": q}
+            )
+        ).json()["id"]
+        for i, q in enumerate(["slow"] + ["fast"] * 52)
+    ]
+    browser = await sign_in(admin_key)
+    # As a browser's datetime-local field sends it: no seconds, no zone (UTC).
+    since = "2000-01-01T00:00"
+    first = await browser.get("/ui/jobs", params={"queue": "fast", "created_after": since})
+    assert first.status_code == 200, first.text
+    assert made[0] not in first.text and made[-1] in first.text
+    assert 'id="queue" name="queue" value="fast"' in first.text
+    found = re.search(r'href="([^"]+)" id="next-page"', first.text)
+    assert found, "52 jobs make two pages"
+    link = found.group(1).replace("&amp;", "&")
+    assert "queue=fast" in link and "created_after=2000-01-01T00%3A00" in link
+    second = await browser.get(link)
+    assert made[1] in second.text and made[0] not in second.text
+
+    none = await browser.get("/ui/jobs", params={"created_before": "2000-01-01T00:00:00Z"})
+    assert "No jobs match." in none.text
+    for bad in ({"created_after": "yesterday"}, {"created_before": "2000-02-30T00:00"}):
+        refused = await browser.get("/ui/jobs", params=bad)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+
+
 async def test_dead_letters_are_replayed_and_purged_by_filter(
     client: httpx.AsyncClient, conveyor: Conveyor, admin_key: str, sign_in: SignIn
 ) -> None:

@@ -321,6 +321,36 @@ def test_filter_by_several_statuses(store: Store, many_jobs: list[Job]) -> None:
     assert [j.id for j in jobs] == newest_first([j for j in many_jobs if j.status == "succeeded"])
 
 
+def test_filter_by_queue_and_creation_time_across_pages(store: Store) -> None:
+    made = [
+        submit(store, task=("a", "b")[i % 2], queue=("fast", "slow")[i % 3 == 0], payload={"i": i})
+        for i in range(24)
+    ]
+    since, until = made[4].created_at, made[19].created_at
+
+    def page(cursor: str | None) -> tuple[list[Job], str | None]:
+        return store.list_jobs(
+            queue="fast",
+            task="a",
+            created_after=since,
+            created_before=until,
+            limit=2,
+            cursor=cursor,
+        )
+
+    pages = read_all(page)
+    expected = [
+        j for j in made if j.queue == "fast" and j.task == "a" and since <= j.created_at < until
+    ]
+    assert len(expected) >= 5  # so that pages cross the filter more than once
+    assert [i for p in pages for i in p] == newest_first(expected)
+    assert all(len(p) == 2 for p in pages[:-1])
+    assert store.list_jobs(queue="nowhere") == ([], None)
+    later, _ = store.list_jobs(created_after=made[-1].created_at, limit=100)
+    assert made[-1].id in [j.id for j in later]
+    assert made[0].id not in [j.id for j in later]
+
+
 def test_list_empty(store: Store) -> None:
     assert store.list_jobs() == ([], None)
 

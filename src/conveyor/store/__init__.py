@@ -803,12 +803,16 @@ class Store:
         *,
         status: Sequence[JobStatus] = (),
         task: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         cursor: str | None = None,
         limit: int = 50,
         owner_key_id: str | None = None,
     ) -> tuple[list[Job], str | None]:
         """Newest first; pass the returned cursor back for the next page. With
-        ``owner_key_id``, only that API key's jobs."""
+        ``owner_key_id``, only that API key's jobs; ``created_after`` is inclusive and
+        ``created_before`` is not, so that adjacent windows neither overlap nor miss."""
         query = pages.newest_first(select(jobs_t), jobs_t.c.created_at, jobs_t.c.id, cursor)
         if owner_key_id is not None:
             query = query.where(jobs_t.c.owner_key_id == owner_key_id)
@@ -816,6 +820,12 @@ class Store:
             query = query.where(jobs_t.c.status.in_([s.value for s in status]))
         if task:
             query = query.where(jobs_t.c.task == task)
+        if queue:
+            query = query.where(jobs_t.c.queue == queue)
+        if created_after is not None:
+            query = query.where(jobs_t.c.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(jobs_t.c.created_at < created_before)
         with self._tx() as conn:
             found = conn.execute(query.limit(limit + 1)).mappings().all()
         page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))

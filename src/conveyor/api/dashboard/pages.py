@@ -24,7 +24,7 @@ from urllib.parse import parse_qs, urlencode
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from jinja2 import Environment, FileSystemLoader
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -35,7 +35,7 @@ from conveyor.api import breakers, dead_letters, events, jobs, pipelines, queues
 from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
 from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
-from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch
+from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Timestamp
 from conveyor.api.state import api_state
 from conveyor.jobs import JobStatus
 from conveyor.keys import allows
@@ -244,6 +244,9 @@ def job_list(
     user: User,
     status: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     task: str | None = None,
+    queue: str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
     cursor: str | None = None,
 ) -> HTMLResponse:
     """Jobs newest first; the filters and the page are in the URL."""
@@ -253,14 +256,31 @@ def job_list(
     except ValueError:
         choices = ", ".join(s.value for s in JobStatus)
         raise HTTPException(422, f"status is one of {choices}") from None
-    task = _blank(task)
+    task, queue = _blank(task), _blank(queue)
+    after_text, before_text = _blank(created_after), _blank(created_before)
+    since = _timestamp("created_after", after_text)
+    until = _timestamp("created_before", before_text)
     head = api_state(request).store.last_event_id()
     page = _json(
         jobs.list_jobs(
-            request, user.key, status=wanted, task=task, cursor=_blank(cursor), limit=PAGE_SIZE
+            request,
+            user.key,
+            status=wanted,
+            task=task,
+            queue=queue,
+            created_after=since,
+            created_before=until,
+            cursor=_blank(cursor),
+            limit=PAGE_SIZE,
         )
     )
-    filters = {"status": [s.value for s in wanted], "task": task}
+    filters = {
+        "status": [s.value for s in wanted],
+        "task": task,
+        "queue": queue,
+        "created_after": after_text,
+        "created_before": before_text,
+    }
     after = page["next_cursor"]
     return _page(
         request,
@@ -271,8 +291,28 @@ def job_list(
         statuses=[s.value for s in JobStatus],
         chosen=filters["status"],
         task=task or "",
+        queue=queue or "",
+        created_after=after_text or "",
+        created_before=before_text or "",
         next_url=f"{PREFIX}/jobs?{_query(**filters, cursor=after)}" if after else None,
     )
+
+
+_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+
+
+def _timestamp(name: str, text: str | None) -> datetime | None:
+    """A time filter as the API reads it (RFC 3339, UTC without a zone); a browser's
+    ``datetime-local`` field leaves out zero seconds, so those are put back first."""
+    if text is None:
+        return None
+    if len(text) == 16 and text[10:11] in ("T", "t"):  # 2026-11-29T13:05
+        text += ":00"
+    try:
+        return _TIMESTAMP.validate_python(text)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("query", name)} for e in errors]) from None
 
 
 @router.get("/jobs/{job_id}")
