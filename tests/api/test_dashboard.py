@@ -324,3 +324,40 @@ async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
                         break
     assert {e["job_id"] for e in received} == {mine["id"]}
     assert received[-1]["status"] == "succeeded"
+
+
+async def test_the_overview_draws_the_jobs_ended_per_minute(
+    conveyor: Conveyor, worker: Worker, admin_key: str, sign_in: SignIn
+) -> None:
+    for _ in range(3):
+        worker.run(conveyor.submit("tests.add", {"a": 1}).id)
+    kill(conveyor)
+    browser = await sign_in(admin_key)
+    page = (await browser.get("/ui")).text
+    assert 'id="throughput" data-succeeded="3" data-dead="1"' in page
+    assert page.count('<rect class="succeeded"') == 30
+    assert "failure rate 25.0%" in page
+    assert '<polyline class="failure-rate"' in page
+
+
+async def test_a_pipeline_page_draws_its_steps_in_layers_with_their_edges(
+    client: httpx.AsyncClient, admin_key: str, sign_in: SignIn
+) -> None:
+    steps = [
+        {"name": "fetch", "task": "diag.echo", "payload": {}},
+        {"name": "left", "task": "diag.echo", "payload": {}, "after": ["fetch"]},
+        {"name": "right", "task": "diag.echo", "payload": {}, "after": ["fetch"]},
+        {"name": "join", "task": "diag.echo", "payload": {}, "after": ["left", "right"]},
+    ]
+    made = await client.post("/v1/pipelines", json={"name": "<b>diamond</b>", "steps": steps})
+    assert made.status_code == 202, made.text
+    browser = await sign_in(admin_key)
+    page = (await browser.get(f"/ui/pipelines/{made.json()['id']}")).text
+    nodes = dict(re.findall(r'data-step="(\w+)" transform="translate\((\d+),(?:\d+)\)"', page))
+    assert nodes == {"fetch": "0", "left": "210", "right": "210", "join": "420"}  # by depth
+    edges = set(re.findall(r'class="edge" data-from="(\w+)" data-to="(\w+)"', page))
+    assert edges == {("fetch", "left"), ("fetch", "right"), ("left", "join"), ("right", "join")}
+    assert 'class="node running" data-step="fetch"' in page
+    assert 'class="node pending" data-step="join"' in page
+    assert f'data-stream="/ui/pipelines/{made.json()["id"]}/events?after=' in page
+    assert "<b>diamond</b>" not in page

@@ -351,6 +351,45 @@ def test_filter_by_queue_and_creation_time_across_pages(store: Store) -> None:
     assert made[0].id not in [j.id for j in later]
 
 
+def test_throughput_counts_ended_jobs_per_minute(store: Store) -> None:
+    now = datetime(2026, 11, 29, 12, 30, 20, tzinfo=UTC)
+    ended = [  # (seconds before now, how it ended)
+        (5, "succeeded"),
+        (15, "succeeded"),  # 12:30:05, this minute still
+        (21, "dead"),  # 12:29:59, the minute before
+        (81, "succeeded"),  # 12:28:59
+        (81, "dead"),
+        (29 * 60 + 20, "succeeded"),  # 12:01:00, the first minute shown
+        (29 * 60 + 21, "dead"),  # 12:00:59: before it
+        (0, "cancelled"),  # nothing ran: not counted
+    ]
+    for ago, how in ended:
+        job = submit(store)
+        if how == "cancelled":
+            store.cancel(job.id, reason="test")
+        else:
+            assert store.claim(job.id, 1, "w") is not None
+            done = (
+                store.succeed(job.id, 1, None) if how == "succeeded" else store.die(job.id, 1, BOOM)
+            )
+            assert done is not None
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job.id)
+                .values(finished_at=now - timedelta(seconds=ago))
+            )
+    submit(store)  # queued: not ended
+
+    minutes = store.throughput(30, now=now)
+
+    assert len(minutes) == 30
+    assert minutes[0].at == datetime(2026, 11, 29, 12, 1, tzinfo=UTC)
+    assert minutes[-1].at == datetime(2026, 11, 29, 12, 30, tzinfo=UTC)
+    counted = {m.at.minute: (m.succeeded, m.dead) for m in minutes if m.succeeded or m.dead}
+    assert counted == {30: (2, 0), 29: (0, 1), 28: (1, 1), 1: (1, 0)}
+
+
 def test_list_empty(store: Store) -> None:
     assert store.list_jobs() == ([], None)
 

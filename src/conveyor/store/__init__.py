@@ -55,6 +55,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     bindparam,
     create_engine,
     delete,
@@ -284,6 +285,15 @@ class QueueDepth:
     scheduled: int = 0
     running: int = 0
     workers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Minute:
+    """The jobs that ended in one minute, from ``at``: the overview's chart."""
+
+    at: datetime
+    succeeded: int = 0
+    dead: int = 0
 
 
 class WorkerState(enum.StrEnum):
@@ -2012,6 +2022,43 @@ class Store:
                 for queue in queues or ():
                     depths.setdefault(queue, QueueDepth()).workers.append(worker)
         return depths
+
+    def throughput(self, minutes: int, *, now: datetime | None = None) -> list[Minute]:
+        """Jobs that succeeded and died in each of the last ``minutes`` minutes (the
+        current one last, still filling), every minute present.
+
+        One range read of ``ix_conveyor_jobs_status_finished`` per status, grouped by
+        whole minutes since the first; cancelled jobs are not counted (nothing ran).
+        """
+        now = now or utcnow()
+        current = now.replace(second=0, microsecond=0)
+        first = current - timedelta(minutes=minutes - 1)
+        epoch = int(first.timestamp())
+        if self.dialect == "postgresql":
+            seconds: ColumnElement[Any] = func.floor(
+                func.extract("epoch", jobs_t.c.finished_at)
+            ).cast(Integer)
+        else:
+            seconds = func.strftime("%s", jobs_t.c.finished_at).cast(Integer)
+        minute = ((seconds - epoch) // 60).label("minute")
+        ended = (JobStatus.SUCCEEDED.value, JobStatus.DEAD.value)
+        query = (
+            select(minute, jobs_t.c.status, func.count())
+            .where(jobs_t.c.status.in_(ended), jobs_t.c.finished_at >= first)
+            .group_by(minute, jobs_t.c.status)
+        )
+        counts: dict[tuple[int, str], int] = {}
+        with self._tx() as conn:
+            for index, status, count in conn.execute(query):
+                counts[int(index), status] = int(count)
+        return [
+            Minute(
+                at=first + timedelta(minutes=index),
+                succeeded=counts.get((index, JobStatus.SUCCEEDED.value), 0),
+                dead=counts.get((index, JobStatus.DEAD.value), 0),
+            )
+            for index in range(minutes)
+        ]
 
     def workers_stopped(self, *, prefix: str) -> None:
         """Mark the workers whose ids start with ``prefix`` as stopped; a job still

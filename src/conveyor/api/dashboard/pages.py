@@ -31,9 +31,19 @@ from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from conveyor.api import breakers, dead_letters, events, jobs, pipelines, queues, schedules
+from conveyor.api import (
+    breakers,
+    dead_letters,
+    events,
+    jobs,
+    pipelines,
+    queues,
+    schedules,
+    throughput,
+)
 from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
+from conveyor.api.dashboard.drawing import pipeline_graph, throughput_chart
 from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
 from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Timestamp
 from conveyor.api.state import api_state
@@ -45,6 +55,8 @@ from conveyor.store import ApiKey
 PREFIX = "/ui"
 STATIC_URL = f"{PREFIX}/static"
 PAGE_SIZE = 50
+#: The overview's chart: jobs ended per minute over this many minutes.
+CHART_MINUTES = 30
 
 _HERE = Path(str(files("conveyor.api.dashboard")))
 _templates = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True)
@@ -225,11 +237,14 @@ def overview(request: Request, user: User) -> HTMLResponse:
     )
     dead_count = f"{len(dead['items'])}{'+' if dead['next_cursor'] else ''}"
     open_breakers = [b for b in breakers.list_breakers(request).items if b.state != "closed"]
+    chart = throughput_chart(throughput.throughput(request, minutes=CHART_MINUTES))
     return _page(
         request,
         "overview.html",
         user,
         head=head,
+        chart=chart,
+        chart_minutes=CHART_MINUTES,
         queues=depth,
         alive=alive,
         lost=lost,
@@ -466,7 +481,8 @@ def pipeline_page(pipeline_id: str, request: Request, user: User) -> HTMLRespons
     require_scope(user.key, "jobs:read")
     head = api_state(request).store.last_event_id()
     pipeline = pipelines.get_pipeline(pipeline_id, request, user.key)
-    return _page(request, "pipeline.html", user, pipeline=pipeline, head=head)
+    graph = pipeline_graph(pipeline.steps)
+    return _page(request, "pipeline.html", user, pipeline=pipeline, graph=graph, head=head)
 
 
 @router.get("/workers")
@@ -516,6 +532,22 @@ async def job_events(
     require_scope(user.key, "jobs:read")
     return await events.job_events(
         job_id, request, user.key, after=None, last_event_id=last_event_id
+    )
+
+
+@router.get("/pipelines/{pipeline_id}/events")
+async def pipeline_events(
+    pipeline_id: str,
+    request: Request,
+    user: User,
+    after: events.After = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """The pipeline's own stream (its steps' and jobs' events) after the page was read,
+    for its graph: one stream, however many steps and items."""
+    require_scope(user.key, "jobs:read")
+    return await pipelines.pipeline_events(
+        pipeline_id, request, user.key, after=after, last_event_id=last_event_id
     )
 
 
