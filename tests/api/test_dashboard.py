@@ -44,7 +44,11 @@ def sign_in(api: FastAPI, browsers: list[httpx.AsyncClient]) -> SignIn:
     """A cookie-keeping client (no Authorization header) signed in with ``key``."""
 
     async def signed(key: str, base_url: str = "http://api") -> httpx.AsyncClient:
-        browser = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url=base_url)
+        browser = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api),
+            base_url=base_url,
+            headers={"Origin": base_url},  # as a browser's form posts say
+        )
         browsers.append(browser)
         response = await browser.post("/ui/login", data={"key": key})
         assert response.status_code == 303, response.text
@@ -92,6 +96,7 @@ async def test_pages_need_a_session_and_posts_without_one_get_401(
 async def test_signing_in_sets_a_strict_httponly_expiring_cookie(
     anonymous: httpx.AsyncClient, admin_key: str, sign_in: SignIn
 ) -> None:
+    anonymous.headers["Origin"] = "http://api"
     wrong = await anonymous.post("/ui/login", data={"key": "cvk_not-a-key"})
     assert wrong.status_code == 401
     assert "set-cookie" not in wrong.headers
@@ -146,10 +151,25 @@ async def test_a_post_needs_the_sessions_csrf_token_and_our_origin(
         ({}, {}),
         ({"csrf": other_token}, {}),  # another session's token
         ({"csrf": token}, {"Origin": "http://evil.example"}),
+        ({"csrf": token}, {"Origin": None}),  # a valid token, but from nowhere
+        ({"csrf": token}, {"Origin": None, "Referer": "http://evil.example/ui/jobs"}),
     ):
-        refused = await browser.post(f"/ui/jobs/{job['id']}/cancel", data=data, headers=headers)
+        browser.headers.update({k: v for k, v in headers.items() if v is not None})
+        for name in (k for k, v in headers.items() if v is None):
+            del browser.headers[name]
+        refused = await browser.post(f"/ui/jobs/{job['id']}/cancel", data=data)
+        browser.headers.pop("Referer", None)
+        browser.headers["Origin"] = "http://api"
         assert refused.status_code == 403, refused.text
         assert (await client.get(f"/v1/jobs/{job['id']}")).json()["status"] == "queued"
+    del browser.headers["Origin"]  # a browser that sends only the Referer
+    done = await browser.post(
+        f"/ui/jobs/{job['id']}/cancel",
+        data={"csrf": token},
+        headers={"Referer": f"http://api/ui/jobs/{job['id']}"},
+    )
+    assert done.status_code == 303, done.text
+    job = (await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})).json()
 
     done = await browser.post(
         f"/ui/jobs/{job['id']}/cancel", data={"csrf": token}, headers={"Origin": "http://api"}
@@ -300,7 +320,8 @@ async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
 ) -> None:
     _, secret = await make_key(client, "bob", "jobs:read", "jobs:write")
     async with httpx.AsyncClient(base_url=live, timeout=STREAM_TIMEOUT) as browser:
-        assert (await browser.post("/ui/login", data={"key": secret})).status_code == 303
+        signed = await browser.post("/ui/login", data={"key": secret}, headers={"Origin": live})
+        assert signed.status_code == 303
         theirs = (
             await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
         ).json()

@@ -6,8 +6,8 @@ declare (:func:`conveyor.api.auth.require_scope`): what a key sees and may do he
 exactly what it sees and may do over the API, ownership included. Their errors become
 the API's problem+json answers (a read-only key posting anyway gets 403).
 
-Every POST carries the session's CSRF token and, when the browser sends one, an
-``Origin`` that must be this site's; the session cookie is SameSite=Strict besides.
+Every POST carries the session's CSRF token and an ``Origin`` (else a ``Referer``)
+that must be this site's; the session cookie is SameSite=Strict besides.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -123,10 +123,18 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
 def _check_origin(request: Request) -> None:
+    """The post's ``Origin``, else its ``Referer``, must be this site. Browsers send
+    ``Origin`` with every form POST, and ``Referer`` too under the pages'
+    ``Referrer-Policy: same-origin``; a POST with neither did not come from one of
+    these pages (programs use ``/v1`` with a key), so it is refused whatever it holds."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
     origin = request.headers.get("origin")
     if origin is None:
-        return  # not every client sends it; the CSRF token still has to match
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        referer = request.headers.get("referer")
+        if referer is None:
+            raise HTTPException(403, "a form post must say where it comes from (Origin)")
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}"
     if origin != own:
         raise HTTPException(403, "this form was posted from another site")
 

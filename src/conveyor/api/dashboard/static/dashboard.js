@@ -69,12 +69,20 @@
   }
 
   // Pages summarising many things (the overview) are re-read at most once a second.
+  // An event arriving while a re-read is in flight asks for one more after it, so
+  // that the last event of a burst is always shown.
   const refresh = body.dataset.refresh;
   let pending = null;
+  let again = false;
   function refreshSoon() {
-    if (!refresh || pending) return;
+    if (!refresh) return;
+    if (pending) { again = true; return; }
     pending = setTimeout(function () {
-      reread(refresh, function () { pending = null; });
+      again = false;
+      reread(refresh, function () {
+        pending = null;
+        if (again) refreshSoon();
+      });
     }, 1000);
   }
 
