@@ -389,6 +389,20 @@ def test_throughput_counts_ended_jobs_per_minute(store: Store) -> None:
     counted = {m.at.minute: (m.succeeded, m.dead) for m in minutes if m.succeeded or m.dead}
     assert counted == {30: (2, 0), 29: (0, 1), 28: (1, 1), 1: (1, 0)}
 
+    # Past minutes are kept once read; the current one is read again each time.
+    late = submit(store)
+    assert store.claim(late.id, 1, "w") is not None
+    assert store.die(late.id, 1, BOOM) is not None
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == late.id)
+            .values(finished_at=now - timedelta(seconds=1))
+        )
+    again = store.throughput(30, now=now)
+    assert (again[-1].succeeded, again[-1].dead) == (2, 1)
+    assert again[:-1] == minutes[:-1]
+
 
 def test_list_empty(store: Store) -> None:
     assert store.list_jobs() == ([], None)

@@ -287,6 +287,12 @@ class QueueDepth:
     workers: list[str] = field(default_factory=list)
 
 
+#: How long after its end a minute's ended jobs are taken as all counted: a job's end
+#: is stamped by its worker's clock and committed a little later (a group commit,
+#: clocks a little apart).
+SETTLED = timedelta(seconds=15)
+
+
 @dataclass(frozen=True)
 class Minute:
     """The jobs that ended in one minute, from ``at``: the overview's chart."""
@@ -384,6 +390,9 @@ class Store:
         self._hot_lock = threading.Lock()
         #: Circuit breakers shared by every process on this store (``conveyor.breakers``).
         self.breakers = BreakerBook(self, utcnow)
+        #: Past minutes of :meth:`throughput`, by their start; see there.
+        self._minutes: dict[datetime, Minute] = {}
+        self._minutes_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -2027,14 +2036,34 @@ class Store:
 
     def throughput(self, minutes: int, *, now: datetime | None = None) -> list[Minute]:
         """Jobs that succeeded and died in each of the last ``minutes`` minutes (the
-        current one last, still filling), every minute present.
+        current one last, still filling), every minute present; cancelled jobs are not
+        counted (nothing ran).
 
-        One range read of ``ix_conveyor_jobs_status_finished`` per status, grouped by
-        whole minutes since the first; cancelled jobs are not counted (nothing ran).
+        A minute over for :data:`SETTLED` is kept in memory once read: jobs only end
+        at the present, so its counts no longer change. Each call then reads the
+        minutes since the last one kept (the current one, mostly) with one grouped
+        range read of ``ix_conveyor_jobs_status_finished``: a busy system's last half
+        hour of ended jobs is counted once, not on every refresh of the overview.
         """
         now = now or utcnow()
         current = now.replace(second=0, microsecond=0)
         first = current - timedelta(minutes=minutes - 1)
+        shown = [first + timedelta(minutes=n) for n in range(minutes)]
+        with self._minutes_lock:
+            kept = {at: self._minutes[at] for at in shown if at in self._minutes}
+        unread = next((at for at in shown if at not in kept), None)
+        read = self._minutes_from(unread) if unread is not None else {}
+        settled = now - SETTLED - timedelta(minutes=1)  # minutes starting before it are over
+        with self._minutes_lock:
+            for at in shown:
+                if unread is not None and unread <= at <= settled:
+                    self._minutes[at] = read.get(at) or Minute(at=at)
+            for at in [at for at in self._minutes if at < first - timedelta(days=1)]:
+                del self._minutes[at]  # a day older than any chart asks for
+        return [kept.get(at) or read.get(at) or Minute(at=at) for at in shown]
+
+    def _minutes_from(self, first: datetime) -> dict[datetime, Minute]:
+        """Jobs ended from ``first`` (a minute's start) on, by minute."""
         epoch = int(first.timestamp())
         if self.dialect == "postgresql":
             seconds: ColumnElement[Any] = func.floor(
@@ -2049,18 +2078,19 @@ class Store:
             .where(jobs_t.c.status.in_(ended), jobs_t.c.finished_at >= first)
             .group_by(minute, jobs_t.c.status)
         )
-        counts: dict[tuple[int, str], int] = {}
+        counts: dict[datetime, dict[str, int]] = {}
         with self._tx() as conn:
             for index, status, count in conn.execute(query):
-                counts[int(index), status] = int(count)
-        return [
-            Minute(
-                at=first + timedelta(minutes=index),
-                succeeded=counts.get((index, JobStatus.SUCCEEDED.value), 0),
-                dead=counts.get((index, JobStatus.DEAD.value), 0),
+                at = first + timedelta(minutes=int(index))
+                counts.setdefault(at, {})[status] = int(count)
+        return {
+            at: Minute(
+                at=at,
+                succeeded=found.get(JobStatus.SUCCEEDED.value, 0),
+                dead=found.get(JobStatus.DEAD.value, 0),
             )
-            for index in range(minutes)
-        ]
+            for at, found in counts.items()
+        }
 
     def workers_stopped(self, *, prefix: str) -> None:
         """Mark the workers whose ids start with ``prefix`` as stopped; a job still
