@@ -348,7 +348,11 @@ async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
 
 
 async def test_the_overview_draws_the_jobs_ended_per_minute(
-    conveyor: Conveyor, worker: Worker, admin_key: str, sign_in: SignIn
+    client: httpx.AsyncClient,
+    conveyor: Conveyor,
+    worker: Worker,
+    admin_key: str,
+    sign_in: SignIn,
 ) -> None:
     for _ in range(3):
         worker.run(conveyor.submit("tests.add", {"a": 1}).id)
@@ -359,6 +363,10 @@ async def test_the_overview_draws_the_jobs_ended_per_minute(
     assert page.count('<rect class="succeeded"') == 30
     assert "failure rate 25.0%" in page
     assert '<polyline class="failure-rate"' in page
+    assert '<span class="value" id="dead-hour">1</span>' in page
+    _, secret = await make_key(client, "own-only", "jobs:read")
+    theirs = (await (await sign_in(secret)).get("/ui")).text
+    assert '<span class="value" id="dead-hour">0</span>' in theirs  # not its dead letter
 
 
 async def test_a_pipeline_page_draws_its_steps_in_layers_with_their_edges(

@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from conveyor.errors import IllegalTransition, JobNotFound, StoreUnavailable
 from conveyor.jobs import Event, EventType, Job, JobError, JobStatus
 from conveyor.models import ApiKeyRow, EventRow, jobs_t, keys_t
-from conveyor.store import Store, hash_key
+from conveyor.store import DeadLetterFilter, Store, hash_key
 
 BOOM = JobError(type="ValueError", message="boom", traceback="Traceback ...")
 
@@ -402,6 +402,22 @@ def test_throughput_counts_ended_jobs_per_minute(store: Store) -> None:
     again = store.throughput(30, now=now)
     assert (again[-1].succeeded, again[-1].dead) == (2, 1)
     assert again[:-1] == minutes[:-1]
+
+
+def test_dead_letters_are_counted_up_to_a_cap(store: Store) -> None:
+    for n in range(3):
+        job = submit(store, owner_key_id="alice" if n else None)
+        assert store.claim(job.id, 1, "w") is not None
+        assert store.die(job.id, 1, BOOM) is not None
+    submit(store)  # not dead
+    since = datetime.now(UTC) - timedelta(hours=1)
+
+    assert store.count_dead_letters(DeadLetterFilter(since=since), cap=10) == 3
+    assert store.count_dead_letters(DeadLetterFilter(since=since), cap=2) == 2
+    alice = DeadLetterFilter(since=since, owner_key_id="alice")
+    assert store.count_dead_letters(alice, cap=10) == 2
+    later = DeadLetterFilter(since=datetime.now(UTC) + timedelta(minutes=1))
+    assert store.count_dead_letters(later, cap=10) == 0
 
 
 def test_list_empty(store: Store) -> None:

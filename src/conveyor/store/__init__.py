@@ -2535,6 +2535,13 @@ class Store:
         page, after = pages.cut(dead, limit, lambda row: (rows.utc(row["finished_at"]), row["id"]))
         return _readable_jobs(page), after
 
+    def count_dead_letters(self, match: DeadLetterFilter, *, cap: int) -> int:
+        """How many dead jobs match, counting no further than ``cap`` (a range of
+        ``ix_conveyor_jobs_status_finished`` when ``since`` is given)."""
+        some = select(jobs_t.c.id).where(*_dead_letter_conditions(match)).limit(cap).subquery()
+        with self._tx() as conn:
+            return int(conn.execute(select(func.count()).select_from(some)).scalar_one())
+
     def dead_letter(self, job_id: str) -> Job:
         """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""
         job = self.get_job(job_id)
