@@ -4,8 +4,10 @@ real ``conveyor up`` for the whole module.
 Checked: signing in and out; a job's progress bar reaching 100% without a reload; a
 job page's timeline gaining events live; replaying a dead letter from its page;
 pausing a schedule; a read-only key seeing no action buttons and refused (403) when it
-posts anyway; a payload holding ``<script>`` shown as text and never run. Each test
-saves a screenshot of its page into its own output directory.
+posts anyway; a payload holding ``<script>`` shown as text and never run; a
+pipeline's graph turning its nodes ``succeeded`` from the pipeline's stream without a
+reload; the overview's chart drawn. Each test saves a screenshot of its page into its
+own output directory.
 """
 
 from __future__ import annotations

@@ -4,7 +4,10 @@ Every page reads through the API's own route functions (``conveyor.api.jobs`` an
 others), called with the session's key after the same scope check the ``/v1`` routes
 declare (:func:`conveyor.api.auth.require_scope`): what a key sees and may do here is
 exactly what it sees and may do over the API, ownership included. Their errors become
-the API's problem+json answers (a read-only key posting anyway gets 403).
+the API's problem+json answers (a read-only key posting anyway gets 403). The one
+exception is the overview's count of the hour's dead letters, which asks the store for
+a count under the same owner filter (``conveyor.keys.owner_filter``) rather than read
+a page of them.
 
 Every POST carries the session's CSRF token and an ``Origin`` (else a ``Referer``)
 that must be this site's; the session cookie is SameSite=Strict besides.
