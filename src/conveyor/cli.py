@@ -1006,14 +1006,27 @@ def list_jobs(
         typer.Option("--status", "-s", help="Only jobs in this status; repeat for several."),
     ] = None,
     task: Annotated[str | None, typer.Option(help="Only jobs of this task.")] = None,
+    queue: Annotated[str | None, typer.Option(help="Only jobs of this queue.")] = None,
+    created_after: Annotated[
+        str | None,
+        typer.Option(help="Only jobs created at or after this (RFC 3339; no zone: UTC)."),
+    ] = None,
+    created_before: Annotated[
+        str | None, typer.Option(help="Only jobs created before this (RFC 3339; no zone: UTC).")
+    ] = None,
     limit: Annotated[int, typer.Option(min=1, max=200, help="Jobs per page.")] = 20,
     cursor: Annotated[str | None, typer.Option(help="Page cursor from a previous list.")] = None,
 ) -> None:
     """Newest jobs first."""
     params: list[tuple[str, str | int]] = [("limit", limit)]
     params += [("status", s.value) for s in status or ()]
-    if task:
-        params.append(("task", task))
+    filters = {
+        "task": task,
+        "queue": queue,
+        "created_after": created_after,
+        "created_before": created_before,
+    }
+    params += [(name, value) for name, value in filters.items() if value]
     if cursor:
         params.append(("cursor", cursor))
     with ApiClient(load_settings()) as client:
@@ -1021,6 +1034,7 @@ def list_jobs(
     table = Table(box=None, header_style="bold")
     table.add_column("ID", no_wrap=True, min_width=36)  # whole: it is what you copy
     table.add_column("TASK", no_wrap=True)
+    table.add_column("QUEUE", no_wrap=True)
     table.add_column("STATUS", no_wrap=True)
     table.add_column("PROGRESS", justify="right", no_wrap=True)
     table.add_column("ATTEMPT", justify="right", no_wrap=True)
@@ -1032,6 +1046,7 @@ def list_jobs(
         table.add_row(
             job["id"],
             job["task"],
+            job["queue"],
             Text(job["status"], style=STATUS_STYLE.get(job["status"], "")),
             f"{percent:.0f}%" if percent is not None else "",
             f"{job['attempt']}/{job['max_attempts']}",

@@ -108,6 +108,8 @@ class JobRow(Base):
     __table_args__ = (
         Index("ix_conveyor_jobs_created", "created_at", "id"),  # the newest-first list
         Index("ix_conveyor_jobs_status_created", "status", "created_at"),
+        # The queue depths count from the index alone, in its order (migration 0020).
+        Index("ix_conveyor_jobs_status_queue", "status", "queue"),
         Index("ix_conveyor_jobs_task_created", "task", "created_at"),
         Index("ix_conveyor_jobs_replay_of", "replay_of"),
         Index("ix_conveyor_jobs_status_finished", "status", "finished_at"),

@@ -44,7 +44,11 @@ def sign_in(api: FastAPI, browsers: list[httpx.AsyncClient]) -> SignIn:
     """A cookie-keeping client (no Authorization header) signed in with ``key``."""
 
     async def signed(key: str, base_url: str = "http://api") -> httpx.AsyncClient:
-        browser = httpx.AsyncClient(transport=httpx.ASGITransport(app=api), base_url=base_url)
+        browser = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api),
+            base_url=base_url,
+            headers={"Origin": base_url},  # as a browser's form posts say
+        )
         browsers.append(browser)
         response = await browser.post("/ui/login", data={"key": key})
         assert response.status_code == 303, response.text
@@ -92,6 +96,7 @@ async def test_pages_need_a_session_and_posts_without_one_get_401(
 async def test_signing_in_sets_a_strict_httponly_expiring_cookie(
     anonymous: httpx.AsyncClient, admin_key: str, sign_in: SignIn
 ) -> None:
+    anonymous.headers["Origin"] = "http://api"
     wrong = await anonymous.post("/ui/login", data={"key": "cvk_not-a-key"})
     assert wrong.status_code == 401
     assert "set-cookie" not in wrong.headers
@@ -146,10 +151,25 @@ async def test_a_post_needs_the_sessions_csrf_token_and_our_origin(
         ({}, {}),
         ({"csrf": other_token}, {}),  # another session's token
         ({"csrf": token}, {"Origin": "http://evil.example"}),
+        ({"csrf": token}, {"Origin": None}),  # a valid token, but from nowhere
+        ({"csrf": token}, {"Origin": None, "Referer": "http://evil.example/ui/jobs"}),
     ):
-        refused = await browser.post(f"/ui/jobs/{job['id']}/cancel", data=data, headers=headers)
+        browser.headers.update({k: v for k, v in headers.items() if v is not None})
+        for name in (k for k, v in headers.items() if v is None):
+            del browser.headers[name]
+        refused = await browser.post(f"/ui/jobs/{job['id']}/cancel", data=data)
+        browser.headers.pop("Referer", None)
+        browser.headers["Origin"] = "http://api"
         assert refused.status_code == 403, refused.text
         assert (await client.get(f"/v1/jobs/{job['id']}")).json()["status"] == "queued"
+    del browser.headers["Origin"]  # a browser that sends only the Referer
+    done = await browser.post(
+        f"/ui/jobs/{job['id']}/cancel",
+        data={"csrf": token},
+        headers={"Referer": f"http://api/ui/jobs/{job['id']}"},
+    )
+    assert done.status_code == 303, done.text
+    job = (await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})).json()
 
     done = await browser.post(
         f"/ui/jobs/{job['id']}/cancel", data={"csrf": token}, headers={"Origin": "http://api"}
@@ -235,6 +255,39 @@ async def test_bad_filters_are_a_4xx_not_a_500(admin_key: str, sign_in: SignIn) 
             assert refused.status_code == 422, refused.text
 
 
+async def test_the_job_list_filters_by_queue_and_time_and_keeps_them_in_its_links(
+    client: httpx.AsyncClient, admin_key: str, sign_in: SignIn
+) -> None:
+    made = [
+        (
+            await client.post(
+                "/v1/jobs", json={"task": "tests.add", "payload": {"a": i}, "queue": q}
+            )
+        ).json()["id"]
+        for i, q in enumerate(["slow"] + ["fast"] * 52)
+    ]
+    browser = await sign_in(admin_key)
+    # As a browser's datetime-local field sends it: no seconds, no zone (UTC).
+    since = "2000-01-01T00:00"
+    first = await browser.get("/ui/jobs", params={"queue": "fast", "created_after": since})
+    assert first.status_code == 200, first.text
+    assert made[0] not in first.text and made[-1] in first.text
+    assert 'id="queue" name="queue" value="fast"' in first.text
+    found = re.search(r'href="([^"]+)" id="next-page"', first.text)
+    assert found, "52 jobs make two pages"
+    link = found.group(1).replace("&amp;", "&")
+    assert "queue=fast" in link and "created_after=2000-01-01T00%3A00" in link
+    second = await browser.get(link)
+    assert made[1] in second.text and made[0] not in second.text
+
+    none = await browser.get("/ui/jobs", params={"created_before": "2000-01-01T00:00:00Z"})
+    assert "No jobs match." in none.text
+    for bad in ({"created_after": "yesterday"}, {"created_before": "2000-02-30T00:00"}):
+        refused = await browser.get("/ui/jobs", params=bad)
+        assert refused.status_code == 422, refused.text
+        assert refused.headers["content-type"] == "application/problem+json"
+
+
 async def test_dead_letters_are_replayed_and_purged_by_filter(
     client: httpx.AsyncClient, conveyor: Conveyor, admin_key: str, sign_in: SignIn
 ) -> None:
@@ -267,7 +320,8 @@ async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
 ) -> None:
     _, secret = await make_key(client, "bob", "jobs:read", "jobs:write")
     async with httpx.AsyncClient(base_url=live, timeout=STREAM_TIMEOUT) as browser:
-        assert (await browser.post("/ui/login", data={"key": secret})).status_code == 303
+        signed = await browser.post("/ui/login", data={"key": secret}, headers={"Origin": live})
+        assert signed.status_code == 303
         theirs = (
             await client.post("/v1/jobs", json={"task": "tests.add", "payload": {"a": 1}})
         ).json()
@@ -291,3 +345,48 @@ async def test_the_pages_stream_uses_the_session_and_keeps_to_the_keys_jobs(
                         break
     assert {e["job_id"] for e in received} == {mine["id"]}
     assert received[-1]["status"] == "succeeded"
+
+
+async def test_the_overview_draws_the_jobs_ended_per_minute(
+    client: httpx.AsyncClient,
+    conveyor: Conveyor,
+    worker: Worker,
+    admin_key: str,
+    sign_in: SignIn,
+) -> None:
+    for _ in range(3):
+        worker.run(conveyor.submit("tests.add", {"a": 1}).id)
+    kill(conveyor)
+    browser = await sign_in(admin_key)
+    page = (await browser.get("/ui")).text
+    assert 'id="throughput" data-succeeded="3" data-dead="1"' in page
+    assert page.count('<rect class="succeeded"') == 30
+    assert "failure rate 25.0%" in page
+    assert '<polyline class="failure-rate"' in page
+    assert '<span class="value" id="dead-hour">1</span>' in page
+    _, secret = await make_key(client, "own-only", "jobs:read")
+    theirs = (await (await sign_in(secret)).get("/ui")).text
+    assert '<span class="value" id="dead-hour">0</span>' in theirs  # not its dead letter
+
+
+async def test_a_pipeline_page_draws_its_steps_in_layers_with_their_edges(
+    client: httpx.AsyncClient, admin_key: str, sign_in: SignIn
+) -> None:
+    steps = [
+        {"name": "fetch", "task": "diag.echo", "payload": {}},
+        {"name": "left", "task": "diag.echo", "payload": {}, "after": ["fetch"]},
+        {"name": "right", "task": "diag.echo", "payload": {}, "after": ["fetch"]},
+        {"name": "join", "task": "diag.echo", "payload": {}, "after": ["left", "right"]},
+    ]
+    made = await client.post("/v1/pipelines", json={"name": "<b>diamond</b>", "steps": steps})
+    assert made.status_code == 202, made.text
+    browser = await sign_in(admin_key)
+    page = (await browser.get(f"/ui/pipelines/{made.json()['id']}")).text
+    nodes = dict(re.findall(r'data-step="(\w+)" transform="translate\((\d+),(?:\d+)\)"', page))
+    assert nodes == {"fetch": "0", "left": "210", "right": "210", "join": "420"}  # by depth
+    edges = set(re.findall(r'class="edge" data-from="(\w+)" data-to="(\w+)"', page))
+    assert edges == {("fetch", "left"), ("fetch", "right"), ("left", "join"), ("right", "join")}
+    assert 'class="node running" data-step="fetch"' in page
+    assert 'class="node pending" data-step="join"' in page
+    assert f'data-stream="/ui/pipelines/{made.json()["id"]}/events?after=' in page
+    assert "<b>diamond</b>" not in page

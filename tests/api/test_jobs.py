@@ -236,6 +236,53 @@ async def test_list_filters_by_statuses_and_task(client: httpx.AsyncClient, work
     assert await ids({"status": "succeeded"}) == {done["id"]}
 
 
+async def test_list_filters_by_queue_and_creation_time_across_pages(
+    client: httpx.AsyncClient,
+) -> None:
+    made = [await submit(client, queue=("fast", "slow")[i % 3 == 0]) for i in range(9)]
+    since, until = made[1]["created_at"], made[8]["created_at"]
+    expected = [made[i]["id"] for i in (7, 5, 4, 2, 1)]  # fast, from the second to the eighth
+
+    seen: list[str] = []
+    params: dict[str, str | int] = {
+        "queue": "fast",
+        "created_after": since,
+        "created_before": until,
+        "status": "queued",
+        "limit": 2,
+    }
+    while True:
+        response = await client.get("/v1/jobs", params=params)
+        assert response.status_code == 200, response.text
+        page = response.json()
+        seen += [job["id"] for job in page["items"]]
+        if page["next_cursor"] is None:
+            break
+        params["cursor"] = page["next_cursor"]
+
+    assert seen == expected
+    naive = {"created_after": "2999-01-01T00:00:00"}  # no zone: UTC
+    assert (await client.get("/v1/jobs", params=naive)).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"created_after": "yesterday"},
+        {"created_before": "2026-13-01T00:00:00Z"},
+        {"created_after": "1700000000"},
+    ],
+)
+async def test_list_refuses_a_time_that_is_not_rfc_3339(
+    client: httpx.AsyncClient, params: dict[str, str]
+) -> None:
+    response = await client.get("/v1/jobs", params=params)
+    assert response.status_code == 422
+    assert response.headers["content-type"] == "application/problem+json"
+    [name] = params
+    assert name in response.text
+
+
 @pytest.mark.parametrize(
     "cursor",
     [

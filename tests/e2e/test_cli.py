@@ -161,10 +161,22 @@ def test_jobs_list_show_and_cancel(stack: Stack) -> None:
         {"seconds": 60, "steps": 60},
     )
 
-    listed = run_cli("jobs", "list", "--status", "cancelled", "--task", "diag.sleep", env=stack.env)
+    listed = run_cli(
+        "jobs", "list", "--status", "cancelled", "--task", "diag.sleep", "--queue", "default",
+        env=stack.env,
+    )  # fmt: skip
     assert listed.returncode == 0, listed
     assert job_id in listed.stdout
     assert "cancelled" in listed.stdout
+    elsewhere = run_cli("jobs", "list", "--queue", "no-such-queue", env=stack.env)
+    assert elsewhere.returncode == 0, elsewhere
+    assert job_id not in elsewhere.stdout
+    later = run_cli("jobs", "list", "--created-after", "2999-01-01T00:00:00Z", env=stack.env)
+    assert job_id not in later.stdout
+    wrong = run_cli("jobs", "list", "--created-before", "yesterday", env=stack.env)
+    assert wrong.returncode == 1, wrong
+    assert "422" in wrong.stderr
+    assert_no_traceback(wrong)
 
     again = run_cli("jobs", "cancel", job_id, env=stack.env)
     assert again.returncode == 1, again

@@ -4,8 +4,10 @@ real ``conveyor up`` for the whole module.
 Checked: signing in and out; a job's progress bar reaching 100% without a reload; a
 job page's timeline gaining events live; replaying a dead letter from its page;
 pausing a schedule; a read-only key seeing no action buttons and refused (403) when it
-posts anyway; a payload holding ``<script>`` shown as text and never run. Each test
-saves a screenshot of its page into its own output directory.
+posts anyway; a payload holding ``<script>`` shown as text and never run; a
+pipeline's graph turning its nodes ``succeeded`` from the pipeline's stream without a
+reload; the overview's chart drawn. Each test saves a screenshot of its page into its
+own output directory.
 """
 
 from __future__ import annotations
@@ -215,3 +217,40 @@ def test_a_payload_holding_a_script_is_shown_as_text(
     assert admin.locator("#payload b").count() == 0
     assert admin.evaluate("window.pwned === undefined")
     shoot(admin, tmp_path, "escaped")
+
+
+def test_a_pipelines_graph_changes_live_without_a_reload(
+    admin: Page, site: Site, tmp_path: Path
+) -> None:
+    steps = [
+        {"name": "nap", "task": "diag.sleep", "payload": {"seconds": 4, "steps": 4}},
+        {"name": "left", "task": "diag.echo", "payload": {}, "after": ["nap"]},
+        {"name": "right", "task": "diag.sleep", "payload": {"seconds": 1}, "after": ["nap"]},
+        {"name": "join", "task": "diag.echo", "payload": {}, "after": ["left", "right"]},
+    ]
+    made = site.api.post("/v1/pipelines", json={"name": "diamond", "steps": steps})
+    assert made.status_code == 202, made.text
+    admin.goto(f"/ui/pipelines/{made.json()['id']}")
+    admin.evaluate("window.sameDocument = true")
+    join = admin.locator('#graph [data-step="join"]')
+    assert join.get_attribute("class") == "node pending"  # "nap" sleeps for 4 s first
+    assert admin.locator("#graph path.edge").count() == 4
+    expect(join).to_have_attribute("class", "node succeeded", timeout=WAIT_MS)
+    expect(admin.locator("#pipeline-status")).to_have_text("succeeded")
+    for step in ("nap", "left", "right"):
+        expect(admin.locator(f'#graph [data-step="{step}"]')).to_have_class("node succeeded")
+    assert admin.evaluate("window.sameDocument") is True  # no reload happened
+    shoot(admin, tmp_path, "pipeline")
+
+
+def test_the_overview_draws_the_jobs_ended_per_minute(
+    admin: Page, site: Site, tmp_path: Path
+) -> None:
+    done = submit(site.api, "diag.echo", {})
+    wait_until(site.api, done["id"], "succeeded")
+    admin.goto("/ui")
+    chart = admin.locator("#throughput svg")
+    expect(chart).to_be_visible()
+    assert chart.locator("rect.succeeded").count() == 30
+    assert int(admin.locator("#throughput").get_attribute("data-succeeded") or 0) >= 1
+    shoot(admin, tmp_path, "overview")

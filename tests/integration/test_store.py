@@ -16,7 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from conveyor.errors import IllegalTransition, JobNotFound, StoreUnavailable
 from conveyor.jobs import Event, EventType, Job, JobError, JobStatus
 from conveyor.models import ApiKeyRow, EventRow, jobs_t, keys_t
-from conveyor.store import Store, hash_key
+from conveyor.store import DeadLetterFilter, Store, hash_key
 
 BOOM = JobError(type="ValueError", message="boom", traceback="Traceback ...")
 
@@ -319,6 +319,105 @@ def test_filter_by_several_statuses(store: Store, many_jobs: list[Job]) -> None:
     jobs, cursor = store.list_jobs(status=[JobStatus.SUCCEEDED, JobStatus.RUNNING], limit=100)
     assert cursor is None
     assert [j.id for j in jobs] == newest_first([j for j in many_jobs if j.status == "succeeded"])
+
+
+def test_filter_by_queue_and_creation_time_across_pages(store: Store) -> None:
+    made = [
+        submit(store, task=("a", "b")[i % 2], queue=("fast", "slow")[i % 3 == 0], payload={"i": i})
+        for i in range(24)
+    ]
+    since, until = made[4].created_at, made[19].created_at
+
+    def page(cursor: str | None) -> tuple[list[Job], str | None]:
+        return store.list_jobs(
+            queue="fast",
+            task="a",
+            created_after=since,
+            created_before=until,
+            limit=2,
+            cursor=cursor,
+        )
+
+    pages = read_all(page)
+    expected = [
+        j for j in made if j.queue == "fast" and j.task == "a" and since <= j.created_at < until
+    ]
+    assert len(expected) >= 5  # so that pages cross the filter more than once
+    assert [i for p in pages for i in p] == newest_first(expected)
+    assert all(len(p) == 2 for p in pages[:-1])
+    assert store.list_jobs(queue="nowhere") == ([], None)
+    later, _ = store.list_jobs(created_after=made[-1].created_at, limit=100)
+    assert made[-1].id in [j.id for j in later]
+    assert made[0].id not in [j.id for j in later]
+
+
+def test_throughput_counts_ended_jobs_per_minute(store: Store) -> None:
+    now = datetime(2026, 11, 29, 12, 30, 20, tzinfo=UTC)
+    ended = [  # (seconds before now, how it ended)
+        (5, "succeeded"),
+        (15, "succeeded"),  # 12:30:05, this minute still
+        (21, "dead"),  # 12:29:59, the minute before
+        (81, "succeeded"),  # 12:28:59
+        (81, "dead"),
+        (29 * 60 + 20, "succeeded"),  # 12:01:00, the first minute shown
+        (29 * 60 + 21, "dead"),  # 12:00:59: before it
+        (0, "cancelled"),  # nothing ran: not counted
+    ]
+    for ago, how in ended:
+        job = submit(store)
+        if how == "cancelled":
+            store.cancel(job.id, reason="test")
+        else:
+            assert store.claim(job.id, 1, "w") is not None
+            done = (
+                store.succeed(job.id, 1, None) if how == "succeeded" else store.die(job.id, 1, BOOM)
+            )
+            assert done is not None
+        with store.engine.begin() as conn:
+            conn.execute(
+                update(jobs_t)
+                .where(jobs_t.c.id == job.id)
+                .values(finished_at=now - timedelta(seconds=ago))
+            )
+    submit(store)  # queued: not ended
+
+    minutes = store.throughput(30, now=now)
+
+    assert len(minutes) == 30
+    assert minutes[0].at == datetime(2026, 11, 29, 12, 1, tzinfo=UTC)
+    assert minutes[-1].at == datetime(2026, 11, 29, 12, 30, tzinfo=UTC)
+    counted = {m.at.minute: (m.succeeded, m.dead) for m in minutes if m.succeeded or m.dead}
+    assert counted == {30: (2, 0), 29: (0, 1), 28: (1, 1), 1: (1, 0)}
+
+    # Past minutes are kept once read; the current one is read again each time.
+    late = submit(store)
+    assert store.claim(late.id, 1, "w") is not None
+    assert store.die(late.id, 1, BOOM) is not None
+    with store.engine.begin() as conn:
+        conn.execute(
+            update(jobs_t)
+            .where(jobs_t.c.id == late.id)
+            .values(finished_at=now - timedelta(seconds=1))
+        )
+    again = store.throughput(30, now=now)
+    assert (again[-1].succeeded, again[-1].dead) == (2, 1)
+    assert again[:-1] == minutes[:-1]
+
+
+def test_dead_letters_are_counted_up_to_a_cap(store: Store) -> None:
+    for n in range(3):
+        job = submit(store, owner_key_id="alice" if n else None)
+        assert store.claim(job.id, 1, "w") is not None
+        assert store.die(job.id, 1, BOOM) is not None
+    submit(store)  # not dead
+    since = datetime.now(UTC) - timedelta(hours=1)
+
+    assert store.count_dead_letters(DeadLetterFilter(since=since), cap=10) == 3
+    assert store.count_dead_letters(DeadLetterFilter(since=since), cap=2) == 2
+    alice = DeadLetterFilter(since=since, owner_key_id="alice")
+    assert store.count_dead_letters(alice, cap=10) == 2
+    later = DeadLetterFilter(since=datetime.now(UTC) + timedelta(minutes=1))
+    assert store.count_dead_letters(later, cap=10) == 0
 
 
 def test_list_empty(store: Store) -> None:

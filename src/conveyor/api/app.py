@@ -41,6 +41,7 @@ from conveyor.api import (
     queues,
     schedules,
     tasks,
+    throughput,
     topics,
     workers,
 )
@@ -149,7 +150,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
     app.add_middleware(SecurityHeaders, cacheable=docs.ASSETS_URL)
     routers = (
         *(jobs, pipelines, dead_letters, schedules, events, tasks),
-        *(queues, workers, topics, breakers, keys, audit, health),
+        *(queues, throughput, workers, topics, breakers, keys, audit, health),
     )
     for module in routers:
         app.include_router(module.router)

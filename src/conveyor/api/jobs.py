@@ -28,6 +28,7 @@ from conveyor.api.schemas import (
     JobRequest,
     JobResource,
     Purged,
+    Timestamp,
 )
 from conveyor.api.state import api_state
 from conveyor.errors import BatchInvalid, ConfigurationError, ConveyorError, PayloadInvalid
@@ -196,10 +197,18 @@ def list_jobs(
     key: Authenticated,
     status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     task: str | None = None,
+    queue: str | None = None,
+    created_after: Annotated[
+        Timestamp | None, Query(description="Created at or after this (RFC 3339).")
+    ] = None,
+    created_before: Annotated[
+        Timestamp | None, Query(description="Created before this (RFC 3339).")
+    ] = None,
     cursor: Cursor = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 50,
 ) -> Response:
-    """Jobs newest first, filtered by any of several statuses and by task.
+    """Jobs newest first, filtered by any of several statuses, by task, by queue and by
+    when they were created (a timestamp without a zone is UTC).
 
     A page holds at most ``limit`` jobs and ends early once its items reach
     1 MiB of JSON (a job bigger than that comes alone); follow ``next_cursor``.
@@ -209,7 +218,14 @@ def list_jobs(
 
     def fetch(after: str | None, count: int) -> tuple[list[Job], str | None]:
         return store.list_jobs(
-            status=status, task=task, cursor=after, limit=count, owner_key_id=owner_filter(key)
+            status=status,
+            task=task,
+            queue=queue,
+            created_after=created_after,
+            created_before=created_before,
+            cursor=after,
+            limit=count,
+            owner_key_id=owner_filter(key),
         )
 
     def render(jobs: Sequence[Job]) -> list[JobResource]:

@@ -55,6 +55,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     bindparam,
     create_engine,
     delete,
@@ -287,6 +288,21 @@ class QueueDepth:
     workers: list[str] = field(default_factory=list)
 
 
+#: How long after its end a minute's ended jobs are taken as all counted: a job's end
+#: is stamped by its worker's clock and committed a little later (a group commit,
+#: clocks a little apart).
+SETTLED = timedelta(seconds=15)
+
+
+@dataclass(frozen=True)
+class Minute:
+    """The jobs that ended in one minute, from ``at``: the overview's chart."""
+
+    at: datetime
+    succeeded: int = 0
+    dead: int = 0
+
+
 class WorkerState(enum.StrEnum):
     """``lost``: silent for longer than the heartbeat timeout without stopping cleanly."""
 
@@ -375,6 +391,9 @@ class Store:
         self._hot_lock = threading.Lock()
         #: Circuit breakers shared by every process on this store (``conveyor.breakers``).
         self.breakers = BreakerBook(self, utcnow)
+        #: Past minutes of :meth:`throughput`, by their start; see there.
+        self._minutes: dict[datetime, Minute] = {}
+        self._minutes_lock = threading.Lock()
 
     @property
     def dialect(self) -> str:
@@ -804,12 +823,16 @@ class Store:
         *,
         status: Sequence[JobStatus] = (),
         task: str | None = None,
+        queue: str | None = None,
+        created_after: datetime | None = None,
+        created_before: datetime | None = None,
         cursor: str | None = None,
         limit: int = 50,
         owner_key_id: str | None = None,
     ) -> tuple[list[Job], str | None]:
         """Newest first; pass the returned cursor back for the next page. With
-        ``owner_key_id``, only that API key's jobs."""
+        ``owner_key_id``, only that API key's jobs; ``created_after`` is inclusive and
+        ``created_before`` is not, so that adjacent windows neither overlap nor miss."""
         query = pages.newest_first(select(jobs_t), jobs_t.c.created_at, jobs_t.c.id, cursor)
         if owner_key_id is not None:
             query = query.where(jobs_t.c.owner_key_id == owner_key_id)
@@ -817,6 +840,12 @@ class Store:
             query = query.where(jobs_t.c.status.in_([s.value for s in status]))
         if task:
             query = query.where(jobs_t.c.task == task)
+        if queue:
+            query = query.where(jobs_t.c.queue == queue)
+        if created_after is not None:
+            query = query.where(jobs_t.c.created_at >= created_after)
+        if created_before is not None:
+            query = query.where(jobs_t.c.created_at < created_before)
         with self._tx() as conn:
             found = conn.execute(query.limit(limit + 1)).mappings().all()
         page, after = pages.cut(found, limit, lambda row: (rows.utc(row["created_at"]), row["id"]))
@@ -1983,10 +2012,12 @@ class Store:
     def queue_depths(self, live_within: float) -> dict[str, QueueDepth]:
         """Per queue that has jobs or a consumer: jobs by status, and the workers (main
         processes heard from within ``live_within`` seconds) consuming it."""
+        # Grouped in the order of ix_conveyor_jobs_status_queue, which then holds all the
+        # query reads: no table rows, no sort.
         counted = (
             select(jobs_t.c.queue, jobs_t.c.status, func.count())
             .where(jobs_t.c.status.in_([*WAITING, JobStatus.RUNNING.value, "scheduled"]))
-            .group_by(jobs_t.c.queue, jobs_t.c.status)
+            .group_by(jobs_t.c.status, jobs_t.c.queue)
         )
         live = select(workers_t.c.id, workers_t.c.queues).where(
             workers_t.c.queues.is_not(None),
@@ -2007,6 +2038,64 @@ class Store:
                 for queue in queues or ():
                     depths.setdefault(queue, QueueDepth()).workers.append(worker)
         return depths
+
+    def throughput(self, minutes: int, *, now: datetime | None = None) -> list[Minute]:
+        """Jobs that succeeded and died in each of the last ``minutes`` minutes (the
+        current one last, still filling), every minute present; cancelled jobs are not
+        counted (nothing ran).
+
+        A minute over for :data:`SETTLED` is kept in memory once read: jobs only end
+        at the present, so its counts no longer change. Each call then reads the
+        minutes since the last one kept (the current one, mostly) with one grouped
+        range read of ``ix_conveyor_jobs_status_finished``: a busy system's last half
+        hour of ended jobs is counted once, not on every refresh of the overview.
+        """
+        now = now or utcnow()
+        current = now.replace(second=0, microsecond=0)
+        first = current - timedelta(minutes=minutes - 1)
+        shown = [first + timedelta(minutes=n) for n in range(minutes)]
+        with self._minutes_lock:
+            kept = {at: self._minutes[at] for at in shown if at in self._minutes}
+        unread = next((at for at in shown if at not in kept), None)
+        read = self._minutes_from(unread) if unread is not None else {}
+        settled = now - SETTLED - timedelta(minutes=1)  # minutes starting before it are over
+        with self._minutes_lock:
+            for at in shown:
+                if unread is not None and unread <= at <= settled:
+                    self._minutes[at] = read.get(at) or Minute(at=at)
+            for at in [at for at in self._minutes if at < first - timedelta(days=1)]:
+                del self._minutes[at]  # a day older than any chart asks for
+        return [kept.get(at) or read.get(at) or Minute(at=at) for at in shown]
+
+    def _minutes_from(self, first: datetime) -> dict[datetime, Minute]:
+        """Jobs ended from ``first`` (a minute's start) on, by minute."""
+        epoch = int(first.timestamp())
+        if self.dialect == "postgresql":
+            seconds: ColumnElement[Any] = func.floor(
+                func.extract("epoch", jobs_t.c.finished_at)
+            ).cast(Integer)
+        else:
+            seconds = func.strftime("%s", jobs_t.c.finished_at).cast(Integer)
+        minute = ((seconds - epoch) // 60).label("minute")
+        ended = (JobStatus.SUCCEEDED.value, JobStatus.DEAD.value)
+        query = (
+            select(minute, jobs_t.c.status, func.count())
+            .where(jobs_t.c.status.in_(ended), jobs_t.c.finished_at >= first)
+            .group_by(minute, jobs_t.c.status)
+        )
+        counts: dict[datetime, dict[str, int]] = {}
+        with self._tx() as conn:
+            for index, status, count in conn.execute(query):
+                at = first + timedelta(minutes=int(index))
+                counts.setdefault(at, {})[status] = int(count)
+        return {
+            at: Minute(
+                at=at,
+                succeeded=found.get(JobStatus.SUCCEEDED.value, 0),
+                dead=found.get(JobStatus.DEAD.value, 0),
+            )
+            for at, found in counts.items()
+        }
 
     def workers_stopped(self, *, prefix: str) -> None:
         """Mark the workers whose ids start with ``prefix`` as stopped; a job still
@@ -2548,6 +2637,13 @@ class Store:
             dead = conn.execute(query.limit(limit + 1)).mappings().all()
         page, after = pages.cut(dead, limit, lambda row: (rows.utc(row["finished_at"]), row["id"]))
         return _readable_jobs(page), after
+
+    def count_dead_letters(self, match: DeadLetterFilter, *, cap: int) -> int:
+        """How many dead jobs match, counting no further than ``cap`` (a range of
+        ``ix_conveyor_jobs_status_finished`` when ``since`` is given)."""
+        some = select(jobs_t.c.id).where(*_dead_letter_conditions(match)).limit(cap).subquery()
+        with self._tx() as conn:
+            return int(conn.execute(select(func.count()).select_from(some)).scalar_one())
 
     def dead_letter(self, job_id: str) -> Job:
         """One dead job; raises JobNotFound, or DeadLetterNotFound if it is not dead."""

@@ -4,10 +4,13 @@ Every page reads through the API's own route functions (``conveyor.api.jobs`` an
 others), called with the session's key after the same scope check the ``/v1`` routes
 declare (:func:`conveyor.api.auth.require_scope`): what a key sees and may do here is
 exactly what it sees and may do over the API, ownership included. Their errors become
-the API's problem+json answers (a read-only key posting anyway gets 403).
+the API's problem+json answers (a read-only key posting anyway gets 403). The one
+exception is the overview's count of the hour's dead letters, which asks the store for
+a count under the same owner filter (``conveyor.keys.owner_filter``) rather than read
+a page of them.
 
-Every POST carries the session's CSRF token and, when the browser sends one, an
-``Origin`` that must be this site's; the session cookie is SameSite=Strict besides.
+Every POST carries the session's CSRF token and an ``Origin`` (else a ``Referer``)
+that must be this site's; the session cookie is SameSite=Strict besides.
 """
 
 from __future__ import annotations
@@ -19,32 +22,46 @@ from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import parse_qs, urlencode
+from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from jinja2 import Environment, FileSystemLoader
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from conveyor.api import breakers, dead_letters, events, jobs, pipelines, queues, schedules
+from conveyor.api import (
+    breakers,
+    dead_letters,
+    events,
+    jobs,
+    pipelines,
+    queues,
+    schedules,
+    throughput,
+)
 from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
+from conveyor.api.dashboard.drawing import pipeline_graph, throughput_chart
 from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
-from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch
+from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Timestamp
 from conveyor.api.state import api_state
 from conveyor.jobs import JobStatus
-from conveyor.keys import allows
+from conveyor.keys import allows, owner_filter
 from conveyor.settings import Settings
-from conveyor.store import ApiKey
+from conveyor.store import ApiKey, DeadLetterFilter
 
 PREFIX = "/ui"
 STATIC_URL = f"{PREFIX}/static"
 PAGE_SIZE = 50
+#: The overview's chart: jobs ended per minute over this many minutes.
+CHART_MINUTES = 30
+#: The overview counts the last hour's dead letters up to this many.
+DEAD_COUNT_CAP = 10_000
 
 _HERE = Path(str(files("conveyor.api.dashboard")))
 _templates = Environment(loader=FileSystemLoader(_HERE / "templates"), autoescape=True)
@@ -111,10 +128,18 @@ router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
 
 def _check_origin(request: Request) -> None:
+    """The post's ``Origin``, else its ``Referer``, must be this site. Browsers send
+    ``Origin`` with every form POST, and ``Referer`` too under the pages'
+    ``Referrer-Policy: same-origin``; a POST with neither did not come from one of
+    these pages (programs use ``/v1`` with a key), so it is refused whatever it holds."""
+    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
     origin = request.headers.get("origin")
     if origin is None:
-        return  # not every client sends it; the CSRF token still has to match
-    own = f"{request.url.scheme}://{request.headers.get('host', '')}"
+        referer = request.headers.get("referer")
+        if referer is None:
+            raise HTTPException(403, "a form post must say where it comes from (Origin)")
+        parts = urlsplit(referer)
+        origin = f"{parts.scheme}://{parts.netloc}"
     if origin != own:
         raise HTTPException(403, "this form was posted from another site")
 
@@ -217,19 +242,21 @@ def overview(request: Request, user: User) -> HTMLResponse:
     found = _json(worker_routes.list_workers(request, state=None, cursor=None, limit=200))
     alive = sum(1 for w in found["items"] if w["state"] == "alive")
     lost = sum(1 for w in found["items"] if w["state"] == "lost")
+    # Counted, not listed: the dead letters of the hour the key may see (its own
+    # only without jobs:read-all, as GET /v1/dead-letters lists them).
     hour_ago = datetime.now(UTC) - timedelta(hours=1)
-    dead = _json(
-        dead_letters.list_dead_letters(
-            request, user.key, since=hour_ago, cursor=None, limit=dead_letters.MAX_PAGE
-        )
-    )
-    dead_count = f"{len(dead['items'])}{'+' if dead['next_cursor'] else ''}"
+    mine = DeadLetterFilter(since=hour_ago, owner_key_id=owner_filter(user.key))
+    counted = api_state(request).store.count_dead_letters(mine, cap=DEAD_COUNT_CAP)
+    dead_count = f"{counted:,}{'+' if counted >= DEAD_COUNT_CAP else ''}"
     open_breakers = [b for b in breakers.list_breakers(request).items if b.state != "closed"]
+    chart = throughput_chart(throughput.throughput(request, minutes=CHART_MINUTES))
     return _page(
         request,
         "overview.html",
         user,
         head=head,
+        chart=chart,
+        chart_minutes=CHART_MINUTES,
         queues=depth,
         alive=alive,
         lost=lost,
@@ -244,6 +271,9 @@ def job_list(
     user: User,
     status: Annotated[list[str], Query()] = [],  # noqa: B006 - FastAPI copies defaults
     task: str | None = None,
+    queue: str | None = None,
+    created_after: str | None = None,
+    created_before: str | None = None,
     cursor: str | None = None,
 ) -> HTMLResponse:
     """Jobs newest first; the filters and the page are in the URL."""
@@ -253,14 +283,31 @@ def job_list(
     except ValueError:
         choices = ", ".join(s.value for s in JobStatus)
         raise HTTPException(422, f"status is one of {choices}") from None
-    task = _blank(task)
+    task, queue = _blank(task), _blank(queue)
+    after_text, before_text = _blank(created_after), _blank(created_before)
+    since = _timestamp("created_after", after_text)
+    until = _timestamp("created_before", before_text)
     head = api_state(request).store.last_event_id()
     page = _json(
         jobs.list_jobs(
-            request, user.key, status=wanted, task=task, cursor=_blank(cursor), limit=PAGE_SIZE
+            request,
+            user.key,
+            status=wanted,
+            task=task,
+            queue=queue,
+            created_after=since,
+            created_before=until,
+            cursor=_blank(cursor),
+            limit=PAGE_SIZE,
         )
     )
-    filters = {"status": [s.value for s in wanted], "task": task}
+    filters = {
+        "status": [s.value for s in wanted],
+        "task": task,
+        "queue": queue,
+        "created_after": after_text,
+        "created_before": before_text,
+    }
     after = page["next_cursor"]
     return _page(
         request,
@@ -271,8 +318,28 @@ def job_list(
         statuses=[s.value for s in JobStatus],
         chosen=filters["status"],
         task=task or "",
+        queue=queue or "",
+        created_after=after_text or "",
+        created_before=before_text or "",
         next_url=f"{PREFIX}/jobs?{_query(**filters, cursor=after)}" if after else None,
     )
+
+
+_TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+
+
+def _timestamp(name: str, text: str | None) -> datetime | None:
+    """A time filter as the API reads it (RFC 3339, UTC without a zone); a browser's
+    ``datetime-local`` field leaves out zero seconds, so those are put back first."""
+    if text is None:
+        return None
+    if len(text) == 16 and text[10:11] in ("T", "t"):  # 2026-11-29T13:05
+        text += ":00"
+    try:
+        return _TIMESTAMP.validate_python(text)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        raise RequestValidationError([{**e, "loc": ("query", name)} for e in errors]) from None
 
 
 @router.get("/jobs/{job_id}")
@@ -426,7 +493,8 @@ def pipeline_page(pipeline_id: str, request: Request, user: User) -> HTMLRespons
     require_scope(user.key, "jobs:read")
     head = api_state(request).store.last_event_id()
     pipeline = pipelines.get_pipeline(pipeline_id, request, user.key)
-    return _page(request, "pipeline.html", user, pipeline=pipeline, head=head)
+    graph = pipeline_graph(pipeline.steps)
+    return _page(request, "pipeline.html", user, pipeline=pipeline, graph=graph, head=head)
 
 
 @router.get("/workers")
@@ -476,6 +544,22 @@ async def job_events(
     require_scope(user.key, "jobs:read")
     return await events.job_events(
         job_id, request, user.key, after=None, last_event_id=last_event_id
+    )
+
+
+@router.get("/pipelines/{pipeline_id}/events")
+async def pipeline_events(
+    pipeline_id: str,
+    request: Request,
+    user: User,
+    after: events.After = None,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """The pipeline's own stream (its steps' and jobs' events) after the page was read,
+    for its graph: one stream, however many steps and items."""
+    require_scope(user.key, "jobs:read")
+    return await pipelines.pipeline_events(
+        pipeline_id, request, user.key, after=after, last_event_id=last_event_id
     )
 
 

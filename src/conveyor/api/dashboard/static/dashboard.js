@@ -69,12 +69,20 @@
   }
 
   // Pages summarising many things (the overview) are re-read at most once a second.
+  // An event arriving while a re-read is in flight asks for one more after it, so
+  // that the last event of a burst is always shown.
   const refresh = body.dataset.refresh;
   let pending = null;
+  let again = false;
   function refreshSoon() {
-    if (!refresh || pending) return;
+    if (!refresh) return;
+    if (pending) { again = true; return; }
     pending = setTimeout(function () {
-      reread(refresh, function () { pending = null; });
+      again = false;
+      reread(refresh, function () {
+        pending = null;
+        if (again) refreshSoon();
+      });
     }, 1000);
   }
 
@@ -87,13 +95,39 @@
     }
   }
 
-  const source = new EventSource(url);
+  // A pipeline's graph: a step's node takes its new status at once (its class colours
+  // it); the re-read that follows brings the progress of its items.
+  const ENDED = ["succeeded", "failed", "cancelled"];
+  let source = null;
+  function showStep(event) {
+    if (event.type === "step" && event.step) {
+      each("[data-step]", event.step, function (node) {
+        node.setAttribute("class", "node " + event.status);
+      });
+      each("[data-step-status]", event.step, function (text) {
+        text.textContent = event.status;
+      });
+    }
+    if (event.type === "pipeline") {
+      const status = document.getElementById("pipeline-status");
+      if (status) status.textContent = event.status;
+      // Its stream ends here: reconnecting would only find it ended again.
+      // A re-read already under way may have missed the end: read once more.
+      if (ENDED.indexOf(event.status) >= 0) {
+        source.close();
+        if (refresh) reread(refresh, function () {});
+      }
+    }
+  }
+
+  source = new EventSource(url);
   function handle(kind) {
     return function (message) {
       let event;
       try { event = JSON.parse(message.data); } catch (e) { return; }
       if (kind === "progress") showProgress(event);
       if (kind === "status") showStatus(event);
+      if (kind === "step" || kind === "pipeline") showStep(event);
       addToTimeline(event);
       refreshSoon();
       showEnd(event);
@@ -102,6 +136,8 @@
   source.addEventListener("progress", handle("progress"));
   source.addEventListener("status", handle("status"));
   source.addEventListener("breaker", handle("breaker"));
+  source.addEventListener("step", handle("step"));
+  source.addEventListener("pipeline", handle("pipeline"));
   body.dataset.streamOpen = "connecting";
   source.addEventListener("open", function () { body.dataset.streamOpen = "open"; });
   window.addEventListener("pagehide", function () { source.close(); });
