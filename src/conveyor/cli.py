@@ -464,6 +464,8 @@ def _job_path(job_id: str) -> str:
 # -- submit -------------------------------------------------------------------------
 
 
+#: Seconds to wait for the answer to a mail batch (up to 10,000 pipelines recorded).
+BATCH_READ_TIMEOUT = 120.0
 #: Jobs sent per ``POST /v1/jobs/batch`` when submitting from standard input.
 BATCH_SIZE = 1000
 
@@ -881,8 +883,13 @@ def send_email_template(
                 listed = json.loads(recipients.read_text(encoding="utf-8"))
             except ValueError as exc:
                 raise CliError(f"--recipients is not valid JSON: {exc}", code=2) from None
+            # Every recipient is checked and recorded before the answer: 10,000 take
+            # seconds (docs/benchmarks.md), more than a request's usual 10 s at worst.
             batch = client.request(
-                "POST", f"{_template_path(name)}/batch", json={"recipients": listed}
+                "POST",
+                f"{_template_path(name)}/batch",
+                json={"recipients": listed},
+                timeout=httpx.Timeout(10.0, read=BATCH_READ_TIMEOUT),
             )
             out.print(batch["batch_id"], markup=False)
             for pipeline_id in batch["pipeline_ids"]:
