@@ -241,7 +241,7 @@ def conveyor_problem(exc: ConveyorError) -> JSONResponse:
         errors = _pipeline_errors(exc)
     if isinstance(exc, NotificationInvalid):
         # A dotted field points into a list: ``recipients.3.to`` is body.recipients[3].to.
-        at = [int(p) if p.isdigit() else p for p in exc.field.split(".")]
+        at = [int(p) if p.isascii() and p.isdigit() else p for p in exc.field.split(".")]
         errors = [_field_error(("body", *at), {"msg": detail, "type": "invalid_notification"})]
     if isinstance(exc, EmailTemplateInvalid):
         errors = [
