@@ -390,3 +390,20 @@ async def test_a_pipeline_page_draws_its_steps_in_layers_with_their_edges(
     assert 'class="node pending" data-step="join"' in page
     assert f'data-stream="/ui/pipelines/{made.json()["id"]}/events?after=' in page
     assert "<b>diamond</b>" not in page
+
+
+@pytest.mark.parametrize(
+    ("path", "query"),
+    [
+        ("/ui/jobs", {"queue": "default\x00"}),
+        ("/ui/jobs", {"task": "t" * 201}),
+        ("/ui/jobs", {"created_after": "0001-01-01T00:00:00+01:00"}),  # year 0 in UTC
+        ("/ui/dead-letters", {"error_type": "Key\x00Error"}),
+    ],
+)
+async def test_page_filters_are_checked_as_the_api_checks_them(
+    admin_key: str, sign_in: SignIn, path: str, query: dict[str, str]
+) -> None:
+    browser = await sign_in(admin_key)
+    response = await browser.get(path, params=query)
+    assert response.status_code == 422, response.text

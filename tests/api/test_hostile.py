@@ -205,3 +205,31 @@ async def test_filters_of_dead_letter_bodies_are_checked(
     response = await client.post(path, content=body, headers=JSON)
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["loc"] == ["body", "error_type"]
+
+
+@pytest.mark.parametrize(
+    ("path", "name", "value"),
+    [
+        ("/v1/jobs", "queue", "default\x00"),  # PostgreSQL refuses NUL in text
+        ("/v1/jobs", "task", "\x00"),
+        ("/v1/dead-letters", "error_type", "Key\x00Error"),
+        ("/v1/jobs", "queue", "q" * 201),
+        ("/v1/jobs", "created_after", "0001-01-01T00:00:00+01:00"),  # year 0 in UTC
+        ("/v1/jobs", "created_before", "9999-12-31T23:59:59-01:00"),  # year 10000
+        ("/v1/dead-letters", "since", "0001-01-01T00:30:00+00:45"),
+        ("/v1/audit", "until", "9999-12-31T23:30:00-00:45"),
+    ],
+)
+async def test_list_filters_the_store_cannot_compare_are_422(
+    client: httpx.AsyncClient, path: str, name: str, value: str
+) -> None:
+    response = await client.get(path, params={name: value})
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == PROBLEM
+    assert response.json()["errors"][0]["loc"] == ["query", name]
+
+
+async def test_the_widest_timestamps_in_utc_still_filter(client: httpx.AsyncClient) -> None:
+    wide = {"created_after": "0001-01-01T00:00:00Z", "created_before": "9999-12-31T23:59:59Z"}
+    response = await client.get("/v1/jobs", params=wide)
+    assert response.status_code == 200, response.text

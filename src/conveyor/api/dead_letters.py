@@ -29,6 +29,7 @@ from conveyor.api.schemas import (
     DeadLetterPage,
     DeadLetterSelection,
     JobResource,
+    NameFilter,
     Purged,
     PurgeRequest,
     ReplayReport,
@@ -63,8 +64,8 @@ router = APIRouter(
 def list_dead_letters(
     request: Request,
     key: Authenticated,
-    task: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
-    error_type: Annotated[str | None, Query(min_length=1, max_length=200)] = None,
+    task: NameFilter = None,
+    error_type: NameFilter = None,
     since: Annotated[Timestamp | None, Query(description="Died at or after this.")] = None,
     until: Annotated[Timestamp | None, Query(description="Died before this.")] = None,
     cursor: Cursor = None,

@@ -27,6 +27,7 @@ from conveyor.api.schemas import (
     JobPage,
     JobRequest,
     JobResource,
+    NameFilter,
     Purged,
     Timestamp,
 )
@@ -196,8 +197,8 @@ def list_jobs(
     request: Request,
     key: Authenticated,
     status: Annotated[list[JobStatus], Query()] = [],  # noqa: B006 - FastAPI copies defaults
-    task: str | None = None,
-    queue: str | None = None,
+    task: NameFilter = None,
+    queue: NameFilter = None,
     created_after: Annotated[
         Timestamp | None, Query(description="Created at or after this (RFC 3339).")
     ] = None,

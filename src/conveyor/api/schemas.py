@@ -91,6 +91,11 @@ Text = Annotated[
 ]
 
 
+#: A query's filter by name (a task, a queue, an error type): text the store can
+#: compare, so no NUL, which PostgreSQL refuses in text.
+NameFilter = Annotated[Text | None, Query(min_length=1, max_length=200)]
+
+
 #: RFC 3339 with its offset (``Z`` or ``+02:00``): a start time must say which zone.
 _RFC_3339_AWARE = re.compile(
     r"\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[Zz]|[+-]\d{2}:\d{2})"
@@ -335,7 +340,14 @@ def _attempt_fields(attempt: Attempt, *, traceback: bool) -> tuple[dict[str, Any
 
 
 def _assume_utc(value: datetime) -> datetime:
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    """The time in UTC (one without a zone is UTC already): what the store compares."""
+    aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value
+    try:
+        return aware.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+01:00 is in year 0 in UTC
+        raise PydanticCustomError(
+            "datetime_range", "a timestamp is between the years 1 and 9999 in UTC"
+        ) from None
 
 
 #: RFC 3339 (``format: date-time``), the offset optional: pydantic alone would also

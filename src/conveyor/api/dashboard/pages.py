@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from importlib.resources import files
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from jinja2 import Environment, FileSystemLoader
-from pydantic import BaseModel, TypeAdapter, ValidationError
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
 from conveyor.api.dashboard.drawing import pipeline_graph, throughput_chart
 from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
-from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Timestamp
+from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Text, Timestamp
 from conveyor.api.state import api_state
 from conveyor.jobs import JobStatus
 from conveyor.keys import allows, owner_filter
@@ -283,7 +283,7 @@ def job_list(
     except ValueError:
         choices = ", ".join(s.value for s in JobStatus)
         raise HTTPException(422, f"status is one of {choices}") from None
-    task, queue = _blank(task), _blank(queue)
+    task, queue = _name("task", _blank(task)), _name("queue", _blank(queue))
     after_text, before_text = _blank(created_after), _blank(created_before)
     since = _timestamp("created_after", after_text)
     until = _timestamp("created_before", before_text)
@@ -326,6 +326,8 @@ def job_list(
 
 
 _TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
+_NAME: TypeAdapter[str] = TypeAdapter(Annotated[Text, Field(max_length=200)])
+_T = TypeVar("_T")
 
 
 def _timestamp(name: str, text: str | None) -> datetime | None:
@@ -335,8 +337,21 @@ def _timestamp(name: str, text: str | None) -> datetime | None:
         return None
     if len(text) == 16 and text[10:11] in ("T", "t"):  # 2026-11-29T13:05
         text += ":00"
+    return _checked(_TIMESTAMP, name, text)
+
+
+def _name(name: str, text: str | None) -> str | None:
+    """A filter by name (task, queue, error type) as the API reads it: no NUL."""
+    return None if text is None else _checked(_NAME, name, text)
+
+
+def _checked(adapter: TypeAdapter[_T], name: str, text: str) -> _T:
+    """``text`` read by ``adapter``: a 422 naming query parameter ``name`` if it cannot.
+
+    These pages call the API's route functions directly, past FastAPI's checks of
+    their query parameters, so the pages check them the same way first."""
     try:
-        return _TIMESTAMP.validate_python(text)
+        return adapter.validate_python(text)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_context=False, include_input=False)
         raise RequestValidationError([{**e, "loc": ("query", name)} for e in errors]) from None
@@ -367,7 +382,7 @@ def dead_letter_list(
     cursor: str | None = None,
 ) -> HTMLResponse:
     require_scope(user.key, "jobs:read")
-    task, error_type = _blank(task), _blank(error_type)
+    task, error_type = _name("task", _blank(task)), _name("error_type", _blank(error_type))
     page = _json(
         dead_letters.list_dead_letters(
             request,
