@@ -194,9 +194,10 @@ class Settings(BaseSettings):
     documents_index_max_bytes: int = Field(
         default=512 * 1024 * 1024,
         ge=0,
-        description="Memory an API process may hold search vectors in (about 1.9 KiB a"
-        " chunk with the default model); a collection past it is scanned from the"
-        " database on every search instead. 0 turns the in-memory index off.",
+        description="Memory an API process may hold search vectors in (1,545 bytes a chunk"
+        " with the default model, plus up to a quarter spare); a collection that alone"
+        " would not fit is scanned from the database on every search instead. 0 turns"
+        " the in-memory index off.",
     )
     metrics_dir: Path | None = Field(
         default=None,

@@ -148,3 +148,18 @@ def test_past_the_memory_cap_collections_give_way_or_are_scanned(
     assert index.collections() == ["b"]
     assert_as_the_scan(indexed, writer, None)  # all three: over the cap, scanned
     assert index.nbytes <= index.max_bytes
+
+
+def test_chunks_with_every_word_rank_first_then_any_word(writer: DocumentStore) -> None:
+    texts = ["river river river river harbour", "a bridge over the river", "bridge", "market"]
+    document, _ = writer.create(
+        collection="c", filename="t.txt", sha256="f" * 64, size=1, metadata={}, replace=False
+    )
+    writer.save_chunks(document, [Chunk(i, t, 1, 1, 0, 1) for i, t in enumerate(texts)])
+    writer.save_vectors(document.id, list(range(len(texts))), unit_vectors(len(texts), 1))
+    writer.set_status(document.id, "ready", chunk_count=len(texts))
+
+    hits = writer.search("river bridge", unit_vectors(1, 2)[0], collection="c", k=10)
+    by_text = sorted((h for h in hits if h.text_rank), key=lambda h: h.text_rank or 0)
+    assert by_text[0].text == "a bridge over the river"
+    assert {h.text for h in by_text[1:]} == {"river river river river harbour", "bridge"}
