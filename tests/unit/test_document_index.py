@@ -163,3 +163,8 @@ def test_chunks_with_every_word_rank_first_then_any_word(writer: DocumentStore) 
     by_text = sorted((h for h in hits if h.text_rank), key=lambda h: h.text_rank or 0)
     assert by_text[0].text == "a bridge over the river"
     assert {h.text for h in by_text[1:]} == {"river river river river harbour", "bridge"}
+    hits = writer.search("river quixotic bridge", unit_vectors(1, 2)[0], collection="c", k=10)
+    by_text = sorted((h for h in hits if h.text_rank), key=lambda h: h.text_rank or 0)
+    assert by_text[0].text == "a bridge over the river"  # the word no chunk has is left out
+    alone = writer.search("quixotic", unit_vectors(1, 2)[0], collection="c", k=1)
+    assert alone[0].text_rank is None

@@ -4,16 +4,20 @@ Tables live beside the core's (migration 0016). Search fuses two rankings with
 reciprocal rank fusion: full text (PostgreSQL ``tsvector`` with its GIN index, SQLite
 FTS5 with BM25) and vector similarity, exact in both of its forms:
 
-- with a :class:`~conveyor.documents.vectors.VectorIndex` (the API holds one), the
-  collection's vectors are read once and kept in memory; each search costs one small
-  query on the documents (which of them changed) and one matrix product, about 10 ms
-  for 100,000 chunks of 384 dimensions on this project's 2-core benchmark machine;
-- without one, or for a collection too large for the index's memory cap, the stored
-  vectors are streamed from the database in slices (memory stays bounded) and scored
-  as they come: every vector is read on every search, about 3 s at 100,000 chunks on
-  PostgreSQL, so this form is for small collections and for checking the index.
+- with a :class:`~conveyor.documents.vectors.VectorIndex` (each API process holds
+  one), a collection's vectors are read once and kept in memory; a search then costs
+  one query on the documents table (which ready documents changed) and one matrix
+  product: 15-37 ms at the median for 100,000 chunks of 384 dimensions on
+  PostgreSQL, on the project's shared 2-core machine at load average 9;
+- without one, or for a collection over the index's memory cap, the stored vectors
+  are streamed from the database in slices (memory stays bounded) and scored as
+  they come. Every vector is read on every search: 3.6 s at the median for 100,000
+  chunks on PostgreSQL, so this form suits small collections and checking the index.
 
-Either way the results are the true nearest chunks, the same in both forms.
+The full-text side costs what ranking its matches costs: the engines rank every
+chunk that matches, so a query of words found in a third of the chunks is the slow
+case (100-300 ms at 100,000 chunks on PostgreSQL), which is why it asks for chunks
+with every word first.
 """
 
 from __future__ import annotations
@@ -401,21 +405,38 @@ class DocumentStore:
         ]
 
     def _text_ranking(self, conn: Connection, query: str, collection: str | None) -> list[int]:
-        """Chunks with every word of the query first, then, while there are fewer than
-        the candidates wanted, chunks with any of them; each group by its engine's rank.
-        Asking for every word first keeps the ranked set small when the words are
-        common (ranking is per matching chunk: a word in a third of 100,000 chunks
-        costs about 100 ms to rank on PostgreSQL), and chunks matching more words are
-        the better ones anyway."""
+        """Chunks with every word of the query that some chunk has first, then, while
+        there are fewer than the candidates wanted, chunks with any of the words; each
+        group by its engine's rank. Asking for every word first keeps the ranked set
+        small when the words are common (ranking is per matching chunk: a word in a
+        third of 100,000 chunks costs about 100 ms to rank on PostgreSQL), and chunks
+        matching more words are the better ones anyway. A word no chunk has (checked
+        through the index, one lookup a word) would empty that first set."""
         terms = list(dict.fromkeys(_TERM.findall(query.lower())))[:32]
         if not terms:
             return []
-        found = self._text_matches(conn, terms, collection, every=True)
-        if len(found) < CANDIDATES and len(terms) > 1:
+        known = self._known_terms(conn, terms) if len(terms) > 1 else terms
+        found = self._text_matches(conn, known, collection, every=True) if known else []
+        if len(found) < CANDIDATES and len(known) > 1:
             seen = set(found)
             more = self._text_matches(conn, terms, collection, every=False)
             found += [chunk_id for chunk_id in more if chunk_id not in seen]
         return found[:CANDIDATES]
+
+    def _known_terms(self, conn: Connection, terms: list[str]) -> list[str]:
+        """The terms at least one chunk has (stop words never match)."""
+        if conn.dialect.name == "postgresql":
+            sql = (
+                "SELECT t FROM unnest(CAST(:terms AS text[])) WITH ORDINALITY AS u(t, n)"
+                " WHERE EXISTS (SELECT 1 FROM conveyor_document_chunks c"
+                " WHERE c.tsv @@ plainto_tsquery('english', u.t)) ORDER BY u.n"
+            )
+            return [row[0] for row in conn.execute(text(sql), {"terms": terms})]
+        sql = (
+            "SELECT 1 FROM conveyor_document_chunks_fts"
+            " WHERE conveyor_document_chunks_fts MATCH :q LIMIT 1"
+        )
+        return [t for t in terms if conn.execute(text(sql), {"q": f'"{t}"'}).first()]
 
     def _text_matches(
         self, conn: Connection, terms: list[str], collection: str | None, *, every: bool
