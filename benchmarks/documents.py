@@ -17,6 +17,8 @@
                  load, its text and vector parts, its refresh after another store adds
                  and deletes a document); EXPLAIN ANALYZE of the full-text ranking;
                  then ``--searches`` sequential ``GET /v1/search``: p50/p99/max.
+    4. sqlite    part 3's store figures (scan, index) on a SQLite file, and the plan
+                 of its FTS5 query.
 
 It DROPS AND RECREATES the PostgreSQL database of ``--postgres-url`` and FLUSHES the
 Redis database of ``--redis-url``; it refuses to start when the database exists or the
@@ -486,6 +488,76 @@ def search(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list
     return lines
 
 
+def search_sqlite(args: argparse.Namespace, work: Path) -> list[str]:
+    """Part 3's store figures on the embedded store (SQLite, FTS5): no API."""
+    lines = [f"4. search with {args.chunks:,} chunks in {args.documents} ready documents (SQLite)"]
+    store = Store(Settings(database_url=f"sqlite:///{work / 'search.db'}").resolved_database_url)
+    try:
+        store.migrate()
+        scan = DocumentStore(store.engine)
+        indexed = DocumentStore(store.engine, VectorIndex(Settings().documents_index_max_bytes))
+        made = [
+            scan.create(
+                collection="filled", filename=f"filled-{n}.txt", sha256=secrets.token_hex(32),
+                size=0, metadata={}, replace=False,
+            )[0]
+            for n in range(args.documents)
+        ]  # fmt: skip
+        per_document = -(-args.chunks // args.documents)
+        rng = random.Random(7)
+        vectors = np.random.default_rng(7).standard_normal((args.chunks, DIMENSION), np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        wall = time.perf_counter()
+        raw = store.engine.raw_connection()
+        try:
+            raw.cursor().executemany(
+                "INSERT INTO conveyor_document_chunks (document_id, collection, ordinal, text,"
+                " page_start, page_end, start_offset, end_offset, embedding)"
+                " VALUES (?, ?, ?, ?, 1, 1, 0, 1, ?)",
+                (
+                    (
+                        made[n // per_document].id, "filled", n % per_document,
+                        " ".join(prose(rng, 40)), vectors[n].astype("<f4").tobytes(),
+                    )
+                    for n in range(args.chunks)
+                ),
+            )  # fmt: skip
+            raw.commit()
+            plan = raw.cursor().execute(
+                "EXPLAIN QUERY PLAN SELECT c.id FROM conveyor_document_chunks_fts f"
+                " JOIN conveyor_document_chunks c ON c.id = f.rowid"
+                " JOIN conveyor_documents d ON d.id = c.document_id"
+                " WHERE conveyor_document_chunks_fts MATCH '\"river\"' AND d.status = 'ready'"
+                " ORDER BY bm25(conveyor_document_chunks_fts), c.id LIMIT 50"
+            )
+            steps = [str(row[3]) for row in plan]
+        finally:
+            raw.close()
+        for n, document in enumerate(made):
+            count = len(range(n * per_document, min((n + 1) * per_document, args.chunks)))
+            scan.set_status(document.id, "ready", chunk_count=count)
+        lines.append(f"  filled in {time.perf_counter() - wall:.1f} s")
+        lines.append("  full-text query plan: " + "; ".join(steps))
+        targets = default_embedder().embed(list(QUERIES))
+
+        def timed(documents: DocumentStore, i: int) -> float:
+            wall = time.perf_counter()
+            hits = documents.search(
+                QUERIES[i % len(QUERIES)], targets[i % len(QUERIES)], collection="filled", k=10
+            )
+            assert len(hits) == 10
+            return time.perf_counter() - wall
+
+        took = [timed(scan, i) for i in range(args.scan_searches)]
+        lines.append("  store search, vectors scanned from the database: " + _ms(took))
+        lines.append(f"  store search with the index, first: {timed(indexed, 0) * 1000:.0f} ms")
+        took = [timed(indexed, i) for i in range(args.searches)]
+        lines.append("  store search with the index: " + _ms(took))
+    finally:
+        store.dispose()
+    return lines
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=2).status_code == 200
@@ -518,7 +590,7 @@ def main() -> None:
     parser.add_argument("--scan-searches", type=int, default=5, help="without the index")
     parser.add_argument("--added", type=int, default=200, help="chunks of the added document")
     parser.add_argument("--force", action="store_true", help="wipe a database in use")
-    parser.add_argument("--skip", choices=["stages", "ingest", "search"], action="append")
+    parser.add_argument("--skip", choices=["stages", "ingest", "search", "sqlite"], action="append")
     args = parser.parse_args()
     check_redis_url(args.redis_url)
     if not args.force:
@@ -553,6 +625,7 @@ def main() -> None:
             ("stages", lambda: stages(pdf)),
             ("ingest", lambda: ingest(args, pdf, env, work)),
             ("search", lambda: search(args, env, work)),
+            ("sqlite", lambda: search_sqlite(args, work)),
         ):
             if name not in skip:
                 print("\n".join(run()), flush=True)
