@@ -7,16 +7,18 @@ FTS5 with BM25) and vector similarity, exact in both of its forms:
 - with a :class:`~conveyor.documents.vectors.VectorIndex` (each API process holds
   one), a collection's vectors are read once and kept in memory; a search then costs
   one query on the documents table (which ready documents changed) and one matrix
-  product: 15-37 ms at the median for 100,000 chunks of 384 dimensions on
-  PostgreSQL, on the project's shared 2-core machine at load average 9;
+  product: 16-23 ms at the median, under 40 ms at p99, for 100,000 chunks of 384
+  dimensions in 500 documents on PostgreSQL, on the project's shared 2-core machine
+  at load average 6-8;
 - without one, or for a collection over the index's memory cap, the stored vectors
   are streamed from the database in slices (memory stays bounded) and scored as
-  they come. Every vector is read on every search: 3.6 s at the median for 100,000
-  chunks on PostgreSQL, so this form suits small collections and checking the index.
+  they come. Every vector is read on every search: 1.8-3.6 s at the median for
+  100,000 chunks on PostgreSQL, so this form suits small collections and checking
+  the index.
 
 The full-text side costs what ranking its matches costs: the engines rank every
 chunk that matches, so a query of words found in a third of the chunks is the slow
-case (100-300 ms at 100,000 chunks on PostgreSQL), which is why it asks for chunks
+case (60-110 ms at 100,000 chunks on PostgreSQL), which is why it asks for chunks
 with every word first.
 """
 
