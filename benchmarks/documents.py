@@ -11,9 +11,14 @@
                  ``ready`` and until a search finds its last page; user/sys CPU per
                  process; the pipeline's own step timings from its jobs.
     3. search    ``--chunks`` rows put straight into the chunks table (random unit
-                 vectors, generated text) under one ready document, then ``--searches``
-                 sequential ``GET /v1/search`` on that collection: p50/p99/max; and the
-                 store's search alone (no HTTP, no query embedding) in this process.
+                 vectors, generated text) under ``--documents`` ready documents; the
+                 store's search alone (no HTTP, no query embedding) in this process,
+                 scanning the stored vectors and with the in-memory index (its first
+                 load, its text and vector parts, its refresh after another store adds
+                 and deletes a document); EXPLAIN ANALYZE of the full-text ranking;
+                 then ``--searches`` sequential ``GET /v1/search``: p50/p99/max.
+    4. sqlite    part 3's store figures (scan, index) on a SQLite file, and the plan
+                 of its FTS5 query.
 
 It DROPS AND RECREATES the PostgreSQL database of ``--postgres-url`` and FLUSHES the
 Redis database of ``--redis-url``; it refuses to start when the database exists or the
@@ -51,11 +56,12 @@ from harness import (
     wait_for,
 )
 
-from conveyor.documents.chunking import chunk
+from conveyor.documents.chunking import Chunk, chunk
 from conveyor.documents.embedding import DIMENSION, default_embedder
 from conveyor.documents.extract import extract
 from conveyor.documents.store import DocumentStore
 from conveyor.documents.tasks import ENCODE_AT_ONCE
+from conveyor.documents.vectors import VectorIndex
 from conveyor.settings import Settings
 from conveyor.store import Store
 
@@ -302,16 +308,21 @@ def _seconds(stamp: str) -> float:
 # -- 3. search with many chunks ------------------------------------------------------------
 
 
-def fill(args: argparse.Namespace, store: DocumentStore, collection: str) -> tuple[str, float]:
-    """A ready document of ``--chunks`` chunks of 40 words, random unit vectors, by COPY."""
-    document, _ = store.create(
-        collection=collection,
-        filename="filled.txt",
-        sha256=secrets.token_hex(32),
-        size=0,
-        metadata={},
-        replace=False,
-    )
+def fill(args: argparse.Namespace, store: DocumentStore, collection: str) -> float:
+    """``--documents`` ready documents sharing ``--chunks`` chunks of 40 words, random
+    unit vectors, put in by COPY; the seconds it took."""
+    made = [
+        store.create(
+            collection=collection,
+            filename=f"filled-{n}.txt",
+            sha256=secrets.token_hex(32),
+            size=0,
+            metadata={},
+            replace=False,
+        )[0]
+        for n in range(args.documents)
+    ]
+    per_document = -(-args.chunks // args.documents)
     rng = random.Random(7)
     vectors = np.random.default_rng(7).standard_normal((args.chunks, DIMENSION), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
@@ -323,28 +334,66 @@ def fill(args: argparse.Namespace, store: DocumentStore, collection: str) -> tup
             " start_offset, end_offset, embedding"
         )
         with cursor.copy(f"COPY conveyor_document_chunks ({columns}) FROM STDIN") as copy:
-            for ordinal in range(args.chunks):
+            for n in range(args.chunks):
                 text = " ".join(prose(rng, 40))
+                ordinal = n % per_document
                 page = 1 + ordinal // 4
                 copy.write_row(
                     (
-                        document.id, collection, ordinal, text, page, page, 0, len(text),
-                        vectors[ordinal].astype("<f4").tobytes(),
+                        made[n // per_document].id, collection, ordinal, text, page, page, 0,
+                        len(text), vectors[n].astype("<f4").tobytes(),
                     )
                 )  # fmt: skip
-    store.set_status(document.id, "ready", chunk_count=args.chunks, pages=args.chunks // 4)
+    for n, document in enumerate(made):
+        count = len(range(n * per_document, min((n + 1) * per_document, args.chunks)))
+        store.set_status(document.id, "ready", chunk_count=count, pages=-(-count // 4))
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("VACUUM ANALYZE conveyor_document_chunks")
-    return document.id, time.perf_counter() - start
+        conn.execute("VACUUM ANALYZE conveyor_documents")
+    return time.perf_counter() - start
+
+
+def text_plan(args: argparse.Namespace, collection: str) -> list[str]:
+    """EXPLAIN ANALYZE of the full-text queries the store runs for each query (every
+    word, then any word when every word finds fewer than 50), plus a word no chunk
+    has: whether they read the GIN index, and their time."""
+    lines = []
+    with psycopg.connect(args.postgres_url) as conn:
+        for query in (*QUERIES, "quixotic"):
+            for joiner in (" ", " or "):
+                plan = [
+                    row[0]
+                    for row in conn.execute(
+                        "EXPLAIN (ANALYZE, COSTS OFF) SELECT c.id FROM conveyor_document_chunks c"
+                        " JOIN conveyor_documents d ON d.id = c.document_id,"
+                        " websearch_to_tsquery('english', %s) q"
+                        " WHERE c.tsv @@ q AND d.status = 'ready' AND c.collection = %s"
+                        " ORDER BY ts_rank(c.tsv, q) DESC, c.id LIMIT 50",
+                        (joiner.join(query.split()), collection),
+                    )
+                ]
+                index = any("ix_conveyor_document_chunks_tsv" in line for line in plan)
+                scan = next(line.strip() for line in plan if "on conveyor_document_chunks" in line)
+                took = next(line for line in plan if line.startswith("Execution Time"))
+                lines.append(
+                    f"    {query!r} ({'every' if joiner == ' ' else 'any'} word):"
+                    f" GIN index {'used' if index else 'not used'}; {scan}; {took}"
+                )
+    return lines
 
 
 def search(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list[str]:
-    lines = [f"3. search with {args.chunks:,} chunks in one collection (PostgreSQL)"]
+    lines = [
+        f"3. search with {args.chunks:,} chunks in {args.documents} ready documents of one"
+        " collection (PostgreSQL)"
+    ]
     store = Store(Settings(database_url=args.postgres_url).resolved_database_url)
-    documents = DocumentStore(store.engine)
+    scan = DocumentStore(store.engine)
+    index = VectorIndex(Settings().documents_index_max_bytes)
+    indexed = DocumentStore(store.engine, index)
     collection = "filled"
     try:
-        _, seconds = fill(args, documents, collection)
+        seconds = fill(args, scan, collection)
         lines.append(f"  filled by COPY, then VACUUM ANALYZE, in {seconds:.1f} s")
         embedder = default_embedder()
         vectors = embedder.embed(list(QUERIES))
@@ -352,15 +401,61 @@ def search(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list
         for _ in range(20):
             embedder.embed([QUERIES[0]])
         lines.append(f"  one query embedded: {(time.perf_counter() - wall) / 20 * 1000:.1f} ms")
-        took = []
-        for i in range(args.searches):
+
+        def timed(documents: DocumentStore, i: int) -> float:
             wall = time.perf_counter()
             hits = documents.search(
                 QUERIES[i % len(QUERIES)], vectors[i % len(QUERIES)], collection=collection, k=10
             )
-            took.append(time.perf_counter() - wall)
+            took = time.perf_counter() - wall
             assert len(hits) == 10
-        lines.append("  store search alone (text + vector rankings, fusion, rows): " + _ms(took))
+            return took
+
+        took = [timed(scan, i) for i in range(args.scan_searches)]
+        lines.append("  store search, vectors scanned from the database: " + _ms(took))
+        first = timed(indexed, 0)
+        lines.append(
+            f"  store search with the index, first (loads {args.chunks:,} vectors,"
+            f" {index.nbytes / 2**20:.0f} MiB held): {first * 1000:.0f} ms"
+        )
+        took = [timed(indexed, i) for i in range(args.searches)]
+        lines.append("  store search with the index (text + vectors, fusion, rows): " + _ms(took))
+        for i, query in enumerate(QUERIES):  # each part alone, on one connection
+            with store.engine.connect() as conn:
+                text_took, vector_took = [], []
+                for _ in range(max(1, args.searches // len(QUERIES))):
+                    wall = time.perf_counter()
+                    indexed._text_ranking(conn, query, collection)
+                    text_took.append(time.perf_counter() - wall)
+                    wall = time.perf_counter()
+                    indexed._indexed_ranking(conn, vectors[i], collection)
+                    vector_took.append(time.perf_counter() - wall)
+            lines.append(
+                f"    {query!r}: text ranking {_ms(text_took)}; vector ranking {_ms(vector_took)}"
+            )
+        ids = [h.chunk_id for h in scan.search("", vectors[0], collection=collection, k=10)]
+        assert ids == [
+            h.chunk_id for h in indexed.search("", vectors[0], collection=collection, k=10)
+        ]
+        lines.append("  the index's top 10 is the scan's (checked for one query)")
+        added, _ = scan.create(
+            collection=collection, filename="added.txt", sha256=secrets.token_hex(32), size=0,
+            metadata={}, replace=False,
+        )  # fmt: skip
+        scan.save_chunks(added, [Chunk(n, f"added {n}", 1, 1, 0, 8) for n in range(args.added)])
+        scan.save_vectors(
+            added.id, list(range(args.added)), vectors[np.arange(args.added) % len(QUERIES)]
+        )
+        scan.set_status(added.id, "ready", chunk_count=args.added)
+        after_add = timed(indexed, 1)
+        scan.delete(added.id)
+        after_delete = timed(indexed, 2)
+        lines.append(
+            f"  after another store adds a document of {args.added} chunks, the next search:"
+            f" {after_add * 1000:.0f} ms; after it deletes it: {after_delete * 1000:.0f} ms"
+        )
+        lines.append("  full-text ranking, EXPLAIN ANALYZE:")
+        lines.extend(text_plan(args, collection))
     finally:
         store.dispose()
 
@@ -374,7 +469,9 @@ def search(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list
         wait_for(lambda: _answers(f"{url}/readyz"), timeout=120, what="the API", every=0.2)
         headers = {"Authorization": f"Bearer {env['CONVEYOR_ADMIN_KEY']}"}
         with httpx.Client(base_url=url, headers=headers, timeout=60) as client:
+            wall = time.perf_counter()
             client.get("/v1/search", params={"q": "warm", "collection": collection})
+            first = time.perf_counter() - wall
             took = []
             for i in range(args.searches):
                 wall = time.perf_counter()
@@ -384,9 +481,80 @@ def search(args: argparse.Namespace, env: dict[str, str], log_dir: Path) -> list
                 )
                 took.append(time.perf_counter() - wall)
                 response.raise_for_status()
+        lines.append(f"  GET /v1/search, first (the API loads its index): {first * 1000:.0f} ms")
         lines.append("  GET /v1/search (query embedded in the API, sequential): " + _ms(took))
     finally:
         processes.stop_all()
+    return lines
+
+
+def search_sqlite(args: argparse.Namespace, work: Path) -> list[str]:
+    """Part 3's store figures on the embedded store (SQLite, FTS5): no API."""
+    lines = [f"4. search with {args.chunks:,} chunks in {args.documents} ready documents (SQLite)"]
+    store = Store(Settings(database_url=f"sqlite:///{work / 'search.db'}").resolved_database_url)
+    try:
+        store.migrate()
+        scan = DocumentStore(store.engine)
+        indexed = DocumentStore(store.engine, VectorIndex(Settings().documents_index_max_bytes))
+        made = [
+            scan.create(
+                collection="filled", filename=f"filled-{n}.txt", sha256=secrets.token_hex(32),
+                size=0, metadata={}, replace=False,
+            )[0]
+            for n in range(args.documents)
+        ]  # fmt: skip
+        per_document = -(-args.chunks // args.documents)
+        rng = random.Random(7)
+        vectors = np.random.default_rng(7).standard_normal((args.chunks, DIMENSION), np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        wall = time.perf_counter()
+        raw = store.engine.raw_connection()
+        try:
+            raw.cursor().executemany(
+                "INSERT INTO conveyor_document_chunks (document_id, collection, ordinal, text,"
+                " page_start, page_end, start_offset, end_offset, embedding)"
+                " VALUES (?, ?, ?, ?, 1, 1, 0, 1, ?)",
+                (
+                    (
+                        made[n // per_document].id, "filled", n % per_document,
+                        " ".join(prose(rng, 40)), vectors[n].astype("<f4").tobytes(),
+                    )
+                    for n in range(args.chunks)
+                ),
+            )  # fmt: skip
+            raw.commit()
+            plan = raw.cursor().execute(
+                "EXPLAIN QUERY PLAN SELECT c.id FROM conveyor_document_chunks_fts f"
+                " JOIN conveyor_document_chunks c ON c.id = f.rowid"
+                " JOIN conveyor_documents d ON d.id = c.document_id"
+                " WHERE conveyor_document_chunks_fts MATCH '\"river\"' AND d.status = 'ready'"
+                " ORDER BY bm25(conveyor_document_chunks_fts), c.id LIMIT 50"
+            )
+            steps = [str(row[3]) for row in plan]
+        finally:
+            raw.close()
+        for n, document in enumerate(made):
+            count = len(range(n * per_document, min((n + 1) * per_document, args.chunks)))
+            scan.set_status(document.id, "ready", chunk_count=count)
+        lines.append(f"  filled in {time.perf_counter() - wall:.1f} s")
+        lines.append("  full-text query plan: " + "; ".join(steps))
+        targets = default_embedder().embed(list(QUERIES))
+
+        def timed(documents: DocumentStore, i: int) -> float:
+            wall = time.perf_counter()
+            hits = documents.search(
+                QUERIES[i % len(QUERIES)], targets[i % len(QUERIES)], collection="filled", k=10
+            )
+            assert len(hits) == 10
+            return time.perf_counter() - wall
+
+        took = [timed(scan, i) for i in range(args.scan_searches)]
+        lines.append("  store search, vectors scanned from the database: " + _ms(took))
+        lines.append(f"  store search with the index, first: {timed(indexed, 0) * 1000:.0f} ms")
+        took = [timed(indexed, i) for i in range(args.searches)]
+        lines.append("  store search with the index: " + _ms(took))
+    finally:
+        store.dispose()
     return lines
 
 
@@ -417,9 +585,12 @@ def main() -> None:
     parser.add_argument("--pages", type=int, default=200)
     parser.add_argument("--words-per-page", type=int, default=300)
     parser.add_argument("--chunks", type=int, default=100_000)
+    parser.add_argument("--documents", type=int, default=500, help="sharing --chunks")
     parser.add_argument("--searches", type=int, default=100)
+    parser.add_argument("--scan-searches", type=int, default=5, help="without the index")
+    parser.add_argument("--added", type=int, default=200, help="chunks of the added document")
     parser.add_argument("--force", action="store_true", help="wipe a database in use")
-    parser.add_argument("--skip", choices=["stages", "ingest", "search"], action="append")
+    parser.add_argument("--skip", choices=["stages", "ingest", "search", "sqlite"], action="append")
     args = parser.parse_args()
     check_redis_url(args.redis_url)
     if not args.force:
@@ -454,6 +625,7 @@ def main() -> None:
             ("stages", lambda: stages(pdf)),
             ("ingest", lambda: ingest(args, pdf, env, work)),
             ("search", lambda: search(args, env, work)),
+            ("sqlite", lambda: search_sqlite(args, work)),
         ):
             if name not in skip:
                 print("\n".join(run()), flush=True)

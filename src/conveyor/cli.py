@@ -69,6 +69,8 @@ API_SHUTDOWN_TIMEOUT = 5
 TERMINAL = frozenset(s.value for s in TERMINAL_STATUSES)
 #: prometheus_client keeps values in files in this directory when set at its import.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Threads numpy's OpenBLAS starts in each process; read when numpy is imported.
+BLAS_THREADS_ENV = "OPENBLAS_NUM_THREADS"
 STATUS_STYLE = {
     "scheduled": "dim cyan",
     "queued": "cyan",
@@ -127,6 +129,16 @@ def _fail(message: str, details: tuple[str, ...] = ()) -> None:
 def _one_line(text: str) -> str:
     """Driver messages (psycopg's, for one) come with newlines and tabs."""
     return " ".join(text.split())
+
+
+def _one_blas_thread(settings: Settings) -> None:
+    """With the documents workload on, one OpenBLAS thread per process unless the
+    environment says otherwise; set before numpy's import (the app's load), and
+    inherited by the worker's pool processes and ``up``'s children. Its default, a
+    thread per core, spins against the pool's other processes and the API's threads:
+    3 to 5 times the CPU per chunk embedded, measured in docs/documents.md."""
+    if settings.documents:
+        os.environ.setdefault(BLAS_THREADS_ENV, "1")
 
 
 def _load_app(settings: Settings) -> Conveyor:
@@ -226,6 +238,7 @@ def up(
     if metrics_port is not None:
         check_port(host, metrics_port)
     _configure_logging(settings)
+    _one_blas_thread(settings)
     _load_app(settings)  # a broken app module is one line here, before anything starts
     settings, key_path = prepare(settings)
     stack = Stack(
@@ -271,6 +284,7 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     check_port(host, port)
     _configure_logging(settings)
     datadir.prepare(settings)
+    _one_blas_thread(settings)
     app = _load_app(settings)
     app.configure(settings)
     try:
@@ -331,6 +345,7 @@ def worker(
     from conveyor.worker.metrics import WorkerMetrics
     from conveyor.worker.process import run_worker
 
+    _one_blas_thread(settings)
     app = _load_app(settings)
     app.configure(settings)
     metrics = WorkerMetrics(directory) if directory is not None else None

@@ -191,6 +191,14 @@ class Settings(BaseSettings):
     documents_embed_batch: int = Field(
         default=32, ge=1, le=1024, description="Chunks per embedding job (the mapped step's item)."
     )
+    documents_index_max_bytes: int = Field(
+        default=512 * 1024 * 1024,
+        ge=0,
+        description="Memory an API process may hold search vectors in (1,545 bytes a chunk"
+        " with the default model, plus up to a quarter spare); a collection that alone"
+        " would not fit is scanned from the database on every search instead. 0 turns"
+        " the in-memory index off.",
+    )
     metrics_dir: Path | None = Field(
         default=None,
         description="Where a worker's processes keep their metrics files (one directory per"

@@ -149,6 +149,11 @@ def test_add_follow_search_and_a_corrupt_pdf(stack: Stack, tmp_path: Path) -> No
         broken,
     ]
 
+    # The API's vector index is loaded now, before the workers (other processes) write
+    # these documents: the searches below see them only if the index follows the store.
+    with stack.client() as client:
+        assert client.get("/v1/search", params={"q": "lamp"}).status_code == 200
+
     # Each CLI start costs seconds on a busy two-core box: one to add, one to search.
     added = run_cli("documents", "add", *map(str, files), env=stack.cli_env(), timeout=120)
     assert added.returncode == 1, added.stdout + added.stderr  # the broken one failed

@@ -3,11 +3,13 @@ failures, chunking, rank fusion, and the packaged embedding model."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conveyor import Settings, cli
 from conveyor.documents.chunking import chunk
 from conveyor.documents.embedding import default_embedder
 from conveyor.documents.extract import Page, extract
@@ -112,3 +114,17 @@ def test_a_paraphrase_ranks_above_unrelated_text() -> None:
         ]
     )
     assert query @ paraphrase > query @ unrelated + 0.1
+
+
+def test_commands_give_numpy_one_blas_thread_with_documents_on(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(cli.BLAS_THREADS_ENV, "2")  # recorded: restored (or removed) after
+    monkeypatch.delenv(cli.BLAS_THREADS_ENV)
+    cli._one_blas_thread(Settings(data_dir=tmp_path))
+    assert cli.BLAS_THREADS_ENV not in os.environ  # others' numpy is left alone
+    cli._one_blas_thread(Settings(data_dir=tmp_path, documents=True))
+    assert os.environ[cli.BLAS_THREADS_ENV] == "1"
+    monkeypatch.setenv(cli.BLAS_THREADS_ENV, "4")
+    cli._one_blas_thread(Settings(data_dir=tmp_path, documents=True))
+    assert os.environ[cli.BLAS_THREADS_ENV] == "4"  # the user's own choice stands

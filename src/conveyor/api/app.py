@@ -155,7 +155,7 @@ def create_app(conveyor: Conveyor, *, key_cache_seconds: float | None = None) ->
     for module in routers:
         app.include_router(module.router)
     if settings.documents:
-        app.include_router(documents_api.router)
+        documents_api.install(app, settings)
     if settings.notifications:
         app.include_router(notification_routes.router)
         app.include_router(email_template_routes.router)

@@ -19,7 +19,7 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi import APIRouter, Depends, FastAPI, File, Form, Query, Request, Response, UploadFile
 from pydantic import BaseModel, Field
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -32,9 +32,11 @@ from conveyor.api.state import api_state
 from conveyor.documents import tasks
 from conveyor.documents.embedding import default_embedder
 from conveyor.documents.store import Document, DocumentStore
+from conveyor.documents.vectors import VectorIndex
 from conveyor.errors import DocumentNotFound, DocumentRefused, PipelineEnded, PipelineNotFound
 from conveyor.keys import acting_as, sees_all
 from conveyor.pipelines import PipelineStatus, StepStatus
+from conveyor.settings import Settings
 from conveyor.store import ApiKey
 
 COLLECTION_PATTERN = r"^[A-Za-z0-9_.:-]{1,200}$"
@@ -99,8 +101,15 @@ class SearchResults(BaseModel):
     results: list[SearchHit]
 
 
+def install(app: FastAPI, settings: Settings) -> None:
+    """Mount the routes and give the app its search index, shared by every request."""
+    app.include_router(router)
+    app.state.document_vectors = VectorIndex(settings.documents_index_max_bytes)
+
+
 def _documents(request: Request) -> DocumentStore:
-    return DocumentStore(api_state(request).store.engine)
+    index: VectorIndex = request.app.state.document_vectors
+    return DocumentStore(api_state(request).store.engine, index if index.max_bytes else None)
 
 
 @router.post(
