@@ -59,6 +59,14 @@ def step(name: str, *after: str, map: str | None = None, **fields: object) -> St
     )
 
 
+def test_a_chain_of_thousands_of_steps_is_laid_out() -> None:
+    """A deployment may allow 10,000 steps (``pipeline_max_steps``); a chain that
+    long is as deep as it is long, and drawing it needs no recursion that deep."""
+    steps = [step("s0"), *(step(f"s{i}", f"s{i - 1}") for i in range(1, 5000))]
+    assert depths(list(reversed(steps)))["s4999"] == 4999
+    assert pipeline_graph(steps).nodes[-1].step.name == "s4999"
+
+
 def test_steps_are_laid_out_one_layer_right_of_their_deepest_dependency() -> None:
     steps = [
         step("fetch"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from graphlib import CycleError, TopologicalSorter
 
 from conveyor.api.throughput import Throughput
 from conveyor.pipelines import Step
@@ -127,22 +128,19 @@ class Graph:
 
 def depths(steps: Sequence[Step]) -> dict[str, int]:
     """Each step's layer: 0 without dependencies, else one more than its deepest
-    dependency (a mapped step counts the one it maps over among them)."""
-    needs = {s.name: [*s.after, *([s.map] if s.map else [])] for s in steps}
+    dependency (a mapped step counts the one it maps over among them).
+
+    In topological order, not by recursion: a chain of thousands of steps is allowed."""
+    names = {s.name for s in steps}
+    needs = {s.name: {*s.after, *([s.map] if s.map else [])} & names for s in steps}
     found: dict[str, int] = {}
-
-    def depth(name: str, seen: frozenset[str]) -> int:
-        if name in found:
-            return found[name]
-        if name in seen or name not in needs:  # a recorded pipeline has neither
-            return 0
-        deeper = [depth(n, seen | {name}) + 1 for n in needs[name]]
-        found[name] = max(deeper, default=0)
-        return found[name]
-
-    for step in steps:
-        depth(step.name, frozenset())
-    return found
+    try:
+        order = list(TopologicalSorter(needs).static_order())
+    except CycleError:  # a recorded pipeline has none; draw it flat rather than fail
+        return dict.fromkeys(needs, 0)
+    for name in order:
+        found[name] = max((found[n] + 1 for n in needs.get(name, ())), default=0)
+    return {name: found[name] for name in needs}
 
 
 def pipeline_graph(steps: Sequence[Step]) -> Graph:
