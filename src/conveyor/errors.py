@@ -444,9 +444,12 @@ class RetryLater(RetryableError):
     """Told "not now" (a 429 with Retry-After): the job runs again after ``delay``, uncounted."""
 
     # Uncounted against ``max_attempts`` up to ``conveyor.worker.outcomes.MAX_DEFERRALS``
-    # per job: past those a deferral counts, so a job refused forever still ends.
+    # per job: past those a deferral counts, so a job refused forever still ends. The
+    # delay is at least MIN_DELAY: "Retry-After: 0" fifty times over is no wait at all.
+    MIN_DELAY = 1.0
+
     def __init__(self, message: str | None = None, *, delay: float) -> None:
-        super().__init__(message, delay=max(0.0, delay))
+        super().__init__(message, delay=max(self.MIN_DELAY, delay))
 
 
 class PermanentError(TaskError):

@@ -19,9 +19,9 @@ from conveyor import Conveyor
 from conveyor.ai import workload
 from conveyor.ai.book import AiTaskBook
 from conveyor.ai.metrics import TokenCollector
-from conveyor.ai.workload import AiTaskDefinition
+from conveyor.ai.workload import BACKOFF_BASE, AiTaskDefinition
 from conveyor.breakers import BreakerState
-from conveyor.errors import AiTaskExists, AiTaskInvalid
+from conveyor.errors import AiTaskExists, AiTaskInvalid, RetryLater
 from conveyor.jobs import AttemptOutcome, JobStatus
 from conveyor.notifications import workload as notifications
 from conveyor.settings import Settings
@@ -178,6 +178,31 @@ def test_a_429_with_retry_after_does_not_use_up_an_attempt(
     outcomes = [a.outcome for a in app.store.attempts(job.id)]
     assert outcomes == [AttemptOutcome.DEFERRED, AttemptOutcome.DEFERRED, AttemptOutcome.SUCCEEDED]
     assert len(stub.requests) == 3
+
+
+def test_deferrals_do_not_lengthen_the_backoff_of_a_later_failure(
+    app: Conveyor, stub: LlmStub, database_url: str
+) -> None:
+    """Six waits asked for, then the provider fails: the retry waits as after a first
+    failure (at most the base), not as after a seventh (up to 64 times the base)."""
+    stub.start()
+    define(app)
+    for _ in range(6):
+        stub.reply(429, retry_after="0")  # asked to wait 0 s: waits the floor
+    stub.reply(503)
+    job = workload.run(app, "digest")
+    for attempt in range(1, 7):
+        before = datetime.now(UTC)
+        execute(app, job.id, attempt)
+        deferred = app.store.get_job(job.id)
+        assert deferred.next_attempt_at is not None
+        assert (deferred.next_attempt_at - before).total_seconds() >= RetryLater.MIN_DELAY - 0.01
+    before = datetime.now(UTC)
+    execute(app, job.id, 7)
+    failed = app.store.get_job(job.id)
+    assert failed.status is JobStatus.RETRYING, failed.error
+    assert failed.next_attempt_at is not None
+    assert (failed.next_attempt_at - before).total_seconds() <= BACKOFF_BASE + 1
 
 
 def test_a_429_without_retry_after_counts_and_deferrals_past_the_cap_count(

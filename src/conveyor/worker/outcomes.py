@@ -162,9 +162,9 @@ def end_attempt(
     A retry due at once is dispatched here unless ``dispatch_now`` is false (the
     old attempt may still be running for a moment): then the next sweep does it.
     """
-    # The attempts a job made are its attempt number; those deferred are not counted
-    # (read only when they matter: a deferral, or a job at its last counted attempt).
-    uncounted = _deferrals(app, job) if deferred or job.attempt >= job.max_attempts else 0
+    # The attempts a job made are its attempt number; those deferred are not counted,
+    # neither against max_attempts nor in the backoff (a first attempt has none before).
+    uncounted = _deferrals(app, job) if job.attempt > 1 else 0
     if deferred and uncounted < MAX_DEFERRALS:
         outcome = AttemptOutcome.DEFERRED
     # A hand-back at shutdown is no failure of the job's: it never makes it dead.
@@ -198,7 +198,8 @@ def end_attempt(
             release(app, job)
         return JobStatus.DEAD
     if delay is None:
-        delay = backoff(job.attempt, job.backoff_base, job.backoff_cap)
+        # Backoff grows with the counted failures: waits asked for do not lengthen it.
+        delay = backoff(job.attempt - uncounted, job.backoff_base, job.backoff_cap)
     now = delay == 0 and dispatch_now
     scheduled = app.store.schedule_retry(
         job.id, job.attempt, delay=delay, error=error, outcome=outcome, dispatched=now
