@@ -46,7 +46,8 @@ def _rate(succeeded: int, dead: int) -> float | None:
 @router.get("", response_model=Throughput)
 def throughput(request: Request, minutes: Annotated[int, Query(ge=1, le=1440)] = 30) -> Throughput:
     """Jobs that succeeded and died per minute over the last ``minutes``, across every
-    queue (as ``/v1/queues`` counts them; cancelled jobs are left out)."""
+    queue and every key's jobs (as ``/v1/queues`` counts them; cancelled jobs are left
+    out). Minutes past are kept once settled: see docs/dashboard.md on what that misses."""
     found = api_state(request).store.throughput(minutes)
     succeeded = sum(m.succeeded for m in found)
     dead = sum(m.dead for m in found)
