@@ -11,13 +11,18 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import Result
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
 from conveyor.cli import cli as commands
 from conveyor.errors import NotificationInvalid
 from conveyor.notifications import mailing
-from conveyor.notifications.email_templates import EmailTemplateBook
+from conveyor.notifications.email_templates import (
+    MAX_METADATA,
+    EmailTemplateBody,
+    EmailTemplateBook,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -105,6 +110,66 @@ async def test_a_template_that_does_not_compile_is_refused_and_nothing_stored(
     assert detail in problem["detail"]
     listed = await client.get("/v1/email-templates")
     assert listed.json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"subject": "Hi \u0000"}, ["body", "subject"]),
+        ({"text_body": "nul \u0000"}, ["body", "text_body"]),
+        ({"html_body": "<p>\u0000</p>"}, ["body", "html_body"]),
+        ({"template_type": "a\u0000b"}, ["body", "template_type"]),
+        ({"template_type": "t" * 101}, ["body", "template_type"]),
+        ({"metadata": {"k\u0000": 1}}, ["body", "metadata"]),
+        ({"metadata": {"k": "v\u0000"}}, ["body", "metadata"]),
+        ({"name": "a\u0000b"}, ["body", "name"]),
+    ],
+)
+async def test_nul_and_over_long_fields_are_refused(
+    client: httpx.AsyncClient, change: dict[str, Any], loc: list[str]
+) -> None:
+    response = await client.post("/v1/email-templates", json=WELCOME | change)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"][:2] == loc
+    body = {k: v for k, v in (WELCOME | change).items() if k != "name"}
+    if "name" not in change:
+        put = await client.put("/v1/email-templates/welcome", json=body)
+        assert put.status_code == 422, put.text
+    assert (await client.get("/v1/email-templates")).json()["items"] == []
+
+
+def test_metadata_is_bounded() -> None:
+    # Over the test server's body limit: checked on the model the route reads.
+    with pytest.raises(ValidationError, match="characters as JSON"):
+        EmailTemplateBody.model_validate(WELCOME | {"metadata": {"k": "v" * MAX_METADATA}})
+
+
+@pytest.mark.parametrize(
+    ("source", "data", "detail"),
+    [
+        ("{{ 100 / data.n }}", {"n": 0}, "division by zero"),
+        ("{{ 10.0 ** 1000 }}", {}, "out of range"),
+        ('{{ data.s.encode("x") }}', {"s": "a"}, "unknown encoding"),
+    ],
+)
+async def test_a_render_that_fails_is_a_refusal_not_a_500(
+    client: httpx.AsyncClient, conveyor: Conveyor, source: str, data: dict[str, Any], detail: str
+) -> None:
+    made = await client.post(
+        "/v1/email-templates", json=WELCOME | {"subject": "Hi", "text_body": source}
+    )
+    assert made.status_code == 201, made.text
+    send = await client.post(
+        "/v1/email-templates/welcome/send", json={"to": "a@x.test", "data": data}
+    )
+    assert send.status_code == 422, send.text
+    assert send.json()["errors"][0]["loc"] == ["body", "data"]
+    assert detail in send.json()["detail"]
+    batch = await client.post(
+        "/v1/email-templates/welcome/batch", json={"recipients": [{"to": "a@x.test", "data": data}]}
+    )
+    assert batch.status_code == 422, batch.text
+    assert conveyor.store.list_jobs() == ([], None)
 
 
 async def test_rendering_escapes_html_and_keeps_the_subject_on_one_line(

@@ -84,7 +84,7 @@ def render_parts(
             continue
         try:
             parts[field] = compile_part(source, html=is_html).render(context)
-        except (TemplateError, ValueError, TypeError) as exc:
+        except Exception as exc:
             raise DeliveryRefused(f"template {field}: {exc}") from None
     return Rendered(subject=one_line(parts["subject"]), text=parts["text"], html=parts["html"])
 
@@ -123,7 +123,7 @@ def render(
             parts[suffix] = env.get_template(f"{check_name(name)}.{suffix}").render(context)
         except TemplateNotFound:
             parts[suffix] = None
-        except (TemplateError, ValueError, TypeError) as exc:
+        except Exception as exc:
             raise DeliveryRefused(f"template {name}.{suffix}: {exc}") from None
     if parts["txt"] is None and parts["html"] is None:
         raise DeliveryRefused(f"no template {name!r} (.txt or .html)")
