@@ -4,7 +4,8 @@ when ``CONVEYOR_NOTIFICATIONS`` is on.
 
 A template is compiled in the sandbox when it is saved: one that does not compile
 is refused (422 naming the part) and nothing is stored. Store calls are blocking,
-so the endpoints are plain ``def``.
+so the endpoints are plain ``def``. Templates are shared by every key (they have no
+owner), so writing one takes the ``templates:write`` scope, not ``jobs:write``.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class SendResource(BaseModel):
     status_code=201,
     response_model=EmailTemplateResource,
     responses=problem_responses(409, 413, 422),
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def create_email_template(
     body: EmailTemplateDefinition, request: Request, response: Response, key: Authenticated
@@ -172,7 +173,7 @@ def get_email_template(name: Name, request: Request) -> EmailTemplateResource:
         201: {"model": EmailTemplateResource, "description": "Created"},
         **problem_responses(413, 422),
     },
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def put_email_template(
     name: Name, body: EmailTemplateBody, request: Request, response: Response, key: Authenticated
@@ -193,7 +194,7 @@ def put_email_template(
     "/{name}",
     status_code=204,
     responses=problem_responses(404),
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def delete_email_template(name: Name, request: Request, key: Authenticated) -> Response:
     """Delete a template; sends in flight still render their version."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -27,6 +28,9 @@ from conveyor.errors import EmailTemplateExists, EmailTemplateInvalid, EmailTemp
 from conveyor.models import email_template_versions_t, email_templates_t
 from conveyor.notifications import templates
 from conveyor.store.pages import cut, newest_first
+
+#: Writes the audit row of a change in the change's own transaction.
+AuditHook = Callable[[Connection], None]
 
 t = email_templates_t.c
 v = email_template_versions_t.c
@@ -156,7 +160,9 @@ class EmailTemplateBook:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def create(self, name: str, body: EmailTemplateBody) -> EmailTemplate:
+    def create(
+        self, name: str, body: EmailTemplateBody, *, audit: AuditHook | None = None
+    ) -> EmailTemplate:
         """Compile and store a new template; EmailTemplateExists if the name is taken.
         Its version follows any kept from a template of that name deleted before."""
         compile_body(body)
@@ -174,11 +180,15 @@ class EmailTemplateBook:
                     )
                 )
                 self._keep(conn, name, body, version, now)
+                if audit is not None:
+                    audit(conn)
         except IntegrityError:
             raise EmailTemplateExists(name) from None
         return self.get(name)
 
-    def replace(self, name: str, body: EmailTemplateBody) -> EmailTemplate:
+    def replace(
+        self, name: str, body: EmailTemplateBody, *, audit: AuditHook | None = None
+    ) -> EmailTemplate:
         """Compile and store a new version; EmailTemplateNotFound if there is no template."""
         compile_body(body)
         now = datetime.now(UTC)
@@ -192,6 +202,8 @@ class EmailTemplateBook:
             if version is None:
                 raise EmailTemplateNotFound(name)
             self._keep(conn, name, body, version, now)
+            if audit is not None:
+                audit(conn)
         return self.get(name)
 
     def get(self, name: str) -> EmailTemplate:
@@ -231,12 +243,14 @@ class EmailTemplateBook:
             found = [_template(row) for row in conn.execute(query)]
         return cut(found, limit, lambda template: (template.created_at, template.name))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, audit: AuditHook | None = None) -> None:
         """Delete a template (its versions stay, for sends in flight and audits);
         EmailTemplateNotFound if there is none."""
         with self.engine.begin() as conn:
             if conn.execute(delete(email_templates_t).where(t.name == name)).rowcount != 1:
                 raise EmailTemplateNotFound(name)
+            if audit is not None:
+                audit(conn)
 
     @staticmethod
     def _parts(body: EmailTemplateBody) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from conveyor.errors import (
 )
 from conveyor.notifications import templates
 from conveyor.notifications.email_templates import (
+    AuditHook,
     EmailTemplate,
     EmailTemplateBody,
     EmailTemplateBook,
@@ -103,10 +104,9 @@ def create_template(
 ) -> EmailTemplate:
     """Compile and store a template; EmailTemplateInvalid naming the part that does not
     compile, EmailTemplateExists if the name is taken."""
-    template = EmailTemplateBook(app.store.engine).create(definition.name, definition)
-    if audit is not None:
-        app.store.audit(audit)
-    return template
+    return EmailTemplateBook(app.store.engine).create(
+        definition.name, definition, audit=_hook(app, audit)
+    )
 
 
 def put_template(
@@ -116,19 +116,23 @@ def put_template(
     returns it and whether it was created. Sends submitted before keep their version."""
     book = EmailTemplateBook(app.store.engine)
     try:
-        template, created = book.replace(name, body), False
+        return book.replace(name, body, audit=_hook(app, audit)), False
     except EmailTemplateNotFound:
-        template, created = book.create(name, body), True
-    if audit is not None:
-        app.store.audit(audit)
-    return template, created
+        return book.create(name, body, audit=_hook(app, audit)), True
 
 
 def delete_template(app: Conveyor, name: str, *, audit: AuditEntry | None = None) -> None:
     """Delete a template; its versions stay for the sends in flight and for audit."""
-    EmailTemplateBook(app.store.engine).remove(name)
-    if audit is not None:
-        app.store.audit(audit)
+    EmailTemplateBook(app.store.engine).remove(name, audit=_hook(app, audit))
+
+
+def _hook(app: Conveyor, audit: AuditEntry | None) -> AuditHook | None:
+    """The audit row written in the change's transaction, so that neither is without
+    the other."""
+    if audit is None:
+        return None
+    entry = audit
+    return lambda conn: app.store.audit_in(conn, entry)
 
 
 # -- sending --------------------------------------------------------------------------

@@ -2889,6 +2889,11 @@ class Store:
         with self._tx() as conn:
             self._audit(conn, entry)
 
+    def audit_in(self, conn: Connection, entry: AuditEntry) -> None:
+        """Append an audit row in the caller's transaction: the change it records and
+        the row commit together, or neither does."""
+        self._audit(conn, entry)
+
     def _audit(self, conn: Connection, entry: AuditEntry) -> None:
         conn.execute(
             insert(audit_t).values(
