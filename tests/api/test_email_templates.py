@@ -153,6 +153,12 @@ def test_metadata_is_bounded() -> None:
         ("{{ 100 / data.n }}", {"n": 0}, "division by zero"),
         ("{{ 10.0 ** 1000 }}", {}, "out of range"),
         ('{{ data.s.encode("x") }}', {"s": "a"}, "unknown encoding"),
+        ('{{ "x" * 10**9 }}', {}, "repetition would be over"),
+        (
+            "{% for a in range(10**5) %}{% for b in range(10**5) %}x{% endfor %}{% endfor %}",
+            {},
+            "range",
+        ),
     ],
 )
 async def test_a_render_that_fails_is_a_refusal_not_a_500(

@@ -165,10 +165,11 @@ def send_batch(app: Conveyor, name: str, recipients: Sequence[Recipient | dict[s
             "recipients", f"{len(recipients)} recipients; a batch has 1 to {MAX_BATCH}"
         )
     template = EmailTemplateBook(app.store.engine).get(name)
-    checked = [
-        _renderable(template, _recipient(r, f"recipients.{i}."), f"recipients.{i}.")
-        for i, r in enumerate(recipients)
-    ]
+    with templates.budget(templates.MAX_BATCH_STEPS, "rendering the batch"):
+        checked = [
+            _renderable(template, _recipient(r, f"recipients.{i}."), f"recipients.{i}.")
+            for i, r in enumerate(recipients)
+        ]
     batch_id = str(uuid.uuid4())
     ids: list[str] = []
     for start in range(0, len(checked), CHUNK):
