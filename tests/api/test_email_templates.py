@@ -13,11 +13,12 @@ import pytest
 from click.testing import Result
 from fastapi import FastAPI
 from pydantic import ValidationError
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
 from conveyor.cli import cli as commands
-from conveyor.errors import EmailTemplateNotFound, NotificationInvalid
+from conveyor.errors import EmailTemplateNotFound, IdempotencyMismatch, NotificationInvalid
 from conveyor.notifications import mailing
 from conveyor.notifications.email_templates import (
     MAX_METADATA,
@@ -327,6 +328,99 @@ def test_a_template_change_and_its_audit_row_commit_together(conveyor: Conveyor)
         mailing.create_template(conveyor, EmailTemplateDefinition(**WELCOME), audit=entry)
     with pytest.raises(EmailTemplateNotFound):
         EmailTemplateBook(conveyor.store.engine).get("welcome")
+
+
+async def test_a_send_and_a_batch_with_an_idempotency_key_are_made_once(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    await client.post("/v1/email-templates", json=WELCOME)
+    send = {"to": "ada@x.test", "data": {"name": "Ada"}}
+    once = {"Idempotency-Key": "send-1"}
+    first = await client.post("/v1/email-templates/welcome/send", json=send, headers=once)
+    assert first.status_code == 202, first.text
+    again = await client.post("/v1/email-templates/welcome/send", json=send, headers=once)
+    assert again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["pipeline_id"] == first.json()["pipeline_id"]
+    other = send | {"data": {"name": "Bob"}}
+    mismatch = await client.post("/v1/email-templates/welcome/send", json=other, headers=once)
+    assert mismatch.status_code == 422, mismatch.text
+
+    batch = {"recipients": [{"to": f"u{i}@x.test", "data": {"name": "U"}} for i in range(5)]}
+    headers = {"Idempotency-Key": '"batch-1"'}
+    made = await client.post("/v1/email-templates/welcome/batch", json=batch, headers=headers)
+    assert made.status_code == 202, made.text
+    repeat = await client.post("/v1/email-templates/welcome/batch", json=batch, headers=headers)
+    assert repeat.status_code == 200, repeat.text
+    assert repeat.headers["Idempotent-Replayed"] == "true"
+    assert repeat.json() == made.json()
+    fewer = {"recipients": batch["recipients"][:4]}
+    refused = await client.post("/v1/email-templates/welcome/batch", json=fewer, headers=headers)
+    assert refused.status_code == 422, refused.text
+    bad = await client.post(
+        "/v1/email-templates/welcome/batch", json=batch, headers={"Idempotency-Key": '"x'}
+    )
+    assert bad.status_code == 400, bad.text
+    assert _pipelines(conveyor) == 1 + 5
+
+
+async def test_a_batch_retried_after_a_store_failure_records_only_the_rest(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    # The Python API (the test server takes small bodies only); the client installs it.
+    mailing.create_template(conveyor, EmailTemplateDefinition(**WELCOME))
+    recipients = [
+        {"to": f"u{i}@x.test", "data": {"name": str(i)}} for i in range(mailing.CHUNK + 100)
+    ]
+    # A real failure of the store after the first chunk has committed.
+    with conveyor.store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TRIGGER full AFTER INSERT ON conveyor_pipelines"
+                f" WHEN (SELECT count(*) FROM conveyor_pipelines) > {mailing.CHUNK}"
+                " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        )
+    with pytest.raises(Exception, match="disk full"):  # whatever the store raised
+        mailing.send_batch(conveyor, "welcome", recipients, idempotency_key="k", scope="tenant")
+    assert _pipelines(conveyor) == mailing.CHUNK
+    with conveyor.store.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER full"))
+    mailing.put_template(conveyor, "welcome", EmailTemplateBody(subject="v2", text_body="v2"))
+
+    retried = mailing.send_batch(
+        conveyor, "welcome", recipients, idempotency_key="k", scope="tenant"
+    )
+    assert _pipelines(conveyor) == len(recipients)  # no duplicates
+    assert (len(set(retried.pipeline_ids)), retried.version) == (len(recipients), 1)
+    assert not retried.replayed
+    last = conveyor.store.get_pipeline(retried.pipeline_ids[-1])
+    assert last.correlation_id == retried.id
+    assert last.steps_by_name["render"].payload == {
+        "template": "welcome",
+        "version": 1,  # pinned as the first chunk's were, not the version saved since
+        "to": recipients[-1]["to"],
+        "data": recipients[-1]["data"],
+    }
+    replayed = mailing.send_batch(
+        conveyor, "welcome", recipients, idempotency_key="k", scope="tenant"
+    )
+    assert (replayed.id, replayed.pipeline_ids, replayed.replayed) == (
+        retried.id,
+        retried.pipeline_ids,
+        True,
+    )
+    other = mailing.send_batch(conveyor, "welcome", recipients, idempotency_key="k", scope="b")
+    assert other.id != retried.id  # keys are per caller
+    with pytest.raises(IdempotencyMismatch):
+        mailing.send_batch(
+            conveyor, "welcome", recipients[:-1], idempotency_key="k", scope="tenant"
+        )
+
+
+def _pipelines(conveyor: Conveyor) -> int:
+    with conveyor.store.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM conveyor_pipelines")).scalar_one())
 
 
 async def test_the_routes_need_a_key(anonymous: httpx.AsyncClient) -> None:
