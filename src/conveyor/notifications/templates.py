@@ -35,7 +35,7 @@ from jinja2 import (
     pass_eval_context,
 )
 from jinja2.nodes import EvalContext
-from jinja2.runtime import Context, markup_join, str_join
+from jinja2.runtime import Context, LoopContext, markup_join, str_join
 from jinja2.sandbox import SandboxedEnvironment
 from jinja2.visitor import NodeTransformer
 
@@ -47,11 +47,11 @@ DEFAULT = "message"
 
 #: The longest ``range`` a template may make (Jinja's sandbox allows 100,000).
 MAX_RANGE = 10_000
-#: Loop iterations one render of one part may take, all loops counted.
+#: Loop iterations and calls (macros, methods) one render of one part may take.
 MAX_STEPS = 10_000
 #: The longest string, list or mapping an operator, a filter or a method may make.
 MAX_VALUE = 100_000
-#: Loop iterations all the renders checking one batch may take between them.
+#: Steps all the renders checking one batch may take between them.
 MAX_BATCH_STEPS = 1_000_000
 #: The most characters one part may render to.
 MAX_OUTPUT = 1024 * 1024
@@ -91,8 +91,8 @@ _NESTED_FIELD = re.compile(r"\{[^{}]*\{")
 
 
 class Budget:
-    """Loop steps a render may still take; nested in ``outer`` (a batch's), it spends
-    from both."""
+    """Steps (loop iterations and calls) a render may still take; nested in ``outer``
+    (a batch's), it spends from both."""
 
     def __init__(self, steps: int, outer: Budget | None, what: str) -> None:
         self.left, self.limit, self.outer, self.what = steps, steps, outer, what
@@ -100,7 +100,9 @@ class Budget:
     def spend(self, steps: int = 1) -> None:
         self.left -= steps
         if self.left < 0:
-            raise DeliveryRefused(f"{self.what} takes more than {self.limit} loop steps")
+            raise DeliveryRefused(
+                f"{self.what} takes more than {self.limit} steps (loop iterations and calls)"
+            )
         if self.outer is not None:
             self.outer.spend(steps)
 
@@ -110,7 +112,7 @@ _budget: ContextVar[Budget | None] = ContextVar("conveyor_template_budget", defa
 
 @contextmanager
 def budget(steps: int, what: str) -> Iterator[Budget]:
-    """Renders in this block take at most ``steps`` loop steps between them (a batch
+    """Renders in this block take at most ``steps`` steps between them (a batch
     renders the template for every recipient while the request waits)."""
     token = _budget.set(Budget(steps, _budget.get(), what))
     try:
@@ -146,7 +148,8 @@ def _check_format(spec: str, args: Iterable[Any]) -> None:
 
 
 def _step(iterable: Iterable[Any]) -> Iterator[Any]:
-    """Every loop iterates through this: each iteration spends one step of the render."""
+    """Every loop iterates through this (a recursive loop's ``loop(...)`` too): each
+    iteration spends one step of the render."""
     current = _budget.get()
     for item in iterable:
         if current is not None:
@@ -270,6 +273,11 @@ class BoundedSandbox(SandboxedEnvironment):
         *args: Any,
         **kwargs: Any,
     ) -> Any:
+        current = _budget.get()
+        if current is not None:  # a macro calling itself twice is a loop, too
+            current.spend()
+        if isinstance(__obj, LoopContext) and args:  # loop(children) in a recursive loop
+            args = (_step(args[0]), *args[1:])
         owner = getattr(__obj, "__self__", None)
         if isinstance(owner, str):
             method = getattr(__obj, "__name__", "")
