@@ -50,7 +50,7 @@ def recipients(count: int, run: int) -> list[dict[str, Any]]:
     ]
 
 
-async def measure(settings: Settings, count: int, runs: int) -> list[float]:
+async def measure(settings: Settings, count: int, runs: int, keyed: bool) -> list[float]:
     app = Conveyor(settings=settings)
     app.store.migrate()
     api = create_app(app)
@@ -70,7 +70,10 @@ async def measure(settings: Settings, count: int, runs: int) -> list[float]:
                 for run in range(runs):
                     body = {"recipients": recipients(count, run)}
                     start = time.perf_counter()
-                    response = await client.post("/v1/email-templates/welcome/batch", json=body)
+                    headers = {"Idempotency-Key": f"bench-{run}"} if keyed else {}
+                    response = await client.post(
+                        "/v1/email-templates/welcome/batch", json=body, headers=headers
+                    )
                     seconds.append(time.perf_counter() - start)
                     assert response.status_code == 202, response.text
                     assert len(response.json()["pipeline_ids"]) == count
@@ -88,6 +91,9 @@ def main() -> None:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/11")
     parser.add_argument("--recipients", type=int, default=10_000)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument(
+        "--keyed", action="store_true", help="send each batch with an Idempotency-Key"
+    )
     args = parser.parse_args()
     logging.disable(logging.INFO)
     common: dict[str, Any] = {
@@ -108,7 +114,7 @@ def main() -> None:
         )
         configure_logging(sqlite)
         print("SQLite, filesystem broker")
-        results = {"sqlite": asyncio.run(measure(sqlite, args.recipients, args.runs))}
+        results = {"sqlite": asyncio.run(measure(sqlite, args.recipients, args.runs, args.keyed))}
 
         check_redis_url(args.redis_url)
         check_unused(args.postgres_url, args.redis_url)
@@ -123,7 +129,9 @@ def main() -> None:
         )
         print("PostgreSQL, Redis broker")
         try:
-            results["postgresql"] = asyncio.run(measure(postgres, args.recipients, args.runs))
+            results["postgresql"] = asyncio.run(
+                measure(postgres, args.recipients, args.runs, args.keyed)
+            )
         finally:
             redis.Redis.from_url(args.redis_url).flushdb()
     for backend, seconds in results.items():

@@ -706,11 +706,14 @@ class Conveyor:
         specs: Sequence[Flow | PipelineSpec | Sequence[StepSpec | Mapping[str, Any]]],
         *,
         correlation_id: str | None = None,
+        idempotency: Sequence[tuple[str, str, str]] | None = None,
     ) -> list[str]:
         """Many pipelines at once, as :meth:`submit_many` is many jobs: each validated as
         :meth:`pipeline` validates one (PipelineInvalid, naming the step, before recording
         anything), then all recorded in one transaction and their first jobs enqueued
-        together. Returns their ids in order; they share ``correlation_id`` if given."""
+        together. Returns their ids in order; they share ``correlation_id`` if given.
+        ``idempotency``: a (scope, key, fingerprint) per pipeline, recorded with it
+        (IdempotencyConflict, nothing recorded, if a key is taken)."""
         with tracing.span("conveyor.pipelines", kind=SpanKind.PRODUCER):
             made = []
             for steps in specs:
@@ -719,7 +722,9 @@ class Conveyor:
                 correlation = correlation_id or uuid.uuid4().hex
                 records = [self._step_record(i, s, correlation) for i, s in enumerate(spec.steps)]
                 made.append((records, spec.name, correlation))
-            ids, jobs = self.store.create_pipelines(made, owner_key_id=acting_key.get())
+            ids, jobs = self.store.create_pipelines(
+                made, owner_key_id=acting_key.get(), idempotency=idempotency
+            )
             log.info("pipelines.submitted", pipelines=len(ids))
             if jobs:
                 self.dispatch_many(jobs)

@@ -853,7 +853,8 @@ def put_email_template(
     ] = "transactional",
     metadata: Annotated[str, typer.Option(help="Yours, a JSON object.")] = "{}",
 ) -> None:
-    """Create a template, or save a new version of it; prints its version."""
+    """Create a template, or save a new version of it; prints its version. The key
+    needs the templates:write scope."""
     body: dict[str, Any] = {
         "template_type": template_type,
         "subject": subject,
@@ -868,7 +869,8 @@ def put_email_template(
 
 @email_templates_cli.command("delete")
 def delete_email_template(name: Annotated[str, typer.Argument()]) -> None:
-    """Delete a template (sends in flight still render their version)."""
+    """Delete a template (sends in flight still render their version); the key needs
+    the templates:write scope."""
     with ApiClient(load_settings()) as client:
         client.request("DELETE", _template_path(name))
     out.print(f"deleted {name}", markup=False)
@@ -1850,7 +1852,7 @@ def create_key(
         typer.Option(
             "--scope",
             help="A scope, repeatable: jobs:read, jobs:read-all, jobs:write,"
-            " dead-letters:write, schedules:write, keys:admin, admin.",
+            " dead-letters:write, schedules:write, templates:write, keys:admin, admin.",
         ),
     ],
     expires_at: Annotated[

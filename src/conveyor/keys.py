@@ -43,6 +43,7 @@ SCOPES: dict[str, str] = {
     "jobs:write": "submit and cancel jobs and pipelines, publish events",
     "dead-letters:write": "replay and purge dead letters",
     "schedules:write": "create, change, delete and trigger schedules",
+    "templates:write": "create, change and delete e-mail templates (shared by every key)",
     "keys:admin": "create, list and revoke API keys",
     "admin": "everything, the audit trail included",
 }

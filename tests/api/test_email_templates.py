@@ -11,13 +11,22 @@ from typing import Any
 import httpx
 import pytest
 from click.testing import Result
+from fastapi import FastAPI
+from pydantic import ValidationError
+from sqlalchemy import text
 from typer.testing import CliRunner
 
 from conveyor import Conveyor, Settings
 from conveyor.cli import cli as commands
-from conveyor.errors import NotificationInvalid
+from conveyor.errors import EmailTemplateNotFound, IdempotencyMismatch, NotificationInvalid
 from conveyor.notifications import mailing
-from conveyor.notifications.email_templates import EmailTemplateBook
+from conveyor.notifications.email_templates import (
+    MAX_METADATA,
+    EmailTemplateBody,
+    EmailTemplateBook,
+    EmailTemplateDefinition,
+)
+from conveyor.store import AuditEntry
 
 pytestmark = pytest.mark.anyio
 
@@ -105,6 +114,72 @@ async def test_a_template_that_does_not_compile_is_refused_and_nothing_stored(
     assert detail in problem["detail"]
     listed = await client.get("/v1/email-templates")
     assert listed.json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("change", "loc"),
+    [
+        ({"subject": "Hi \u0000"}, ["body", "subject"]),
+        ({"text_body": "nul \u0000"}, ["body", "text_body"]),
+        ({"html_body": "<p>\u0000</p>"}, ["body", "html_body"]),
+        ({"template_type": "a\u0000b"}, ["body", "template_type"]),
+        ({"template_type": "t" * 101}, ["body", "template_type"]),
+        ({"metadata": {"k\u0000": 1}}, ["body", "metadata"]),
+        ({"metadata": {"k": "v\u0000"}}, ["body", "metadata"]),
+        ({"name": "a\u0000b"}, ["body", "name"]),
+    ],
+)
+async def test_nul_and_over_long_fields_are_refused(
+    client: httpx.AsyncClient, change: dict[str, Any], loc: list[str]
+) -> None:
+    response = await client.post("/v1/email-templates", json=WELCOME | change)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"][:2] == loc
+    body = {k: v for k, v in (WELCOME | change).items() if k != "name"}
+    if "name" not in change:
+        put = await client.put("/v1/email-templates/welcome", json=body)
+        assert put.status_code == 422, put.text
+    assert (await client.get("/v1/email-templates")).json()["items"] == []
+
+
+def test_metadata_is_bounded() -> None:
+    # Over the test server's body limit: checked on the model the route reads.
+    with pytest.raises(ValidationError, match="characters as JSON"):
+        EmailTemplateBody.model_validate(WELCOME | {"metadata": {"k": "v" * MAX_METADATA}})
+
+
+@pytest.mark.parametrize(
+    ("source", "data", "detail"),
+    [
+        ("{{ 100 / data.n }}", {"n": 0}, "division by zero"),
+        ("{{ 10.0 ** 1000 }}", {}, "out of range"),
+        ('{{ data.s.encode("x") }}', {"s": "a"}, "unknown encoding"),
+        ('{{ "x" * 10**9 }}', {}, "repetition would be over"),
+        (
+            "{% for a in range(10**5) %}{% for b in range(10**5) %}x{% endfor %}{% endfor %}",
+            {},
+            "range",
+        ),
+    ],
+)
+async def test_a_render_that_fails_is_a_refusal_not_a_500(
+    client: httpx.AsyncClient, conveyor: Conveyor, source: str, data: dict[str, Any], detail: str
+) -> None:
+    made = await client.post(
+        "/v1/email-templates", json=WELCOME | {"subject": "Hi", "text_body": source}
+    )
+    assert made.status_code == 201, made.text
+    send = await client.post(
+        "/v1/email-templates/welcome/send", json={"to": "a@x.test", "data": data}
+    )
+    assert send.status_code == 422, send.text
+    assert send.json()["errors"][0]["loc"] == ["body", "data"]
+    assert detail in send.json()["detail"]
+    batch = await client.post(
+        "/v1/email-templates/welcome/batch", json={"recipients": [{"to": "a@x.test", "data": data}]}
+    )
+    assert batch.status_code == 422, batch.text
+    assert conveyor.store.list_jobs() == ([], None)
 
 
 async def test_rendering_escapes_html_and_keeps_the_subject_on_one_line(
@@ -201,6 +276,151 @@ async def test_a_batch_is_checked_whole_then_submitted(
         json={"recipients": [{"to": "a@x.test"}] * (mailing.MAX_BATCH + 1)},
     )
     assert too_many.status_code in (413, 422)
+
+
+async def test_writing_a_template_takes_the_templates_scope(
+    client: httpx.AsyncClient, api: FastAPI, conveyor: Conveyor
+) -> None:
+    async def key(*scopes: str) -> httpx.AsyncClient:
+        made = await client.post("/v1/keys", json={"name": "-".join(scopes), "scopes": scopes})
+        assert made.status_code == 201, made.text
+        return httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=api),
+            base_url="http://api",
+            headers={"Authorization": f"Bearer {made.json()['secret']}"},
+        )
+
+    body = {k: v for k, v in WELCOME.items() if k != "name"}
+    async with await key("jobs:read", "jobs:write") as tenant:
+        for method, path, json_body in (
+            ("POST", "/v1/email-templates", WELCOME),
+            ("PUT", "/v1/email-templates/welcome", body),
+            ("DELETE", "/v1/email-templates/welcome", None),
+        ):
+            refused = await tenant.request(method, path, json=json_body)
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["scope"] == "templates:write"
+    async with await key("jobs:read", "templates:write") as writer:
+        assert (await writer.post("/v1/email-templates", json=WELCOME)).status_code == 201
+        assert (await writer.put("/v1/email-templates/welcome", json=body)).status_code == 200
+        assert (await writer.get("/v1/email-templates/welcome")).status_code == 200
+        assert (await writer.delete("/v1/email-templates/welcome")).status_code == 204
+    trail = await client.get("/v1/audit", params={"object_id": "welcome"})
+    assert {(row["action"], row["key_name"]) for row in trail.json()["items"]} == {
+        ("email_template.create", "jobs:read-templates:write"),
+        ("email_template.put", "jobs:read-templates:write"),
+        ("email_template.delete", "jobs:read-templates:write"),
+    }
+
+
+def test_a_template_change_and_its_audit_row_commit_together(conveyor: Conveyor) -> None:
+    entry = AuditEntry(
+        key_id=None,
+        key_name="admin",
+        action="email_template.create",
+        object_type="email_template",
+        object_id="welcome",
+        address=None,
+        correlation_id=None,
+        detail={"what": object()},  # an audit row that cannot be written
+    )
+    with pytest.raises(Exception):  # noqa: B017 - whichever the driver raises
+        mailing.create_template(conveyor, EmailTemplateDefinition(**WELCOME), audit=entry)
+    with pytest.raises(EmailTemplateNotFound):
+        EmailTemplateBook(conveyor.store.engine).get("welcome")
+
+
+async def test_a_send_and_a_batch_with_an_idempotency_key_are_made_once(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    await client.post("/v1/email-templates", json=WELCOME)
+    send = {"to": "ada@x.test", "data": {"name": "Ada"}}
+    once = {"Idempotency-Key": "send-1"}
+    first = await client.post("/v1/email-templates/welcome/send", json=send, headers=once)
+    assert first.status_code == 202, first.text
+    again = await client.post("/v1/email-templates/welcome/send", json=send, headers=once)
+    assert again.status_code == 200, again.text
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["pipeline_id"] == first.json()["pipeline_id"]
+    other = send | {"data": {"name": "Bob"}}
+    mismatch = await client.post("/v1/email-templates/welcome/send", json=other, headers=once)
+    assert mismatch.status_code == 422, mismatch.text
+
+    batch = {"recipients": [{"to": f"u{i}@x.test", "data": {"name": "U"}} for i in range(5)]}
+    headers = {"Idempotency-Key": '"batch-1"'}
+    made = await client.post("/v1/email-templates/welcome/batch", json=batch, headers=headers)
+    assert made.status_code == 202, made.text
+    repeat = await client.post("/v1/email-templates/welcome/batch", json=batch, headers=headers)
+    assert repeat.status_code == 200, repeat.text
+    assert repeat.headers["Idempotent-Replayed"] == "true"
+    assert repeat.json() == made.json()
+    fewer = {"recipients": batch["recipients"][:4]}
+    refused = await client.post("/v1/email-templates/welcome/batch", json=fewer, headers=headers)
+    assert refused.status_code == 422, refused.text
+    bad = await client.post(
+        "/v1/email-templates/welcome/batch", json=batch, headers={"Idempotency-Key": '"x'}
+    )
+    assert bad.status_code == 400, bad.text
+    assert _pipelines(conveyor) == 1 + 5
+
+
+async def test_a_batch_retried_after_a_store_failure_records_only_the_rest(
+    client: httpx.AsyncClient, conveyor: Conveyor
+) -> None:
+    # The Python API (the test server takes small bodies only); the client installs it.
+    mailing.create_template(conveyor, EmailTemplateDefinition(**WELCOME))
+    recipients = [
+        {"to": f"u{i}@x.test", "data": {"name": str(i)}} for i in range(mailing.CHUNK + 100)
+    ]
+    # A real failure of the store after the first chunk has committed.
+    with conveyor.store.engine.begin() as conn:
+        conn.execute(
+            text(
+                "CREATE TRIGGER full AFTER INSERT ON conveyor_pipelines"
+                f" WHEN (SELECT count(*) FROM conveyor_pipelines) > {mailing.CHUNK}"
+                " BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+        )
+    with pytest.raises(Exception, match="disk full"):  # whatever the store raised
+        mailing.send_batch(conveyor, "welcome", recipients, idempotency_key="k", scope="tenant")
+    assert _pipelines(conveyor) == mailing.CHUNK
+    with conveyor.store.engine.begin() as conn:
+        conn.execute(text("DROP TRIGGER full"))
+    mailing.put_template(conveyor, "welcome", EmailTemplateBody(subject="v2", text_body="v2"))
+
+    retried = mailing.send_batch(
+        conveyor, "welcome", recipients, idempotency_key="k", scope="tenant"
+    )
+    assert _pipelines(conveyor) == len(recipients)  # no duplicates
+    assert (len(set(retried.pipeline_ids)), retried.version) == (len(recipients), 1)
+    assert not retried.replayed
+    last = conveyor.store.get_pipeline(retried.pipeline_ids[-1])
+    assert last.correlation_id == retried.id
+    assert last.steps_by_name["render"].payload == {
+        "template": "welcome",
+        "version": 1,  # pinned as the first chunk's were, not the version saved since
+        "to": recipients[-1]["to"],
+        "data": recipients[-1]["data"],
+    }
+    replayed = mailing.send_batch(
+        conveyor, "welcome", recipients, idempotency_key="k", scope="tenant"
+    )
+    assert (replayed.id, replayed.pipeline_ids, replayed.replayed) == (
+        retried.id,
+        retried.pipeline_ids,
+        True,
+    )
+    other = mailing.send_batch(conveyor, "welcome", recipients, idempotency_key="k", scope="b")
+    assert other.id != retried.id  # keys are per caller
+    with pytest.raises(IdempotencyMismatch):
+        mailing.send_batch(
+            conveyor, "welcome", recipients[:-1], idempotency_key="k", scope="tenant"
+        )
+
+
+def _pipelines(conveyor: Conveyor) -> int:
+    with conveyor.store.engine.connect() as conn:
+        return int(conn.execute(text("SELECT count(*) FROM conveyor_pipelines")).scalar_one())
 
 
 async def test_the_routes_need_a_key(anonymous: httpx.AsyncClient) -> None:

@@ -4,7 +4,8 @@ when ``CONVEYOR_NOTIFICATIONS`` is on.
 
 A template is compiled in the sandbox when it is saved: one that does not compile
 is refused (422 naming the part) and nothing is stored. Store calls are blocking,
-so the endpoints are plain ``def``.
+so the endpoints are plain ``def``. Templates are shared by every key (they have no
+owner), so writing one takes the ``templates:write`` scope, not ``jobs:write``.
 """
 
 from __future__ import annotations
@@ -14,15 +15,19 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import structlog
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
+from conveyor import idempotency
 from conveyor.api import audit
 from conveyor.api.auth import Authenticated, Scope, require_key
+from conveyor.api.jobs import IDEMPOTENCY_KEY_PATTERN
 from conveyor.api.pages import bounded_page, check_cursor
 from conveyor.api.problems import problem_responses
 from conveyor.api.schemas import Cursor, PipelineResource
 from conveyor.api.state import api_state
+from conveyor.errors import ConfigurationError
 from conveyor.keys import acting_as
 from conveyor.notifications import mailing
 from conveyor.notifications.email_templates import (
@@ -111,7 +116,7 @@ class SendResource(BaseModel):
     status_code=201,
     response_model=EmailTemplateResource,
     responses=problem_responses(409, 413, 422),
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def create_email_template(
     body: EmailTemplateDefinition, request: Request, response: Response, key: Authenticated
@@ -172,7 +177,7 @@ def get_email_template(name: Name, request: Request) -> EmailTemplateResource:
         201: {"model": EmailTemplateResource, "description": "Created"},
         **problem_responses(413, 422),
     },
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def put_email_template(
     name: Name, body: EmailTemplateBody, request: Request, response: Response, key: Authenticated
@@ -193,7 +198,7 @@ def put_email_template(
     "/{name}",
     status_code=204,
     responses=problem_responses(404),
-    dependencies=[Scope("jobs:write")],
+    dependencies=[Scope("templates:write")],
 )
 def delete_email_template(name: Name, request: Request, key: Authenticated) -> Response:
     """Delete a template; sends in flight still render their version."""
@@ -204,28 +209,69 @@ def delete_email_template(name: Name, request: Request, key: Authenticated) -> R
     return Response(status_code=204)
 
 
+def _once(value: str | None) -> str | None:
+    """The key of an ``Idempotency-Key`` header, as POST /v1/jobs reads it (400 if bad)."""
+    if value is None:
+        return None
+    try:
+        return idempotency.parse_header(value)
+    except ConfigurationError as exc:
+        raise HTTPException(400, str(exc)) from None
+
+
+def _key_header(what: str) -> Any:
+    return Header(
+        alias="Idempotency-Key",
+        json_schema_extra={"pattern": IDEMPOTENCY_KEY_PATTERN},
+        description=(
+            f"1 to 255 printable ASCII characters, bare or as a quoted string. A repeat of"
+            f" the same request with the same key returns {what} (200,"
+            " `Idempotent-Replayed: true`); the key with another request is refused (422),"
+            " and so is a repeat while the first is under way (409)."
+        ),
+    )
+
+
 @router.post(
     "/{name}/send",
     status_code=202,
     response_model=SendResource,
-    responses=problem_responses(404, 413, 422),
+    responses={
+        200: {"model": SendResource, "description": "A repeat of an idempotent send"},
+        **problem_responses(400, 404, 409, 413, 422),
+    },
     dependencies=[Scope("jobs:write")],
 )
 def send_email_template(
-    name: Name, body: Recipient, request: Request, response: Response, key: Authenticated
+    name: Name,
+    body: Recipient,
+    request: Request,
+    response: Response,
+    key: Authenticated,
+    idempotency_key: Annotated[str | None, _key_header("the first pipeline")] = None,
 ) -> SendResource:
     """Submit the pipeline render → send → record of the template's current version to
     one recipient. 422 naming the field for an address that is not one, or e-mail that
     is not configured; nothing is recorded then."""
     conveyor = api_state(request).conveyor
     with acting_as(key.id):
-        pipeline = mailing.send_template(
-            conveyor, name, body.to, body.data, correlation_id=request.state.correlation_id
+        pipeline, created = mailing.submit_send(
+            conveyor,
+            name,
+            body.to,
+            body.data,
+            correlation_id=request.state.correlation_id,
+            key=_once(idempotency_key),
+            scope=key.id,  # keys are per caller: two callers cannot collide
         )
     resource = PipelineResource.of(pipeline)
     render = pipeline.steps_by_name["render"]
     version = render.payload["version"] if render.payload else 0
-    log.info("email_template.send", template=name, pipeline_id=pipeline.id)
+    if created:
+        log.info("email_template.send", template=name, pipeline_id=pipeline.id)
+    else:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     response.headers["Location"] = resource.links.self
     return SendResource(
         pipeline_id=pipeline.id,
@@ -240,19 +286,36 @@ def send_email_template(
     "/{name}/batch",
     status_code=202,
     response_model=BatchResource,
-    responses=problem_responses(404, 413, 422),
+    responses={
+        200: {"model": BatchResource, "description": "A repeat of an idempotent batch"},
+        **problem_responses(400, 404, 409, 413, 422),
+    },
     dependencies=[Scope("jobs:write")],
 )
 def send_email_batch(
-    name: Name, body: BatchRequest, request: Request, key: Authenticated
+    name: Name,
+    body: BatchRequest,
+    request: Request,
+    response: Response,
+    key: Authenticated,
+    idempotency_key: Annotated[
+        str | None, _key_header("the same batch id and pipeline ids")
+    ] = None,
 ) -> BatchResource:
     """One pipeline per recipient (up to 10,000), every one rendering the template's
     current version. Every recipient is checked first: a bad one is refused (422, its
-    ``errors`` point at ``body.recipients.<index>``) and nothing is submitted."""
+    ``errors`` point at ``body.recipients.<index>``) and nothing is submitted. With an
+    ``Idempotency-Key``, a retry after a failure part-way records only the recipients
+    the first try did not."""
     conveyor = api_state(request).conveyor
     with acting_as(key.id):
-        batch = mailing.send_batch(conveyor, name, body.recipients)
+        batch = mailing.send_batch(
+            conveyor, name, body.recipients, idempotency_key=_once(idempotency_key), scope=key.id
+        )
     log.info("email_template.batch", template=name, batch_id=batch.id, sends=len(body.recipients))
+    if batch.replayed:
+        response.status_code = 200
+        response.headers["Idempotent-Replayed"] = "true"
     return BatchResource(
         batch_id=batch.id,
         template=batch.template,

@@ -10,20 +10,27 @@ submitted, and an audit can read what was sent from it.
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Annotated, Any
 
 from jinja2 import TemplateError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from conveyor import payloads
 from conveyor.errors import EmailTemplateExists, EmailTemplateInvalid, EmailTemplateNotFound
 from conveyor.models import email_template_versions_t, email_templates_t
 from conveyor.notifications import templates
 from conveyor.store.pages import cut, newest_first
+
+#: Writes the audit row of a change in the change's own transaction.
+AuditHook = Callable[[Connection], None]
 
 t = email_templates_t.c
 v = email_template_versions_t.c
@@ -32,6 +39,22 @@ NAME_PATTERN = r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}$"
 NAME = re.compile(NAME_PATTERN)
 #: A part's text is at most this long (the rendered message is kept as a job result).
 MAX_PART = 100_000
+#: The metadata as JSON is at most this many characters.
+MAX_METADATA = 10_000
+
+
+def _storable(value: str) -> str:
+    # PostgreSQL refuses NUL in text (a 500 there, were it not refused here as a 422).
+    problem = payloads.check_storable(value)
+    if problem:
+        raise PydanticCustomError(problem[0]["type"], problem[0]["msg"])
+    return value
+
+
+#: Text of a template that is stored: no lone surrogates, no NUL.
+StoredText = Annotated[
+    str, AfterValidator(_storable), Field(json_schema_extra={"pattern": "^[^\\u0000]*$"})
+]
 
 
 class EmailTemplateBody(BaseModel):
@@ -39,18 +62,31 @@ class EmailTemplateBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    template_type: str = Field(
+    template_type: StoredText = Field(
         default="transactional",
         min_length=1,
         max_length=100,
         description='What it is for: "welcome", "transactional" or any text.',
     )
-    subject: str = Field(min_length=1, max_length=2000, description="A template; one line.")
-    text_body: str | None = Field(default=None, max_length=MAX_PART)
-    html_body: str | None = Field(
+    subject: StoredText = Field(min_length=1, max_length=2000, description="A template; one line.")
+    text_body: StoredText | None = Field(default=None, max_length=MAX_PART)
+    html_body: StoredText | None = Field(
         default=None, max_length=MAX_PART, description="Autoescaped: data cannot inject markup."
     )
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Yours; not rendered.")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict,
+        description=f"Yours; not rendered. At most {MAX_METADATA} characters as JSON.",
+    )
+
+    @field_validator("metadata")
+    @classmethod
+    def _storable_metadata(cls, value: dict[str, Any]) -> dict[str, Any]:
+        problem = payloads.check_storable(value)
+        if problem:
+            raise ValueError(payloads.describe(problem))
+        if len(json.dumps(value, ensure_ascii=False)) > MAX_METADATA:
+            raise ValueError(f"is over {MAX_METADATA} characters as JSON")
+        return value
 
 
 class EmailTemplateDefinition(EmailTemplateBody):
@@ -124,7 +160,9 @@ class EmailTemplateBook:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def create(self, name: str, body: EmailTemplateBody) -> EmailTemplate:
+    def create(
+        self, name: str, body: EmailTemplateBody, *, audit: AuditHook | None = None
+    ) -> EmailTemplate:
         """Compile and store a new template; EmailTemplateExists if the name is taken.
         Its version follows any kept from a template of that name deleted before."""
         compile_body(body)
@@ -142,11 +180,15 @@ class EmailTemplateBook:
                     )
                 )
                 self._keep(conn, name, body, version, now)
+                if audit is not None:
+                    audit(conn)
         except IntegrityError:
             raise EmailTemplateExists(name) from None
         return self.get(name)
 
-    def replace(self, name: str, body: EmailTemplateBody) -> EmailTemplate:
+    def replace(
+        self, name: str, body: EmailTemplateBody, *, audit: AuditHook | None = None
+    ) -> EmailTemplate:
         """Compile and store a new version; EmailTemplateNotFound if there is no template."""
         compile_body(body)
         now = datetime.now(UTC)
@@ -160,6 +202,8 @@ class EmailTemplateBook:
             if version is None:
                 raise EmailTemplateNotFound(name)
             self._keep(conn, name, body, version, now)
+            if audit is not None:
+                audit(conn)
         return self.get(name)
 
     def get(self, name: str) -> EmailTemplate:
@@ -199,12 +243,14 @@ class EmailTemplateBook:
             found = [_template(row) for row in conn.execute(query)]
         return cut(found, limit, lambda template: (template.created_at, template.name))
 
-    def remove(self, name: str) -> None:
+    def remove(self, name: str, *, audit: AuditHook | None = None) -> None:
         """Delete a template (its versions stay, for sends in flight and audits);
         EmailTemplateNotFound if there is none."""
         with self.engine.begin() as conn:
             if conn.execute(delete(email_templates_t).where(t.name == name)).rowcount != 1:
                 raise EmailTemplateNotFound(name)
+            if audit is not None:
+                audit(conn)
 
     @staticmethod
     def _parts(body: EmailTemplateBody) -> dict[str, Any]:

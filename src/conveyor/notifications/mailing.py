@@ -12,7 +12,9 @@ job), retried on a transient failure as a notification job is, and limited by
 and version, the render job holding the message, what was sent.
 
 A batch is many such pipelines, validated whole first, then recorded a chunk per
-transaction (``Conveyor.submit_pipelines``). Also the templates' Python API:
+transaction (``Conveyor.submit_pipelines``); with an idempotency key each pipeline
+is recorded with a key of its own, so a retry after a failure part-way records only
+the chunks' missing ones. Also the templates' Python API:
 ``create_template``, ``put_template``, ``delete_template``.
 """
 
@@ -26,17 +28,21 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from conveyor import payloads
+from conveyor import idempotency, payloads
 from conveyor.app import Conveyor
 from conveyor.context import Context
 from conveyor.errors import (
     ConfigurationError,
     DeliveryRefused,
     EmailTemplateNotFound,
+    IdempotencyConflict,
+    IdempotencyMismatch,
     NotificationInvalid,
 )
+from conveyor.idempotency import PYTHON_SCOPE, check_key, check_scope
 from conveyor.notifications import templates
 from conveyor.notifications.email_templates import (
+    AuditHook,
     EmailTemplate,
     EmailTemplateBody,
     EmailTemplateBook,
@@ -50,6 +56,8 @@ from conveyor.store import AuditEntry
 RENDER, SEND, RECORD = "conveyor.mail.render", "conveyor.mail.send", "conveyor.mail.record"
 #: Recipients of one batch, at most; and how many pipelines one transaction records.
 MAX_BATCH, CHUNK = 10_000, 500
+#: The namespace of batch ids made from an idempotency key (UUID 5 of scope and key).
+BATCH_KEYS = uuid.UUID("6f1c1b9e-3f4a-5d2e-9a57-2c0e4b7d8a10")
 
 
 class Recipient(BaseModel):
@@ -93,6 +101,8 @@ class Batch:
     template: str
     version: int
     pipeline_ids: list[str]
+    #: True when an idempotent batch was recorded whole before: this call added none.
+    replayed: bool = False
 
 
 # -- templates ------------------------------------------------------------------------
@@ -103,10 +113,9 @@ def create_template(
 ) -> EmailTemplate:
     """Compile and store a template; EmailTemplateInvalid naming the part that does not
     compile, EmailTemplateExists if the name is taken."""
-    template = EmailTemplateBook(app.store.engine).create(definition.name, definition)
-    if audit is not None:
-        app.store.audit(audit)
-    return template
+    return EmailTemplateBook(app.store.engine).create(
+        definition.name, definition, audit=_hook(app, audit)
+    )
 
 
 def put_template(
@@ -116,19 +125,23 @@ def put_template(
     returns it and whether it was created. Sends submitted before keep their version."""
     book = EmailTemplateBook(app.store.engine)
     try:
-        template, created = book.replace(name, body), False
+        return book.replace(name, body, audit=_hook(app, audit)), False
     except EmailTemplateNotFound:
-        template, created = book.create(name, body), True
-    if audit is not None:
-        app.store.audit(audit)
-    return template, created
+        return book.create(name, body, audit=_hook(app, audit)), True
 
 
 def delete_template(app: Conveyor, name: str, *, audit: AuditEntry | None = None) -> None:
     """Delete a template; its versions stay for the sends in flight and for audit."""
-    EmailTemplateBook(app.store.engine).remove(name)
-    if audit is not None:
-        app.store.audit(audit)
+    EmailTemplateBook(app.store.engine).remove(name, audit=_hook(app, audit))
+
+
+def _hook(app: Conveyor, audit: AuditEntry | None) -> AuditHook | None:
+    """The audit row written in the change's transaction, so that neither is without
+    the other."""
+    if audit is None:
+        return None
+    entry = audit
+    return lambda conn: app.store.audit_in(conn, entry)
 
 
 # -- sending --------------------------------------------------------------------------
@@ -141,36 +154,114 @@ def send_template(
     data: dict[str, Any] | None = None,
     *,
     correlation_id: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Pipeline:
     """Submit the pipeline sending template ``name`` (its current version) to ``to``;
-    NotificationInvalid naming the field, EmailTemplateNotFound, before recording anything."""
+    NotificationInvalid naming the field, EmailTemplateNotFound, before recording anything.
+    With an ``idempotency_key``, the same send again returns the first pipeline."""
+    return submit_send(app, name, to, data, correlation_id=correlation_id, key=idempotency_key)[0]
+
+
+def submit_send(
+    app: Conveyor,
+    name: str,
+    to: str,
+    data: dict[str, Any] | None = None,
+    *,
+    correlation_id: str | None = None,
+    key: str | None = None,
+    scope: str = PYTHON_SCOPE,
+) -> tuple[Pipeline, bool]:
+    """:func:`send_template`, saying whether this call made the pipeline (False: a
+    repeat of the send with ``key`` in ``scope``, answered with the first pipeline;
+    IdempotencyMismatch if the key was used for another send)."""
     _require(app)
     template = EmailTemplateBook(app.store.engine).get(name)
     recipient = _renderable(template, _recipient({"to": to, "data": data or {}}, ""), "")
-    return app.pipeline(_flow(template, recipient), correlation_id=correlation_id)
+    fingerprint = None
+    if key is not None:
+        request = {"template": name, "to": recipient.to, "data": recipient.data}
+        fingerprint = idempotency.fingerprint(request)
+    return app.submit_pipeline(
+        _flow(template, recipient),
+        key=key,
+        scope=scope,
+        fingerprint=fingerprint,
+        correlation_id=correlation_id,
+    )
 
 
-def send_batch(app: Conveyor, name: str, recipients: Sequence[Recipient | dict[str, Any]]) -> Batch:
+def send_batch(
+    app: Conveyor,
+    name: str,
+    recipients: Sequence[Recipient | dict[str, Any]],
+    *,
+    idempotency_key: str | None = None,
+    scope: str = PYTHON_SCOPE,
+) -> Batch:
     """Submit one pipeline per recipient, all pinned to the template's current version.
     Every recipient is checked first, its data rendered with the template
     (NotificationInvalid names ``recipients.<index>``, nothing recorded); then a
-    transaction records each chunk of :data:`CHUNK`."""
+    transaction records each chunk of :data:`CHUNK`.
+
+    With an ``idempotency_key`` (per ``scope``), the batch id comes from the key and
+    each pipeline is recorded with a key of its own: the same batch again, after a
+    failure part-way or a lost answer, records only the recipients not recorded yet,
+    pinned to the version the first ones were, and answers with the same batch id and
+    pipeline ids (``replayed`` if it recorded none). The key with other recipients or
+    another template is IdempotencyMismatch."""
     _require(app)
     if not 1 <= len(recipients) <= MAX_BATCH:
         raise NotificationInvalid(
             "recipients", f"{len(recipients)} recipients; a batch has 1 to {MAX_BATCH}"
         )
-    template = EmailTemplateBook(app.store.engine).get(name)
-    checked = [
-        _renderable(template, _recipient(r, f"recipients.{i}."), f"recipients.{i}.")
-        for i, r in enumerate(recipients)
-    ]
-    batch_id = str(uuid.uuid4())
-    ids: list[str] = []
+    book = EmailTemplateBook(app.store.engine)
+    template = book.get(name)
+    plain = [_recipient(r, f"recipients.{i}.") for i, r in enumerate(recipients)]
+    batch_id, keys, recorded = str(uuid.uuid4()), None, {}
+    if idempotency_key is not None:
+        check_key(idempotency_key)
+        check_scope(scope)
+        batch_id = str(uuid.uuid5(BATCH_KEYS, f"{scope}\n{idempotency_key}"))
+        request = {"template": name, "recipients": [r.model_dump() for r in plain]}
+        fingerprint = idempotency.fingerprint(request)
+        keys = [(scope, f"mail-batch:{batch_id}:{i}", fingerprint) for i in range(len(plain))]
+        recorded = app.store.keyed_pipelines(scope, [key for _, key, _ in keys])
+        if any(found != fingerprint for _, found in recorded.values()):
+            raise IdempotencyMismatch(idempotency_key)
+        if recorded:  # the rest renders the version the first ones were pinned to
+            first = app.store.get_pipeline(next(iter(recorded.values()))[0])
+            render = first.steps_by_name["render"].payload or {}
+            template = book.version(name, int(render["version"]))
+    with templates.budget(templates.MAX_BATCH_STEPS, "rendering the batch"):
+        checked = [
+            _renderable(template, recipient, f"recipients.{i}.")
+            for i, recipient in enumerate(plain)
+        ]
+    # The pipeline of each recipient; "" for those not recorded yet.
+    ids = [recorded.get(key, ("", ""))[0] for _, key, _ in keys or [("", "", "")] * len(plain)]
     for start in range(0, len(checked), CHUNK):
-        flows = [_flow(template, r, batch=batch_id) for r in checked[start : start + CHUNK]]
-        ids += app.submit_pipelines(flows, correlation_id=batch_id)
-    return Batch(id=batch_id, template=template.name, version=template.version, pipeline_ids=ids)
+        todo = [i for i in range(start, min(start + CHUNK, len(checked))) if not ids[i]]
+        if not todo:
+            continue
+        flows = [_flow(template, checked[i], batch=batch_id) for i in todo]
+        try:
+            made = app.submit_pipelines(
+                flows,
+                correlation_id=batch_id,
+                idempotency=[keys[i] for i in todo] if keys is not None else None,
+            )
+        except IdempotencyConflict:  # the same batch, being recorded by another request
+            raise IdempotencyConflict(idempotency_key or batch_id) from None
+        for i, pipeline_id in zip(todo, made, strict=True):
+            ids[i] = pipeline_id
+    return Batch(
+        id=batch_id,
+        template=template.name,
+        version=template.version,
+        pipeline_ids=ids,
+        replayed=len(recorded) == len(checked),
+    )
 
 
 def _require(app: Conveyor) -> None:

@@ -2219,18 +2219,30 @@ class Store:
         pipelines: Sequence[tuple[Sequence[StepRecord], str | None, str]],
         *,
         owner_key_id: str | None = None,
+        idempotency: Sequence[tuple[str, str, str]] | None = None,
     ) -> tuple[list[str], list[Job]]:
         """Record many pipelines, each ``(steps, name, correlation_id)``, their steps and
         the jobs of the steps that need nothing, in one transaction of a few multi-row
         statements (not a round trip per pipeline); returns their ids, in order, and
-        those jobs (the caller dispatches them). As :meth:`create_pipeline` leaves each."""
+        those jobs (the caller dispatches them). As :meth:`create_pipeline` leaves each.
+
+        With ``idempotency``, one (scope, key, fingerprint) per pipeline, each recorded
+        with its key; IdempotencyConflict (nothing recorded) if a key is taken: another
+        submit of them is under way, read them with :meth:`keyed_pipelines`."""
         if not pipelines:
             return [], []
+        if idempotency is not None and len(idempotency) != len(pipelines):
+            raise ValueError("one idempotency (scope, key, fingerprint) per pipeline")
         now = utcnow()
         running = PipelineStatus.RUNNING.value
         ids = [str(uuid.uuid4()) for _ in pipelines]
         pipeline_rows, step_rows, event_rows, jobs = [], [], [], []
-        for pipeline_id, (steps, name, correlation_id) in zip(ids, pipelines, strict=True):
+        keys: Sequence[tuple[str | None, str | None, str | None]] = idempotency or [
+            (None, None, None)
+        ] * len(pipelines)
+        for pipeline_id, (steps, name, correlation_id), (scope, key, fingerprint) in zip(
+            ids, pipelines, keys, strict=True
+        ):
             pipeline_rows.append(
                 {
                     "id": pipeline_id,
@@ -2241,9 +2253,9 @@ class Store:
                     "created_at": now,
                     "updated_at": now,
                     "finished_at": None,
-                    "idempotency_scope": None,
-                    "idempotency_key": None,
-                    "fingerprint": None,
+                    "idempotency_scope": scope,
+                    "idempotency_key": key,
+                    "fingerprint": fingerprint,
                     "owner_key_id": owner_key_id,
                 }
             )
@@ -2303,13 +2315,36 @@ class Store:
                         "item": None,
                     }
                 )
-        with self._tx() as conn:
-            conn.execute(insert(pipelines_t), pipeline_rows)
-            conn.execute(insert(steps_t), step_rows)
-            conn.execute(insert(events_t), event_rows)
-            created = self._create_step_jobs(conn, jobs) if jobs else []
+        try:
+            with self._tx() as conn:
+                conn.execute(insert(pipelines_t), pipeline_rows)
+                conn.execute(insert(steps_t), step_rows)
+                conn.execute(insert(events_t), event_rows)
+                created = self._create_step_jobs(conn, jobs) if jobs else []
+        except IntegrityError:
+            taken = [
+                key
+                for scope in {scope for scope, _, _ in idempotency or ()}
+                for key in self.keyed_pipelines(scope, [k for _, k, _ in idempotency or ()])
+            ]
+            if not taken:  # not a key: the failure as it is
+                raise
+            raise IdempotencyConflict(taken[0]) from None
         self.publish([event for _, event in created])
         return ids, [job for job, _ in created]
+
+    def keyed_pipelines(self, scope: str, keys: Sequence[str]) -> dict[str, tuple[str, str]]:
+        """The pipelines recorded with these idempotency keys of ``scope``: each key's
+        pipeline id and fingerprint (keys with none are left out)."""
+        k = pipelines_t.c
+        found: dict[str, tuple[str, str]] = {}
+        with self._tx() as conn:
+            for start in range(0, len(keys), 500):  # IN lists of a size every server takes
+                query = select(k.idempotency_key, k.id, k.fingerprint).where(
+                    k.idempotency_scope == scope, k.idempotency_key.in_(keys[start : start + 500])
+                )
+                found.update({row[0]: (row[1], row[2] or "") for row in conn.execute(query)})
+        return found
 
     def _keyed_pipeline(self, scope: str, key: str, fingerprint: str) -> Pipeline:
         query = select(pipelines_t.c.id, pipelines_t.c.fingerprint).where(
@@ -2888,6 +2923,11 @@ class Store:
         """Append an audit row. There is no method to change or delete one."""
         with self._tx() as conn:
             self._audit(conn, entry)
+
+    def audit_in(self, conn: Connection, entry: AuditEntry) -> None:
+        """Append an audit row in the caller's transaction: the change it records and
+        the row commit together, or neither does."""
+        self._audit(conn, entry)
 
     def _audit(self, conn: Connection, entry: AuditEntry) -> None:
         conn.execute(
