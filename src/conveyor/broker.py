@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import redis
 from celery import Celery
 from kombu import Queue
 from kombu.exceptions import ChannelError as KombuChannelError
@@ -229,6 +230,17 @@ class _RedisChannel(kombu_redis.Channel):
         if asynchronous:
             return super()._create_client(asynchronous=True)  # type: ignore[misc]
         client = self._client
+        channel: Any = self  # kombu's own attributes, untyped
+        if channel._pool is None and getattr(channel.connection, "client", None) is None:
+            # Closing after a lost connection: kombu has dropped the pool and the
+            # connection's details, then asks for a client to put unacknowledged
+            # messages back. Making a pool now would raise AttributeError, which
+            # Celery takes for a bug and stops the worker (kombu #970, #582). Use the
+            # client there is, else fail as a lost connection does (ignored there);
+            # the recovery sweep re-dispatches whatever was not put back.
+            if client is None:
+                raise redis.ConnectionError("the channel is closed")
+            return client
         if client is None or client.connection_pool is not self.pool:
             client = self._client = super()._create_client()  # type: ignore[misc]
         return client

@@ -7,9 +7,11 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from kombu import Connection, Exchange, Producer
+from kombu import Queue as KombuQueue
 
 from conveyor.app import Conveyor
-from conveyor.broker import queue_depth
+from conveyor.broker import RedisTransport, queue_depth
 from conveyor.settings import Settings
 
 
@@ -52,3 +54,31 @@ def test_queue_depth_of_an_unreachable_broker_is_unknown(
         settings=make_settings(database_url=None, broker_url=f"redis://127.0.0.1:{unused_port}/0")
     )
     assert queue_depth(app.celery, "default") is None
+
+
+def test_a_channel_closed_after_its_connection_puts_unacked_messages_back(
+    redis_url: str,
+) -> None:
+    """Redis lost with messages delivered and unacknowledged: Celery closes the
+    connection, then its channels, which put those messages back. By then kombu has
+    dropped the channel's pool and the connection's details, and making a client
+    raised AttributeError, which stopped the worker. The channel's own client
+    puts them back instead."""
+    name = f"test-{uuid.uuid4().hex[:12]}"
+    queue = KombuQueue(name, Exchange(name, type="direct"), routing_key=name)
+    with Connection(redis_url, transport=RedisTransport) as conn:
+        channel = conn.channel()
+        Producer(channel).publish(
+            {"n": 1}, exchange=queue.exchange, routing_key=name, declare=[queue]
+        )
+        message = channel.basic_get(name, no_ack=False)
+        assert message is not None and queue_length(channel, name) == 0
+        channel.connection.client = None  # as a closed connection leaves its transport
+        channel._disconnect_pools()
+        channel.close()  # put back, no AttributeError
+    with Connection(redis_url, transport=RedisTransport) as conn:
+        assert queue_length(conn.default_channel, name) == 1
+
+
+def queue_length(channel: object, name: str) -> int:
+    return int(channel.client.llen(name))  # type: ignore[attr-defined]
