@@ -63,6 +63,9 @@ cards = Table(
     Column("board_id", Integer, ForeignKey("board_boards.id"), nullable=False),
     Column("title", String(500), nullable=False),
     Column("column", String(100), nullable=False),
+    # One more at each change: events may run in any order (a redelivery, a broker
+    # outage), so a handler keeps the newest change it saw, not the last to arrive.
+    Column("version", Integer, nullable=False, default=1),
 )
 
 CHANGES = ("card.created", "card.moved")
@@ -76,6 +79,7 @@ class CardChanged(BaseModel):
     board_id: int
     title: str
     column: str
+    version: int
     webhook: str | None = None
 
 
@@ -88,27 +92,39 @@ def index_path() -> Path:
 
 @contextlib.contextmanager
 def search_index() -> Iterator[sqlite3.Connection]:
-    db = sqlite3.connect(index_path(), timeout=30)
+    """The index, in one write transaction taken at once (BEGIN IMMEDIATE), so two
+    handlers of one card read and write it one after the other."""
+    db = sqlite3.connect(index_path(), timeout=30, isolation_level=None)
     try:
+        db.execute("BEGIN IMMEDIATE")
         db.execute(
-            "CREATE VIRTUAL TABLE IF NOT EXISTS cards USING fts5(card_id UNINDEXED, title, col)"
+            "CREATE VIRTUAL TABLE IF NOT EXISTS cards"
+            " USING fts5(card_id UNINDEXED, title, col, version UNINDEXED)"
         )
-        with db:
-            yield db
+        yield db
+        db.execute("COMMIT")
     finally:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
         db.close()
 
 
 @conveyor.task(name="board.index", on=CHANGES, max_attempts=10)
 def index_card(ctx: Context, payload: CardChanged) -> dict[str, int]:
-    """Upsert the card into the index: running twice (a redelivery) leaves one row."""
+    """Upsert the card into the index unless it holds a newer change of it already:
+    running twice (a redelivery) leaves one row, and events arriving out of order
+    (a move before the creation, after a broker outage) leave the newest."""
     with search_index() as db:
+        held = db.execute("SELECT version FROM cards WHERE card_id = ?", (payload.card_id,))
+        row = held.fetchone()
+        if row is not None and int(row[0]) >= payload.version:
+            return {"indexed": payload.card_id, "version": int(row[0])}
         db.execute("DELETE FROM cards WHERE card_id = ?", (payload.card_id,))
         db.execute(
-            "INSERT INTO cards (card_id, title, col) VALUES (?, ?, ?)",
-            (payload.card_id, payload.title, payload.column),
+            "INSERT INTO cards (card_id, title, col, version) VALUES (?, ?, ?, ?)",
+            (payload.card_id, payload.title, payload.column, payload.version),
         )
-    return {"indexed": payload.card_id}
+    return {"indexed": payload.card_id, "version": payload.version}
 
 
 @conveyor.task(name="board.notify", on=CHANGES, max_attempts=10)
@@ -183,6 +199,7 @@ def publish(conn: Connection, event: str, card: Any, webhook: str | None) -> Car
         board_id=card.board_id,
         title=card.title,
         column=card.column,
+        version=card.version,
         webhook=webhook,
     )
     published = conveyor.publish(event, data, connection=conn)
@@ -222,7 +239,7 @@ def move_card(card_id: int, body: Move, db: Db) -> Card:
         moved = conn.execute(
             update(cards)
             .where(cards.c.id == card_id)
-            .values(column=body.column)
+            .values(column=body.column, version=cards.c.version + 1)
             .returning(*cards.c)
         ).one_or_none()
         if moved is None:
@@ -236,9 +253,16 @@ def search(q: Annotated[str, Query(min_length=1, max_length=200)]) -> list[dict[
     """Cards whose title or column match ``q`` (FTS5 syntax), best first."""
     if not index_path().exists():
         return []
-    with search_index() as db:
+    db = sqlite3.connect(f"{index_path().as_uri()}?mode=ro", uri=True, timeout=30)
+    try:
         rows = db.execute(
             "SELECT card_id, title, col FROM cards WHERE cards MATCH ? ORDER BY rank",
             (q,),
         ).fetchall()
+    except sqlite3.OperationalError as exc:  # not made yet (the first handler makes it)
+        if "no such table" in str(exc):
+            return []
+        raise HTTPException(422, f"not a search: {exc}") from None  # FTS5 syntax
+    finally:
+        db.close()
     return [{"card_id": int(r[0]), "title": r[1], "column": r[2]} for r in rows]
