@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from conveyor import Conveyor
 from conveyor.notifications import mailing
@@ -30,7 +31,7 @@ from conveyor.workloads import install
 from .inbox import Inbox
 
 HERE = Path(__file__).parent
-SIGNUPS = [
+SIGNUPS: list[dict[str, Any]] = [
     {"to": "ada@example.com", "data": {"name": "Ada", "plan": "team"}},
     {"to": "grace@example.com", "data": {"name": "Grace", "plan": "solo"}},
     {"to": "eve@example.com", "data": {"name": "<Eve>", "plan": "solo"}},  # escaped in HTML
