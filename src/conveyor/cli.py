@@ -889,11 +889,19 @@ def send_email_template(
             help='A batch: a JSON list of {"to": ..., "data": {...}}, up to 10,000.',
         ),
     ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Send at most once per key: a repeat (after a timeout, say) prints the"
+            " first answer, and a batch cut short records only the recipients it missed."
+        ),
+    ] = None,
 ) -> None:
     """Send a template through the pipeline render, send, record; prints the pipeline id
     (for a batch, its id, then one pipeline id a line)."""
     if (to is None) == (recipients is None):
         raise CliError("give one address, or --recipients FILE for a batch", code=2)
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     with ApiClient(load_settings()) as client:
         if recipients is not None:
             try:
@@ -906,6 +914,7 @@ def send_email_template(
                 "POST",
                 f"{_template_path(name)}/batch",
                 json={"recipients": listed},
+                headers=headers,
                 timeout=httpx.Timeout(10.0, read=BATCH_READ_TIMEOUT),
             )
             out.print(batch["batch_id"], markup=False)
@@ -913,7 +922,7 @@ def send_email_template(
                 out.print(pipeline_id, markup=False)
             return
         body = {"to": to, "data": _json_object(data, "--data")}
-        sent = client.request("POST", f"{_template_path(name)}/send", json=body)
+        sent = client.request("POST", f"{_template_path(name)}/send", json=body, headers=headers)
     out.print(sent["pipeline_id"], markup=False)
 
 

@@ -464,6 +464,11 @@ async def test_the_cli_puts_lists_shows_and_sends(
     batch, said = await cli("email-templates", "send", "welcome", "--recipients", signups)
     assert batch.exit_code == 0, batch.output
     assert len(said.split()) == 3  # the batch id, then two pipelines
+    keyed = ("email-templates", "send", "welcome", "--recipients", signups)
+    first, said = await cli(*keyed, "--idempotency-key", "signups-1")
+    again, repeated = await cli(*keyed, "--idempotency-key", "signups-1")
+    assert (first.exit_code, again.exit_code) == (0, 0), again.output
+    assert repeated == said  # the same batch and pipelines: nothing sent twice
     broken, said = await cli("email-templates", "put", "bad", "--subject", "{{", "--text", text)
     assert broken.exit_code == 1
     assert "subject" in said
