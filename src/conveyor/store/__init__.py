@@ -2185,20 +2185,7 @@ class Store:
                 conn.execute(
                     insert(steps_t),
                     [
-                        {
-                            "pipeline_id": pipeline_id,
-                            "name": step.name,
-                            "position": position,
-                            "task": step.task,
-                            "payload": step.payload,
-                            "after": list(step.after),
-                            "map": step.map,
-                            "options": step.options,
-                            "status": StepStatus.PENDING.value,
-                            "items": None,
-                            "done": 0,
-                            "error": None,
-                        }
+                        _step_row(pipeline_id, position, step, started_at=None)
                         for position, step in enumerate(steps)
                     ],
                 )
@@ -2275,21 +2262,7 @@ class Store:
                 # A step that needs nothing (never a mapped one) starts now, with one job.
                 ready = not step.after and step.map is None
                 step_rows.append(
-                    {
-                        "pipeline_id": pipeline_id,
-                        "name": step.name,
-                        "position": position,
-                        "task": step.task,
-                        "payload": step.payload,
-                        "after": list(step.after),
-                        "map": step.map,
-                        "options": step.options,
-                        "status": (StepStatus.RUNNING if ready else StepStatus.PENDING).value,
-                        "items": 1 if ready else None,
-                        "done": 0,
-                        "error": None,
-                        "started_at": now if ready else None,
-                    }
+                    _step_row(pipeline_id, position, step, started_at=now if ready else None)
                 )
                 if not ready:
                     continue
@@ -3116,6 +3089,28 @@ def _new_job(
         "owner_key_id": owner_key_id,
         "traceparent": traceparent,
         "tracestate": tracestate,
+    }
+
+
+def _step_row(
+    pipeline_id: str, position: int, step: StepRecord, *, started_at: datetime | None
+) -> dict[str, Any]:
+    """A new pipeline step's row: pending, or running with its one job from ``started_at``."""
+    running = started_at is not None
+    return {
+        "pipeline_id": pipeline_id,
+        "name": step.name,
+        "position": position,
+        "task": step.task,
+        "payload": step.payload,
+        "after": list(step.after),
+        "map": step.map,
+        "options": step.options,
+        "status": (StepStatus.RUNNING if running else StepStatus.PENDING).value,
+        "items": 1 if running else None,
+        "done": 0,
+        "error": None,
+        "started_at": started_at,
     }
 
 
