@@ -13,18 +13,9 @@ from conveyor.jobs import EventType, Job, JobStatus
 from conveyor.settings import Settings
 from tests.e2e.limits_app import app
 from tests.e2e.support import Processes, run_cli, wait_for
+from tests.spans import max_overlap
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
-    """The most intervals ``[start, end)`` that overlap at any instant."""
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    most = current = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        current += step
-        most = max(most, current)
-    return most
 
 
 def setup(processes: Processes, postgres_url: str, redis_url: str, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from conveyor.limits import CONCURRENCY_RECHECK, Limits, Rate
 from conveyor.models import jobs_t
 from conveyor.settings import Settings
 from conveyor.store import Store, Throttled
+from tests.spans import max_overlap
 
 BOOM = JobError(type="ValueError", message="boom")
 
@@ -207,16 +208,6 @@ def test_an_end_committed_during_a_claim_is_recorded_before_its_start(
         assert attempt.finished_at < claimed[0].started_at
     finally:
         store.dispose()
-
-
-def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
-    """The most intervals ``[start, end)`` that overlap at any instant."""
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    most = current = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        current += step
-        most = max(most, current)
-    return most
 
 
 def test_the_rate_window_is_exact(store: Store) -> None:

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from conveyor.limits import Limits
 from conveyor.models import jobs_t
 from conveyor.settings import Settings
 from conveyor.store import Store, Throttled
+from tests.spans import max_overlap
 
 LIMIT = 3
 JOBS = 60
@@ -195,13 +195,3 @@ def test_a_concurrency_limit_holds_under_claims_ends_retries_and_take_backs(
     ]
     assert len(spans) >= JOBS
     assert max_overlap(spans) <= LIMIT, "attempts overlapping by their recorded times"
-
-
-def max_overlap(spans: list[tuple[datetime, datetime]]) -> int:
-    """The most intervals ``[start, end)`` that overlap at any instant."""
-    edges = sorted([(s, 1) for s, _ in spans] + [(e, -1) for _, e in spans])
-    most = current = 0
-    for _, step in edges:  # an end sorts before a start at the same instant
-        current += step
-        most = max(most, current)
-    return most
