@@ -49,7 +49,7 @@ from conveyor.pipelines import Flow, Pipeline, PipelineSpec, StepRecord, StepSpe
 from conveyor.queues import DEFAULT_PRIORITY, by_priority, check_queue, check_queue_priority
 from conveyor.schedules import ScheduleSpec, define_schedule
 from conveyor.settings import Settings, load_settings
-from conveyor.store import DeadLetterFilter, Store
+from conveyor.store import AuditEntry, DeadLetterFilter, Store
 from conveyor.tasks import (
     AsyncTaskFunction,
     JobOptions,
@@ -816,9 +816,16 @@ class Conveyor:
         replayed before, the job that replayed it first (see :meth:`replay_once`)."""
         return self.replay_once(job_id, correlation_id=correlation_id)[0]
 
-    def replay_once(self, job_id: str, *, correlation_id: str | None = None) -> tuple[Job, bool]:
+    def replay_once(
+        self,
+        job_id: str,
+        *,
+        correlation_id: str | None = None,
+        audit: AuditEntry | None = None,
+    ) -> tuple[Job, bool]:
         """Run a dead job again, at most once: returns the new job and True, or, if it
         was replayed before (concurrent calls included), the first replay and False.
+        ``audit`` is written with the new job (naming it, ``replay``), and only then.
 
         Raises JobNotFound, JobNotDead, or ReplayRefused when its task is no longer
         registered or its payload no longer fits the task; the dead job stays as it is.
@@ -826,7 +833,7 @@ class Conveyor:
         dead = self.store.get_job(job_id)
         if dead.status is not JobStatus.DEAD:
             raise JobNotDead(job_id, dead.status.value)
-        return self._replay(dead, correlation_id or uuid.uuid4().hex)
+        return self._replay(dead, correlation_id or uuid.uuid4().hex, audit)
 
     def replay_dead(
         self,
@@ -867,7 +874,9 @@ class Conveyor:
                 break
         return done
 
-    def _replay(self, dead: Job, correlation_id: str) -> tuple[Job, bool]:
+    def _replay(
+        self, dead: Job, correlation_id: str, audit: AuditEntry | None = None
+    ) -> tuple[Job, bool]:
         earlier = self.store.replays_of([dead.id])[dead.id]
         if earlier:  # before the checks below: a repeat answers as the first call did
             return self.store.get_job(earlier[0]), False
@@ -904,6 +913,7 @@ class Conveyor:
             owner_key_id=dead.owner_key_id,  # a replay stays its owner's, whoever asks
             traceparent=dead.traceparent,  # the replay belongs to the trace that made it
             tracestate=dead.tracestate,
+            audit=audit,
         )
         if not created:  # another replay got there first
             return job, False

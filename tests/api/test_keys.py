@@ -430,7 +430,10 @@ async def test_changes_write_audit_rows_with_who_where_and_the_request_id(
     headers = {"X-Request-ID": "req-cancel-1"}
     assert (await client.post(f"/v1/jobs/{job['id']}/cancel", headers=headers)).status_code == 200
     dead = kill(conveyor, None)
-    assert (await client.post(f"/v1/dead-letters/{dead}/replay")).status_code == 202
+    replayed = await client.post(f"/v1/dead-letters/{dead}/replay")
+    assert replayed.status_code == 202
+    again = await client.post(f"/v1/dead-letters/{dead}/replay")  # the same replay: no row
+    assert (again.status_code, again.json()["id"]) == (200, replayed.json()["id"])
     assert (await client.delete(f"/v1/dead-letters/{dead}")).status_code == 200
     assert (await client.post("/v1/dead-letters/purge", json={"all": True})).status_code == 200
     schedule = {"name": "nightly", "task": "tests.add", "payload": {"a": 1}, "every": 60}
@@ -460,6 +463,8 @@ async def test_changes_write_audit_rows_with_who_where_and_the_request_id(
     assert cancel["object_type"] == "job"
     assert cancel["object_id"] == job["id"]
     assert cancel["correlation_id"] == "req-cancel-1"
+    replay = next(r for r in rows if r["action"] == "dead_letter.replay")
+    assert (replay["object_id"], replay["detail"]) == (dead, {"replay": replayed.json()["id"]})
     assert rows[0]["object_id"] == rows[-1]["object_id"] == key_id
     assert rows[-1]["detail"] == {"name": "ci", "scopes": ["jobs:read"]}
 

@@ -191,9 +191,12 @@ def replay_dead_letter(
     """
     conveyor = api_state(request).conveyor
     own_job(conveyor.store, key, job_id)
-    job, created = conveyor.replay_once(job_id, correlation_id=request.state.correlation_id)
+    job, created = conveyor.replay_once(
+        job_id,
+        correlation_id=request.state.correlation_id,
+        audit=audit.entry(request, key, "dead_letter.replay", "job", job_id),
+    )
     if created:
-        audit.record(request, key, "dead_letter.replay", "job", job_id, replay=job.id)
         log.info("dead_letter.replayed", job_id=job.id, replay_of=job_id, by=key.name)
         resource = JobResource.of(job)
     else:

@@ -29,6 +29,7 @@ advances the pipeline (see :mod:`conveyor.store.pipelines`).
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import secrets
@@ -2964,10 +2965,12 @@ class Store:
         raise JobNotEnded(job_id, status)
 
     @tracing.store_write("replay_once")
-    def replay_once(self, dead_id: str, **job: Any) -> tuple[Job, bool]:
+    def replay_once(
+        self, dead_id: str, *, audit: AuditEntry | None = None, **job: Any
+    ) -> tuple[Job, bool]:
         """:meth:`create_job` (same keyword arguments) for a job replaying the dead job
         ``dead_id``, and True; unless one replays it already: then the first of those,
-        and False.
+        and False. ``audit``, naming the new job (``replay``), is written with it.
 
         Raises JobNotFound, or JobNotDead if ``dead_id`` is not dead. Concurrent
         replays of one dead job make one job: each first writes the dead row (a
@@ -3020,7 +3023,10 @@ class Store:
                 made = ledger.created
             else:
                 created = self._apply(conn, CREATE, params, {"attempt": 1})
-        assert created is not None
+            assert created is not None
+            if audit is not None:
+                detail = {**audit.detail, "replay": created[0].id}
+                self._audit(conn, dataclasses.replace(audit, detail=detail))
         self.publish([created[1], *(event for _, event in made)])
         return created[0], True
 
