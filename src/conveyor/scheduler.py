@@ -32,6 +32,7 @@ from conveyor.app import Conveyor
 from conveyor.errors import ConveyorError, PayloadInvalid, ScheduleInvalid, StoreUnavailable
 from conveyor.jobs import Job
 from conveyor.schedules import Origin, Schedule, plan
+from conveyor.store import AuditEntry
 
 log = structlog.get_logger("conveyor.scheduler")
 
@@ -216,10 +217,10 @@ class Scheduler:
             self._thread.join(wait)
 
 
-def trigger(app: Conveyor, name: str) -> Job:
-    """A job of schedule ``name`` now, outside its cadence, dispatched; raises
-    ScheduleNotFound, or ScheduleInvalid when its task is gone or its payload no
-    longer fits (nothing is recorded then)."""
+def trigger(app: Conveyor, name: str, *, audit: AuditEntry | None = None) -> Job:
+    """A job of schedule ``name`` now, outside its cadence, dispatched (and ``audit``
+    written with it); raises ScheduleNotFound, or ScheduleInvalid when its task is gone
+    or its payload no longer fits (nothing is recorded then)."""
     schedule = app.store.get_schedule(name)
     task = app.tasks.get(schedule.task)
     if task is None:
@@ -230,7 +231,7 @@ def trigger(app: Conveyor, name: str) -> Job:
         )
     except PayloadInvalid as exc:
         raise ScheduleInvalid("payload", f"the schedule's {exc}", errors=exc.errors) from None
-    made = app.store.trigger_schedule(name, job)
+    made = app.store.trigger_schedule(name, job, audit=audit)
     log.info("schedule.triggered", schedule=name, job_id=made.id)
     if app.store.mark_dispatched(made.id, made.attempt, None):
         app.dispatch(made)

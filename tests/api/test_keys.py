@@ -439,7 +439,8 @@ async def test_changes_write_audit_rows_with_who_where_and_the_request_id(
     schedule = {"name": "nightly", "task": "tests.add", "payload": {"a": 1}, "every": 60}
     assert (await client.post("/v1/schedules", json=schedule)).status_code == 201
     assert (await client.patch("/v1/schedules/nightly", json={"enabled": False})).status_code == 200
-    assert (await client.post("/v1/schedules/nightly/trigger")).status_code == 202
+    triggered = await client.post("/v1/schedules/nightly/trigger")
+    assert triggered.status_code == 202
     assert (await client.delete("/v1/schedules/nightly")).status_code == 204
     assert (await client.delete(f"/v1/keys/{key_id}")).status_code == 200
 
@@ -463,6 +464,11 @@ async def test_changes_write_audit_rows_with_who_where_and_the_request_id(
     assert cancel["object_type"] == "job"
     assert cancel["object_id"] == job["id"]
     assert cancel["correlation_id"] == "req-cancel-1"
+    trigger = next(r for r in rows if r["action"] == "schedule.trigger")
+    assert (trigger["object_id"], trigger["detail"]) == (
+        "nightly",
+        {"job_id": triggered.json()["id"]},
+    )
     replay = next(r for r in rows if r["action"] == "dead_letter.replay")
     assert (replay["object_id"], replay["detail"]) == (dead, {"replay": replayed.json()["id"]})
     assert rows[0]["object_id"] == rows[-1]["object_id"] == key_id

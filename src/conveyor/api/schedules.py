@@ -200,10 +200,10 @@ def trigger_schedule(
     its payload no longer fits the task."""
     try:
         with acting_as(key.id):
-            job = trigger(api_state(request).conveyor, name)
+            entry = audit.entry(request, key, "schedule.trigger", "schedule", name)
+            job = trigger(api_state(request).conveyor, name, audit=entry)
     except ScheduleInvalid as exc:
         raise HTTPException(409, str(exc)) from None
-    audit.record(request, key, "schedule.trigger", "schedule", name, job_id=job.id)
     log.info("schedule.triggered", schedule=name, job_id=job.id, by=key.name)
     resource = JobResource.of(job)
     response.headers["Location"] = resource.links.self

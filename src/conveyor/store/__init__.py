@@ -1861,9 +1861,12 @@ class Store:
         self.publish([event for _, event in created])
         return [job for job, _ in created]
 
-    def trigger_schedule(self, name: str, job: Mapping[str, Any]) -> Job:
+    def trigger_schedule(
+        self, name: str, job: Mapping[str, Any], *, audit: AuditEntry | None = None
+    ) -> Job:
         """Make a job of the schedule now, outside its cadence (no tick), recorded as its
-        last job; queued but undispatched, as :meth:`fire_schedule` makes them."""
+        last job; queued but undispatched, as :meth:`fire_schedule` makes them. ``audit``,
+        naming the job (``job_id``), is written with it."""
         now = utcnow()
         values = _new_job(now, **job, schedule=name, dispatched=False)
         params = _params(CREATE, now, values, None, None, None, None)
@@ -1876,6 +1879,9 @@ class Store:
             if not changed:
                 raise ScheduleNotFound(name)
             found = self._apply(conn, CREATE, params, _created_data(values))
+            if audit is not None:
+                detail = {**audit.detail, "job_id": values["id"]}
+                self._audit(conn, dataclasses.replace(audit, detail=detail))
         assert found is not None
         self.publish([found[1]])
         return found[0]
