@@ -144,6 +144,8 @@ def _one_blas_thread(settings: Settings) -> None:
 def _load_app(settings: Settings) -> Conveyor:
     from conveyor import workloads
 
+    _one_blas_thread(settings)  # before the app's imports bring numpy in
+
     return workloads.load(settings)
 
 
@@ -238,7 +240,6 @@ def up(
     if metrics_port is not None:
         check_port(host, metrics_port)
     _configure_logging(settings)
-    _one_blas_thread(settings)
     _load_app(settings)  # a broken app module is one line here, before anything starts
     settings, key_path = prepare(settings)
     stack = Stack(
@@ -284,7 +285,6 @@ def api(host: HostOption = "127.0.0.1", port: PortOption = 8000) -> None:
     check_port(host, port)
     _configure_logging(settings)
     datadir.prepare(settings)
-    _one_blas_thread(settings)
     app = _load_app(settings)
     app.configure(settings)
     try:
@@ -345,7 +345,6 @@ def worker(
     from conveyor.worker.metrics import WorkerMetrics
     from conveyor.worker.process import run_worker
 
-    _one_blas_thread(settings)
     app = _load_app(settings)
     app.configure(settings)
     metrics = WorkerMetrics(directory) if directory is not None else None
@@ -559,12 +558,7 @@ def submit(
         return
     if task is None:
         raise CliError("name the TASK to submit (or pass --ndjson)", code=2)
-    try:
-        data = json.loads(payload)
-    except ValueError as exc:
-        raise CliError(f"--payload is not valid JSON: {exc}", code=2) from None
-    if not isinstance(data, dict):
-        raise CliError("--payload must be a JSON object", code=2)
+    data = _json_object(payload, "--payload")
     body: dict[str, Any] = {"task": task, "payload": data, **options}
     headers = {"Idempotency-Key": idempotency_key} if idempotency_key is not None else {}
     with ApiClient(load_settings()) as client:
@@ -774,13 +768,7 @@ def notify(
     ] = False,
 ) -> None:
     """Send a notification (the API needs CONVEYOR_NOTIFICATIONS=true); prints the job id."""
-    try:
-        values = json.loads(data)
-    except ValueError as exc:
-        raise CliError(f"--data is not valid JSON: {exc}", code=2) from None
-    if not isinstance(values, dict):
-        raise CliError("--data must be a JSON object", code=2)
-    body: dict[str, Any] = {"channel": channel, "to": to, "data": values}
+    body: dict[str, Any] = {"channel": channel, "to": to, "data": _json_object(data, "--data")}
     if template is not None:
         body["template"] = template
     if subject is not None:
@@ -797,6 +785,7 @@ def _template_path(name: str) -> str:
 
 
 def _json_object(text: str, option: str) -> dict[str, Any]:
+    """The JSON object an option holds; exit 2 naming the option if it holds none."""
     try:
         value = json.loads(text)
     except ValueError as exc:

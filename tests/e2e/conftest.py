@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.support import Processes, environment
+from tests.servers import RedisServer
 
 
 @pytest.fixture
@@ -19,3 +20,13 @@ def processes(tmp_path: Path) -> Iterator[Processes]:
     finally:
         started.kill_all()
         print(started.report())  # shown when the test failed
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of the test's own, to stop and start (the session's is shared)."""
+    server = RedisServer(tmp_path, why="the test stops and starts a Redis of its own").start()
+    try:
+        yield server
+    finally:
+        server.kill()

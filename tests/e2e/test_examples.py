@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +62,6 @@ def wait_http(url: str, process: Process, *, timeout: float = 60) -> None:
 
 
 # -- 1. board events ---------------------------------------------------------------
-
-
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path, why="the board example stops a Redis of its own").start()
-    try:
-        yield server
-    finally:
-        server.kill()
 
 
 @pytest.mark.timeout(120)

@@ -55,15 +55,6 @@ DRAIN_TIMEOUT = 240.0
 
 
 @pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path, why="the fault suite restarts a Redis of its own").start()
-    try:
-        yield server
-    finally:
-        server.kill()
-
-
-@pytest.fixture
 def make_stack(
     processes: Processes, postgres_url: str, private_redis: RedisServer, tmp_path: Path
 ) -> Iterator[Callable[..., Stack]]:

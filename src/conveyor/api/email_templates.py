@@ -121,12 +121,11 @@ class SendResource(BaseModel):
 def create_email_template(
     body: EmailTemplateDefinition, request: Request, response: Response, key: Authenticated
 ) -> EmailTemplateResource:
-    """Store a template (version 1). 409 if the name is taken; 422 naming the part that
+    """Store a template (version 1, or past those kept of a deleted one of that name).
+    409 if the name is taken; 422 naming the part that
     does not compile, or for a template with no body at all."""
     conveyor = api_state(request).conveyor
-    entry = audit.entry(
-        request, key, "email_template.create", "email_template", body.name, version=1
-    )
+    entry = audit.entry(request, key, "email_template.create", "email_template", body.name)
     template = mailing.create_template(conveyor, body, audit=entry)
     log.info("email_template.created", template=template.name, by=key.name)
     response.headers["Location"] = f"/v1/email-templates/{template.name}"

@@ -93,7 +93,8 @@ Text = Annotated[
 
 #: A query's filter by name (a task, a queue, an error type): text the store can
 #: compare, so no NUL, which PostgreSQL refuses in text.
-NameFilter = Annotated[Text | None, Query(min_length=1, max_length=200)]
+NameText = Annotated[Text, Field(min_length=1, max_length=200)]
+NameFilter = Annotated[NameText | None, Query(min_length=1, max_length=200)]
 
 
 #: RFC 3339 with its offset (``Z`` or ``+02:00``): a start time must say which zone.

@@ -29,8 +29,9 @@ from conveyor.models import email_template_versions_t, email_templates_t
 from conveyor.notifications import templates
 from conveyor.store.pages import cut, newest_first
 
-#: Writes the audit row of a change in the change's own transaction.
-AuditHook = Callable[[Connection], None]
+#: Writes the audit row of a change in the change's own transaction, given the
+#: version the change wrote (None for a delete).
+AuditHook = Callable[[Connection, int | None], None]
 
 t = email_templates_t.c
 v = email_template_versions_t.c
@@ -181,7 +182,7 @@ class EmailTemplateBook:
                 )
                 self._keep(conn, name, body, version, now)
                 if audit is not None:
-                    audit(conn)
+                    audit(conn, version)
         except IntegrityError:
             raise EmailTemplateExists(name) from None
         return self.get(name)
@@ -203,7 +204,7 @@ class EmailTemplateBook:
                 raise EmailTemplateNotFound(name)
             self._keep(conn, name, body, version, now)
             if audit is not None:
-                audit(conn)
+                audit(conn, version)
         return self.get(name)
 
     def get(self, name: str) -> EmailTemplate:
@@ -250,7 +251,7 @@ class EmailTemplateBook:
             if conn.execute(delete(email_templates_t).where(t.name == name)).rowcount != 1:
                 raise EmailTemplateNotFound(name)
             if audit is not None:
-                audit(conn)
+                audit(conn, None)
 
     @staticmethod
     def _parts(body: EmailTemplateBody) -> dict[str, Any]:

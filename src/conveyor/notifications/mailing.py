@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from email.utils import parseaddr
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import Connection
 
 from conveyor import idempotency, payloads
 from conveyor.app import Conveyor
@@ -137,11 +138,16 @@ def delete_template(app: Conveyor, name: str, *, audit: AuditEntry | None = None
 
 def _hook(app: Conveyor, audit: AuditEntry | None) -> AuditHook | None:
     """The audit row written in the change's transaction, so that neither is without
-    the other."""
+    the other, naming the version the change wrote (none for a delete)."""
     if audit is None:
         return None
     entry = audit
-    return lambda conn: app.store.audit_in(conn, entry)
+
+    def write(conn: Connection, version: int | None) -> None:
+        detail = {**entry.detail, "version": version} if version is not None else entry.detail
+        app.store.audit_in(conn, replace(entry, detail=detail))
+
+    return write
 
 
 # -- sending --------------------------------------------------------------------------
@@ -239,21 +245,24 @@ def send_batch(
             for i, recipient in enumerate(plain)
         ]
     # The pipeline of each recipient; "" for those not recorded yet.
-    ids = [recorded.get(key, ("", ""))[0] for _, key, _ in keys or [("", "", "")] * len(plain)]
+    ids = [""] * len(plain)
+    for i, (_, key, _) in enumerate(keys or []):
+        if key in recorded:
+            ids[i] = recorded[key][0]
     for start in range(0, len(checked), CHUNK):
-        todo = [i for i in range(start, min(start + CHUNK, len(checked))) if not ids[i]]
-        if not todo:
+        missing = [i for i in range(start, min(start + CHUNK, len(checked))) if not ids[i]]
+        if not missing:
             continue
-        flows = [_flow(template, checked[i], batch=batch_id) for i in todo]
+        flows = [_flow(template, checked[i], batch=batch_id) for i in missing]
         try:
             made = app.submit_pipelines(
                 flows,
                 correlation_id=batch_id,
-                idempotency=[keys[i] for i in todo] if keys is not None else None,
+                idempotency=[keys[i] for i in missing] if keys is not None else None,
             )
         except IdempotencyConflict:  # the same batch, being recorded by another request
             raise IdempotencyConflict(idempotency_key or batch_id) from None
-        for i, pipeline_id in zip(todo, made, strict=True):
+        for i, pipeline_id in zip(missing, made, strict=True):
             ids[i] = pipeline_id
     return Batch(
         id=batch_id,

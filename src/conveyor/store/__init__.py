@@ -29,7 +29,6 @@ advances the pipeline (see :mod:`conveyor.store.pipelines`).
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import hashlib
 import secrets
@@ -1083,6 +1082,14 @@ class Store:
         """The job's ended attempts, first to last."""
         return self.attempts_of([job_id])[job_id]
 
+    def deferrals(self, job_id: str) -> int:
+        """How many of the job's ended attempts were deferred (RetryLater): not counted."""
+        query = select(func.count()).where(
+            attempts_t.c.job_id == job_id, attempts_t.c.outcome == AttemptOutcome.DEFERRED.value
+        )
+        with self._tx() as conn:
+            return int(conn.execute(query).scalar_one())
+
     @tracing.store_write("cancel")
     def cancel(
         self,
@@ -1881,7 +1888,7 @@ class Store:
             found = self._apply(conn, CREATE, params, _created_data(values))
             if audit is not None:
                 detail = {**audit.detail, "job_id": values["id"]}
-                self._audit(conn, dataclasses.replace(audit, detail=detail))
+                self._audit(conn, replace(audit, detail=detail))
         assert found is not None
         self.publish([found[1]])
         return found[0]
@@ -2327,16 +2334,13 @@ class Store:
         return found
 
     def _keyed_pipeline(self, scope: str, key: str, fingerprint: str) -> Pipeline:
-        query = select(pipelines_t.c.id, pipelines_t.c.fingerprint).where(
-            pipelines_t.c.idempotency_scope == scope, pipelines_t.c.idempotency_key == key
-        )
-        with self._tx() as conn:
-            row = conn.execute(query).first()
-        if row is None:  # deleted since: nothing to return, and the key is free again
+        found = self.keyed_pipelines(scope, [key]).get(key)
+        if found is None:  # deleted since: nothing to return, and the key is free again
             raise IdempotencyConflict(key)
-        if row.fingerprint != fingerprint:
+        pipeline_id, recorded = found
+        if recorded != fingerprint:
             raise IdempotencyMismatch(key)
-        return self.get_pipeline(row.id)
+        return self.get_pipeline(pipeline_id)
 
     def _ledger(self, conn: Connection, pipeline_id: str, now: datetime) -> Ledger:
         return Ledger(
@@ -3032,7 +3036,7 @@ class Store:
             assert created is not None
             if audit is not None:
                 detail = {**audit.detail, "replay": created[0].id}
-                self._audit(conn, dataclasses.replace(audit, detail=detail))
+                self._audit(conn, replace(audit, detail=detail))
         self.publish([created[1], *(event for _, event in made)])
         return created[0], True
 

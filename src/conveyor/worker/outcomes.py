@@ -163,8 +163,9 @@ def end_attempt(
     old attempt may still be running for a moment): then the next sweep does it.
     """
     # The attempts a job made are its attempt number; those deferred are not counted,
-    # neither against max_attempts nor in the backoff (a first attempt has none before).
-    uncounted = _deferrals(app, job) if job.attempt > 1 else 0
+    # neither against max_attempts nor in the backoff. Read only for a retry (a failure
+    # for good needs neither) of a job with attempts before this one.
+    uncounted = app.store.deferrals(job.id) if retryable and job.attempt > 1 else 0
     if deferred and uncounted < MAX_DEFERRALS:
         outcome = AttemptOutcome.DEFERRED
     # A hand-back at shutdown is no failure of the job's: it never makes it dead.
@@ -216,12 +217,6 @@ def end_attempt(
     if dispatch_now:  # else the old attempt may still run: the held job's own hold ends it
         release(app, job)
     return JobStatus.RETRYING
-
-
-def _deferrals(app: Conveyor, job: Job) -> int:
-    """How many of the job's ended attempts were deferred (not counted)."""
-    attempts = app.store.attempts(job.id)
-    return sum(1 for a in attempts if a.outcome is AttemptOutcome.DEFERRED)
 
 
 def take_back(

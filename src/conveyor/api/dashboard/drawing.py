@@ -101,7 +101,6 @@ class Node:
     step: Step
     x: int
     y: int
-    depth: int
     #: The progress bar's filled width: items done out of all, or 0/1 for a single job.
     filled: int
     progress: str
@@ -126,13 +125,18 @@ class Graph:
     bar_width: int = BAR_WIDTH
 
 
+def _needs(step: Step) -> list[str]:
+    """The steps ``step`` waits for, each once: its ``after`` and the one it maps over."""
+    return list(dict.fromkeys([*step.after, *([step.map] if step.map else [])]))
+
+
 def depths(steps: Sequence[Step]) -> dict[str, int]:
     """Each step's layer: 0 without dependencies, else one more than its deepest
     dependency (a mapped step counts the one it maps over among them).
 
     In topological order, not by recursion: a chain of thousands of steps is allowed."""
     names = {s.name for s in steps}
-    needs = {s.name: {*s.after, *([s.map] if s.map else [])} & names for s in steps}
+    needs = {s.name: set(_needs(s)) & names for s in steps}
     found: dict[str, int] = {}
     try:
         order = list(TopologicalSorter(needs).static_order())
@@ -163,7 +167,6 @@ def pipeline_graph(steps: Sequence[Step]) -> Graph:
                 step=step,
                 x=layer * (NODE_WIDTH + LAYER_GAP),
                 y=row * (NODE_HEIGHT + ROW_GAP),
-                depth=layer,
                 filled=filled,
                 progress=progress,
             )
@@ -172,7 +175,7 @@ def pipeline_graph(steps: Sequence[Step]) -> Graph:
     edges: list[Edge] = []
     for node in nodes:
         step = node.step
-        for name in dict.fromkeys([*step.after, *([step.map] if step.map else [])]):
+        for name in _needs(step):
             if name not in at:
                 continue
             source = at[name]

@@ -27,7 +27,7 @@ from urllib.parse import parse_qs, urlencode, urlsplit
 from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from jinja2 import Environment, FileSystemLoader
-from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -48,7 +48,7 @@ from conveyor.api import workers as worker_routes
 from conveyor.api.auth import require_scope
 from conveyor.api.dashboard.drawing import pipeline_graph, throughput_chart
 from conveyor.api.dashboard.sessions import COOKIE, COOKIE_PATH, Session, Sessions
-from conveyor.api.schemas import PurgeRequest, ReplayRequest, SchedulePatch, Text, Timestamp
+from conveyor.api.schemas import NameText, PurgeRequest, ReplayRequest, SchedulePatch, Timestamp
 from conveyor.api.state import api_state
 from conveyor.jobs import JobStatus
 from conveyor.keys import allows, owner_filter
@@ -326,7 +326,7 @@ def job_list(
 
 
 _TIMESTAMP: TypeAdapter[datetime] = TypeAdapter(Timestamp)
-_NAME: TypeAdapter[str] = TypeAdapter(Annotated[Text, Field(max_length=200)])
+_NAME: TypeAdapter[str] = TypeAdapter(NameText)
 _T = TypeVar("_T")
 
 
