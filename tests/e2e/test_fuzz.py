@@ -25,7 +25,9 @@ What the generator is told beyond the document, and why:
   against the schedule's task, which the request does not name);
 - an idempotency key is not reused with another body (a 422 by design);
 - a pipeline's steps refer only to steps before them, under names of their own, and a
-  mapped step has no payload: a DAG is more than JSON Schema can say.
+  mapped step has no payload: a DAG is more than JSON Schema can say;
+- a revoked API key is still found (it is kept, marked revoked): the check that a
+  deleted resource is gone is off for ``/v1/keys/{id}`` alone.
 
 The API runs on SQLite with the embedded broker and no worker: jobs stay queued
 unless cancelled, so job streams end only for cancelled jobs; the fuzzer reads
@@ -148,7 +150,14 @@ def api_schema(fuzzed_api: tuple[str, str]) -> schemathesis.BaseSchema:
                     "include-path-regex": "/events$",
                     "request-timeout": STREAM_SECONDS,
                     "max-stream-events": 5,
-                }
+                },
+                # A revoked key is kept, marked revoked, for the audit trail: DELETE
+                # answers 200 with it and GET still shows it (docs/security.md), which
+                # the "gone after DELETE" check would call a resource never deleted.
+                {
+                    "include-path-regex": "^/v1/keys/",
+                    "checks": {"use_after_free": {"enabled": False}},
+                },
             ],
         }
     )
